@@ -1,0 +1,16 @@
+//! Migrations of RTAP's catalog schema. `rtap-server` applies them at
+//! start-up; the `migration` binary runs them by hand (`up`, `down`, `status`).
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_create_catalog;
+
+/// Every migration, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_create_catalog::Migration)]
+    }
+}
