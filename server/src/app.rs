@@ -1,0 +1,115 @@
+//! Assembles the server: dependencies, background tasks and the gRPC router,
+//! and runs it until shutdown.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    analytics::AnalyticsApi,
+    catalog::{ProductApi, UserApi},
+    config::Config,
+    database::Database,
+    error::Error,
+    health::{self, DependencyProbe},
+    ingest::IngestApi,
+};
+
+/// Binds the configured listen address.
+pub async fn bind(config: &Config) -> Result<TcpListener, Error> {
+    TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!(
+                "cannot listen on {} (is another server using it? set --listen-addr)",
+                config.listen_addr
+            ),
+            source,
+        })
+}
+
+/// Serves the gRPC API on `listener` until `shutdown` is cancelled, then
+/// stops accepting, lets in-flight RPCs finish (up to the configured grace
+/// period) and stops the background tasks.
+///
+/// Dependencies that are down do not stop the server from starting: health
+/// reports NOT_SERVING and the background tasks keep retrying.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+    let (database, schema_gate) = Database::connect_lazy(&config).await?;
+    let redis = redis::Client::open(config.redis_url.as_str())
+        .map_err(|error| Error::Config(format!("REDIS_URL is invalid: {error}")))?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health::report_not_serving(&health_reporter).await;
+
+    let reflection_v1 = reflection_builder().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(reflection_error)?;
+
+    let tasks = TaskTracker::new();
+    {
+        let database = database.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { database.migrate_until_ready(schema_gate, shutdown).await });
+    }
+    let probe = DependencyProbe::new(
+        database.clone(),
+        redis,
+        config.kafka_brokers.clone(),
+        config.dependency_timeout,
+    );
+    tasks.spawn(health::monitor(
+        probe,
+        health_reporter,
+        config.health_check_interval,
+        shutdown.clone(),
+    ));
+    tasks.close();
+
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(UserApi::new(database.clone()).into_server())
+        .add_service(ProductApi::new(database).into_server())
+        .add_service(AnalyticsApi.into_server())
+        .add_service(IngestApi.into_server());
+
+    tracing::info!(addr = ?local_addr, "rtap-server listening");
+    let serving = router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        shutdown.clone().cancelled_owned(),
+    );
+    let grace = config.shutdown_grace;
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = serving => served?,
+        () = deadline => {
+            tracing::warn!(grace = ?grace, "in-flight RPCs did not finish within the grace period");
+        }
+    }
+    tasks.wait().await;
+    tracing::info!("rtap-server stopped");
+    Ok(())
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rtap::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+fn reflection_error(error: tonic_reflection::server::Error) -> Error {
+    Error::Internal(format!("cannot build the reflection service: {error}"))
+}

@@ -1,0 +1,267 @@
+//! The server's one configuration: command-line flags, each with an
+//! environment-variable fallback and a default that works on a developer
+//! machine with `scripts/services.sh up`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// `rtap-server [FLAGS] [serve|migrate]`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rtap-server",
+    version,
+    about = "RTAP's gRPC server: catalog CRUD on PostgreSQL, live metrics from Kafka in Redis"
+)]
+pub struct Cli {
+    /// Settings shared by every subcommand.
+    #[command(flatten)]
+    pub config: Config,
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The server's subcommands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API (the default). Applies pending migrations first.
+    Serve,
+    /// Apply pending database migrations, then exit.
+    Migrate,
+    /// Ask the server at `--listen-addr` for its health; exit 0 if SERVING
+    /// (for container health checks and scripts).
+    Health,
+}
+
+/// Every setting of the server.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(
+        long,
+        env = "RTAP_LISTEN_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    pub listen_addr: SocketAddr,
+
+    /// PostgreSQL URL of the catalog database.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/rtap",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_url: String,
+
+    /// Redis URL of the metric store.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/",
+        hide_env_values = true,
+        global = true
+    )]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key RTAP writes, so several deployments (or
+    /// tests) can share one Redis. Letters, digits, `_`, `-` and `.` only.
+    #[arg(
+        long,
+        env = "RTAP_REDIS_NAMESPACE",
+        default_value = "rtap",
+        value_parser = parse_namespace,
+        global = true
+    )]
+    pub redis_namespace: String,
+
+    /// Kafka bootstrap brokers, comma-separated `host:port`.
+    #[arg(
+        long,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        value_delimiter = ',',
+        value_parser = parse_broker,
+        global = true
+    )]
+    pub kafka_brokers: Vec<String>,
+
+    /// Kafka topic of interaction events (`rtap.v1.InteractionEvent`).
+    #[arg(
+        long,
+        env = "RTAP_EVENTS_TOPIC",
+        default_value = "rtap.interactions",
+        value_parser = parse_topic,
+        global = true
+    )]
+    pub events_topic: String,
+
+    /// Kafka topic that receives records the pipeline cannot apply.
+    #[arg(
+        long,
+        env = "RTAP_DEAD_LETTER_TOPIC",
+        default_value = "rtap.interactions.dead-letter",
+        value_parser = parse_topic,
+        global = true
+    )]
+    pub dead_letter_topic: String,
+
+    /// How often PostgreSQL, Redis and Kafka are checked for the health
+    /// service (for example `5s`, `500ms`).
+    #[arg(
+        long,
+        env = "RTAP_HEALTH_CHECK_INTERVAL",
+        default_value = "5s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub health_check_interval: Duration,
+
+    /// How long one call to a dependency may take before it counts as down.
+    #[arg(
+        long,
+        env = "RTAP_DEPENDENCY_TIMEOUT",
+        default_value = "3s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub dependency_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before
+    /// the server exits anyway.
+    #[arg(
+        long,
+        env = "RTAP_SHUTDOWN_GRACE",
+        default_value = "10s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub shutdown_grace: Duration,
+
+    /// Log line format; the level comes from `RUST_LOG` (default `info`).
+    #[arg(
+        long,
+        env = "RTAP_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl Config {
+    /// The configuration that `rtap-server` would use with no flags and the
+    /// current environment; tests adjust it field by field.
+    pub fn from_env() -> Result<Self, clap::Error> {
+        Cli::try_parse_from(["rtap-server"]).map(|cli| cli.config)
+    }
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(duration)
+}
+
+/// `host:port`, as rskafka expects it.
+fn parse_broker(text: &str) -> Result<String, String> {
+    let valid = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "`{text}` is not a broker address of the form host:port"
+        ))
+    }
+}
+
+/// Kafka's own rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`.
+fn parse_topic(text: &str) -> Result<String, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if text.is_empty()
+        || text.len() > 249
+        || !text.chars().all(legal)
+        || text == "."
+        || text == ".."
+    {
+        return Err(
+            "a Kafka topic name is 1 to 249 characters of a-z, A-Z, 0-9, '.', '_', '-'".into(),
+        );
+    }
+    Ok(text.to_owned())
+}
+
+/// Namespaces end up inside Redis Cluster hash tags, so braces and spaces are
+/// ruled out.
+fn parse_namespace(text: &str) -> Result<String, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if text.is_empty() || text.len() > 64 || !text.chars().all(legal) {
+        return Err("a namespace is 1 to 64 characters of a-z, A-Z, 0-9, '.', '_', '-'".into());
+    }
+    Ok(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("rtap-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_serve_on_loopback() {
+        let cli = parse(&[]).expect("defaults parse");
+        assert_eq!(cli.command, None);
+        assert_eq!(cli.config.listen_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(cli.config.kafka_brokers, vec!["127.0.0.1:9092".to_owned()]);
+    }
+
+    #[test]
+    fn flags_after_the_subcommand_are_accepted() {
+        let cli = parse(&["migrate", "--database-url", "postgres://x/y"]).expect("parses");
+        assert_eq!(cli.command, Some(Command::Migrate));
+        assert_eq!(cli.config.database_url, "postgres://x/y");
+    }
+
+    #[test]
+    fn broker_lists_split_on_commas() {
+        let cli = parse(&["--kafka-brokers", "a:1,b:2"]).expect("parses");
+        assert_eq!(
+            cli.config.kafka_brokers,
+            vec!["a:1".to_owned(), "b:2".to_owned()]
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_the_flag_named() {
+        for args in [
+            &["--events-topic", "bad topic"][..],
+            &["--redis-namespace", "a{b}"],
+            &["--health-check-interval", "0s"],
+            &["--health-check-interval", "soon"],
+            &["--listen-addr", "nowhere"],
+            &["--log-format", "xml"],
+            &["--kafka-brokers", "localhost"],
+            &["--kafka-brokers", "a:1,"],
+        ] {
+            let error = parse(args).expect_err("must be rejected");
+            assert!(error.to_string().contains(args[0]), "{error}");
+        }
+    }
+}

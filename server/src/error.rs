@@ -1,0 +1,169 @@
+//! The server's one error type, and its one mapping to `tonic::Status`.
+
+use sea_orm::DbErr;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// One invalid field of a request, reported in `google.rpc.BadRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the field in the request, for example `user.first_name`.
+    pub field: String,
+    /// Why the value is invalid.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`, explained by `description`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Everything that can go wrong in the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is invalid; every bad field is listed.
+    #[error("invalid request: {}", describe(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// The addressed resource does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The resource would collide with an existing one.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The system is not in a state that allows the call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A dependency cannot be reached; retrying later may succeed.
+    #[error("{dependency} unavailable: {reason}")]
+    Unavailable {
+        /// Which dependency.
+        dependency: &'static str,
+        /// What failed.
+        reason: String,
+    },
+    /// The RPC is part of the contract but not served yet.
+    #[error("{0} is not implemented yet")]
+    Unimplemented(&'static str),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The server could not start or run.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+    /// The gRPC transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A database call failed.
+    #[error("database: {0}")]
+    Database(#[from] DbErr),
+    /// A bug or an unexpected state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// True when a database error means the database could not be reached, as
+/// opposed to a statement that failed.
+pub fn is_connection_error(error: &DbErr) -> bool {
+    use sea_orm::{RuntimeErr, sqlx::Error as SqlxError};
+    match error {
+        DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
+        // A pooled connection that breaks mid-statement (server restarted).
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => matches!(
+            e.as_ref(),
+            SqlxError::Io(_)
+                | SqlxError::Tls(_)
+                | SqlxError::PoolTimedOut
+                | SqlxError::PoolClosed
+                | SqlxError::WorkerCrashed
+        ),
+        _ => false,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::InvalidArgument(violations) => {
+                let message = format!("invalid request: {}", describe(&violations));
+                let details = ErrorDetails::with_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                        .collect::<Vec<_>>(),
+                );
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            Error::NotFound(_) => Status::not_found(error.to_string()),
+            Error::AlreadyExists(_) => Status::already_exists(error.to_string()),
+            Error::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
+            Error::Unavailable { .. } => Status::unavailable(error.to_string()),
+            Error::Unimplemented(_) => Status::unimplemented(error.to_string()),
+            Error::Database(ref db) if is_connection_error(db) => {
+                tracing::warn!(error = %db, "database unreachable");
+                Status::unavailable("database unavailable; retry later")
+            }
+            Error::Database(_)
+            | Error::Internal(_)
+            | Error::Config(_)
+            | Error::Io { .. }
+            | Error::Transport(_) => {
+                // The details stay in the log: clients get no internals.
+                tracing::error!(error = %error, "request failed");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_every_field_violation() {
+        let status = Status::from(Error::InvalidArgument(vec![
+            FieldViolation::new("user.first_name", "must not be blank"),
+            FieldViolation::new("user.email", "is not an email address"),
+        ]));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let bad_request = details.bad_request().expect("BadRequest detail");
+        let fields: Vec<_> = bad_request
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["user.first_name", "user.email"]);
+    }
+
+    #[test]
+    fn unreachable_database_is_unavailable_not_internal() {
+        let error = Error::Database(DbErr::Conn(sea_orm::RuntimeErr::Internal("refused".into())));
+        assert_eq!(Status::from(error).code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn internal_errors_hide_their_details() {
+        let status = Status::from(Error::Internal("secret table name".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret"));
+    }
+}

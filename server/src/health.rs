@@ -1,0 +1,273 @@
+//! Background checks of PostgreSQL, Redis and Kafka that drive the
+//! `grpc.health.v1` service. Checks run on a timer, never per request, so a
+//! health probe costs nothing and always answers at once.
+//!
+//! Statuses reported:
+//! - `""` (the whole server): SERVING only while all three dependencies are
+//!   reachable and the schema is migrated;
+//! - `rtap.v1.UserService`, `rtap.v1.ProductService`: PostgreSQL reachable and
+//!   migrated;
+//! - `rtap.v1.AnalyticsService`: Redis reachable;
+//! - `rtap.v1.IngestService`: Kafka reachable.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use rskafka::{
+    BackoffConfig,
+    client::{Client as KafkaClient, ClientBuilder},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    analytics::AnalyticsServer, catalog::ProductServer, catalog::UserServer, config::Config,
+    database::Database, error::Error, ingest::IngestServer,
+};
+
+/// Whether each dependency answered its last check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DependencyStatus {
+    /// PostgreSQL answered and the schema is migrated.
+    pub postgres: bool,
+    /// Redis answered PING.
+    pub redis: bool,
+    /// A Kafka broker returned cluster metadata.
+    pub kafka: bool,
+}
+
+impl DependencyStatus {
+    fn statuses(self) -> [(&'static str, bool); 5] {
+        [
+            ("", self.postgres && self.redis && self.kafka),
+            (UserServer::NAME, self.postgres),
+            (ProductServer::NAME, self.postgres),
+            (AnalyticsServer::NAME, self.redis),
+            (IngestServer::NAME, self.kafka),
+        ]
+    }
+}
+
+/// Sets every status to NOT_SERVING: before the first check, and at shutdown.
+pub async fn report_not_serving(reporter: &HealthReporter) {
+    for (service, _) in DependencyStatus::default().statuses() {
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Checks the dependencies. Holds its connections between checks, and drops
+/// one after a failure so the next check reconnects.
+pub struct DependencyProbe {
+    database: Database,
+    redis: redis::Client,
+    redis_connection: Option<MultiplexedConnection>,
+    kafka_brokers: Vec<String>,
+    kafka: Option<KafkaClient>,
+    timeout: Duration,
+}
+
+impl DependencyProbe {
+    /// A probe whose every call is bounded by `timeout`.
+    pub fn new(
+        database: Database,
+        redis: redis::Client,
+        kafka_brokers: Vec<String>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            database,
+            redis,
+            redis_connection: None,
+            kafka_brokers,
+            kafka: None,
+            timeout,
+        }
+    }
+
+    /// Runs the three checks concurrently.
+    pub async fn check(&mut self) -> (DependencyStatus, Vec<(&'static str, String)>) {
+        let timeout = self.timeout;
+        let database = self.database.clone();
+        let postgres = async move {
+            database.ping(timeout).await?;
+            if database.schema_ready() {
+                Ok(())
+            } else {
+                Err("schema migrations not applied yet".to_owned())
+            }
+        };
+        let (postgres, redis, kafka) = tokio::join!(
+            postgres,
+            check_redis(&self.redis, &mut self.redis_connection, timeout),
+            check_kafka(&self.kafka_brokers, &mut self.kafka, timeout),
+        );
+        let mut failures = Vec::new();
+        for (name, result) in [
+            ("postgres", &postgres),
+            ("redis", &redis),
+            ("kafka", &kafka),
+        ] {
+            if let Err(reason) = result {
+                failures.push((name, reason.clone()));
+            }
+        }
+        let status = DependencyStatus {
+            postgres: postgres.is_ok(),
+            redis: redis.is_ok(),
+            kafka: kafka.is_ok(),
+        };
+        (status, failures)
+    }
+}
+
+async fn check_redis(
+    client: &redis::Client,
+    connection: &mut Option<MultiplexedConnection>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let result = tokio::time::timeout(timeout, async {
+        let conn = match connection {
+            Some(conn) => conn,
+            None => connection.insert(client.get_multiplexed_async_connection().await?),
+        };
+        redis::cmd("PING").query_async::<String>(conn).await
+    })
+    .await;
+    let outcome = match result {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    if outcome.is_err() {
+        *connection = None;
+    }
+    outcome
+}
+
+async fn check_kafka(
+    brokers: &[String],
+    client: &mut Option<KafkaClient>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let result = tokio::time::timeout(timeout, async {
+        let kafka = match client {
+            Some(kafka) => kafka,
+            None => client.insert(kafka_client(brokers, timeout).await?),
+        };
+        kafka.list_topics().await.map(|_| ())
+    })
+    .await;
+    let outcome = match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    if outcome.is_err() {
+        *client = None;
+    }
+    outcome
+}
+
+/// An rskafka client whose retries give up after `deadline`: rskafka retries
+/// forever without one, which would turn a broker outage into a silent hang.
+pub async fn kafka_client(
+    brokers: &[String],
+    deadline: Duration,
+) -> Result<KafkaClient, rskafka::client::error::Error> {
+    ClientBuilder::new(brokers.to_vec())
+        .client_id("rtap-server")
+        .backoff_config(BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+            deadline: Some(deadline),
+        })
+        .build()
+        .await
+}
+
+/// Checks the dependencies every `interval` and publishes the statuses until
+/// `shutdown`, then reports NOT_SERVING. Logs only transitions, so a long
+/// outage is one warning, not one per check.
+pub async fn monitor(
+    mut probe: DependencyProbe,
+    reporter: HealthReporter,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous: Option<DependencyStatus> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let (status, failures) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            checked = probe.check() => checked,
+        };
+        if previous != Some(status) {
+            for (dependency, reason) in &failures {
+                tracing::warn!(dependency, reason = %reason, "dependency unreachable");
+            }
+            tracing::info!(
+                postgres = status.postgres,
+                redis = status.redis,
+                kafka = status.kafka,
+                "dependency status changed"
+            );
+            for (service, up) in status.statuses() {
+                let serving = if up {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter.set_service_status(service, serving).await;
+            }
+            previous = Some(status);
+        }
+    }
+    report_not_serving(&reporter).await;
+}
+
+/// `rtap-server health`: asks the server at `config.listen_addr` (an
+/// unspecified address means this machine) for its overall health and fails
+/// unless it is SERVING.
+pub async fn probe_server(config: &Config) -> Result<(), Error> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut addr = config.listen_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let unavailable = |reason: String| Error::Unavailable {
+        dependency: "rtap-server",
+        reason,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::Config(format!("invalid listen address {addr}: {e}")))?
+        .connect_timeout(config.dependency_timeout)
+        .timeout(config.dependency_timeout)
+        .connect()
+        .await
+        .map_err(|e| unavailable(format!("cannot connect to {addr}: {e}")))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map_err(|e| unavailable(format!("health check at {addr} failed: {e}")))?
+        .into_inner()
+        .status();
+    if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
+        tracing::info!(%addr, "SERVING");
+        Ok(())
+    } else {
+        Err(unavailable(format!(
+            "{addr} reports {}",
+            status.as_str_name()
+        )))
+    }
+}

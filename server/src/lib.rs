@@ -1,0 +1,22 @@
+//! `rtap-server`: RTAP's gRPC server.
+//!
+//! The rooms, and the one way data flows between them:
+//! - [`catalog`]: user and product CRUD on PostgreSQL ([`database`]);
+//! - [`ingest`]: events in (Kafka and the ingest RPCs) → aggregates in Redis;
+//! - [`analytics`]: queries and subscriptions over those aggregates;
+//! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive.
+
+pub mod analytics;
+pub mod app;
+pub mod catalog;
+pub mod config;
+pub mod database;
+pub mod error;
+pub mod health;
+pub mod ingest;
+pub mod retry;
+pub mod shutdown;
+
+pub use app::{bind, serve};
+pub use config::{Cli, Command, Config, LogFormat};
+pub use error::Error;

@@ -1,0 +1,54 @@
+//! The `rtap-server` binary: parses flags, sets up logging, runs a subcommand.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rtap_server::{Cli, Command, Config, Error, LogFormat, app, database, health, shutdown};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(error = %error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cli.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error, "rtap-server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> Result<(), Error> {
+    match command {
+        Command::Migrate => database::migrate_once(&config).await,
+        Command::Health => health::probe_server(&config).await,
+        Command::Serve => {
+            let shutdown = CancellationToken::new();
+            shutdown::cancel_on_signal(shutdown.clone())?;
+            let listener = app::bind(&config).await?;
+            app::serve(config, listener, shutdown).await
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rskafka=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,223 @@
+//! Shared harness of the integration tests: a real `rtap-server` on an
+//! ephemeral port against the real PostgreSQL, Redis and Kafka, with a
+//! database, Redis namespace and Kafka topics of its own so tests run in
+//! parallel.
+//!
+//! Where the services are: `RTAP_TEST_POSTGRES_URL` (server URL without a
+//! database, default `postgres://postgres:postgres@127.0.0.1:5432`),
+//! `REDIS_URL` (default `redis://127.0.0.1:6379/`), `KAFKA_BROKERS` (default
+//! `127.0.0.1:9092`). `scripts/services.sh up` provides all three.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, bail};
+use rtap_server::Config;
+use sea_orm::{ConnectionTrait, Database};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Postgres server URL, without a database name.
+pub fn postgres_url() -> String {
+    std::env::var("RTAP_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
+}
+
+/// A short random id for names that must not collide between tests.
+pub fn unique_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A database of its own for one test, dropped by [`TestDatabase::drop`].
+pub struct TestDatabase {
+    /// `postgres://.../<name>`.
+    pub url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database with a unique name.
+    pub async fn create() -> anyhow::Result<Self> {
+        let name = format!("rtap_test_{}", unique_suffix());
+        let admin = Database::connect(format!("{}/postgres", postgres_url()))
+            .await
+            .context("connect to PostgreSQL (is `scripts/services.sh up` done?)")?;
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .context("create the test database")?;
+        admin.close().await?;
+        Ok(Self {
+            url: format!("{}/{name}", postgres_url()),
+            name,
+        })
+    }
+
+    /// Drops the database, closing any connection still open to it.
+    pub async fn drop(self) -> anyhow::Result<()> {
+        let admin = Database::connect(format!("{}/postgres", postgres_url())).await?;
+        admin
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .await?;
+        admin.close().await?;
+        Ok(())
+    }
+}
+
+/// A configuration pointing at `database`, with a unique Redis namespace and
+/// Kafka topics, quick health checks and an ephemeral port.
+pub fn test_config(database: &TestDatabase) -> Config {
+    let mut config = Config::from_env().expect("the default configuration parses");
+    let suffix = unique_suffix();
+    config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.database_url = database.url.clone();
+    config.redis_namespace = format!("rtap-test-{suffix}");
+    config.events_topic = format!("rtap-test-{suffix}.interactions");
+    config.dead_letter_topic = format!("rtap-test-{suffix}.dead-letter");
+    config.health_check_interval = Duration::from_millis(200);
+    config.dependency_timeout = Duration::from_secs(2);
+    config.shutdown_grace = Duration::from_secs(5);
+    config
+}
+
+/// An in-process `rtap-server`.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), rtap_server::Error>>,
+}
+
+impl TestServer {
+    /// Binds an ephemeral port and serves `config` in the background.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let listener = rtap_server::bind(&config).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(rtap_server::serve(config, listener, shutdown.clone()));
+        Ok(Self {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// A channel to the server (connects on first use).
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("a socket address is a valid URI")
+            .connect_lazy()
+    }
+
+    /// Shuts the server down gracefully and returns what `serve` returned.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// The health status of `service` (`""` for the whole server).
+pub async fn health_status(channel: Channel, service: &str) -> anyhow::Result<ServingStatus> {
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?;
+    Ok(response.into_inner().status())
+}
+
+/// Polls the health of `service` until it is `expected`; fails after
+/// `within` with the last status seen.
+pub async fn wait_for_health(
+    channel: Channel,
+    service: &str,
+    expected: ServingStatus,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let status = health_status(channel.clone(), service).await;
+        if matches!(status, Ok(s) if s == expected) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("health of {service:?} is {status:?}, expected {expected:?} within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Field paths of the `google.rpc.BadRequest` detail of an INVALID_ARGUMENT.
+pub fn bad_request_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// A loopback TCP proxy in front of a real service, which a test can cut
+/// (close every connection and refuse new ones) and restore, to play an
+/// outage of that service without stopping it for the other tests.
+pub struct TcpProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    up: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Proxies a fresh loopback port to `target`.
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (up, _) = tokio::sync::watch::channel(true);
+        let up = std::sync::Arc::new(up);
+        let accept_up = up.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*accept_up.borrow() {
+                    continue; // dropping the socket refuses the connection
+                }
+                let mut cut = accept_up.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, up, task })
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

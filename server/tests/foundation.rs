@@ -1,0 +1,266 @@
+//! The server skeleton against real services: reflection, health, stubs that
+//! say UNIMPLEMENTED, migrations, and a clean exit on SIGTERM.
+
+mod common;
+
+use std::{
+    net::TcpListener as StdTcpListener,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{TestDatabase, TestServer, health_status, test_config, wait_for_health};
+use rtap::v1::{
+    GetEventCountsRequest, GetUserRequest, InteractionEvent, SubscribeRequest, TrackRequest,
+    analytics_service_client::AnalyticsServiceClient, ingest_service_client::IngestServiceClient,
+    user_service_client::UserServiceClient,
+};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SERVICES: &[&str] = &[
+    "rtap.v1.UserService",
+    "rtap.v1.ProductService",
+    "rtap.v1.AnalyticsService",
+    "rtap.v1.IngestService",
+    "grpc.health.v1.Health",
+];
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn reflection_v1_lists_every_service() -> anyhow::Result<()> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let database = TestDatabase::create().await?;
+    let server = TestServer::start(test_config(&database)).await?;
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(server.channel())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let reply = replies.next().await.expect("one reply")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply: {reply:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for service in SERVICES {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} missing from {names:?}"
+        );
+    }
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn reflection_v1alpha_describes_the_event_message_for_old_grpcurl() -> anyhow::Result<()> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let database = TestDatabase::create().await?;
+    let server = TestServer::start(test_config(&database)).await?;
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "rtap.v1.InteractionEvent".into(),
+        )),
+    };
+    let mut replies = ServerReflectionClient::new(server.channel())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let reply = replies.next().await.expect("one reply")?;
+    let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+        panic!("unexpected reflection reply: {reply:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn health_is_serving_when_every_dependency_is_up() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let server = TestServer::start(test_config(&database)).await?;
+
+    wait_for_health(server.channel(), "", ServingStatus::Serving, SETTLE).await?;
+    for service in &SERVICES[..4] {
+        assert_eq!(
+            health_status(server.channel(), service).await?,
+            ServingStatus::Serving,
+            "{service}"
+        );
+    }
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn health_is_not_serving_when_the_broker_address_is_wrong() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database);
+    config.kafka_brokers = vec![closed_port_address()];
+    let server = TestServer::start(config).await?;
+
+    // The catalog depends on PostgreSQL alone: once it is SERVING, the first
+    // round of checks has run, so the overall status is a real verdict.
+    wait_for_health(
+        server.channel(),
+        "rtap.v1.UserService",
+        ServingStatus::Serving,
+        SETTLE,
+    )
+    .await?;
+    assert_eq!(
+        health_status(server.channel(), "").await?,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        health_status(server.channel(), "rtap.v1.IngestService").await?,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        health_status(server.channel(), "rtap.v1.AnalyticsService").await?,
+        ServingStatus::Serving
+    );
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn catalog_is_unavailable_while_postgres_is_unreachable() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database);
+    config.database_url = format!("postgres://postgres@{}/rtap", closed_port_address());
+    config.dependency_timeout = Duration::from_millis(500);
+    let server = TestServer::start(config).await?;
+
+    wait_for_health(
+        server.channel(),
+        "rtap.v1.AnalyticsService",
+        ServingStatus::Serving,
+        SETTLE,
+    )
+    .await?;
+    assert_eq!(
+        health_status(server.channel(), "rtap.v1.UserService").await?,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        health_status(server.channel(), "").await?,
+        ServingStatus::NotServing
+    );
+    let error = UserServiceClient::new(server.channel())
+        .get_user(GetUserRequest { id: 1 })
+        .await
+        .expect_err("no database");
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn rpcs_not_built_yet_return_unimplemented() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let server = TestServer::start(test_config(&database)).await?;
+
+    let mut analytics = AnalyticsServiceClient::new(server.channel());
+    let error = analytics
+        .get_event_counts(GetEventCountsRequest::default())
+        .await
+        .expect_err("not built yet");
+    assert_eq!(error.code(), Code::Unimplemented);
+    let error = analytics
+        .subscribe(SubscribeRequest::default())
+        .await
+        .expect_err("not built yet");
+    assert_eq!(error.code(), Code::Unimplemented);
+    let error = IngestServiceClient::new(server.channel())
+        .track(TrackRequest {
+            event: Some(InteractionEvent::default()),
+        })
+        .await
+        .expect_err("not built yet");
+    assert_eq!(error.code(), Code::Unimplemented);
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn migrate_subcommand_creates_the_schema_and_can_run_twice() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    for _ in 0..2 {
+        let status = Command::new(env!("CARGO_BIN_EXE_rtap-server"))
+            .arg("migrate")
+            .env("DATABASE_URL", &database.url)
+            .stderr(Stdio::null())
+            .status()?;
+        assert!(status.success(), "migrate exited with {status}");
+    }
+    let connection = Database::connect(&database.url).await?;
+    let tables = connection
+        .query_all_raw(Statement::from_string(
+            connection.get_database_backend(),
+            "SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = 'public' AND table_name IN ('users', 'products')",
+        ))
+        .await?;
+    assert_eq!(tables.len(), 2);
+    connection.close().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_with_exit_code_zero() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let addr = free_local_address();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"))
+        .env("RTAP_LISTEN_ADDR", &addr)
+        .env("DATABASE_URL", &database.url)
+        .env(
+            "RTAP_REDIS_NAMESPACE",
+            format!("rtap-test-{}", common::unique_suffix()),
+        )
+        .env("RTAP_HEALTH_CHECK_INTERVAL", "200ms")
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
+    wait_for_health(channel, "", ServingStatus::Serving, SETTLE).await?;
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().expect("running"))?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+
+    database.drop().await
+}
+
+/// A loopback address on which nothing listens.
+fn closed_port_address() -> String {
+    free_local_address()
+}
+
+/// A loopback port that was free a moment ago.
+fn free_local_address() -> String {
+    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("bound").to_string()
+}
