@@ -1,6 +1,8 @@
 //! RTAP's public contract, generated from `proto/rtap/v1`: the gRPC services
 //! (catalog, analytics, ingest) and the interaction event carried on Kafka.
 
+pub mod kafka;
+
 /// Version 1 of the RTAP API (`rtap.v1`).
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]

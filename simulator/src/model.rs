@@ -1,0 +1,779 @@
+//! Who does what, and when: a discrete-event model of shoppers.
+//!
+//! Sessions arrive as a Poisson process in simulated time. Each session
+//! belongs to one user (drawn with Zipf-skewed activity, so a few users are
+//! heavy), on one source (web or mobile app, by a configurable mix), and
+//! follows a plan decided when it starts: a landing page, maybe a search,
+//! then — with the configured funnel rates — product views (products drawn
+//! with Zipf popularity), an add to cart (sometimes removed and replaced), and
+//! a purchase. Gaps inside a session stay below the session inactivity gap,
+//! and a user's next session starts more than a gap later, so a consumer that
+//! splits sessions on inactivity sees the sessions the model made.
+//!
+//! Everything is drawn from one seeded ChaCha generator, in one order, so a
+//! seed and a start time fully determine the output.
+
+use std::{
+    cmp::{Ordering, Reverse},
+    collections::{BinaryHeap, HashMap, VecDeque},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Exp, Zipf};
+use rtap::v1::{EventType, InteractionEvent, Source};
+
+use crate::config::{parse_positive, parse_share};
+
+const MICROS_PER_SECOND: i64 = 1_000_000;
+/// Longest time on one page: dwell times are drawn from an exponential
+/// distribution and cut here.
+const MAX_DWELL_MICROS: i64 = 10 * 60 * MICROS_PER_SECOND;
+/// Most product views in one session.
+const MAX_VIEWS_PER_SESSION: u32 = 8;
+/// How often a new session's user is redrawn when the one drawn is still in
+/// a session, before the arrival is skipped.
+const USER_REDRAWS: usize = 16;
+/// A rough session length, for the capacity warning.
+const TYPICAL_SESSION_SECONDS: f64 = 180.0;
+/// How far before the start time the model starts running (silently), so
+/// that sessions are already under way when the first event is produced.
+const WARM_UP_MICROS: i64 = 15 * 60 * MICROS_PER_SECOND;
+const SEARCH_WORDS: &[&str] = &[
+    "shoes",
+    "jacket",
+    "lamp",
+    "kettle",
+    "headphones",
+    "backpack",
+    "desk",
+    "mug",
+    "watch",
+    "camera",
+    "sofa",
+    "blender",
+    "jeans",
+    "scarf",
+    "monitor",
+    "chair",
+    "tent",
+    "bike",
+];
+
+/// Behaviour of the simulated users.
+#[derive(Debug, Clone, Args)]
+pub struct ModelParams {
+    /// Share of sessions on the mobile app; the rest are on the website.
+    #[arg(long, default_value_t = 0.4, value_parser = parse_share)]
+    pub mobile_share: f64,
+    /// Zipf exponent of product popularity (higher: fewer products dominate).
+    #[arg(long, default_value_t = 1.1, value_parser = parse_positive)]
+    pub product_zipf_exponent: f64,
+    /// Zipf exponent of user activity (higher: fewer, heavier users).
+    #[arg(long, default_value_t = 0.8, value_parser = parse_positive)]
+    pub user_zipf_exponent: f64,
+    /// Share of sessions that view at least one product.
+    #[arg(long, default_value_t = 0.7, value_parser = parse_share)]
+    pub view_rate: f64,
+    /// Share of product-viewing sessions that add to cart.
+    #[arg(long, default_value_t = 0.3, value_parser = parse_share)]
+    pub cart_rate: f64,
+    /// Share of sessions with a cart that purchase.
+    #[arg(long, default_value_t = 0.4, value_parser = parse_share)]
+    pub purchase_rate: f64,
+    /// Share of sessions that search.
+    #[arg(long, default_value_t = 0.25, value_parser = parse_share)]
+    pub search_rate: f64,
+    /// Share of sessions with a cart that remove the item and add another.
+    #[arg(long, default_value_t = 0.15, value_parser = parse_share)]
+    pub remove_rate: f64,
+    /// Mean time spent on a product page.
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    pub mean_dwell: Duration,
+    /// Inactivity that ends a session (at least 2 minutes).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub session_gap: Duration,
+    /// Share of events delivered late: held back, then produced after newer
+    /// events, with their original event time.
+    #[arg(long, default_value_t = 0.01, value_parser = parse_share)]
+    pub late_share: f64,
+    /// Longest hold-back of a late event, in event time.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub max_lateness: Duration,
+    /// Share of events produced a second time with the same `event_id` (as a
+    /// retrying producer would).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub duplicate_share: f64,
+    /// Share of events followed by a malformed payload of a random kind.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub malformed_share: f64,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        Self {
+            mobile_share: 0.4,
+            product_zipf_exponent: 1.1,
+            user_zipf_exponent: 0.8,
+            view_rate: 0.7,
+            cart_rate: 0.3,
+            purchase_rate: 0.4,
+            search_rate: 0.25,
+            remove_rate: 0.15,
+            mean_dwell: Duration::from_secs(40),
+            session_gap: Duration::from_secs(30 * 60),
+            late_share: 0.01,
+            max_lateness: Duration::from_secs(600),
+            duplicate_share: 0.0,
+            malformed_share: 0.0,
+        }
+    }
+}
+
+/// A model that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Parameters that contradict each other.
+    #[error("invalid model parameters: {0}")]
+    Params(String),
+    /// Nothing to simulate.
+    #[error("the population needs at least one user and one product")]
+    EmptyPopulation,
+}
+
+/// A product that can be viewed and bought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProductInfo {
+    /// Catalog id.
+    pub id: i64,
+    /// Unit price in millionths of the currency unit.
+    pub price_micros: i64,
+}
+
+/// The users and products a run simulates. Users earlier in the list are the
+/// heavier ones, products earlier in the list the more popular ones.
+#[derive(Debug, Clone)]
+pub struct Population {
+    /// User ids.
+    pub users: Vec<i64>,
+    /// Products.
+    pub products: Vec<ProductInfo>,
+}
+
+impl Population {
+    /// Users `1..=users` and products `1..=products`, with prices from 5 to
+    /// 199 currency units spread over the ids.
+    pub fn synthetic(users: u32, products: u32) -> Self {
+        Self {
+            users: (1..=i64::from(users)).collect(),
+            products: (1..=i64::from(products))
+                .map(|id| ProductInfo {
+                    id,
+                    price_micros: (5 + (id * 7919) % 195) * MICROS_PER_SECOND,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One record for Kafka.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emission {
+    /// Record key: the decimal user id.
+    pub key: Vec<u8>,
+    /// Record value: the encoded event (or a malformed payload).
+    pub value: Vec<u8>,
+    /// Event time, used as the record timestamp.
+    pub occurred_at: DateTime<Utc>,
+    /// What the record is.
+    pub kind: EmissionKind,
+}
+
+/// What a record is, for the ground truth.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmissionKind {
+    /// A valid event produced for the first time.
+    Event {
+        /// The event.
+        event: Box<InteractionEvent>,
+        /// It was held back and produced after newer events.
+        late: bool,
+    },
+    /// A repeat of an event already produced (same `event_id`).
+    Duplicate,
+    /// A payload a consumer must reject.
+    Malformed(MalformedKind),
+}
+
+/// The kinds of malformed payload the simulator injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MalformedKind {
+    /// Not protobuf at all.
+    Garbage,
+    /// A valid event cut short.
+    Truncated,
+    /// Event type left unspecified.
+    UnspecifiedType,
+    /// No `event_id`.
+    MissingEventId,
+    /// Event time a week in the future.
+    FutureTime,
+    /// Negative dwell time.
+    NegativeDwell,
+}
+
+impl MalformedKind {
+    const ALL: [Self; 6] = [
+        Self::Garbage,
+        Self::Truncated,
+        Self::UnspecifiedType,
+        Self::MissingEventId,
+        Self::FutureTime,
+        Self::NegativeDwell,
+    ];
+
+    /// Stable name, as written to the ground truth.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Garbage => "garbage",
+            Self::Truncated => "truncated",
+            Self::UnspecifiedType => "unspecified_type",
+            Self::MissingEventId => "missing_event_id",
+            Self::FutureTime => "future_time",
+            Self::NegativeDwell => "negative_dwell",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PlannedEvent {
+    event_type: EventType,
+    product: Option<ProductInfo>,
+    /// Time until the session's next event (dwell time on this page).
+    gap_micros: i64,
+    quantity: u32,
+    search_query: String,
+}
+
+/// Who a planned event belongs to.
+#[derive(Debug)]
+struct SessionInfo {
+    user_id: i64,
+    source: Source,
+    session_id: String,
+}
+
+#[derive(Debug)]
+struct Session {
+    user_id: i64,
+    source: Source,
+    session_id: String,
+    plan: Vec<PlannedEvent>,
+    next: usize,
+}
+
+#[derive(Debug)]
+struct HeldBack {
+    release_micros: i64,
+    sequence: u64,
+    emission: Emission,
+}
+
+impl PartialEq for HeldBack {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for HeldBack {}
+impl PartialOrd for HeldBack {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for HeldBack {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.release_micros, self.sequence).cmp(&(other.release_micros, other.sequence))
+    }
+}
+
+/// Generates the records of a run, one at a time.
+pub struct Generator {
+    params: ModelParams,
+    population: Population,
+    rng: ChaCha8Rng,
+    product_rank: Zipf<f64>,
+    user_rank: Zipf<f64>,
+    /// Mean simulated time between session arrivals.
+    interarrival: Exp<f64>,
+    clock_micros: i64,
+    next_arrival_micros: i64,
+    /// Sessions by the time of their next event.
+    agenda: BinaryHeap<Reverse<(i64, u64)>>,
+    sessions: HashMap<u64, Session>,
+    next_session_key: u64,
+    /// When each user may start a new session.
+    user_free_at: HashMap<i64, i64>,
+    held_back: BinaryHeap<Reverse<HeldBack>>,
+    ready: VecDeque<Emission>,
+    sequence: u64,
+}
+
+impl Generator {
+    /// A generator whose event times start at `start` and advance by about
+    /// `events_per_second` events per simulated second.
+    pub fn new(
+        params: ModelParams,
+        population: Population,
+        seed: u64,
+        start: DateTime<Utc>,
+        events_per_second: f64,
+    ) -> Result<Self, ModelError> {
+        validate(&params)?;
+        if population.users.is_empty() || population.products.is_empty() {
+            return Err(ModelError::EmptyPopulation);
+        }
+        if !(events_per_second.is_finite() && events_per_second > 0.0) {
+            return Err(ModelError::Params("the event rate must be positive".into()));
+        }
+        let bad = |e: rand_distr::ZipfError| ModelError::Params(e.to_string());
+        let product_rank = Zipf::new(
+            population.products.len() as f64,
+            params.product_zipf_exponent,
+        )
+        .map_err(bad)?;
+        let user_rank =
+            Zipf::new(population.users.len() as f64, params.user_zipf_exponent).map_err(bad)?;
+        let sessions_per_micro =
+            events_per_second / expected_events_per_session(&params) / MICROS_PER_SECOND as f64;
+        let interarrival = Exp::new(sessions_per_micro)
+            .map_err(|e| ModelError::Params(format!("session arrival rate: {e}")))?;
+        let start_micros = start.timestamp_micros();
+        let session_rate = sessions_per_micro * MICROS_PER_SECOND as f64;
+        let capacity = population.users.len() as f64
+            / (params.session_gap.as_secs_f64() + TYPICAL_SESSION_SECONDS);
+        if session_rate > capacity / 2.0 {
+            tracing::warn!(
+                users = population.users.len(),
+                sessions_per_second = session_rate,
+                capacity = capacity,
+                "too few users for this event rate: sessions will be skipped and the rate will fall short (add users or lower the rate)"
+            );
+        }
+        let mut generator = Self {
+            params,
+            population,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            product_rank,
+            user_rank,
+            interarrival,
+            clock_micros: start_micros,
+            next_arrival_micros: start_micros,
+            agenda: BinaryHeap::new(),
+            sessions: HashMap::new(),
+            next_session_key: 0,
+            user_free_at: HashMap::new(),
+            held_back: BinaryHeap::new(),
+            ready: VecDeque::new(),
+            sequence: 0,
+        };
+        generator.warm_up(start_micros);
+        Ok(generator)
+    }
+
+    /// The simulated clock: the event time of the latest event generated.
+    pub fn clock(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(self.clock_micros).unwrap_or_default()
+    }
+
+    /// The next record to produce.
+    pub fn next_emission(&mut self) -> Emission {
+        loop {
+            if let Some(emission) = self.ready.pop_front() {
+                return emission;
+            }
+            if self
+                .held_back
+                .peek()
+                .is_some_and(|Reverse(held)| held.release_micros <= self.clock_micros)
+                && let Some(Reverse(held)) = self.held_back.pop()
+            {
+                return held.emission;
+            }
+            let (event, time_micros) = self.next_event();
+            let emission = emission_of(&event, false);
+            if self.rng.random_bool(self.params.late_share) {
+                let max_hold = micros(self.params.max_lateness).max(MICROS_PER_SECOND + 1);
+                let hold = self.rng.random_range(MICROS_PER_SECOND..max_hold);
+                self.sequence += 1;
+                self.held_back.push(Reverse(HeldBack {
+                    release_micros: time_micros + hold,
+                    sequence: self.sequence,
+                    emission: emission_of(&event, true),
+                }));
+                continue;
+            }
+            self.ready.push_back(emission.clone());
+            if self.rng.random_bool(self.params.duplicate_share) {
+                self.ready.push_back(Emission {
+                    kind: EmissionKind::Duplicate,
+                    ..emission
+                });
+            }
+            if self.rng.random_bool(self.params.malformed_share) {
+                let malformed = self.malformed(&event);
+                self.ready.push_back(malformed);
+            }
+        }
+    }
+
+    /// The next valid event in event-time order, and its time.
+    fn next_event(&mut self) -> (InteractionEvent, i64) {
+        let (time, session, planned) = self.advance();
+        let event = InteractionEvent {
+            event_id: uuid_from(&mut self.rng),
+            occurred_at: Some(timestamp(time)),
+            user_id: session.user_id,
+            product_id: planned.product.map_or(0, |p| p.id),
+            source: session.source as i32,
+            r#type: planned.event_type as i32,
+            session_id: session.session_id,
+            dwell_time: matches!(
+                planned.event_type,
+                EventType::PageView | EventType::ProductView
+            )
+            .then(|| duration(planned.gap_micros)),
+            amount_micros: if planned.event_type == EventType::Purchase {
+                planned.product.map_or(0, |p| p.price_micros) * i64::from(planned.quantity)
+            } else {
+                0
+            },
+            quantity: planned.quantity,
+            search_query: planned.search_query,
+        };
+        (event, time)
+    }
+
+    /// Moves the simulation to its next event: starts the sessions that
+    /// arrive first, then takes the earliest planned event. Returns its time,
+    /// its session (user, source, id) and the plan entry.
+    fn advance(&mut self) -> (i64, SessionInfo, PlannedEvent) {
+        loop {
+            let next_session_event = self.agenda.peek().map(|Reverse((time, _))| *time);
+            if next_session_event.is_none_or(|time| self.next_arrival_micros <= time) {
+                let at = self.next_arrival_micros;
+                let gap = self.interarrival.sample(&mut self.rng).ceil() as i64;
+                self.next_arrival_micros = at + gap.max(1);
+                self.start_session(at);
+                continue;
+            }
+            let Some(Reverse((time, key))) = self.agenda.pop() else {
+                continue;
+            };
+            let Some(session) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            self.clock_micros = self.clock_micros.max(time);
+            let planned = session.plan[session.next].clone();
+            session.next += 1;
+            let info = SessionInfo {
+                user_id: session.user_id,
+                source: session.source,
+                session_id: session.session_id.clone(),
+            };
+            if session.next < session.plan.len() {
+                self.agenda.push(Reverse((time + planned.gap_micros, key)));
+            } else {
+                let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
+                self.user_free_at.insert(session.user_id, free_at);
+                self.sessions.remove(&key);
+            }
+            return (time, info, planned);
+        }
+    }
+
+    /// Runs the model from `WARM_UP` before `start` without emitting, so the
+    /// first events produced come from a shop already in full swing rather
+    /// than from sessions that all begin at once.
+    fn warm_up(&mut self, start_micros: i64) {
+        self.clock_micros = start_micros - WARM_UP_MICROS;
+        self.next_arrival_micros = self.clock_micros;
+        while self.peek_time().is_some_and(|time| time < start_micros) {
+            self.advance();
+        }
+        self.clock_micros = start_micros;
+    }
+
+    fn peek_time(&self) -> Option<i64> {
+        let planned = self.agenda.peek().map(|Reverse((time, _))| *time);
+        Some(planned.map_or(self.next_arrival_micros, |t| {
+            t.min(self.next_arrival_micros)
+        }))
+    }
+
+    fn start_session(&mut self, at: i64) {
+        let mut user = None;
+        for _ in 0..USER_REDRAWS {
+            let rank = self.user_rank.sample(&mut self.rng) as usize;
+            let candidate = self.population.users[rank.clamp(1, self.population.users.len()) - 1];
+            if self
+                .user_free_at
+                .get(&candidate)
+                .is_none_or(|free| *free <= at)
+            {
+                user = Some(candidate);
+                break;
+            }
+        }
+        let Some(user_id) = user else {
+            return; // every user drawn is mid-session: this arrival is skipped
+        };
+        // Busy until the session ends (updated then).
+        self.user_free_at.insert(user_id, i64::MAX);
+        let source = if self.rng.random_bool(self.params.mobile_share) {
+            Source::MobileApp
+        } else {
+            Source::Web
+        };
+        let session_id = uuid_from(&mut self.rng);
+        let plan = self.plan_session();
+        let key = self.next_session_key;
+        self.next_session_key += 1;
+        self.sessions.insert(
+            key,
+            Session {
+                user_id,
+                source,
+                session_id,
+                plan,
+                next: 0,
+            },
+        );
+        self.agenda.push(Reverse((at, key)));
+    }
+
+    fn plan_session(&mut self) -> Vec<PlannedEvent> {
+        let p = self.params.clone();
+        let views = self.rng.random_bool(p.view_rate);
+        let carts = views && self.rng.random_bool(p.cart_rate);
+        let buys = carts && self.rng.random_bool(p.purchase_rate);
+        let mut plan = vec![self.page(EventType::PageView)];
+        if self.rng.random_bool(p.search_rate) {
+            let words = self.rng.random_range(1..=2);
+            let query = (0..words)
+                .map(|_| SEARCH_WORDS[self.rng.random_range(0..SEARCH_WORDS.len())])
+                .collect::<Vec<_>>()
+                .join(" ");
+            plan.push(PlannedEvent {
+                search_query: query,
+                ..self.page(EventType::Search)
+            });
+        }
+        let mut viewed = Vec::new();
+        if views {
+            let count = 1
+                + (0..MAX_VIEWS_PER_SESSION - 1)
+                    .take_while(|_| self.rng.random_bool(0.6))
+                    .count();
+            for _ in 0..count {
+                let product = self.product();
+                viewed.push(product);
+                let dwell = self.dwell();
+                plan.push(PlannedEvent {
+                    product: Some(product),
+                    gap_micros: dwell,
+                    ..self.page(EventType::ProductView)
+                });
+                if self.rng.random_bool(0.3) {
+                    plan.push(self.page(EventType::PageView));
+                }
+            }
+        }
+        if carts {
+            let mut item = viewed[0];
+            let quantity = self.quantity();
+            plan.push(self.cart(EventType::AddToCart, item, quantity));
+            let mut final_quantity = quantity;
+            if self.rng.random_bool(p.remove_rate) {
+                plan.push(self.cart(EventType::RemoveFromCart, item, quantity));
+                item = viewed[self.rng.random_range(0..viewed.len())];
+                final_quantity = self.quantity();
+                plan.push(self.cart(EventType::AddToCart, item, final_quantity));
+            }
+            if buys {
+                plan.push(self.cart(EventType::Purchase, item, final_quantity));
+            }
+        }
+        plan
+    }
+
+    fn page(&mut self, event_type: EventType) -> PlannedEvent {
+        PlannedEvent {
+            event_type,
+            product: None,
+            gap_micros: self
+                .rng
+                .random_range(2 * MICROS_PER_SECOND..=45 * MICROS_PER_SECOND),
+            quantity: 0,
+            search_query: String::new(),
+        }
+    }
+
+    fn cart(&mut self, event_type: EventType, product: ProductInfo, quantity: u32) -> PlannedEvent {
+        PlannedEvent {
+            product: Some(product),
+            quantity,
+            ..self.page(event_type)
+        }
+    }
+
+    fn product(&mut self) -> ProductInfo {
+        let rank = self.product_rank.sample(&mut self.rng) as usize;
+        self.population.products[rank.clamp(1, self.population.products.len()) - 1]
+    }
+
+    fn quantity(&mut self) -> u32 {
+        match self.rng.random_range(0..10) {
+            0..=6 => 1,
+            7..=8 => 2,
+            _ => 3,
+        }
+    }
+
+    fn dwell(&mut self) -> i64 {
+        let mean = micros(self.params.mean_dwell) as f64;
+        let drawn = -mean * (1.0 - self.rng.random::<f64>()).ln();
+        let cap = MAX_DWELL_MICROS.min(micros(self.params.session_gap) / 2);
+        (drawn as i64).clamp(MICROS_PER_SECOND, cap)
+    }
+
+    fn malformed(&mut self, event: &InteractionEvent) -> Emission {
+        let kind = MalformedKind::ALL[self.rng.random_range(0..MalformedKind::ALL.len())];
+        let mut broken = event.clone();
+        broken.event_id = uuid_from(&mut self.rng);
+        let value = match kind {
+            MalformedKind::Garbage => {
+                // 0x0f: field 1 with wire type 7, which does not exist.
+                let mut bytes = vec![0x0f];
+                let len = self.rng.random_range(8..32);
+                bytes.extend((0..len).map(|_| self.rng.random::<u8>()));
+                bytes
+            }
+            MalformedKind::Truncated => {
+                // Cuts through the 36-character event_id, the first field.
+                let mut bytes = broken.encode_to_vec();
+                bytes.truncate(10);
+                bytes
+            }
+            MalformedKind::UnspecifiedType => {
+                broken.r#type = EventType::Unspecified as i32;
+                broken.encode_to_vec()
+            }
+            MalformedKind::MissingEventId => {
+                broken.event_id.clear();
+                broken.encode_to_vec()
+            }
+            MalformedKind::FutureTime => {
+                let time = broken.occurred_at.unwrap_or_default();
+                broken.occurred_at = Some(prost_types::Timestamp {
+                    seconds: time.seconds + 7 * 24 * 3600,
+                    nanos: time.nanos,
+                });
+                broken.encode_to_vec()
+            }
+            MalformedKind::NegativeDwell => {
+                broken.dwell_time = Some(prost_types::Duration {
+                    seconds: -5,
+                    nanos: 0,
+                });
+                broken.encode_to_vec()
+            }
+        };
+        Emission {
+            key: rtap::kafka::record_key(event.user_id),
+            value,
+            occurred_at: event_time(event),
+            kind: EmissionKind::Malformed(kind),
+        }
+    }
+}
+
+fn validate(params: &ModelParams) -> Result<(), ModelError> {
+    if params.session_gap < Duration::from_secs(120) {
+        return Err(ModelError::Params(
+            "--session-gap must be at least 2m".into(),
+        ));
+    }
+    if params.mean_dwell.is_zero() || params.mean_dwell * 4 > params.session_gap {
+        return Err(ModelError::Params(
+            "--mean-dwell must be positive and at most a quarter of --session-gap".into(),
+        ));
+    }
+    if params.late_share > 0.0 && params.max_lateness < Duration::from_secs(2) {
+        return Err(ModelError::Params(
+            "--max-lateness must be at least 2s".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Average events in a session, to turn an event rate into a session rate.
+fn expected_events_per_session(p: &ModelParams) -> f64 {
+    // Views: 1 + a geometric tail (p = 0.6, cut at MAX_VIEWS_PER_SESSION);
+    // each view is followed by a page view 30% of the time.
+    let tail: f64 = (1..MAX_VIEWS_PER_SESSION)
+        .map(|k| 0.6_f64.powi(k as i32))
+        .sum();
+    let views = 1.0 + tail;
+    let carts = p.view_rate * p.cart_rate;
+    1.0 + p.search_rate
+        + p.view_rate * views * 1.3
+        + carts * (1.0 + 2.0 * p.remove_rate)
+        + carts * p.purchase_rate
+}
+
+fn emission_of(event: &InteractionEvent, late: bool) -> Emission {
+    Emission {
+        key: rtap::kafka::record_key(event.user_id),
+        value: event.encode_to_vec(),
+        occurred_at: event_time(event),
+        kind: EmissionKind::Event {
+            event: Box::new(event.clone()),
+            late,
+        },
+    }
+}
+
+fn event_time(event: &InteractionEvent) -> DateTime<Utc> {
+    event
+        .occurred_at
+        .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .unwrap_or_default()
+}
+
+fn uuid_from(rng: &mut ChaCha8Rng) -> String {
+    uuid::Builder::from_random_bytes(rng.random())
+        .into_uuid()
+        .to_string()
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(MICROS_PER_SECOND),
+        nanos: i32::try_from(micros.rem_euclid(MICROS_PER_SECOND) * 1000).unwrap_or(0),
+    }
+}
+
+fn duration(micros: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: micros / MICROS_PER_SECOND,
+        nanos: i32::try_from((micros % MICROS_PER_SECOND) * 1000).unwrap_or(0),
+    }
+}

@@ -1,0 +1,368 @@
+//! Produces records to Kafka: one worker per partition, each taking whatever
+//! records are waiting (up to a batch size) into one produce request, while
+//! the generator fills the next batch. One request in flight per partition
+//! keeps each user's events in order; the bounded channel in front of each
+//! worker bounds the data buffered.
+//!
+//! A broker that goes away is waited for: the failed batch is retried with
+//! backoff, on a freshly built client, until it is stored or the simulator
+//! gives up at shutdown.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use rskafka::{
+    BackoffConfig,
+    client::{
+        Client, ClientBuilder,
+        error::{Error as KafkaError, ProtocolError},
+        partition::{Compression, PartitionClient, UnknownTopicHandling},
+    },
+    record::Record,
+};
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+/// How long one rskafka call may retry internally before it reports an
+/// error: without a deadline rskafka retries forever, silently.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+const INITIAL_RETRY_DELAY: Duration = Duration::from_millis(200);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// Producer failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// A Kafka call failed.
+    #[error("{context}: {source}")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// The rskafka error.
+        source: KafkaError,
+    },
+    /// The topic did not show up after it was created.
+    #[error("topic {0} does not appear in the broker's metadata")]
+    TopicMissing(String),
+    /// Shutdown came before the broker could be reached.
+    #[error("stopped before the broker at {0} could be reached")]
+    Interrupted(String),
+    /// A partition worker stopped.
+    #[error("the producer for partition {0} has stopped")]
+    WorkerGone(i32),
+    /// Records were still unacknowledged when the flush timeout ran out.
+    #[error("{0} records were not acknowledged by the broker before the flush timeout")]
+    Undelivered(u64),
+}
+
+/// How to produce.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Bootstrap brokers.
+    pub brokers: Vec<String>,
+    /// Target topic.
+    pub topic: String,
+    /// Partitions to create the topic with, if it is missing.
+    pub partitions: i32,
+    /// Codec.
+    pub compression: Compression,
+    /// Most records per produce request.
+    pub batch_size: usize,
+    /// Records buffered per partition before `send` waits.
+    pub buffer_per_partition: usize,
+}
+
+/// Counters shared with the progress display.
+#[derive(Debug, Default)]
+pub struct ProducerStats {
+    /// Records the broker acknowledged.
+    pub acknowledged: AtomicU64,
+    /// Produce requests that failed (and were retried).
+    pub failed_requests: AtomicU64,
+    /// Bytes of keys and values acknowledged.
+    pub bytes: AtomicU64,
+    /// Records dropped at shutdown because they could not be delivered.
+    pub undelivered: AtomicU64,
+}
+
+/// A running producer.
+pub struct Producer {
+    senders: Vec<mpsc::Sender<Record>>,
+    workers: JoinSet<()>,
+    stats: Arc<ProducerStats>,
+    stop: CancellationToken,
+}
+
+impl Producer {
+    /// Connects (retrying with backoff until the broker answers or
+    /// `shutdown`), creates the topic if missing, and starts one worker per
+    /// partition.
+    pub async fn start(
+        config: ProducerConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ProduceError> {
+        let connector = Arc::new(Connector {
+            brokers: config.brokers.clone(),
+            topic: config.topic.clone(),
+        });
+        let client = connector.client_until_reachable(&shutdown).await?;
+        let partitions = ensure_topic(&client, &config.topic, config.partitions).await?;
+        tracing::info!(topic = %config.topic, partitions = partitions.len(), "producing");
+
+        let stats = Arc::new(ProducerStats::default());
+        let stop = CancellationToken::new();
+        let mut senders = Vec::with_capacity(partitions.len());
+        let mut workers = JoinSet::new();
+        for partition in partitions {
+            let (sender, receiver) = mpsc::channel(config.buffer_per_partition.max(1));
+            senders.push(sender);
+            let first_client = client
+                .partition_client(&config.topic, partition, UnknownTopicHandling::Retry)
+                .await
+                .ok();
+            workers.spawn(
+                PartitionWorker {
+                    connector: connector.clone(),
+                    partition,
+                    client: first_client,
+                    receiver,
+                    batch_size: config.batch_size.max(1),
+                    compression: config.compression,
+                    stats: stats.clone(),
+                    stop: stop.clone(),
+                }
+                .run(),
+            );
+        }
+        Ok(Self {
+            senders,
+            workers,
+            stats,
+            stop,
+        })
+    }
+
+    /// Partitions of the topic.
+    pub fn partitions(&self) -> i32 {
+        i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
+    }
+
+    /// Counters, live.
+    pub fn stats(&self) -> Arc<ProducerStats> {
+        self.stats.clone()
+    }
+
+    /// Queues a record on its key's partition; waits while that partition's
+    /// buffer is full.
+    pub async fn send(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        timestamp: DateTime<Utc>,
+    ) -> Result<(), ProduceError> {
+        let partition = rtap::kafka::partition_for_key(&key, self.partitions());
+        let record = Record {
+            key: Some(key),
+            value: Some(value),
+            headers: Default::default(),
+            timestamp,
+        };
+        let index = usize::try_from(partition).unwrap_or(0);
+        self.senders[index]
+            .send(record)
+            .await
+            .map_err(|_| ProduceError::WorkerGone(partition))
+    }
+
+    /// Delivers everything buffered, waiting at most `timeout`; then stops.
+    pub async fn close(mut self, timeout: Duration) -> Result<(), ProduceError> {
+        self.senders.clear();
+        let drained = tokio::time::timeout(timeout, async {
+            while self.workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.stop.cancel();
+            while self.workers.join_next().await.is_some() {}
+        }
+        match self.stats.undelivered.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            lost => Err(ProduceError::Undelivered(lost)),
+        }
+    }
+}
+
+/// Builds clients; a failed partition worker asks for a new one.
+struct Connector {
+    brokers: Vec<String>,
+    topic: String,
+}
+
+impl Connector {
+    async fn client(&self) -> Result<Client, KafkaError> {
+        ClientBuilder::new(self.brokers.clone())
+            .client_id("rtap-simulator")
+            .backoff_config(BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+                deadline: Some(REQUEST_DEADLINE),
+            })
+            .build()
+            .await
+    }
+
+    async fn client_until_reachable(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Client, ProduceError> {
+        let mut delay = INITIAL_RETRY_DELAY;
+        loop {
+            match self.client().await {
+                Ok(client) => return Ok(client),
+                Err(error) => {
+                    tracing::warn!(brokers = ?self.brokers, error = %error, retry_in = ?delay, "Kafka unreachable; retrying");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(ProduceError::Interrupted(self.brokers.join(","))),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    async fn partition_client(&self, partition: i32) -> Result<PartitionClient, KafkaError> {
+        self.client()
+            .await?
+            .partition_client(&self.topic, partition, UnknownTopicHandling::Retry)
+            .await
+    }
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists, and returns
+/// its partitions.
+pub async fn ensure_topic(
+    client: &Client,
+    topic: &str,
+    partitions: i32,
+) -> Result<Vec<i32>, ProduceError> {
+    let kafka = |context: &str| {
+        let context = context.to_owned();
+        move |source| ProduceError::Kafka { context, source }
+    };
+    let existing = find_topic(client, topic).await?;
+    if existing.is_empty() {
+        let created = client
+            .controller_client()
+            .map_err(kafka("cannot reach the Kafka controller"))?
+            .create_topic(topic, partitions, 1, 5_000)
+            .await;
+        match created {
+            Ok(()) => tracing::info!(topic, partitions, "created topic"),
+            Err(KafkaError::ServerError {
+                protocol_error: ProtocolError::TopicAlreadyExists,
+                ..
+            }) => {}
+            Err(error) => return Err(kafka(&format!("cannot create topic {topic}"))(error)),
+        }
+    } else {
+        return Ok(existing);
+    }
+    // Metadata can lag behind creation for a moment.
+    for _ in 0..50 {
+        let found = find_topic(client, topic).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(ProduceError::TopicMissing(topic.to_owned()))
+}
+
+async fn find_topic(client: &Client, topic: &str) -> Result<Vec<i32>, ProduceError> {
+    let topics = client
+        .list_topics()
+        .await
+        .map_err(|source| ProduceError::Kafka {
+            context: "cannot list topics".into(),
+            source,
+        })?;
+    Ok(topics
+        .into_iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.partitions.into_iter().collect())
+        .unwrap_or_default())
+}
+
+struct PartitionWorker {
+    connector: Arc<Connector>,
+    partition: i32,
+    client: Option<PartitionClient>,
+    receiver: mpsc::Receiver<Record>,
+    batch_size: usize,
+    compression: Compression,
+    stats: Arc<ProducerStats>,
+    stop: CancellationToken,
+}
+
+impl PartitionWorker {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while self.receiver.recv_many(&mut batch, self.batch_size).await > 0 {
+            if !self.deliver(&mut batch).await {
+                let mut lost = batch.len() as u64;
+                self.receiver.close();
+                while self.receiver.recv().await.is_some() {
+                    lost += 1;
+                }
+                self.stats.undelivered.fetch_add(lost, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// Produces `batch` (and empties it), retrying until it is stored;
+    /// `false` if stopped first.
+    async fn deliver(&mut self, batch: &mut Vec<Record>) -> bool {
+        let mut delay = INITIAL_RETRY_DELAY;
+        loop {
+            if self.client.is_none() {
+                match self.connector.partition_client(self.partition).await {
+                    Ok(client) => self.client = Some(client),
+                    Err(error) => {
+                        tracing::warn!(partition = self.partition, error = %error, retry_in = ?delay, "Kafka unreachable; retrying");
+                    }
+                }
+            }
+            if let Some(client) = &self.client {
+                let bytes: usize = batch.iter().map(Record::approximate_size).sum();
+                match client.produce(batch.clone(), self.compression).await {
+                    Ok(_) => {
+                        self.stats
+                            .acknowledged
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                        batch.clear();
+                        return true;
+                    }
+                    Err(error) => {
+                        self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(partition = self.partition, records = batch.len(), error = %error, retry_in = ?delay, "produce failed; retrying on a new connection");
+                        self.client = None;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The ground truth of a run: what was actually produced, summarised the way
+//! RTAP's metrics are, so tests can compare the platform against it.
+//!
+//! Only records handed to Kafka count: events still held back (late) when a
+//! run stops were never produced, and are not in the truth.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+};
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use rtap::v1::{EventType, InteractionEvent, Source};
+use serde::Serialize;
+
+use crate::model::{Emission, EmissionKind};
+
+/// Per-product totals.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct ProductTruth {
+    /// Product views.
+    pub views: u64,
+    /// Total dwell time of those views, in microseconds.
+    pub dwell_micros: i64,
+    /// Add-to-cart events.
+    pub add_to_carts: u64,
+    /// Items added to carts.
+    pub items_added: u64,
+    /// Purchase events.
+    pub purchases: u64,
+    /// Items purchased.
+    pub items_purchased: u64,
+    /// Revenue in millionths of the currency unit.
+    pub revenue_micros: i64,
+    /// Distinct users with any event on the product.
+    pub unique_users: u64,
+}
+
+/// Sessions reaching each funnel stage.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct FunnelTruth {
+    /// Sessions.
+    pub sessions: u64,
+    /// Sessions with a product view.
+    pub product_view_sessions: u64,
+    /// Sessions with an add to cart.
+    pub add_to_cart_sessions: u64,
+    /// Sessions with a purchase.
+    pub purchase_sessions: u64,
+}
+
+/// Everything a run produced, summarised.
+#[derive(Debug, Default, Serialize)]
+pub struct GroundTruth {
+    /// The seed of the run.
+    pub seed: u64,
+    /// Records produced (events, duplicates and malformed payloads).
+    pub records: u64,
+    /// Distinct valid events produced.
+    pub events: u64,
+    /// Records that repeated an earlier event's `event_id`.
+    pub duplicates: u64,
+    /// Valid events produced after newer ones.
+    pub late_events: u64,
+    /// Malformed payloads, per kind.
+    pub malformed: BTreeMap<String, u64>,
+    /// Events per type (`EVENT_TYPE_*`).
+    pub events_by_type: BTreeMap<String, u64>,
+    /// Events per source (`SOURCE_*`).
+    pub events_by_source: BTreeMap<String, u64>,
+    /// Events per `SOURCE_*/EVENT_TYPE_*`.
+    pub events_by_source_and_type: BTreeMap<String, u64>,
+    /// Events per UTC minute of event time (RFC 3339 minute start).
+    pub events_per_minute: BTreeMap<String, u64>,
+    /// Distinct users.
+    pub unique_users: u64,
+    /// Total revenue in millionths of the currency unit.
+    pub revenue_micros: i64,
+    /// Per-product totals, by product id.
+    pub products: BTreeMap<i64, ProductTruth>,
+    /// Funnel per source (`SOURCE_*`).
+    pub funnel: BTreeMap<String, FunnelTruth>,
+    /// Earliest event time produced.
+    pub first_event_time: Option<DateTime<Utc>>,
+    /// Latest event time produced.
+    pub last_event_time: Option<DateTime<Utc>>,
+
+    #[serde(skip)]
+    users: HashSet<i64>,
+    #[serde(skip)]
+    product_users: HashMap<i64, HashSet<i64>>,
+    #[serde(skip)]
+    sessions: HashMap<String, (Source, SessionStages)>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct SessionStages {
+    viewed: bool,
+    carted: bool,
+    bought: bool,
+}
+
+impl GroundTruth {
+    /// An empty truth for a run with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            ..Self::default()
+        }
+    }
+
+    /// Counts a produced record.
+    pub fn record(&mut self, emission: &Emission) {
+        self.records += 1;
+        match &emission.kind {
+            EmissionKind::Duplicate => self.duplicates += 1,
+            EmissionKind::Malformed(kind) => {
+                *self.malformed.entry(kind.as_str().to_owned()).or_default() += 1;
+            }
+            EmissionKind::Event { event, late } => {
+                if *late {
+                    self.late_events += 1;
+                }
+                self.event(event, emission.occurred_at);
+            }
+        }
+    }
+
+    fn event(&mut self, event: &InteractionEvent, time: DateTime<Utc>) {
+        self.events += 1;
+        let event_type = event.r#type().as_str_name();
+        let source = event.source().as_str_name();
+        *self.events_by_type.entry(event_type.into()).or_default() += 1;
+        *self.events_by_source.entry(source.into()).or_default() += 1;
+        *self
+            .events_by_source_and_type
+            .entry(format!("{source}/{event_type}"))
+            .or_default() += 1;
+        let minute = time
+            .duration_trunc(TimeDelta::minutes(1))
+            .unwrap_or(time)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        *self.events_per_minute.entry(minute).or_default() += 1;
+        self.first_event_time = Some(self.first_event_time.map_or(time, |t| t.min(time)));
+        self.last_event_time = Some(self.last_event_time.map_or(time, |t| t.max(time)));
+        self.users.insert(event.user_id);
+
+        let stages = &mut self
+            .sessions
+            .entry(event.session_id.clone())
+            .or_insert((event.source(), SessionStages::default()))
+            .1;
+        match event.r#type() {
+            EventType::ProductView => stages.viewed = true,
+            EventType::AddToCart => stages.carted = true,
+            EventType::Purchase => stages.bought = true,
+            _ => {}
+        }
+
+        if event.product_id == 0 {
+            return;
+        }
+        self.product_users
+            .entry(event.product_id)
+            .or_default()
+            .insert(event.user_id);
+        let product = self.products.entry(event.product_id).or_default();
+        match event.r#type() {
+            EventType::ProductView => {
+                product.views += 1;
+                product.dwell_micros += event
+                    .dwell_time
+                    .map_or(0, |d| d.seconds * 1_000_000 + i64::from(d.nanos) / 1000);
+            }
+            EventType::AddToCart => {
+                product.add_to_carts += 1;
+                product.items_added += u64::from(event.quantity);
+            }
+            EventType::Purchase => {
+                product.purchases += 1;
+                product.items_purchased += u64::from(event.quantity);
+                product.revenue_micros += event.amount_micros;
+                self.revenue_micros += event.amount_micros;
+            }
+            _ => {}
+        }
+    }
+
+    /// Completes the derived totals (unique users, funnels).
+    pub fn finish(&mut self) {
+        self.unique_users = self.users.len() as u64;
+        for (id, users) in &self.product_users {
+            if let Some(product) = self.products.get_mut(id) {
+                product.unique_users = users.len() as u64;
+            }
+        }
+        self.funnel.clear();
+        for (source, stages) in self.sessions.values() {
+            let funnel = self.funnel.entry(source.as_str_name().into()).or_default();
+            funnel.sessions += 1;
+            funnel.product_view_sessions += u64::from(stages.viewed);
+            funnel.add_to_cart_sessions += u64::from(stages.carted);
+            funnel.purchase_sessions += u64::from(stages.bought);
+        }
+    }
+
+    /// Writes the truth as pretty JSON.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, json)
+    }
+}

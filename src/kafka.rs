@@ -1,0 +1,101 @@
+//! How interaction events are laid out on Kafka, shared by every producer
+//! (the simulator, the ingest RPC) so all of them agree.
+//!
+//! The record key is the decimal user id, and the partition is chosen from it
+//! with Kafka's default partitioner (murmur2 of the key), so the same user
+//! lands on the same partition whichever client produced the event, Java
+//! clients included. One user's events therefore stay in order on one
+//! partition.
+
+/// The record key of an event by `user_id`.
+pub fn record_key(user_id: i64) -> Vec<u8> {
+    user_id.to_string().into_bytes()
+}
+
+/// The partition of a record with `key` in a topic of `partitions`
+/// partitions, as Kafka's default partitioner picks it.
+///
+/// Returns 0 when `partitions` is not positive, so callers never divide by
+/// zero; a topic always has at least one partition.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    if partitions <= 0 {
+        return 0;
+    }
+    let positive = murmur2(key) & 0x7fff_ffff;
+    // Both operands are non-negative, so the remainder fits an i32.
+    i32::try_from(positive % partitions.unsigned_abs()).unwrap_or(0)
+}
+
+/// Kafka's murmur2 (the Java client's `Utils.murmur2`).
+fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let length = data.len();
+    // Kafka hashes the length as a Java int; keys here are tiny.
+    let mut h = SEED ^ (length as u32);
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Values from Kafka's UtilsTest.testMurmur2 (as signed Java ints).
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(
+                murmur2(input) as i32,
+                expected,
+                "{:?}",
+                std::str::from_utf8(input)
+            );
+        }
+    }
+
+    #[test]
+    fn a_user_always_maps_to_the_same_partition_in_range() {
+        for user in 1..1000 {
+            let key = record_key(user);
+            let partition = partition_for_key(&key, 7);
+            assert!((0..7).contains(&partition));
+            assert_eq!(partition, partition_for_key(&key, 7));
+        }
+        assert_eq!(partition_for_key(b"1", 0), 0);
+    }
+}
