@@ -194,7 +194,7 @@ mod tests {
         for args in [
             &["--rate", "0"][..],
             &["--rate", "fast"],
-            &["--speedup", "-2"],
+            &["--speedup", "0"],
             &["--duplicate-share", "1.5"],
             &["--malformed-share", "NaN"],
             &["--partitions", "0"],

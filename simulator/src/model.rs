@@ -516,8 +516,14 @@ impl Generator {
 
     fn start_session(&mut self, at: i64) {
         let mut user = None;
-        for _ in 0..USER_REDRAWS {
-            let rank = self.user_rank.sample(&mut self.rng) as usize;
+        for draw in 0..USER_REDRAWS {
+            // Heavy users are often mid-session: after a few Zipf draws, any
+            // user will do.
+            let rank = if draw < USER_REDRAWS / 4 {
+                self.user_rank.sample(&mut self.rng) as usize
+            } else {
+                self.rng.random_range(1..=self.population.users.len())
+            };
             let candidate = self.population.users[rank.clamp(1, self.population.users.len()) - 1];
             if self
                 .user_free_at
@@ -775,5 +781,287 @@ fn duration(micros: i64) -> prost_types::Duration {
     prost_types::Duration {
         seconds: micros / MICROS_PER_SECOND,
         nanos: i32::try_from((micros % MICROS_PER_SECOND) * 1000).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+
+    fn start() -> DateTime<Utc> {
+        "2026-01-05T08:00:00Z".parse().expect("a valid time")
+    }
+
+    fn generator(params: ModelParams, seed: u64, events_per_second: f64) -> Generator {
+        Generator::new(
+            params,
+            Population::synthetic(1_000_000, 1000),
+            seed,
+            start(),
+            events_per_second,
+        )
+        .expect("valid model")
+    }
+
+    fn events(emissions: &[Emission]) -> Vec<InteractionEvent> {
+        emissions
+            .iter()
+            .filter(|e| matches!(e.kind, EmissionKind::Event { .. }))
+            .map(|e| InteractionEvent::decode(e.value.as_slice()).expect("valid events decode"))
+            .collect()
+    }
+
+    fn take(generator: &mut Generator, n: usize) -> Vec<Emission> {
+        (0..n).map(|_| generator.next_emission()).collect()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_records_and_another_seed_does_not() {
+        let params = ModelParams {
+            duplicate_share: 0.05,
+            malformed_share: 0.05,
+            ..ModelParams::default()
+        };
+        let a = take(&mut generator(params.clone(), 42, 500.0), 5000);
+        let b = take(&mut generator(params.clone(), 42, 500.0), 5000);
+        let c = take(&mut generator(params, 43, 500.0), 5000);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn events_decode_with_the_rtap_types_and_are_complete() {
+        let emissions = take(&mut generator(ModelParams::default(), 1, 500.0), 20_000);
+        for emission in &emissions {
+            let EmissionKind::Event { event, .. } = &emission.kind else {
+                panic!("only events without injection shares");
+            };
+            let decoded = InteractionEvent::decode(emission.value.as_slice()).expect("decodes");
+            assert_eq!(&decoded, event.as_ref());
+            assert_eq!(emission.key, decoded.user_id.to_string().into_bytes());
+            assert_eq!(decoded.event_id.len(), 36);
+            assert!(decoded.user_id > 0);
+            assert_ne!(decoded.r#type(), EventType::Unspecified);
+            assert_ne!(decoded.source(), Source::Unspecified);
+            let needs_product =
+                !matches!(decoded.r#type(), EventType::PageView | EventType::Search);
+            assert_eq!(decoded.product_id > 0, needs_product, "{decoded:?}");
+            if decoded.r#type() == EventType::Purchase {
+                assert!(decoded.amount_micros > 0 && decoded.quantity > 0);
+            }
+            assert!(
+                decoded
+                    .occurred_at
+                    .is_some_and(|t| t.seconds >= start().timestamp())
+            );
+        }
+        let ids: HashSet<_> = events(&emissions).into_iter().map(|e| e.event_id).collect();
+        assert_eq!(ids.len(), emissions.len(), "event ids are unique");
+    }
+
+    #[test]
+    fn product_views_follow_the_zipf_law() {
+        let exponent = 1.1;
+        let emissions = take(&mut generator(ModelParams::default(), 7, 1000.0), 200_000);
+        let mut views: HashMap<i64, u64> = HashMap::new();
+        for event in events(&emissions) {
+            if event.r#type() == EventType::ProductView {
+                *views.entry(event.product_id).or_default() += 1;
+            }
+        }
+        let total: u64 = views.values().sum();
+        let mut counts: Vec<u64> = views.into_values().collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let top10: u64 = counts.iter().take(10).sum();
+        let harmonic = |n: u32| (1..=n).map(|k| f64::from(k).powf(-exponent)).sum::<f64>();
+        let expected = harmonic(10) / harmonic(1000);
+        let observed = top10 as f64 / total as f64;
+        assert!(
+            (observed - expected).abs() < 0.02,
+            "top-10 share {observed:.3}, Zipf {expected:.3}"
+        );
+    }
+
+    #[test]
+    fn funnel_rates_and_source_mix_are_reproduced() {
+        let params = ModelParams::default();
+        // A low rate stretches the run over hours, so few sessions are cut
+        // by its start or end; those are left out below anyway.
+        let emissions = take(&mut generator(params.clone(), 11, 10.0), 150_000);
+        let events = events(&emissions);
+        let last = events
+            .iter()
+            .filter_map(|e| e.occurred_at.map(|t| t.seconds))
+            .max()
+            .expect("events");
+        #[derive(Default)]
+        struct Stages {
+            landed_at: Option<i64>,
+            mobile: bool,
+            viewed: bool,
+            carted: bool,
+            bought: bool,
+        }
+        let mut sessions: HashMap<String, Stages> = HashMap::new();
+        for event in &events {
+            let stages = sessions.entry(event.session_id.clone()).or_default();
+            if stages.landed_at.is_none() && event.r#type() == EventType::PageView {
+                stages.landed_at = event.occurred_at.map(|t| t.seconds);
+            }
+            stages.mobile = event.source() == Source::MobileApp;
+            stages.viewed |= event.r#type() == EventType::ProductView;
+            stages.carted |= event.r#type() == EventType::AddToCart;
+            stages.bought |= event.r#type() == EventType::Purchase;
+        }
+        // Whole sessions: seen from their landing page, started an hour
+        // before the end.
+        let whole: Vec<_> = sessions
+            .values()
+            .filter(|s| s.landed_at.is_some_and(|t| t < last - 3600))
+            .collect();
+        let count = |f: fn(&Stages) -> bool| whole.iter().filter(|s| f(s)).count() as f64;
+        let n = whole.len() as f64;
+        assert!(n > 20_000.0, "{n} whole sessions");
+        let view = count(|s| s.viewed) / n;
+        let cart = count(|s| s.carted) / count(|s| s.viewed);
+        let buy = count(|s| s.bought) / count(|s| s.carted);
+        let mobile = count(|s| s.mobile) / n;
+        for (name, observed, expected, tolerance) in [
+            ("view", view, params.view_rate, 0.015),
+            ("cart", cart, params.cart_rate, 0.02),
+            ("purchase", buy, params.purchase_rate, 0.03),
+            ("mobile", mobile, params.mobile_share, 0.015),
+        ] {
+            assert!(
+                (observed - expected).abs() < tolerance,
+                "{name}: observed {observed:.3}, configured {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_and_malformed_shares_are_honoured() {
+        let params = ModelParams {
+            duplicate_share: 0.05,
+            malformed_share: 0.02,
+            late_share: 0.0,
+            ..ModelParams::default()
+        };
+        let emissions = take(&mut generator(params, 3, 1000.0), 100_000);
+        let mut originals = 0.0_f64;
+        let mut duplicates = 0.0_f64;
+        let mut malformed: HashMap<MalformedKind, f64> = HashMap::new();
+        for (i, emission) in emissions.iter().enumerate() {
+            match &emission.kind {
+                EmissionKind::Event { .. } => originals += 1.0,
+                EmissionKind::Duplicate => {
+                    duplicates += 1.0;
+                    assert_eq!(
+                        emission.value,
+                        emissions[i - 1].value,
+                        "same payload, same event_id"
+                    );
+                }
+                EmissionKind::Malformed(kind) => {
+                    *malformed.entry(*kind).or_default() += 1.0;
+                    let decoded = InteractionEvent::decode(emission.value.as_slice());
+                    match kind {
+                        MalformedKind::Garbage | MalformedKind::Truncated => {
+                            assert!(decoded.is_err())
+                        }
+                        MalformedKind::UnspecifiedType => {
+                            assert_eq!(decoded.expect("decodes").r#type(), EventType::Unspecified);
+                        }
+                        MalformedKind::MissingEventId => {
+                            assert!(decoded.expect("decodes").event_id.is_empty());
+                        }
+                        MalformedKind::FutureTime => {
+                            let time = decoded.expect("decodes").occurred_at.expect("time");
+                            assert!(time.seconds > emission.occurred_at.timestamp() + 6 * 86_400);
+                        }
+                        MalformedKind::NegativeDwell => {
+                            assert!(
+                                decoded.expect("decodes").dwell_time.expect("dwell").seconds < 0
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            (duplicates / originals - 0.05).abs() < 0.004,
+            "{duplicates}"
+        );
+        let bad: f64 = malformed.values().sum();
+        assert!((bad / originals - 0.02).abs() < 0.003, "{bad}");
+        assert_eq!(
+            malformed.len(),
+            MalformedKind::ALL.len(),
+            "every kind appears"
+        );
+    }
+
+    #[test]
+    fn late_events_arrive_after_newer_ones_and_users_never_overlap_sessions() {
+        let params = ModelParams {
+            late_share: 0.02,
+            ..ModelParams::default()
+        };
+        let gap = params.session_gap.as_secs() as i64;
+        let emissions = take(&mut generator(params, 5, 20.0), 60_000);
+        let mut newest = i64::MIN;
+        let mut late = 0;
+        // user -> (session, last event time)
+        let mut current: HashMap<i64, (String, i64)> = HashMap::new();
+        for emission in &emissions {
+            let EmissionKind::Event {
+                event,
+                late: is_late,
+            } = &emission.kind
+            else {
+                continue;
+            };
+            let time = emission.occurred_at.timestamp_micros();
+            if *is_late {
+                late += 1;
+                assert!(
+                    time < newest,
+                    "a late event is older than one produced before it"
+                );
+                continue; // late events are out of order by design
+            }
+            newest = newest.max(time);
+            if let Some((session, last)) = current.get(&event.user_id)
+                && *session != event.session_id
+            {
+                assert!(
+                    time - last > gap * 1_000_000,
+                    "a new session starts after the gap"
+                );
+            }
+            current.insert(event.user_id, (event.session_id.clone(), time));
+        }
+        assert!(late > 900, "{late} late events");
+    }
+
+    #[test]
+    fn contradictory_parameters_are_refused() {
+        let bad = ModelParams {
+            mean_dwell: Duration::from_secs(3600),
+            ..ModelParams::default()
+        };
+        assert!(Generator::new(bad, Population::synthetic(10, 10), 1, start(), 10.0).is_err());
+        assert!(
+            Generator::new(
+                ModelParams::default(),
+                Population::synthetic(0, 10),
+                1,
+                start(),
+                10.0
+            )
+            .is_err()
+        );
     }
 }

@@ -109,6 +109,7 @@ impl Producer {
         let connector = Arc::new(Connector {
             brokers: config.brokers.clone(),
             topic: config.topic.clone(),
+            partitions: config.partitions,
         });
         let client = connector.client_until_reachable(&shutdown).await?;
         let partitions = ensure_topic(&client, &config.topic, config.partitions).await?;
@@ -201,6 +202,7 @@ impl Producer {
 struct Connector {
     brokers: Vec<String>,
     topic: String,
+    partitions: i32,
 }
 
 impl Connector {
@@ -237,11 +239,21 @@ impl Connector {
         }
     }
 
-    async fn partition_client(&self, partition: i32) -> Result<PartitionClient, KafkaError> {
-        self.client()
-            .await?
+    /// A new client for `partition`. The topic is created again if it went
+    /// missing (a broker without persistent storage that restarted).
+    async fn partition_client(&self, partition: i32) -> Result<PartitionClient, ProduceError> {
+        let client = self.client().await.map_err(|source| ProduceError::Kafka {
+            context: "cannot connect".into(),
+            source,
+        })?;
+        ensure_topic(&client, &self.topic, self.partitions).await?;
+        client
             .partition_client(&self.topic, partition, UnknownTopicHandling::Retry)
             .await
+            .map_err(|source| ProduceError::Kafka {
+                context: format!("cannot reach the leader of partition {partition}"),
+                source,
+            })
     }
 }
 
