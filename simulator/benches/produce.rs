@@ -1,1 +1,167 @@
-fn main() {}
+//! Simulator throughput, with its baseline measured in the same run:
+//! 1. generation alone (model + protobuf encoding), events/s;
+//! 2. `rtap-simulator` end to end (generation, batching, produce) to the
+//!    local broker, records/s;
+//! 3. raw rskafka produce of the same records (same sizes, same batch size,
+//!    one request in flight per partition, partitions in parallel).
+//!
+//! `cargo bench -p rtap-simulator` with the broker of `scripts/services.sh up`
+//! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
+//! (default 300000). Target: simulator ≥ 0.8 × raw.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use clap::Parser;
+use rskafka::{
+    client::{
+        ClientBuilder,
+        partition::{Compression, UnknownTopicHandling},
+    },
+    record::Record,
+};
+use rtap_simulator::{
+    config::SimulatorConfig,
+    model::{Generator, ModelParams, Population},
+    producer::ensure_topic,
+    run,
+};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 4;
+const BATCH: usize = 1000;
+const ROUNDS: usize = 3;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let records: usize = std::env::var("RTAP_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+
+    let (generated, generation_rate) = generate(records)?;
+    println!("generation alone:      {generation_rate:>12.0} events/s ({records} events)");
+
+    let mut simulator_rates = Vec::new();
+    let mut raw_rates = Vec::new();
+    for round in 0..ROUNDS {
+        let raw = runtime.block_on(raw_produce(&brokers, &generated, round))?;
+        let simulator = runtime.block_on(simulator_produce(&brokers, records, round))?;
+        println!(
+            "round {round}: raw rskafka {raw:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s"
+        );
+        raw_rates.push(raw);
+        simulator_rates.push(simulator);
+    }
+    let raw = median(&mut raw_rates);
+    let simulator = median(&mut simulator_rates);
+    println!("raw rskafka produce:   {raw:>12.0} records/s (median of {ROUNDS})");
+    println!("rtap-simulator:        {simulator:>12.0} records/s (median of {ROUNDS})");
+    println!(
+        "ratio simulator / raw: {:>12.2} (target >= 0.80)",
+        simulator / raw
+    );
+    Ok(())
+}
+
+fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Error>> {
+    let mut generator = Generator::new(
+        ModelParams::default(),
+        Population::synthetic(1_000_000, 1_000),
+        1,
+        Utc::now(),
+        1000.0,
+    )?;
+    let started = Instant::now();
+    let records: Vec<Record> = (0..count)
+        .map(|_| {
+            let emission = generator.next_emission();
+            Record {
+                key: Some(emission.key),
+                value: Some(emission.value),
+                headers: Default::default(),
+                timestamp: emission.occurred_at,
+            }
+        })
+        .collect();
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    Ok((records, rate))
+}
+
+async fn raw_produce(
+    brokers: &str,
+    records: &[Record],
+    round: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let topic = format!("rtap-bench-raw-{}-{round}", uuid::Uuid::new_v4().simple());
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    ensure_topic(&client, &topic, PARTITIONS).await?;
+    let mut per_partition: Vec<Vec<Record>> = vec![Vec::new(); PARTITIONS as usize];
+    for record in records {
+        let key = record.key.as_deref().unwrap_or_default();
+        let partition = rtap::kafka::partition_for_key(key, PARTITIONS);
+        per_partition[partition as usize].push(record.clone());
+    }
+    let mut partition_clients = Vec::new();
+    for partition in 0..PARTITIONS {
+        partition_clients.push(
+            client
+                .partition_client(&topic, partition, UnknownTopicHandling::Retry)
+                .await?,
+        );
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (client, records) in partition_clients.into_iter().zip(per_partition) {
+        tasks.spawn(async move {
+            for chunk in records.chunks(BATCH) {
+                client
+                    .produce(chunk.to_vec(), Compression::NoCompression)
+                    .await?;
+            }
+            Ok::<_, rskafka::client::error::Error>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn simulator_produce(
+    brokers: &str,
+    records: usize,
+    round: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let topic = format!("rtap-bench-sim-{}-{round}", uuid::Uuid::new_v4().simple());
+    let count = records.to_string();
+    let partitions = PARTITIONS.to_string();
+    let batch = BATCH.to_string();
+    let config = SimulatorConfig::try_parse_from([
+        "rtap-simulator",
+        "--kafka-brokers",
+        brokers,
+        "--topic",
+        &topic,
+        "--count",
+        &count,
+        "--partitions",
+        &partitions,
+        "--batch-size",
+        &batch,
+        "--seed",
+        "1",
+        "--progress",
+        "none",
+    ])?;
+    let report = run::run(config, CancellationToken::new()).await?;
+    Ok(records as f64 / report.elapsed.max(Duration::from_nanos(1)).as_secs_f64())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}

@@ -15,7 +15,7 @@
 
 use std::{
     cmp::{Ordering, Reverse},
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{BinaryHeap, VecDeque},
     time::Duration,
 };
 
@@ -24,7 +24,7 @@ use clap::Args;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Exp, Zipf};
+use rand_distr::{Distribution, Exp, weighted::WeightedAliasIndex};
 use rtap::v1::{EventType, InteractionEvent, Source};
 
 use crate::config::{parse_positive, parse_share};
@@ -269,6 +269,7 @@ struct SessionInfo {
 
 #[derive(Debug)]
 struct Session {
+    user_index: usize,
     user_id: i64,
     source: Source,
     session_id: String,
@@ -305,18 +306,23 @@ pub struct Generator {
     params: ModelParams,
     population: Population,
     rng: ChaCha8Rng,
-    product_rank: Zipf<f64>,
-    user_rank: Zipf<f64>,
+    /// Zipf-weighted positions in `population.products` (alias method: one
+    /// table look-up per draw).
+    product_rank: WeightedAliasIndex<f64>,
+    /// Zipf-weighted positions in `population.users`.
+    user_rank: WeightedAliasIndex<f64>,
     /// Mean simulated time between session arrivals.
     interarrival: Exp<f64>,
     clock_micros: i64,
     next_arrival_micros: i64,
     /// Sessions by the time of their next event.
-    agenda: BinaryHeap<Reverse<(i64, u64)>>,
-    sessions: HashMap<u64, Session>,
-    next_session_key: u64,
+    agenda: BinaryHeap<Reverse<(i64, usize)>>,
+    /// Sessions under way, by slot; `free_slots` lists the empty ones.
+    sessions: Vec<Option<Session>>,
+    free_slots: Vec<usize>,
     /// When each user may start a new session.
-    user_free_at: HashMap<i64, i64>,
+    /// When each user (by position in the population) may start a session.
+    user_free_at: Vec<i64>,
     held_back: BinaryHeap<Reverse<HeldBack>>,
     ready: VecDeque<Emission>,
     sequence: u64,
@@ -339,14 +345,8 @@ impl Generator {
         if !(events_per_second.is_finite() && events_per_second > 0.0) {
             return Err(ModelError::Params("the event rate must be positive".into()));
         }
-        let bad = |e: rand_distr::ZipfError| ModelError::Params(e.to_string());
-        let product_rank = Zipf::new(
-            population.products.len() as f64,
-            params.product_zipf_exponent,
-        )
-        .map_err(bad)?;
-        let user_rank =
-            Zipf::new(population.users.len() as f64, params.user_zipf_exponent).map_err(bad)?;
+        let product_rank = zipf_table(population.products.len(), params.product_zipf_exponent)?;
+        let user_rank = zipf_table(population.users.len(), params.user_zipf_exponent)?;
         let sessions_per_micro =
             events_per_second / expected_events_per_session(&params) / MICROS_PER_SECOND as f64;
         let interarrival = Exp::new(sessions_per_micro)
@@ -363,6 +363,7 @@ impl Generator {
                 "too few users for this event rate: sessions will be skipped and the rate will fall short (add users or lower the rate)"
             );
         }
+        let user_count = population.users.len();
         let mut generator = Self {
             params,
             population,
@@ -373,9 +374,9 @@ impl Generator {
             clock_micros: start_micros,
             next_arrival_micros: start_micros,
             agenda: BinaryHeap::new(),
-            sessions: HashMap::new(),
-            next_session_key: 0,
-            user_free_at: HashMap::new(),
+            sessions: Vec::new(),
+            free_slots: Vec::new(),
+            user_free_at: vec![i64::MIN; user_count],
             held_back: BinaryHeap::new(),
             ready: VecDeque::new(),
             sequence: 0,
@@ -404,7 +405,6 @@ impl Generator {
                 return held.emission;
             }
             let (event, time_micros) = self.next_event();
-            let emission = emission_of(&event, false);
             if self.rng.random_bool(self.params.late_share) {
                 let max_hold = micros(self.params.max_lateness).max(MICROS_PER_SECOND + 1);
                 let hold = self.rng.random_range(MICROS_PER_SECOND..max_hold);
@@ -412,21 +412,25 @@ impl Generator {
                 self.held_back.push(Reverse(HeldBack {
                     release_micros: time_micros + hold,
                     sequence: self.sequence,
-                    emission: emission_of(&event, true),
+                    emission: emission_of(event, true),
                 }));
                 continue;
             }
-            self.ready.push_back(emission.clone());
-            if self.rng.random_bool(self.params.duplicate_share) {
-                self.ready.push_back(Emission {
-                    kind: EmissionKind::Duplicate,
-                    ..emission
-                });
-            }
-            if self.rng.random_bool(self.params.malformed_share) {
-                let malformed = self.malformed(&event);
-                self.ready.push_back(malformed);
-            }
+            let duplicate = self.rng.random_bool(self.params.duplicate_share);
+            let malformed = self
+                .rng
+                .random_bool(self.params.malformed_share)
+                .then(|| self.malformed(&event));
+            let emission = emission_of(event, false);
+            let repeat = duplicate.then(|| Emission {
+                key: emission.key.clone(),
+                value: emission.value.clone(),
+                occurred_at: emission.occurred_at,
+                kind: EmissionKind::Duplicate,
+            });
+            self.ready.push_back(emission);
+            self.ready.extend(repeat);
+            self.ready.extend(malformed);
         }
     }
 
@@ -473,7 +477,7 @@ impl Generator {
             let Some(Reverse((time, key))) = self.agenda.pop() else {
                 continue;
             };
-            let Some(session) = self.sessions.get_mut(&key) else {
+            let Some(Some(session)) = self.sessions.get_mut(key) else {
                 continue;
             };
             self.clock_micros = self.clock_micros.max(time);
@@ -488,8 +492,9 @@ impl Generator {
                 self.agenda.push(Reverse((time + planned.gap_micros, key)));
             } else {
                 let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
-                self.user_free_at.insert(session.user_id, free_at);
-                self.sessions.remove(&key);
+                self.user_free_at[session.user_index] = free_at;
+                self.sessions[key] = None;
+                self.free_slots.push(key);
             }
             return (time, info, planned);
         }
@@ -519,26 +524,22 @@ impl Generator {
         for draw in 0..USER_REDRAWS {
             // Heavy users are often mid-session: after a few Zipf draws, any
             // user will do.
-            let rank = if draw < USER_REDRAWS / 4 {
-                self.user_rank.sample(&mut self.rng) as usize
+            let index = if draw < USER_REDRAWS / 4 {
+                self.user_rank.sample(&mut self.rng)
             } else {
-                self.rng.random_range(1..=self.population.users.len())
+                self.rng.random_range(0..self.population.users.len())
             };
-            let candidate = self.population.users[rank.clamp(1, self.population.users.len()) - 1];
-            if self
-                .user_free_at
-                .get(&candidate)
-                .is_none_or(|free| *free <= at)
-            {
-                user = Some(candidate);
+            if self.user_free_at[index] <= at {
+                user = Some(index);
                 break;
             }
         }
-        let Some(user_id) = user else {
+        let Some(user_index) = user else {
             return; // every user drawn is mid-session: this arrival is skipped
         };
         // Busy until the session ends (updated then).
-        self.user_free_at.insert(user_id, i64::MAX);
+        self.user_free_at[user_index] = i64::MAX;
+        let user_id = self.population.users[user_index];
         let source = if self.rng.random_bool(self.params.mobile_share) {
             Source::MobileApp
         } else {
@@ -546,28 +547,41 @@ impl Generator {
         };
         let session_id = uuid_from(&mut self.rng);
         let plan = self.plan_session();
-        let key = self.next_session_key;
-        self.next_session_key += 1;
-        self.sessions.insert(
-            key,
-            Session {
-                user_id,
-                source,
-                session_id,
-                plan,
-                next: 0,
-            },
-        );
+        let session = Some(Session {
+            user_index,
+            user_id,
+            source,
+            session_id,
+            plan,
+            next: 0,
+        });
+        let key = match self.free_slots.pop() {
+            Some(slot) => {
+                self.sessions[slot] = session;
+                slot
+            }
+            None => {
+                self.sessions.push(session);
+                self.sessions.len() - 1
+            }
+        };
         self.agenda.push(Reverse((at, key)));
     }
 
     fn plan_session(&mut self) -> Vec<PlannedEvent> {
-        let p = self.params.clone();
-        let views = self.rng.random_bool(p.view_rate);
-        let carts = views && self.rng.random_bool(p.cart_rate);
-        let buys = carts && self.rng.random_bool(p.purchase_rate);
+        let p = &self.params;
+        let (view_rate, cart_rate, purchase_rate, search_rate, remove_rate) = (
+            p.view_rate,
+            p.cart_rate,
+            p.purchase_rate,
+            p.search_rate,
+            p.remove_rate,
+        );
+        let views = self.rng.random_bool(view_rate);
+        let carts = views && self.rng.random_bool(cart_rate);
+        let buys = carts && self.rng.random_bool(purchase_rate);
         let mut plan = vec![self.page(EventType::PageView)];
-        if self.rng.random_bool(p.search_rate) {
+        if self.rng.random_bool(search_rate) {
             let words = self.rng.random_range(1..=2);
             let query = (0..words)
                 .map(|_| SEARCH_WORDS[self.rng.random_range(0..SEARCH_WORDS.len())])
@@ -603,7 +617,7 @@ impl Generator {
             let quantity = self.quantity();
             plan.push(self.cart(EventType::AddToCart, item, quantity));
             let mut final_quantity = quantity;
-            if self.rng.random_bool(p.remove_rate) {
+            if self.rng.random_bool(remove_rate) {
                 plan.push(self.cart(EventType::RemoveFromCart, item, quantity));
                 item = viewed[self.rng.random_range(0..viewed.len())];
                 final_quantity = self.quantity();
@@ -637,8 +651,7 @@ impl Generator {
     }
 
     fn product(&mut self) -> ProductInfo {
-        let rank = self.product_rank.sample(&mut self.rng) as usize;
-        self.population.products[rank.clamp(1, self.population.products.len()) - 1]
+        self.population.products[self.product_rank.sample(&mut self.rng)]
     }
 
     fn quantity(&mut self) -> u32 {
@@ -707,6 +720,12 @@ impl Generator {
     }
 }
 
+/// Draws positions `0..n` with Zipf weights `1 / (position + 1)^exponent`.
+fn zipf_table(n: usize, exponent: f64) -> Result<WeightedAliasIndex<f64>, ModelError> {
+    let weights = (1..=n).map(|rank| (rank as f64).powf(-exponent)).collect();
+    WeightedAliasIndex::new(weights).map_err(|e| ModelError::Params(format!("Zipf table: {e}")))
+}
+
 fn validate(params: &ModelParams) -> Result<(), ModelError> {
     if params.session_gap < Duration::from_secs(120) {
         return Err(ModelError::Params(
@@ -741,13 +760,13 @@ fn expected_events_per_session(p: &ModelParams) -> f64 {
         + carts * p.purchase_rate
 }
 
-fn emission_of(event: &InteractionEvent, late: bool) -> Emission {
+fn emission_of(event: InteractionEvent, late: bool) -> Emission {
     Emission {
         key: rtap::kafka::record_key(event.user_id),
         value: event.encode_to_vec(),
-        occurred_at: event_time(event),
+        occurred_at: event_time(&event),
         kind: EmissionKind::Event {
-            event: Box::new(event.clone()),
+            event: Box::new(event),
             late,
         },
     }

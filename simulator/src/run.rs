@@ -52,12 +52,22 @@ pub enum RunError {
     },
 }
 
+/// What a run produced, and how long producing took (from the first record
+/// to the last acknowledgement, start-up excluded).
+#[derive(Debug)]
+pub struct RunReport {
+    /// The ground truth.
+    pub truth: GroundTruth,
+    /// Time spent producing.
+    pub elapsed: Duration,
+}
+
 /// Runs the simulation until `--count`, `--duration` or `shutdown`, then
 /// flushes and returns what was produced.
 pub async fn run(
     config: SimulatorConfig,
     shutdown: CancellationToken,
-) -> Result<GroundTruth, RunError> {
+) -> Result<RunReport, RunError> {
     let seed = config.seed.unwrap_or_else(|| rand::rng().random());
     let start_time = config.start_time.unwrap_or_else(Utc::now);
     tracing::info!(seed, start_time = %start_time, "simulation starting (replay with --seed and --start-time)");
@@ -98,7 +108,7 @@ pub async fn run(
         sent.clone(),
         producer.stats(),
     );
-    let mut truth = GroundTruth::new(seed);
+    let mut truth = GroundTruth::new(seed, config.truth_file.is_some());
     let started = Instant::now();
     let mut count: u64 = 0;
     loop {
@@ -161,7 +171,7 @@ pub async fn run(
         })?;
         tracing::info!(path = %path.display(), "ground truth written");
     }
-    Ok(truth)
+    Ok(RunReport { truth, elapsed })
 }
 
 /// The progress display: a bar on a terminal, periodic log lines otherwise.

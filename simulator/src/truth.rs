@@ -1,6 +1,9 @@
 //! The ground truth of a run: what was actually produced, summarised the way
 //! RTAP's metrics are, so tests can compare the platform against it.
 //!
+//! Counts per type and source are always kept (for the final summary); the
+//! costlier detail only when a truth file is asked for.
+//!
 //! Only records handed to Kafka count: events still held back (late) when a
 //! run stops were never produced, and are not in the truth.
 
@@ -9,7 +12,7 @@ use std::{
     path::Path,
 };
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use rtap::v1::{EventType, InteractionEvent, Source};
 use serde::Serialize;
 
@@ -85,6 +88,16 @@ pub struct GroundTruth {
     /// Latest event time produced.
     pub last_event_time: Option<DateTime<Utc>>,
 
+    /// Whether per-user, per-session, per-product and per-minute detail is
+    /// kept (costly; only for a truth file).
+    #[serde(skip)]
+    detailed: bool,
+    #[serde(skip)]
+    by_source_and_type: [[u64; ENUM_SLOTS]; ENUM_SLOTS],
+    #[serde(skip)]
+    malformed_by_kind: HashMap<&'static str, u64>,
+    #[serde(skip)]
+    per_minute: HashMap<i64, u64>,
     #[serde(skip)]
     users: HashSet<i64>,
     #[serde(skip)]
@@ -92,6 +105,9 @@ pub struct GroundTruth {
     #[serde(skip)]
     sessions: HashMap<String, (Source, SessionStages)>,
 }
+
+/// Enum values counted in arrays (values past the last slot share it).
+const ENUM_SLOTS: usize = 8;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct SessionStages {
@@ -101,10 +117,12 @@ struct SessionStages {
 }
 
 impl GroundTruth {
-    /// An empty truth for a run with `seed`.
-    pub fn new(seed: u64) -> Self {
+    /// An empty truth for a run with `seed`; `detailed` also keeps unique
+    /// users, sessions, products and minutes.
+    pub fn new(seed: u64, detailed: bool) -> Self {
         Self {
             seed,
+            detailed,
             ..Self::default()
         }
     }
@@ -115,41 +133,39 @@ impl GroundTruth {
         match &emission.kind {
             EmissionKind::Duplicate => self.duplicates += 1,
             EmissionKind::Malformed(kind) => {
-                *self.malformed.entry(kind.as_str().to_owned()).or_default() += 1;
+                *self.malformed_by_kind.entry(kind.as_str()).or_default() += 1;
             }
             EmissionKind::Event { event, late } => {
-                if *late {
-                    self.late_events += 1;
+                self.events += 1;
+                self.late_events += u64::from(*late);
+                let slot = |value: i32| usize::try_from(value).unwrap_or(0).min(ENUM_SLOTS - 1);
+                self.by_source_and_type[slot(event.source)][slot(event.r#type)] += 1;
+                if self.detailed {
+                    self.detail(event, emission.occurred_at);
                 }
-                self.event(event, emission.occurred_at);
             }
         }
     }
 
-    fn event(&mut self, event: &InteractionEvent, time: DateTime<Utc>) {
-        self.events += 1;
-        let event_type = event.r#type().as_str_name();
-        let source = event.source().as_str_name();
-        *self.events_by_type.entry(event_type.into()).or_default() += 1;
-        *self.events_by_source.entry(source.into()).or_default() += 1;
+    fn detail(&mut self, event: &InteractionEvent, time: DateTime<Utc>) {
         *self
-            .events_by_source_and_type
-            .entry(format!("{source}/{event_type}"))
+            .per_minute
+            .entry(time.timestamp().div_euclid(60))
             .or_default() += 1;
-        let minute = time
-            .duration_trunc(TimeDelta::minutes(1))
-            .unwrap_or(time)
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        *self.events_per_minute.entry(minute).or_default() += 1;
         self.first_event_time = Some(self.first_event_time.map_or(time, |t| t.min(time)));
         self.last_event_time = Some(self.last_event_time.map_or(time, |t| t.max(time)));
         self.users.insert(event.user_id);
 
-        let stages = &mut self
-            .sessions
-            .entry(event.session_id.clone())
-            .or_insert((event.source(), SessionStages::default()))
-            .1;
+        let stages = match self.sessions.get_mut(&event.session_id) {
+            Some((_, stages)) => stages,
+            None => {
+                let entry = self
+                    .sessions
+                    .entry(event.session_id.clone())
+                    .or_insert((event.source(), SessionStages::default()));
+                &mut entry.1
+            }
+        };
         match event.r#type() {
             EventType::ProductView => stages.viewed = true,
             EventType::AddToCart => stages.carted = true,
@@ -186,8 +202,44 @@ impl GroundTruth {
         }
     }
 
-    /// Completes the derived totals (unique users, funnels).
+    /// Fills the summary fields from the counters.
     pub fn finish(&mut self) {
+        let name = |slot: usize, of: fn(i32) -> Option<&'static str>| {
+            of(i32::try_from(slot).unwrap_or(0)).unwrap_or("UNKNOWN")
+        };
+        let source_name = |v: i32| Source::try_from(v).ok().map(|s| s.as_str_name());
+        let type_name = |v: i32| EventType::try_from(v).ok().map(|t| t.as_str_name());
+        self.events_by_type.clear();
+        self.events_by_source.clear();
+        self.events_by_source_and_type.clear();
+        for (source, row) in self.by_source_and_type.iter().enumerate() {
+            for (event_type, &count) in row.iter().enumerate() {
+                if count == 0 {
+                    continue;
+                }
+                let (source, event_type) = (name(source, source_name), name(event_type, type_name));
+                *self.events_by_source.entry(source.into()).or_default() += count;
+                *self.events_by_type.entry(event_type.into()).or_default() += count;
+                self.events_by_source_and_type
+                    .insert(format!("{source}/{event_type}"), count);
+            }
+        }
+        self.malformed = self
+            .malformed_by_kind
+            .iter()
+            .map(|(kind, count)| ((*kind).to_owned(), *count))
+            .collect();
+        self.events_per_minute = self
+            .per_minute
+            .iter()
+            .filter_map(|(minute, count)| {
+                let start = DateTime::from_timestamp(minute * 60, 0)?;
+                Some((
+                    start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    *count,
+                ))
+            })
+            .collect();
         self.unique_users = self.users.len() as u64;
         for (id, users) in &self.product_users {
             if let Some(product) = self.products.get_mut(id) {
