@@ -1,0 +1,152 @@
+//! GetUser throughput and latency over gRPC at a fixed concurrency, next to
+//! `pgbench -S` (select-only, primary-key look-ups) at the same concurrency,
+//! measured in the same run against the same PostgreSQL.
+//!
+//! `cargo bench -p rtap-server --bench catalog_get` after
+//! `scripts/services.sh up`. `RTAP_BENCH_CONCURRENCY` (default 16) and
+//! `RTAP_BENCH_SECONDS` (default 10) adjust it. Target: ≥ 0.5 × pgbench.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{TestDatabase, TestServer, test_config, wait_for_health};
+use rand::Rng;
+use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
+use sea_orm::{ConnectionTrait, Database};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const USERS: i64 = 10_000;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    let concurrency = env_or("RTAP_BENCH_CONCURRENCY", 16);
+    let seconds = env_or("RTAP_BENCH_SECONDS", 10);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let database = TestDatabase::create().await?;
+        let result = bench(&database, concurrency, Duration::from_secs(seconds)).await;
+        database.drop().await?;
+        result
+    })
+}
+
+async fn bench(
+    database: &TestDatabase,
+    concurrency: u64,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let mut config = test_config(database);
+    config.health_check_interval = Duration::from_secs(1);
+    let server = TestServer::start(config).await?;
+    wait_for_health(
+        server.channel(),
+        "rtap.v1.UserService",
+        ServingStatus::Serving,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let db = Database::connect(&database.url).await?;
+    db.execute_unprepared(&format!(
+        "INSERT INTO users (first_name, last_name, create_time, update_time) \
+         SELECT 'First' || g, 'Last' || g, now(), now() FROM generate_series(1, {USERS}) g"
+    ))
+    .await?;
+    db.close().await?;
+
+    // Warm-up, then the measured run.
+    run_clients(&server, concurrency, Duration::from_secs(1)).await?;
+    let (calls, mut latencies) = run_clients(&server, concurrency, duration).await?;
+    latencies.sort_unstable();
+    let rate = calls as f64 / duration.as_secs_f64();
+    let percentile =
+        |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    server.stop().await?;
+
+    let pgbench = pgbench_select_only(database, concurrency, duration)?;
+    println!("concurrency {concurrency}, {} s each", duration.as_secs());
+    println!(
+        "rtap GetUser over gRPC: {rate:>10.0} calls/s   p50 {:>6} us   p99 {:>6} us",
+        percentile(0.50).as_micros(),
+        percentile(0.99).as_micros()
+    );
+    println!("pgbench -S:             {pgbench:>10.0} tps");
+    println!(
+        "ratio rtap / pgbench:   {:>10.2} (target >= 0.50)",
+        rate / pgbench
+    );
+    Ok(())
+}
+
+async fn run_clients(
+    server: &TestServer,
+    concurrency: u64,
+    duration: Duration,
+) -> anyhow::Result<(u64, Vec<Duration>)> {
+    let deadline = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let mut client = UserServiceClient::new(server.channel());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let id = rand::rng().random_range(1..=USERS);
+                let started = Instant::now();
+                client.get_user(GetUserRequest { id }).await?;
+                latencies.push(started.elapsed());
+            }
+            Ok::<_, tonic::Status>(latencies)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        all.extend(result??);
+    }
+    Ok((all.len() as u64, all))
+}
+
+/// `pgbench -S` TPS on the bench database at the same concurrency.
+fn pgbench_select_only(
+    database: &TestDatabase,
+    clients: u64,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let url = &database.url;
+    let init = Command::new("pgbench")
+        .args(["-i", "-q", "-s", "10", url])
+        .output()?;
+    anyhow::ensure!(
+        init.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let clients = clients.to_string();
+    let seconds = duration.as_secs().to_string();
+    let run = Command::new("pgbench")
+        .args(["-S", "-n", "-c", &clients, "-j", "2", "-T", &seconds, url])
+        .output()?;
+    anyhow::ensure!(
+        run.status.success(),
+        "pgbench -S failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = String::from_utf8_lossy(&run.stdout);
+    report
+        .lines()
+        .find(|line| line.starts_with("tps = "))
+        .and_then(|line| line.split_whitespace().nth(2))
+        .and_then(|tps| tps.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no tps line in pgbench's report:\n{report}"))
+}
