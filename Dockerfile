@@ -5,7 +5,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    cargo build --release --locked --workspace --bins \
  && mkdir -p /out \
  && cp target/release/rtap-server target/release/rtap-simulator target/release/migration /out/
 

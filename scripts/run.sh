@@ -1,9 +1,52 @@
 #!/usr/bin/env bash
-# Brings up PostgreSQL, Redis and the Kafka broker, builds the binaries, and
-# runs rtap-server on 127.0.0.1:50051 until Ctrl-C. Flags go to rtap-server.
+# The whole platform on this machine, in one command:
+#   1. PostgreSQL, Redis and the Kafka broker (scripts/services.sh up);
+#   2. a release build of rtap-server and rtap-simulator;
+#   3. rtap-server on RTAP_LISTEN_ADDR (default 127.0.0.1:50051), waiting
+#      until its health is SERVING;
+#   4. rtap-simulator, seeding the catalog (5000 users, 300 products) and
+#      producing RTAP_SIM_RATE events/s (default 25; a user has one session
+#      at a time, so higher rates need more users) until Ctrl-C.
+# Ctrl-C stops the simulator (after a flush) and then the server.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export RTAP_LISTEN_ADDR=${RTAP_LISTEN_ADDR:-127.0.0.1:50051}
+RATE=${RTAP_SIM_RATE:-25}
+LOG_DIR=.run
+mkdir -p "$LOG_DIR"
+
+die() { printf 'run: error: %s\n' "$*" >&2; exit 1; }
+
 scripts/services.sh up
-cargo build --release --locked --bins
-echo "rtap-server: starting on ${RTAP_LISTEN_ADDR:-127.0.0.1:50051} (Ctrl-C stops it)" >&2
-exec target/release/rtap-server "$@"
+cargo build --release --locked --workspace --bins
+
+port=${RTAP_LISTEN_ADDR##*:}
+if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+  die "port $port is already in use; stop what uses it or set RTAP_LISTEN_ADDR=127.0.0.1:OTHER_PORT"
+fi
+
+target/release/rtap-server >"$LOG_DIR/rtap-server.log" 2>&1 &
+server=$!
+stop_server() {
+  if kill -0 "$server" 2>/dev/null; then
+    kill -TERM "$server" && wait "$server" || true
+    echo "run: rtap-server stopped" >&2
+  fi
+}
+trap stop_server EXIT
+
+for _ in $(seq 120); do
+  if target/release/rtap-server health >/dev/null 2>&1; then break; fi
+  kill -0 "$server" 2>/dev/null || die "rtap-server exited; see $LOG_DIR/rtap-server.log"
+  sleep 0.5
+done
+target/release/rtap-server health >/dev/null 2>&1 \
+  || die "rtap-server is not SERVING after 60 s; see $LOG_DIR/rtap-server.log"
+echo "run: rtap-server is SERVING on $RTAP_LISTEN_ADDR (log: $LOG_DIR/rtap-server.log)" >&2
+echo "run: producing $RATE events/s with rtap-simulator; Ctrl-C stops everything" >&2
+
+# The simulator handles Ctrl-C itself (flush, summary); the trap then stops
+# the server.
+target/release/rtap-simulator --server-addr "http://$RTAP_LISTEN_ADDR" \
+  --seed-users 5000 --seed-products 300 --session-gap 5m --rate "$RATE" || true

@@ -82,7 +82,14 @@ redis_up() {
     log "Redis ready on 127.0.0.1:$REDIS_PORT"
     return
   fi
-  command -v redis-server >/dev/null || apt_install redis-server redis-tools
+  if ! command -v redis-server >/dev/null; then
+    apt_install redis-server redis-tools
+    # The package may have started a server of its own.
+    if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+      log "Redis ready on 127.0.0.1:$REDIS_PORT"
+      return
+    fi
+  fi
   log "starting Redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
     --dir "$RUN_DIR" --logfile "$RUN_DIR/redis.log" --pidfile "$RUN_DIR/redis.pid" >&2 \

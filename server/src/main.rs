@@ -1,6 +1,6 @@
 //! The `rtap-server` binary: parses flags, sets up logging, runs a subcommand.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use rtap_server::{Cli, Command, Config, Error, LogFormat, app, database, health, shutdown};
@@ -47,7 +47,8 @@ fn init_tracing(format: LogFormat) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rskafka=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -264,3 +264,28 @@ fn free_local_address() -> String {
     let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("bound").to_string()
 }
+
+#[tokio::test]
+async fn migrations_go_down_and_up_again() -> anyhow::Result<()> {
+    use migration::{Migrator, MigratorTrait};
+    let database = TestDatabase::create().await?;
+    let connection = Database::connect(&database.url).await?;
+    let catalog_tables = async |connection: &sea_orm::DatabaseConnection| {
+        connection
+            .query_all_raw(Statement::from_string(
+                connection.get_database_backend(),
+                "SELECT table_name FROM information_schema.tables \
+                 WHERE table_schema = 'public' AND table_name IN ('users', 'products')",
+            ))
+            .await
+            .map(|rows| rows.len())
+    };
+    Migrator::up(&connection, None).await?;
+    assert_eq!(catalog_tables(&connection).await?, 2);
+    Migrator::down(&connection, None).await?;
+    assert_eq!(catalog_tables(&connection).await?, 0);
+    Migrator::up(&connection, None).await?;
+    assert_eq!(catalog_tables(&connection).await?, 2);
+    connection.close().await?;
+    database.drop().await
+}

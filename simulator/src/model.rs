@@ -347,22 +347,27 @@ impl Generator {
         }
         let product_rank = zipf_table(population.products.len(), params.product_zipf_exponent)?;
         let user_rank = zipf_table(population.users.len(), params.user_zipf_exponent)?;
-        let sessions_per_micro =
-            events_per_second / expected_events_per_session(&params) / MICROS_PER_SECOND as f64;
+        let events_per_session = expected_events_per_session(&params);
+        let requested = events_per_second / events_per_session;
+        // One session per user at a time, and a gap before the next: a small
+        // population cannot sustain any rate. Arrivals beyond half that
+        // capacity would mostly find their user busy and be skipped, so the
+        // rate is capped there instead, with a warning.
+        let capacity = population.users.len() as f64
+            / (params.session_gap.as_secs_f64() + TYPICAL_SESSION_SECONDS)
+            / 2.0;
+        if requested > capacity {
+            tracing::warn!(
+                users = population.users.len(),
+                requested_events_per_second = events_per_second,
+                achievable_events_per_second = capacity * events_per_session,
+                "too few users for this event rate; producing at the achievable rate (add users, shorten --session-gap or lower the rate)"
+            );
+        }
+        let sessions_per_micro = requested.min(capacity) / MICROS_PER_SECOND as f64;
         let interarrival = Exp::new(sessions_per_micro)
             .map_err(|e| ModelError::Params(format!("session arrival rate: {e}")))?;
         let start_micros = start.timestamp_micros();
-        let session_rate = sessions_per_micro * MICROS_PER_SECOND as f64;
-        let capacity = population.users.len() as f64
-            / (params.session_gap.as_secs_f64() + TYPICAL_SESSION_SECONDS);
-        if session_rate > capacity / 2.0 {
-            tracing::warn!(
-                users = population.users.len(),
-                sessions_per_second = session_rate,
-                capacity = capacity,
-                "too few users for this event rate: sessions will be skipped and the rate will fall short (add users or lower the rate)"
-            );
-        }
         let user_count = population.users.len();
         let mut generator = Self {
             params,
