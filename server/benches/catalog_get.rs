@@ -14,11 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestDatabase, TestServer, test_config, wait_for_health};
+use common::{TestDatabase, TestServer, test_config};
 use rand::Rng;
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database};
-use tonic_health::pb::health_check_response::ServingStatus;
 
 const USERS: i64 = 10_000;
 
@@ -50,14 +49,7 @@ async fn bench(
 ) -> anyhow::Result<()> {
     let mut config = test_config(database);
     config.health_check_interval = Duration::from_secs(1);
-    let server = TestServer::start(config).await?;
-    wait_for_health(
-        server.channel(),
-        "rtap.v1.UserService",
-        ServingStatus::Serving,
-        Duration::from_secs(30),
-    )
-    .await?;
+    let server = TestServer::start_with_catalog(config).await?;
     let db = Database::connect(&database.url).await?;
     db.execute_unprepared(&format!(
         "INSERT INTO users (first_name, last_name, create_time, update_time) \

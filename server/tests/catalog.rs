@@ -35,14 +35,7 @@ impl Catalog {
     ) -> anyhow::Result<Self> {
         let mut config = test_config(&database);
         adjust(&mut config);
-        let server = TestServer::start(config).await?;
-        wait_for_health(
-            server.channel(),
-            "rtap.v1.UserService",
-            ServingStatus::Serving,
-            Duration::from_secs(30),
-        )
-        .await?;
+        let server = TestServer::start_with_catalog(config).await?;
         Ok(Self { database, server })
     }
 

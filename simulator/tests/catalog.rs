@@ -3,28 +3,20 @@
 #[path = "../../server/tests/common/mod.rs"]
 mod common;
 
-use std::{collections::HashSet, process::Stdio, time::Duration};
+use std::{collections::HashSet, process::Stdio};
 
-use common::{TestDatabase, TestServer, test_config, wait_for_health};
+use common::{TestDatabase, TestServer, test_config};
 use prost::Message;
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap::v1::{
     InteractionEvent, ListProductsRequest, ListUsersRequest,
     product_service_client::ProductServiceClient, user_service_client::UserServiceClient,
 };
-use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test]
 async fn seeded_catalog_ids_are_the_only_ids_simulated() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
-    let server = TestServer::start(test_config(&database)).await?;
-    wait_for_health(
-        server.channel(),
-        "rtap.v1.UserService",
-        ServingStatus::Serving,
-        Duration::from_secs(30),
-    )
-    .await?;
+    let server = TestServer::start_with_catalog(test_config(&database)).await?;
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let topic = format!("rtap-test-sim-catalog-{}", common::unique_suffix());
 

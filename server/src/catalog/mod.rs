@@ -49,8 +49,3 @@ const NEXT_UPDATE_TIME: &str = "GREATEST($1, \"update_time\" + interval '1 micro
 fn missing(field: &str) -> FieldViolation {
     FieldViolation::new(field, "is required")
 }
-
-/// All three values, if all three are present.
-fn zip3<A, B, C>(a: Option<A>, b: Option<B>, c: Option<C>) -> Option<(A, B, C)> {
-    Some((a?, b?, c?))
-}

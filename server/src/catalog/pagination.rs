@@ -8,9 +8,13 @@
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, Condition, Order, sea_query::SimpleExpr};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, Order, QueryFilter, QueryOrder, QuerySelect, Select,
+    sea_query::SimpleExpr,
+};
 
-use crate::error::FieldViolation;
+use super::rules::{self, Violations};
+use crate::error::{Error, FieldViolation};
 
 const TOKEN_VERSION: &str = "1";
 const SEPARATOR: char = '\u{1f}';
@@ -203,6 +207,86 @@ impl PageToken {
                     .add(sort_column.eq(value))
                     .add(beyond(id_column, self.last_id.into())),
             )
+    }
+}
+
+/// A validated List request: how many rows, in which order, from where.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    size: u64,
+    order: SortOrder,
+    filter_digest: u64,
+    after: Option<PageToken>,
+}
+
+impl PageRequest {
+    /// Validates the paging fields of a List request whose filters are
+    /// `filters`; INVALID_ARGUMENT names every bad field.
+    pub fn parse(
+        page_size: i32,
+        order_by: &str,
+        page_token: &str,
+        sort_fields: &[&'static str],
+        filters: &[&str],
+    ) -> Result<Self, Error> {
+        let mut violations = Violations::default();
+        let size = violations.check(rules::page_size(page_size));
+        let order = violations.check(parse_order_by(order_by, sort_fields));
+        let filter_digest = filter_digest(filters);
+        let after = order.and_then(|order| {
+            violations.check(PageToken::decode(page_token, order, filter_digest))
+        });
+        let (size, order, after) = violations.finish((|| Some((size?, order?, after?)))())?;
+        Ok(Self {
+            size,
+            order,
+            filter_digest,
+            after,
+        })
+    }
+
+    /// The sort field.
+    pub fn sort_field(&self) -> &'static str {
+        self.order.field
+    }
+
+    /// Orders `query` by the sort column then id, starts it after the
+    /// token's row, and fetches one row more than the page, to learn whether
+    /// another page follows.
+    pub fn apply<E: EntityTrait>(
+        &self,
+        mut query: Select<E>,
+        sort_column: E::Column,
+        id_column: E::Column,
+    ) -> Select<E> {
+        if let Some(after) = self.after.clone() {
+            query = query.filter(after.after(sort_column, id_column));
+        }
+        query
+            .order_by(sort_column, self.order.direction())
+            .order_by(id_column, self.order.direction())
+            .limit(self.size + 1)
+    }
+
+    /// Drops the extra row fetched by [`PageRequest::apply`] and returns the
+    /// next page's token (empty on the last page). `key` gives a row's sort
+    /// value and id.
+    pub fn finish<M>(&self, rows: &mut Vec<M>, key: impl Fn(&M) -> (SortValue, i64)) -> String {
+        let has_more = rows.len() as u64 > self.size;
+        rows.truncate(usize::try_from(self.size).unwrap_or(usize::MAX));
+        match rows.last() {
+            Some(last) if has_more => {
+                let (last_value, last_id) = key(last);
+                PageToken {
+                    order: self.order,
+                    filter_digest: self.filter_digest,
+                    last_value,
+                    last_id,
+                }
+                .encode()
+            }
+            _ => String::new(),
+        }
     }
 }
 

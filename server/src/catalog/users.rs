@@ -10,16 +10,16 @@ use rtap::v1::{
 use sea_orm::{
     ActiveModelTrait,
     ActiveValue::NotSet,
-    ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, Condition, EntityTrait, QueryFilter, Set,
     sea_query::{Expr, ExprTrait, Func, LikeExpr},
 };
 use tonic::{Request, Response, Status};
 
 use super::{
     NEXT_UPDATE_TIME, invalid, missing, now,
-    pagination::{PageToken, SortValue, filter_digest, like_prefix, parse_order_by},
+    pagination::{PageRequest, SortValue, like_prefix},
     rules::{self, Violations},
-    timestamp, write_error, zip3,
+    timestamp, write_error,
 };
 use crate::{
     database::Database,
@@ -66,17 +66,14 @@ impl UserApi {
     }
 
     async fn list(&self, request: ListUsersRequest) -> Result<ListUsersResponse, Error> {
-        let mut violations = Violations::default();
-        let page_size = violations.check(rules::page_size(request.page_size));
-        let order = violations.check(parse_order_by(&request.order_by, SORT_FIELDS));
         let prefix = request.name_prefix.trim().to_lowercase();
-        let digest = filter_digest(&[&prefix]);
-        let token = order.and_then(|order| {
-            violations.check(PageToken::decode(&request.page_token, order, digest))
-        });
-        let (page_size, order, token) = violations.finish(zip3(page_size, order, token))?;
-
-        let sort_column = sort_column(order.field);
+        let page = PageRequest::parse(
+            request.page_size,
+            &request.order_by,
+            &request.page_token,
+            SORT_FIELDS,
+            &[&prefix],
+        )?;
         let mut query = user::Entity::find();
         if !prefix.is_empty() {
             let starts = |column: user::Column| {
@@ -89,28 +86,13 @@ impl UserApi {
                     .add(starts(user::Column::LastName)),
             );
         }
-        if let Some(token) = token {
-            query = query.filter(token.after(sort_column, user::Column::Id));
-        }
-        let mut rows = query
-            .order_by(sort_column, order.direction())
-            .order_by(user::Column::Id, order.direction())
-            .limit(page_size + 1)
+        let mut rows = page
+            .apply(query, sort_column(page.sort_field()), user::Column::Id)
             .all(self.database.connection()?)
             .await?;
-
-        let has_more = rows.len() as u64 > page_size;
-        rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
-        let next_page_token = match rows.last() {
-            Some(last) if has_more => PageToken {
-                order,
-                filter_digest: digest,
-                last_value: sort_value(last, order.field),
-                last_id: last.id,
-            }
-            .encode(),
-            _ => String::new(),
-        };
+        let next_page_token = page.finish(&mut rows, |row| {
+            (sort_value(row, page.sort_field()), row.id)
+        });
         Ok(ListUsersResponse {
             users: rows.into_iter().map(to_proto).collect(),
             next_page_token,

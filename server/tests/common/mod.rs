@@ -110,6 +110,20 @@ impl TestServer {
         })
     }
 
+    /// Starts `config` and waits until the catalog is SERVING, which means
+    /// its schema is migrated.
+    pub async fn start_with_catalog(config: Config) -> anyhow::Result<Self> {
+        let server = Self::start(config).await?;
+        wait_for_health(
+            server.channel(),
+            "rtap.v1.UserService",
+            ServingStatus::Serving,
+            Duration::from_secs(30),
+        )
+        .await?;
+        Ok(server)
+    }
+
     /// A channel to the server (connects on first use).
     pub fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
