@@ -20,6 +20,8 @@ use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database};
 
 const USERS: i64 = 10_000;
+/// HTTP/2 connections the callers share.
+const CONNECTIONS: usize = 2;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -89,8 +91,11 @@ async fn run_clients(
 ) -> anyhow::Result<(u64, Vec<Duration>)> {
     let deadline = Instant::now() + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let mut client = UserServiceClient::new(server.channel());
+    // Callers share a few HTTP/2 connections, as gRPC clients do.
+    let channels: Vec<_> = (0..CONNECTIONS).map(|_| server.channel()).collect();
+    for caller in 0..concurrency {
+        let channel = channels[usize::try_from(caller).unwrap_or(0) % channels.len()].clone();
+        let mut client = UserServiceClient::new(channel);
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
