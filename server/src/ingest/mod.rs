@@ -4,6 +4,8 @@
 //! Until the shared event validator and producer land, the RPCs answer
 //! UNIMPLEMENTED rather than acknowledge events that were not stored.
 
+pub mod validate;
+
 use rtap::v1::{
     TrackRequest, TrackResponse, TrackStreamRequest, TrackStreamResponse,
     ingest_service_server::{IngestService, IngestServiceServer},
