@@ -1,10 +1,9 @@
 //! Assembles the server: dependencies, background tasks and the gRPC router,
 //! and runs it until shutdown.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -84,10 +83,11 @@ pub async fn serve(
         .add_service(IngestApi.into_server());
 
     tracing::info!(addr = ?local_addr, "rtap-server listening");
-    let serving = router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        shutdown.clone().cancelled_owned(),
-    );
+    // Small unary replies must not wait for Nagle's algorithm.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let serving = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let grace = config.shutdown_grace;
     let deadline = async {
         shutdown.cancelled().await;
