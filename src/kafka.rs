@@ -26,6 +26,84 @@ pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
     i32::try_from(positive % partitions.unsigned_abs()).unwrap_or(0)
 }
 
+/// Topic administration for RTAP's own producers.
+#[cfg(feature = "kafka-admin")]
+pub mod admin {
+    use std::time::Duration;
+
+    use rskafka::client::{
+        Client,
+        error::{Error as KafkaError, ProtocolError},
+    };
+
+    /// A topic that could not be found or created.
+    #[derive(Debug, thiserror::Error)]
+    pub enum TopicError {
+        /// A Kafka call failed.
+        #[error("{context}: {source}")]
+        Kafka {
+            /// What was being done.
+            context: String,
+            /// The rskafka error.
+            source: KafkaError,
+        },
+        /// The topic did not show up after it was created.
+        #[error("topic {0} does not appear in the broker's metadata")]
+        Missing(String),
+    }
+
+    /// The partitions of `topic`, creating it with `partitions` partitions
+    /// (replication factor 1) when it does not exist.
+    pub async fn ensure_topic(
+        client: &Client,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<Vec<i32>, TopicError> {
+        let existing = find_topic(client, topic).await?;
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+        let kafka = |context: String| move |source| TopicError::Kafka { context, source };
+        let created = client
+            .controller_client()
+            .map_err(kafka("cannot reach the Kafka controller".into()))?
+            .create_topic(topic, partitions, 1, 5_000)
+            .await;
+        match created {
+            Ok(())
+            | Err(KafkaError::ServerError {
+                protocol_error: ProtocolError::TopicAlreadyExists,
+                ..
+            }) => {}
+            Err(error) => return Err(kafka(format!("cannot create topic {topic}"))(error)),
+        }
+        // Metadata can lag behind creation for a moment.
+        for _ in 0..50 {
+            let found = find_topic(client, topic).await?;
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(TopicError::Missing(topic.to_owned()))
+    }
+
+    async fn find_topic(client: &Client, topic: &str) -> Result<Vec<i32>, TopicError> {
+        let topics = client
+            .list_topics()
+            .await
+            .map_err(|source| TopicError::Kafka {
+                context: "cannot list topics".into(),
+                source,
+            })?;
+        Ok(topics
+            .into_iter()
+            .find(|t| t.name == topic)
+            .map(|t| t.partitions.into_iter().collect())
+            .unwrap_or_default())
+    }
+}
+
 /// Kafka's murmur2 (the Java client's `Utils.murmur2`).
 fn murmur2(data: &[u8]) -> u32 {
     const SEED: u32 = 0x9747_b28c;

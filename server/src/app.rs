@@ -80,7 +80,7 @@ pub async fn serve(
         .add_service(UserApi::new(database.clone()).into_server())
         .add_service(ProductApi::new(database).into_server())
         .add_service(AnalyticsApi.into_server())
-        .add_service(IngestApi.into_server());
+        .add_service(IngestApi::new(&config).into_server());
 
     tracing::info!(addr = ?local_addr, "rtap-server listening");
     // Small unary replies must not wait for Nagle's algorithm.

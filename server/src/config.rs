@@ -108,6 +108,58 @@ pub struct Config {
     )]
     pub dead_letter_topic: String,
 
+    /// Partitions of the events topic when the server has to create it.
+    #[arg(
+        long,
+        env = "RTAP_EVENTS_PARTITIONS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(i32).range(1..=1024),
+        global = true
+    )]
+    pub events_partitions: i32,
+
+    /// Longest wait for the broker to acknowledge an event sent through the
+    /// ingest RPCs (then UNAVAILABLE).
+    #[arg(
+        long,
+        env = "RTAP_INGEST_ACK_TIMEOUT",
+        default_value = "5s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub ingest_ack_timeout: Duration,
+
+    /// Most events in one TrackStream call (RESOURCE_EXHAUSTED past it).
+    #[arg(
+        long,
+        env = "RTAP_MAX_STREAM_EVENTS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
+    pub max_stream_events: u32,
+
+    /// Oldest event time accepted, relative to now: the retention of the
+    /// finest metric bucket.
+    #[arg(
+        long,
+        env = "RTAP_MAX_EVENT_AGE",
+        default_value = "48h",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub max_event_age: Duration,
+
+    /// How far in the future an event time may be (device clock skew).
+    #[arg(
+        long,
+        env = "RTAP_MAX_CLOCK_SKEW",
+        default_value = "5m",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub max_clock_skew: Duration,
+
     /// How often PostgreSQL, Redis and Kafka are checked for the health
     /// service (for example `5s`, `500ms`).
     #[arg(

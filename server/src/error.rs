@@ -35,6 +35,9 @@ pub enum Error {
     /// The resource would collide with an existing one.
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// A request exceeds a documented bound.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The system is not in a state that allows the call.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -114,6 +117,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(error.to_string()),
             Error::AlreadyExists(_) => Status::already_exists(error.to_string()),
             Error::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(error.to_string()),
             Error::Unavailable { .. } => Status::unavailable(error.to_string()),
             Error::Unimplemented(_) => Status::unimplemented(error.to_string()),
             Error::Database(ref db) if is_connection_error(db) => {

@@ -11,9 +11,8 @@ use std::{
 
 use common::{TestDatabase, TestServer, health_status, test_config, wait_for_health};
 use rtap::v1::{
-    GetEventCountsRequest, GetUserRequest, InteractionEvent, SubscribeRequest, TrackRequest,
-    analytics_service_client::AnalyticsServiceClient, ingest_service_client::IngestServiceClient,
-    user_service_client::UserServiceClient,
+    GetEventCountsRequest, GetUserRequest, SubscribeRequest,
+    analytics_service_client::AnalyticsServiceClient, user_service_client::UserServiceClient,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use tokio_stream::StreamExt;
@@ -192,14 +191,6 @@ async fn rpcs_not_built_yet_return_unimplemented() -> anyhow::Result<()> {
         .await
         .expect_err("not built yet");
     assert_eq!(error.code(), Code::Unimplemented);
-    let error = IngestServiceClient::new(server.channel())
-        .track(TrackRequest {
-            event: Some(InteractionEvent::default()),
-        })
-        .await
-        .expect_err("not built yet");
-    assert_eq!(error.code(), Code::Unimplemented);
-
     server.stop().await?;
     database.drop().await
 }

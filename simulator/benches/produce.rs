@@ -20,10 +20,10 @@ use rskafka::{
     },
     record::Record,
 };
+use rtap::kafka::admin::ensure_topic;
 use rtap_simulator::{
     config::SimulatorConfig,
     model::{Generator, ModelParams, Population},
-    producer::ensure_topic,
     run,
 };
 use tokio_util::sync::CancellationToken;

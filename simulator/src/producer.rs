@@ -21,11 +21,12 @@ use rskafka::{
     BackoffConfig,
     client::{
         Client, ClientBuilder,
-        error::{Error as KafkaError, ProtocolError},
+        error::Error as KafkaError,
         partition::{Compression, PartitionClient, UnknownTopicHandling},
     },
     record::Record,
 };
+use rtap::kafka::admin::ensure_topic;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -46,9 +47,9 @@ pub enum ProduceError {
         /// The rskafka error.
         source: KafkaError,
     },
-    /// The topic did not show up after it was created.
-    #[error("topic {0} does not appear in the broker's metadata")]
-    TopicMissing(String),
+    /// The topic could not be found or created.
+    #[error(transparent)]
+    Topic(#[from] rtap::kafka::admin::TopicError),
     /// Shutdown came before the broker could be reached.
     #[error("stopped before the broker at {0} could be reached")]
     Interrupted(String),
@@ -255,61 +256,6 @@ impl Connector {
                 source,
             })
     }
-}
-
-/// Creates `topic` with `partitions` partitions unless it exists, and returns
-/// its partitions.
-pub async fn ensure_topic(
-    client: &Client,
-    topic: &str,
-    partitions: i32,
-) -> Result<Vec<i32>, ProduceError> {
-    let kafka = |context: &str| {
-        let context = context.to_owned();
-        move |source| ProduceError::Kafka { context, source }
-    };
-    let existing = find_topic(client, topic).await?;
-    if existing.is_empty() {
-        let created = client
-            .controller_client()
-            .map_err(kafka("cannot reach the Kafka controller"))?
-            .create_topic(topic, partitions, 1, 5_000)
-            .await;
-        match created {
-            Ok(()) => tracing::info!(topic, partitions, "created topic"),
-            Err(KafkaError::ServerError {
-                protocol_error: ProtocolError::TopicAlreadyExists,
-                ..
-            }) => {}
-            Err(error) => return Err(kafka(&format!("cannot create topic {topic}"))(error)),
-        }
-    } else {
-        return Ok(existing);
-    }
-    // Metadata can lag behind creation for a moment.
-    for _ in 0..50 {
-        let found = find_topic(client, topic).await?;
-        if !found.is_empty() {
-            return Ok(found);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(ProduceError::TopicMissing(topic.to_owned()))
-}
-
-async fn find_topic(client: &Client, topic: &str) -> Result<Vec<i32>, ProduceError> {
-    let topics = client
-        .list_topics()
-        .await
-        .map_err(|source| ProduceError::Kafka {
-            context: "cannot list topics".into(),
-            source,
-        })?;
-    Ok(topics
-        .into_iter()
-        .find(|t| t.name == topic)
-        .map(|t| t.partitions.into_iter().collect())
-        .unwrap_or_default())
 }
 
 struct PartitionWorker {

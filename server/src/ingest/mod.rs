@@ -1,30 +1,145 @@
 //! The ingest side: the `IngestService` RPCs for sources that cannot produce
-//! to Kafka directly (and, later, the Kafka → Redis pipeline).
-//!
-//! Until the shared event validator and producer land, the RPCs answer
-//! UNIMPLEMENTED rather than acknowledge events that were not stored.
+//! to Kafka directly (and, later, the Kafka → Redis pipeline). Both validate
+//! with [`validate`], the one set of rules for events.
 
+pub mod producer;
 pub mod validate;
 
+use std::sync::Arc;
+
+use chrono::Utc;
 use rtap::v1::{
-    TrackRequest, TrackResponse, TrackStreamRequest, TrackStreamResponse,
+    FieldViolation as ProtoFieldViolation, InteractionEvent, RejectedEvent, TrackRequest,
+    TrackResponse, TrackStreamRequest, TrackStreamResponse,
     ingest_service_server::{IngestService, IngestServiceServer},
 };
+use tokio::{sync::Semaphore, task::JoinSet};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::Error;
+use crate::{
+    config::Config,
+    error::{Error, FieldViolation},
+};
+use producer::EventProducer;
+use validate::TimeBounds;
 
 /// The gRPC server type of the ingest service.
 pub type IngestServer = IngestServiceServer<IngestApi>;
 
+/// Produce calls of one TrackStream in flight at once; the stream is read no
+/// faster than the broker acknowledges.
+const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
+
 /// Implements `rtap.v1.IngestService`.
-#[derive(Debug, Clone, Default)]
-pub struct IngestApi;
+#[derive(Clone)]
+pub struct IngestApi {
+    producer: Arc<EventProducer>,
+    bounds: TimeBounds,
+    max_stream_events: u64,
+}
 
 impl IngestApi {
+    /// The service for `config`; connects to Kafka on first use.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            producer: Arc::new(EventProducer::new(config)),
+            bounds: TimeBounds {
+                max_future_skew: config.max_clock_skew,
+                max_age: config.max_event_age,
+            },
+            max_stream_events: u64::from(config.max_stream_events),
+        }
+    }
+
     /// The service, ready to add to a tonic router.
     pub fn into_server(self) -> IngestServer {
         IngestServiceServer::new(self)
+    }
+
+    /// Fills in a missing `event_id` and validates; the violations name
+    /// fields under `event`.
+    fn accept(
+        &self,
+        event: Option<InteractionEvent>,
+    ) -> Result<InteractionEvent, Vec<FieldViolation>> {
+        let mut event = event.ok_or_else(|| vec![FieldViolation::new("event", "is required")])?;
+        if event.event_id.is_empty() {
+            event.event_id = uuid::Uuid::new_v4().to_string();
+        }
+        validate::validate(&event, "event", Utc::now(), self.bounds)
+            .map_err(|rejection| rejection.violations)?;
+        Ok(event)
+    }
+
+    async fn track_stream_inner(
+        &self,
+        mut stream: Streaming<TrackStreamRequest>,
+    ) -> Result<TrackStreamResponse, Error> {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
+        let mut produced = JoinSet::new();
+        let mut rejected = Vec::new();
+        let mut index: u64 = 0;
+        while let Some(message) = stream.message().await.map_err(|status| {
+            Error::InvalidArgument(vec![FieldViolation::new(
+                "stream",
+                format!("cannot read the request stream: {}", status.message()),
+            )])
+        })? {
+            if index >= self.max_stream_events {
+                return Err(Error::ResourceExhausted(format!(
+                    "a TrackStream call takes at most {} events; events before the limit may \
+                     have been stored, and resending them with the same event_id counts them once",
+                    self.max_stream_events
+                )));
+            }
+            match self.accept(message.event) {
+                Ok(event) => {
+                    let permit = slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| Error::Internal("in-flight limiter closed".into()))?;
+                    let producer = self.producer.clone();
+                    produced.spawn(async move {
+                        let result = producer.produce(&event).await;
+                        drop(permit);
+                        (index, event.event_id, result)
+                    });
+                }
+                Err(violations) => rejected.push(RejectedEvent {
+                    index: i64::try_from(index).unwrap_or(i64::MAX),
+                    violations: violations
+                        .into_iter()
+                        .map(|v| ProtoFieldViolation {
+                            field: v.field,
+                            description: v.description,
+                        })
+                        .collect(),
+                }),
+            }
+            index += 1;
+        }
+        let mut accepted = Vec::new();
+        let mut failure = None;
+        while let Some(joined) = produced.join_next().await {
+            let (index, event_id, result) =
+                joined.map_err(|e| Error::Internal(format!("produce task failed: {e}")))?;
+            match result {
+                Ok(()) => accepted.push((index, event_id)),
+                Err(error) => failure = Some(error),
+            }
+        }
+        // Never acknowledge a stream part of which was not stored: the client
+        // resends it, and events with their own event_id are counted once.
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        accepted.sort_unstable();
+        Ok(TrackStreamResponse {
+            accepted_count: i64::try_from(accepted.len()).unwrap_or(i64::MAX),
+            rejected,
+            accepted_event_ids: accepted.into_iter().map(|(_, id)| id).collect(),
+        })
     }
 }
 
@@ -32,15 +147,23 @@ impl IngestApi {
 impl IngestService for IngestApi {
     async fn track(
         &self,
-        _request: Request<TrackRequest>,
+        request: Request<TrackRequest>,
     ) -> Result<Response<TrackResponse>, Status> {
-        Err(Error::Unimplemented("rtap.v1.IngestService/Track").into())
+        let event = self
+            .accept(request.into_inner().event)
+            .map_err(Error::InvalidArgument)?;
+        self.producer.produce(&event).await?;
+        Ok(Response::new(TrackResponse {
+            event_id: event.event_id,
+        }))
     }
 
     async fn track_stream(
         &self,
-        _request: Request<Streaming<TrackStreamRequest>>,
+        request: Request<Streaming<TrackStreamRequest>>,
     ) -> Result<Response<TrackStreamResponse>, Status> {
-        Err(Error::Unimplemented("rtap.v1.IngestService/TrackStream").into())
+        Ok(Response::new(
+            self.track_stream_inner(request.into_inner()).await?,
+        ))
     }
 }

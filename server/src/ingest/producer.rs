@@ -1,0 +1,143 @@
+//! Produces accepted events to the interactions topic for the ingest RPCs.
+//!
+//! Concurrent callers share produce requests: each partition has an rskafka
+//! `BatchProducer` that lingers a moment to gather the records of every
+//! caller into one request, so throughput holds with many small clients. A
+//! caller is answered only once the broker acknowledged its record.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use rskafka::{
+    client::{
+        partition::UnknownTopicHandling,
+        producer::{BatchProducer, BatchProducerBuilder, aggregator::RecordAggregator},
+    },
+    record::Record,
+};
+use rtap::{
+    kafka::{admin::ensure_topic, partition_for_key, record_key},
+    v1::InteractionEvent,
+};
+use tokio::sync::Mutex;
+
+use crate::{config::Config, error::Error, health::kafka_client};
+
+/// How long a batch waits for more records before it is sent.
+const LINGER: Duration = Duration::from_millis(2);
+/// Largest batch, in bytes of records.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// A lazily connected, shared producer of interaction events.
+pub struct EventProducer {
+    brokers: Vec<String>,
+    topic: String,
+    partitions_if_created: i32,
+    ack_timeout: Duration,
+    connection: Mutex<Option<Arc<Connection>>>,
+}
+
+struct Connection {
+    /// Indexed by partition number.
+    partitions: Vec<BatchProducer<RecordAggregator>>,
+}
+
+impl EventProducer {
+    /// A producer for the configured topic; connects on first use.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            brokers: config.kafka_brokers.clone(),
+            topic: config.events_topic.clone(),
+            partitions_if_created: config.events_partitions,
+            ack_timeout: config.ingest_ack_timeout,
+            connection: Mutex::new(None),
+        }
+    }
+
+    /// Stores `event` on its user's partition; returns once the broker
+    /// acknowledged it. UNAVAILABLE if that takes longer than the ack
+    /// timeout or the broker cannot be reached: the event may then be stored
+    /// or not, and a retry with the same `event_id` is counted once.
+    pub async fn produce(&self, event: &InteractionEvent) -> Result<(), Error> {
+        let connection = self.connection().await?;
+        let key = record_key(event.user_id);
+        let count = i32::try_from(connection.partitions.len()).unwrap_or(i32::MAX);
+        let partition = usize::try_from(partition_for_key(&key, count)).unwrap_or(0);
+        let timestamp = event
+            .occurred_at
+            .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
+            .unwrap_or_else(Utc::now);
+        let record = Record {
+            key: Some(key),
+            value: Some(event.encode_to_vec()),
+            headers: Default::default(),
+            timestamp,
+        };
+        let produced = tokio::time::timeout(
+            self.ack_timeout,
+            connection.partitions[partition].produce(record),
+        )
+        .await;
+        match produced {
+            Ok(Ok(_offset)) => Ok(()),
+            Ok(Err(error)) => {
+                // The next call connects afresh.
+                *self.connection.lock().await = None;
+                Err(unavailable(format!(
+                    "the broker did not store the event: {error}"
+                )))
+            }
+            Err(_) => Err(unavailable(format!(
+                "no acknowledgement from the broker within {:?}",
+                self.ack_timeout
+            ))),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, Error> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let connect = async {
+            let client = kafka_client(&self.brokers, self.ack_timeout)
+                .await
+                .map_err(|e| unavailable(format!("cannot reach Kafka: {e}")))?;
+            let mut partitions = ensure_topic(&client, &self.topic, self.partitions_if_created)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            partitions.sort_unstable();
+            let mut producers = Vec::with_capacity(partitions.len());
+            for partition in partitions {
+                let client = client
+                    .partition_client(&self.topic, partition, UnknownTopicHandling::Retry)
+                    .await
+                    .map_err(|e| unavailable(format!("partition {partition}: {e}")))?;
+                producers.push(
+                    BatchProducerBuilder::new(Arc::new(client))
+                        .with_linger(LINGER)
+                        .build(RecordAggregator::new(MAX_BATCH_BYTES)),
+                );
+            }
+            Ok::<_, Error>(Connection {
+                partitions: producers,
+            })
+        };
+        let connection = tokio::time::timeout(self.ack_timeout, connect)
+            .await
+            .map_err(|_| {
+                unavailable(format!("cannot reach Kafka within {:?}", self.ack_timeout))
+            })??;
+        let connection = Arc::new(connection);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+fn unavailable(reason: String) -> Error {
+    Error::Unavailable {
+        dependency: "kafka",
+        reason,
+    }
+}

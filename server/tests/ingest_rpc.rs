@@ -1,0 +1,239 @@
+//! IngestService against a real broker: events are validated by the shared
+//! rules, stored keyed by user, and acknowledged only once stored.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestDatabase, TestServer, bad_request_fields, test_config};
+use prost::Message;
+use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
+use rtap::v1::{
+    EventType, InteractionEvent, Source, TrackRequest, TrackStreamRequest,
+    ingest_service_client::IngestServiceClient,
+};
+use tonic::Code;
+
+fn event(user_id: i64) -> InteractionEvent {
+    let now = chrono::Utc::now();
+    InteractionEvent {
+        event_id: String::new(),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: now.timestamp(),
+            nanos: 0,
+        }),
+        user_id,
+        product_id: 5,
+        source: Source::MobileApp as i32,
+        r#type: EventType::ProductView as i32,
+        session_id: "session-1".into(),
+        dwell_time: Some(prost_types::Duration {
+            seconds: 12,
+            nanos: 0,
+        }),
+        ..InteractionEvent::default()
+    }
+}
+
+/// Every record of every partition of `topic`: (partition, key, event).
+async fn stored(
+    config: &rtap_server::Config,
+) -> anyhow::Result<Vec<(i32, Vec<u8>, InteractionEvent)>> {
+    let client = ClientBuilder::new(config.kafka_brokers.clone())
+        .build()
+        .await?;
+    let mut all = Vec::new();
+    for partition in 0..config.events_partitions {
+        let reader = client
+            .partition_client(&config.events_topic, partition, UnknownTopicHandling::Retry)
+            .await?;
+        let mut offset = 0;
+        loop {
+            let (records, high_watermark) = reader.fetch_records(offset, 1..1_000_000, 100).await?;
+            for record in records {
+                offset = record.offset + 1;
+                let value = record.record.value.unwrap_or_default();
+                all.push((
+                    partition,
+                    record.record.key.unwrap_or_default(),
+                    InteractionEvent::decode(value.as_slice())?,
+                ));
+            }
+            if offset >= high_watermark {
+                break;
+            }
+        }
+    }
+    Ok(all)
+}
+
+#[tokio::test]
+async fn track_stores_the_event_on_its_users_partition_and_fills_in_the_id() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = test_config(&database);
+    let server = TestServer::start(config.clone()).await?;
+    let mut client = IngestServiceClient::new(server.channel());
+
+    let reply = client
+        .track(TrackRequest {
+            event: Some(event(42)),
+        })
+        .await?
+        .into_inner();
+    assert!(
+        uuid::Uuid::try_parse(&reply.event_id).is_ok(),
+        "{}",
+        reply.event_id
+    );
+    let mine = InteractionEvent {
+        event_id: "0f4b8f7e-2c1d-4b8e-9a55-0d3a8c7e6b21".into(),
+        ..event(43)
+    };
+    let reply = client
+        .track(TrackRequest {
+            event: Some(mine.clone()),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(reply.event_id, mine.event_id, "a caller's own id is kept");
+
+    let records = stored(&config).await?;
+    assert_eq!(records.len(), 2);
+    for (partition, key, stored) in &records {
+        assert_eq!(key, &stored.user_id.to_string().into_bytes());
+        assert_eq!(
+            *partition,
+            rtap::kafka::partition_for_key(key, config.events_partitions)
+        );
+    }
+    assert!(records.iter().any(|(_, _, e)| *e == mine));
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn invalid_events_are_rejected_with_every_field_and_nothing_is_stored() -> anyhow::Result<()>
+{
+    let database = TestDatabase::create().await?;
+    let config = test_config(&database);
+    let server = TestServer::start(config.clone()).await?;
+    let mut client = IngestServiceClient::new(server.channel());
+
+    let bad = InteractionEvent {
+        user_id: 0,
+        r#type: 0,
+        dwell_time: Some(prost_types::Duration {
+            seconds: -3,
+            nanos: 0,
+        }),
+        ..event(1)
+    };
+    let error = client
+        .track(TrackRequest { event: Some(bad) })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_request_fields(&error),
+        ["event.user_id", "event.type", "event.dwell_time"]
+    );
+    let error = client
+        .track(TrackRequest { event: None })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&error), ["event"]);
+
+    // One good event, so the topic exists, then check nothing else is there.
+    client
+        .track(TrackRequest {
+            event: Some(event(7)),
+        })
+        .await?;
+    assert_eq!(stored(&config).await?.len(), 1);
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn a_stream_keeps_its_good_events_and_reports_the_bad_ones_by_index() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = test_config(&database);
+    let server = TestServer::start(config.clone()).await?;
+    let mut client = IngestServiceClient::new(server.channel());
+
+    let events: Vec<_> = (0..200)
+        .map(|i| {
+            let mut e = event(1000 + i);
+            if i % 50 == 7 {
+                e.session_id.clear();
+            }
+            TrackStreamRequest { event: Some(e) }
+        })
+        .collect();
+    let reply = client
+        .track_stream(tokio_stream::iter(events))
+        .await?
+        .into_inner();
+    assert_eq!(reply.accepted_count, 196);
+    assert_eq!(reply.accepted_event_ids.len(), 196);
+    let indices: Vec<_> = reply.rejected.iter().map(|r| r.index).collect();
+    assert_eq!(indices, [7, 57, 107, 157]);
+    assert_eq!(reply.rejected[0].violations[0].field, "event.session_id");
+
+    let records = stored(&config).await?;
+    assert_eq!(records.len(), 196);
+    let stored_ids: std::collections::HashSet<_> =
+        records.into_iter().map(|(_, _, e)| e.event_id).collect();
+    assert!(
+        reply
+            .accepted_event_ids
+            .iter()
+            .all(|id| stored_ids.contains(id))
+    );
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn a_stream_past_its_bound_is_resource_exhausted() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database);
+    config.max_stream_events = 10;
+    let server = TestServer::start(config).await?;
+    let events: Vec<_> = (0..11)
+        .map(|i| TrackStreamRequest {
+            event: Some(event(i + 1)),
+        })
+        .collect();
+    let error = IngestServiceClient::new(server.channel())
+        .track_stream(tokio_stream::iter(events))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_gives_unavailable_within_the_ack_timeout() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    config.kafka_brokers = vec![closed.to_string()];
+    config.ingest_ack_timeout = Duration::from_secs(1);
+    let server = TestServer::start(config).await?;
+    let started = Instant::now();
+    let error = IngestServiceClient::new(server.channel())
+        .track(TrackRequest {
+            event: Some(event(1)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    // Bounded, not hanging (generous: this checks for a hang, not speed).
+    assert!(started.elapsed() < Duration::from_secs(10));
+    server.stop().await?;
+    database.drop().await
+}
