@@ -5,9 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestDatabase, TestServer, bad_request_fields, test_config};
+use common::{TestDatabase, TestServer, bad_request_fields, read_topic, test_config};
 use prost::Message;
-use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap::v1::{
     EventType, InteractionEvent, Source, TrackRequest, TrackStreamRequest,
     ingest_service_client::IngestServiceClient,
@@ -35,33 +34,15 @@ fn event(user_id: i64) -> InteractionEvent {
     }
 }
 
-/// Every record of every partition of `topic`: (partition, key, event).
+/// Every event stored on the events topic: (partition, key, event).
 async fn stored(
     config: &rtap_server::Config,
 ) -> anyhow::Result<Vec<(i32, Vec<u8>, InteractionEvent)>> {
-    let client = ClientBuilder::new(config.kafka_brokers.clone())
-        .build()
-        .await?;
+    let topic = read_topic(&config.kafka_brokers[0], &config.events_topic).await?;
     let mut all = Vec::new();
-    for partition in 0..config.events_partitions {
-        let reader = client
-            .partition_client(&config.events_topic, partition, UnknownTopicHandling::Retry)
-            .await?;
-        let mut offset = 0;
-        loop {
-            let (records, high_watermark) = reader.fetch_records(offset, 1..1_000_000, 100).await?;
-            for record in records {
-                offset = record.offset + 1;
-                let value = record.record.value.unwrap_or_default();
-                all.push((
-                    partition,
-                    record.record.key.unwrap_or_default(),
-                    InteractionEvent::decode(value.as_slice())?,
-                ));
-            }
-            if offset >= high_watermark {
-                break;
-            }
+    for (partition, records) in topic {
+        for (key, value) in records {
+            all.push((partition, key, InteractionEvent::decode(value.as_slice())?));
         }
     }
     Ok(all)

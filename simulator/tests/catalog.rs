@@ -5,9 +5,8 @@ mod common;
 
 use std::{collections::HashSet, process::Stdio};
 
-use common::{TestDatabase, TestServer, test_config};
+use common::{TestDatabase, TestServer, read_topic, test_config};
 use prost::Message;
-use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap::v1::{
     InteractionEvent, ListProductsRequest, ListUsersRequest,
     product_service_client::ProductServiceClient, user_service_client::UserServiceClient,
@@ -74,33 +73,20 @@ async fn seeded_catalog_ids_are_the_only_ids_simulated() -> anyhow::Result<()> {
         "the catalog was seeded"
     );
 
-    let client = ClientBuilder::new(vec![brokers]).build().await?;
-    let partition = client
-        .partition_client(&topic, 0, UnknownTopicHandling::Retry)
-        .await?;
-    let mut offset = 0;
     let mut seen = 0;
-    loop {
-        let (records, high_watermark) = partition.fetch_records(offset, 1..1_000_000, 100).await?;
-        for record in records {
-            offset = record.offset + 1;
-            let event =
-                InteractionEvent::decode(record.record.value.unwrap_or_default().as_slice())?;
-            assert!(
-                users.contains(&event.user_id),
-                "user {} is not in the catalog",
-                event.user_id
-            );
-            assert!(
-                event.product_id == 0 || products.contains(&event.product_id),
-                "product {} is not in the catalog",
-                event.product_id
-            );
-            seen += 1;
-        }
-        if offset >= high_watermark {
-            break;
-        }
+    for (_, value) in read_topic(&brokers, &topic).await?.into_values().flatten() {
+        let event = InteractionEvent::decode(value.as_slice())?;
+        assert!(
+            users.contains(&event.user_id),
+            "user {} is not in the catalog",
+            event.user_id
+        );
+        assert!(
+            event.product_id == 0 || products.contains(&event.product_id),
+            "product {} is not in the catalog",
+            event.product_id
+        );
+        seen += 1;
     }
     assert_eq!(seen, 800);
 

@@ -1,22 +1,23 @@
 //! `rtap-simulator` against a real Kafka-protocol broker: exact counts,
 //! keyed partitioning, determinism, and surviving a broker restart.
 
+#[path = "../../server/tests/common/mod.rs"]
+mod common;
+
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
 
+use common::read_topic;
 use prost::Message;
-use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap::v1::InteractionEvent;
 use tokio::process::{Child, Command};
 
 const START: &str = "2026-03-01T12:00:00Z";
 const START_SECONDS: i64 = 1_772_366_400;
-
-type Topic = BTreeMap<i32, Vec<(Vec<u8>, Vec<u8>)>>;
 
 fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -43,43 +44,6 @@ fn simulator(brokers: &str, topic: &str, args: &[&str]) -> Command {
         .stderr(Stdio::null())
         .kill_on_drop(true);
     command
-}
-
-/// Every record of `topic`, per partition, in offset order: (key, value).
-async fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Topic> {
-    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
-    let partitions = client
-        .list_topics()
-        .await?
-        .into_iter()
-        .find(|t| t.name == topic)
-        .map(|t| t.partitions)
-        .unwrap_or_default();
-    let mut all = BTreeMap::new();
-    for partition in partitions {
-        let reader = client
-            .partition_client(topic, partition, UnknownTopicHandling::Retry)
-            .await?;
-        let mut records = Vec::new();
-        let mut offset = 0;
-        loop {
-            // The high watermark comes from the fetch itself: the test
-            // broker's ListOffsets(latest) is not reliable.
-            let (batch, high_watermark) = reader.fetch_records(offset, 1..1_000_000, 100).await?;
-            for record in batch {
-                offset = record.offset + 1;
-                records.push((
-                    record.record.key.unwrap_or_default(),
-                    record.record.value.unwrap_or_default(),
-                ));
-            }
-            if offset >= high_watermark {
-                break;
-            }
-        }
-        all.insert(partition, records);
-    }
-    Ok(all)
 }
 
 async fn exit_ok(child: &mut Child, within: Duration) -> anyhow::Result<()> {

@@ -170,6 +170,48 @@ pub async fn wait_for_health(
     }
 }
 
+/// Every record of `topic`, per partition, in offset order: (key, value).
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+) -> anyhow::Result<std::collections::BTreeMap<i32, Vec<(Vec<u8>, Vec<u8>)>>> {
+    use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
+
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    let partitions = client
+        .list_topics()
+        .await?
+        .into_iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.partitions)
+        .unwrap_or_default();
+    let mut all = std::collections::BTreeMap::new();
+    for partition in partitions {
+        let reader = client
+            .partition_client(topic, partition, UnknownTopicHandling::Retry)
+            .await?;
+        let mut records = Vec::new();
+        let mut offset = 0;
+        loop {
+            // The high watermark comes from the fetch itself: the test
+            // broker's ListOffsets(latest) is not reliable.
+            let (batch, high_watermark) = reader.fetch_records(offset, 1..1_000_000, 100).await?;
+            for record in batch {
+                offset = record.offset + 1;
+                records.push((
+                    record.record.key.unwrap_or_default(),
+                    record.record.value.unwrap_or_default(),
+                ));
+            }
+            if offset >= high_watermark {
+                break;
+            }
+        }
+        all.insert(partition, records);
+    }
+    Ok(all)
+}
+
 /// Field paths of the `google.rpc.BadRequest` detail of an INVALID_ARGUMENT.
 pub fn bad_request_fields(status: &tonic::Status) -> Vec<String> {
     use tonic_types::StatusExt;
