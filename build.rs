@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "proto/rtap/v1/catalog.proto",
     "proto/rtap/v1/analytics.proto",
     "proto/rtap/v1/ingest.proto",
+    "proto/rtap/v1/delta.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,7 +1,7 @@
 //! Assembles the server: dependencies, background tasks and the gRPC router,
 //! and runs it until shutdown.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -13,7 +13,10 @@ use crate::{
     database::Database,
     error::Error,
     health::{self, DependencyProbe},
-    ingest::IngestApi,
+    ingest::{
+        IngestApi,
+        consumer::{self, PipelineSettings, PipelineStats},
+    },
 };
 
 /// Binds the configured listen address.
@@ -40,6 +43,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    config.validate().map_err(Error::Config)?;
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
     let (database, schema_gate) = Database::connect_lazy(&config).await?;
     let redis = redis::Client::open(config.redis_url.as_str())
@@ -61,7 +65,7 @@ pub async fn serve(
     }
     let probe = DependencyProbe::new(
         database.clone(),
-        redis,
+        redis.clone(),
         config.kafka_brokers.clone(),
         config.dependency_timeout,
     );
@@ -71,16 +75,29 @@ pub async fn serve(
         config.health_check_interval,
         shutdown.clone(),
     ));
+    if config.role.consumes() {
+        tasks.spawn(consumer::run(
+            PipelineSettings::from_config(&config),
+            redis.clone(),
+            Arc::new(PipelineStats::default()),
+            shutdown.clone(),
+        ));
+    }
     tasks.close();
 
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(UserApi::new(database.clone()).into_server())
-        .add_service(ProductApi::new(database).into_server())
-        .add_service(AnalyticsApi.into_server())
-        .add_service(IngestApi::new(&config).into_server());
+        .add_service(reflection_v1alpha);
+    let router = if config.role.serves_api() {
+        router
+            .add_service(UserApi::new(database.clone()).into_server())
+            .add_service(ProductApi::new(database).into_server())
+            .add_service(AnalyticsApi.into_server())
+            .add_service(IngestApi::new(&config).into_server())
+    } else {
+        router
+    };
 
     tracing::info!(addr = ?local_addr, "rtap-server listening");
     // Small unary replies must not wait for Nagle's algorithm.

@@ -139,16 +139,111 @@ pub struct Config {
     )]
     pub max_stream_events: u32,
 
-    /// Oldest event time accepted, relative to now: the retention of the
-    /// finest metric bucket.
+    /// Retention of minute buckets; also the oldest event time accepted,
+    /// relative to now (older events could no longer be counted).
     #[arg(
         long,
-        env = "RTAP_MAX_EVENT_AGE",
+        env = "RTAP_MINUTE_RETENTION",
         default_value = "48h",
         value_parser = parse_positive_duration,
         global = true
     )]
-    pub max_event_age: Duration,
+    pub minute_retention: Duration,
+
+    /// Retention of hour buckets (at least the minute retention).
+    #[arg(
+        long,
+        env = "RTAP_HOUR_RETENTION",
+        default_value = "30days",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub hour_retention: Duration,
+
+    /// Retention of day buckets (at least the hour retention).
+    #[arg(
+        long,
+        env = "RTAP_DAY_RETENTION",
+        default_value = "400days",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub day_retention: Duration,
+
+    /// What this process does: `all` serves the API and consumes Kafka,
+    /// `api` only serves, `ingest` only consumes (and serves health).
+    #[arg(
+        long,
+        env = "RTAP_ROLE",
+        value_enum,
+        default_value_t = Role::All,
+        global = true
+    )]
+    pub role: Role,
+
+    /// Partitions of the events topic this process consumes, comma-separated
+    /// (all when empty). Each partition must have exactly one consumer.
+    #[arg(
+        long,
+        env = "RTAP_INGEST_PARTITIONS",
+        value_delimiter = ',',
+        value_parser = clap::value_parser!(i32).range(0..),
+        global = true
+    )]
+    pub ingest_partitions: Vec<i32>,
+
+    /// Most bytes one Kafka fetch returns per partition (bounds the memory
+    /// of records in flight: two fetches per partition at most).
+    #[arg(
+        long,
+        env = "RTAP_FETCH_MAX_BYTES",
+        default_value_t = 4 * 1024 * 1024,
+        value_parser = clap::value_parser!(i32).range(1024..),
+        global = true
+    )]
+    pub fetch_max_bytes: i32,
+
+    /// Longest the broker holds a fetch open waiting for new records.
+    #[arg(
+        long,
+        env = "RTAP_FETCH_MAX_WAIT",
+        default_value = "500ms",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub fetch_max_wait: Duration,
+
+    /// Most events applied by one Redis commit; bounds how long one commit
+    /// holds Redis, so queries stay fast while ingest catches up.
+    #[arg(
+        long,
+        env = "RTAP_COMMIT_MAX_EVENTS",
+        default_value_t = 4000,
+        value_parser = clap::value_parser!(u32).range(1..=100_000),
+        global = true
+    )]
+    pub commit_max_events: u32,
+
+    /// How long an `event_id` is remembered to discard duplicates. Memory:
+    /// about 80 bytes of Redis per event received within the window.
+    #[arg(
+        long,
+        env = "RTAP_DEDUPE_WINDOW",
+        default_value = "15m",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub dedupe_window: Duration,
+
+    /// Inactivity (in event time) after which a user's session ends.
+    #[arg(
+        long,
+        env = "RTAP_SESSION_GAP",
+        default_value = "30m",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub session_gap: Duration,
 
     /// How far in the future an event time may be (device clock skew).
     #[arg(
@@ -203,6 +298,29 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// What one `rtap-server` process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Serve the API and consume Kafka.
+    All,
+    /// Serve the API only.
+    Api,
+    /// Consume Kafka only (the health service is still served).
+    Ingest,
+}
+
+impl Role {
+    /// Whether this role serves the catalog, analytics and ingest RPCs.
+    pub fn serves_api(self) -> bool {
+        matches!(self, Self::All | Self::Api)
+    }
+
+    /// Whether this role runs the Kafka consumers.
+    pub fn consumes(self) -> bool {
+        matches!(self, Self::All | Self::Ingest)
+    }
+}
+
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -217,6 +335,20 @@ impl Config {
     /// current environment; tests adjust it field by field.
     pub fn from_env() -> Result<Self, clap::Error> {
         Cli::try_parse_from(["rtap-server"]).map(|cli| cli.config)
+    }
+
+    /// Checks the rules that span several settings.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hour_retention < self.minute_retention || self.day_retention < self.hour_retention {
+            return Err(
+                "retentions must grow with the bucket size: --minute-retention <= --hour-retention <= --day-retention"
+                    .into(),
+            );
+        }
+        if self.dead_letter_topic == self.events_topic {
+            return Err("--dead-letter-topic must differ from --events-topic".into());
+        }
+        Ok(())
     }
 }
 

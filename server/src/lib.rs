@@ -3,6 +3,7 @@
 //! The rooms, and the one way data flows between them:
 //! - [`catalog`]: user and product CRUD on PostgreSQL ([`database`]);
 //! - [`ingest`]: events in (Kafka and the ingest RPCs) → aggregates in Redis;
+//! - [`store`]: the metric store in Redis, written by ingest, read by analytics;
 //! - [`analytics`]: queries and subscriptions over those aggregates;
 //! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive.
 
@@ -16,6 +17,7 @@ pub mod health;
 pub mod ingest;
 pub mod retry;
 pub mod shutdown;
+pub mod store;
 
 pub use app::{bind, serve};
 pub use config::{Cli, Command, Config, LogFormat};

@@ -7,6 +7,7 @@ use std::time::Duration;
 /// spin.
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    initial: Duration,
     next: Duration,
     max: Duration,
 }
@@ -14,7 +15,16 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `initial`, never exceeds `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { next: initial, max }
+        Self {
+            initial,
+            next: initial,
+            max,
+        }
+    }
+
+    /// Starts over from the initial delay, after a success.
+    pub fn reset(&mut self) {
+        self.next = self.initial;
     }
 
     /// The delay to wait before the next attempt.

@@ -4,14 +4,9 @@
 #[path = "../../server/tests/common/mod.rs"]
 mod common;
 
-use std::{
-    collections::HashSet,
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::{collections::HashSet, path::Path, process::Stdio, time::Duration};
 
-use common::read_topic;
+use common::{PrivateBroker, read_topic};
 use prost::Message;
 use rtap::v1::InteractionEvent;
 use tokio::process::{Child, Command};
@@ -151,75 +146,6 @@ async fn the_same_seed_and_start_time_produce_the_same_topic() -> anyhow::Result
     assert_eq!(topics[0], topics[1]);
     assert_eq!(topics[0].values().map(Vec::len).sum::<usize>(), 2000);
     Ok(())
-}
-
-/// A broker of the test's own, with SQLite storage so its data survives a
-/// restart.
-struct PrivateBroker {
-    dir: tempfile::TempDir,
-    port: u16,
-    process: Option<Child>,
-}
-
-impl PrivateBroker {
-    async fn start() -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut broker = Self {
-            dir: tempfile::tempdir()?,
-            port,
-            process: None,
-        };
-        broker.restart().await?;
-        Ok(broker)
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) -> anyhow::Result<()> {
-        let url = format!("tcp://{}", self.address());
-        let process = Command::new(nisshi())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://broker.db"])
-            .current_dir(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        self.process = Some(process);
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(self.address()).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::bail!("nisshi did not open {}", self.address())
-    }
-
-    async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut process) = self.process.take() {
-            process.kill().await?;
-        }
-        Ok(())
-    }
-}
-
-/// `nisshi` from cargo's bin folder (where scripts/services.sh installs it),
-/// else from PATH.
-fn nisshi() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(|home| Path::new(&home).join(".cargo/bin/nisshi"))
-        .filter(|path| path.exists())
-        .unwrap_or_else(|| PathBuf::from("nisshi"))
 }
 
 #[tokio::test]

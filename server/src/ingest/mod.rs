@@ -1,7 +1,12 @@
-//! The ingest side: the `IngestService` RPCs for sources that cannot produce
-//! to Kafka directly (and, later, the Kafka → Redis pipeline). Both validate
-//! with [`validate`], the one set of rules for events.
+//! The ingest side: the Kafka → Redis pipeline ([`consumer`], which folds
+//! each fetched batch with [`aggregate`] and commits it through
+//! [`crate::store`]), and the `IngestService` RPCs for sources that cannot
+//! produce to Kafka directly. Both validate with [`validate`], the one set of
+//! rules for events.
 
+pub mod aggregate;
+pub mod consumer;
+pub mod dead_letter;
 pub mod producer;
 pub mod validate;
 
@@ -43,10 +48,7 @@ impl IngestApi {
     pub fn new(config: &Config) -> Self {
         Self {
             producer: Arc::new(EventProducer::new(config)),
-            bounds: TimeBounds {
-                max_future_skew: config.max_clock_skew,
-                max_age: config.max_event_age,
-            },
+            bounds: TimeBounds::from_config(config),
             max_stream_events: u64::from(config.max_stream_events),
         }
     }

@@ -65,6 +65,16 @@ pub struct TimeBounds {
     pub max_age: Duration,
 }
 
+impl TimeBounds {
+    /// The bounds the server is configured with.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_future_skew: config.max_clock_skew,
+            max_age: config.minute_retention,
+        }
+    }
+}
+
 impl Default for TimeBounds {
     fn default() -> Self {
         Self {

@@ -277,3 +277,98 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// A broker of the test's own, with SQLite storage so its data survives a
+/// restart.
+pub struct PrivateBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+    process: Option<tokio::process::Child>,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut broker = Self {
+            dir: tempfile::tempdir()?,
+            port,
+            process: None,
+        };
+        broker.restart().await?;
+        Ok(broker)
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://{}", self.address());
+        let process = tokio::process::Command::new(nisshi())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        self.process = Some(process);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(self.address()).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("nisshi did not open {}", self.address())
+    }
+
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut process) = self.process.take() {
+            process.kill().await?;
+        }
+        Ok(())
+    }
+}
+
+/// `nisshi` from cargo's bin folder (where scripts/services.sh installs it),
+/// else from PATH.
+pub fn nisshi() -> std::path::PathBuf {
+    std::env::var_os("HOME")
+        .map(|home| std::path::Path::new(&home).join(".cargo/bin/nisshi"))
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| std::path::PathBuf::from("nisshi"))
+}
+
+/// Deletes the Redis keys of `partitions` of `namespace`, so test runs do not
+/// fill Redis.
+pub async fn delete_redis_namespace(
+    url: &str,
+    namespace: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let mut connection = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    for partition in 0..partitions {
+        let pattern = rtap_server::store::keys::PartitionKeys::new(namespace, partition).pattern();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut connection)
+            .await?;
+        for chunk in keys.chunks(1000) {
+            redis::cmd("UNLINK")
+                .arg(chunk)
+                .query_async::<()>(&mut connection)
+                .await?;
+        }
+    }
+    Ok(())
+}

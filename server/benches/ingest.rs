@@ -1,0 +1,170 @@
+//! Ingest throughput: fills a topic with simulated events, measures the raw
+//! rskafka fetch rate of that topic (every partition read concurrently, no
+//! decoding), then the pipeline catching up on it from offset 0 into a fresh
+//! Redis namespace, in the same run against the same broker and Redis.
+//!
+//! `cargo bench -p rtap-server --bench ingest` after `scripts/services.sh up`.
+//! `RTAP_BENCH_EVENTS` (default 1,000,000) and `RTAP_BENCH_PARTITIONS`
+//! (default 4) adjust it. Target: ingest ≥ 0.8 × raw fetch.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use common::{TestDatabase, test_config};
+use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
+use rtap_server::{
+    ingest::consumer::{self, PipelineSettings, PipelineStats},
+    store::{commit::load_state, keys::PartitionKeys},
+};
+use rtap_simulator::config::SimulatorConfig;
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    let events = env_or("RTAP_BENCH_EVENTS", 1_000_000);
+    let partitions = i32::try_from(env_or("RTAP_BENCH_PARTITIONS", 4))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let database = TestDatabase::create().await?;
+        let result = bench(&database, events, partitions).await;
+        database.drop().await?;
+        result
+    })
+}
+
+async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow::Result<()> {
+    let mut config = test_config(database);
+    config.events_partitions = partitions;
+    let brokers = config.kafka_brokers.clone();
+
+    let filling = Instant::now();
+    let start = (chrono::Utc::now() - chrono::Duration::hours(6)).to_rfc3339();
+    let simulation = SimulatorConfig::try_parse_from([
+        "rtap-simulator",
+        "--kafka-brokers",
+        &brokers.join(","),
+        "--topic",
+        &config.events_topic,
+        "--partitions",
+        &partitions.to_string(),
+        "--count",
+        &events.to_string(),
+        "--seed",
+        "1",
+        "--start-time",
+        &start,
+        "--progress",
+        "none",
+    ])?;
+    rtap_simulator::run::run(simulation, CancellationToken::new()).await?;
+    println!(
+        "filled {} with {events} events over {partitions} partitions in {:.1} s",
+        config.events_topic,
+        filling.elapsed().as_secs_f64()
+    );
+
+    // Raw fetch: every partition from 0 to its high watermark, concurrently.
+    let client = Arc::new(ClientBuilder::new(brokers.clone()).build().await?);
+    let raw_started = Instant::now();
+    let mut readers = Vec::new();
+    for partition in 0..partitions {
+        let client = client.clone();
+        let topic = config.events_topic.clone();
+        let max_bytes = config.fetch_max_bytes;
+        readers.push(tokio::spawn(async move {
+            let reader = client
+                .partition_client(&topic, partition, UnknownTopicHandling::Retry)
+                .await?;
+            let (mut offset, mut records, mut high_watermark) = (0, 0u64, 1);
+            while offset < high_watermark {
+                let (batch, mark) = reader.fetch_records(offset, 1..max_bytes, 100).await?;
+                high_watermark = mark;
+                if let Some(last) = batch.last() {
+                    offset = last.offset + 1;
+                }
+                records += batch.len() as u64;
+            }
+            Ok::<_, anyhow::Error>((partition, offset, records))
+        }));
+    }
+    let mut high_watermarks = Vec::new();
+    let mut raw_records = 0;
+    for reader in readers {
+        let (partition, end, records) = reader.await??;
+        high_watermarks.push((partition, end));
+        raw_records += records;
+    }
+    let raw_seconds = raw_started.elapsed().as_secs_f64();
+    let raw_rate = raw_records as f64 / raw_seconds;
+
+    // The pipeline, from offset 0 into a fresh namespace.
+    let stats = Arc::new(PipelineStats::default());
+    let shutdown = CancellationToken::new();
+    let redis = redis::Client::open(config.redis_url.as_str())?;
+    let mut connection = redis.get_multiplexed_async_connection().await?;
+    let ingest_started = Instant::now();
+    let pipeline = tokio::spawn(consumer::run(
+        PipelineSettings::from_config(&config),
+        redis,
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    loop {
+        let mut caught_up = true;
+        for (partition, end) in &high_watermarks {
+            let state = load_state(
+                &mut connection,
+                &PartitionKeys::new(&config.redis_namespace, *partition),
+            )
+            .await?;
+            caught_up &= state.offset == Some(*end);
+        }
+        if caught_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ingest_seconds = ingest_started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    pipeline.await?;
+
+    let records = stats.records.load(Ordering::Relaxed);
+    let commits = stats.commits.load(Ordering::Relaxed).max(1);
+    let commands = stats.redis_commands.load(Ordering::Relaxed);
+    let ingest_rate = records as f64 / ingest_seconds;
+    println!(
+        "raw rskafka fetch: {raw_records} records in {raw_seconds:.2} s = {raw_rate:.0} records/s"
+    );
+    println!(
+        "pipeline ingest:   {records} records in {ingest_seconds:.2} s = {ingest_rate:.0} events/s \
+         ({} applied, {} duplicates, {} dead-lettered)",
+        stats.applied.load(Ordering::Relaxed),
+        stats.duplicates.load(Ordering::Relaxed),
+        stats.dead_lettered.load(Ordering::Relaxed),
+    );
+    println!(
+        "redis: {commits} commits, {:.0} events per commit, {:.3} commands per event \
+         inside the commit scripts, 2 round trips per commit",
+        records as f64 / commits as f64,
+        commands as f64 / records.max(1) as f64,
+    );
+    println!(
+        "ratio ingest / raw fetch: {:.2} (target >= 0.8)",
+        ingest_rate / raw_rate
+    );
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+}

@@ -1,0 +1,145 @@
+//! Redis key names. Every key RTAP writes is named here and nowhere else.
+//!
+//! Per partition `P` = `{<namespace>:<partition>}`:
+//! - `P:state`: hash; the next offset to read and the pipeline's counters
+//!   (see [`state_field`]);
+//! - `P:seen:<minute>`: set of the 16-byte `event_id`s of events whose event
+//!   time is in that minute, for deduplication; expires a dedupe window after
+//!   its last write;
+//! - `P:sess:<user>:<session_id>`: an open session's state;
+//! - `P:<g>:<start>:n`: hash of a bucket's [`Counter`](super::Counter)s, `g`
+//!   being `m`, `h` or `d` and `start` the bucket's Unix start second;
+//! - `P:<g>:<start>:u`, `…:u:s<source>`, `…:u:p<product>`: HyperLogLogs of
+//!   the bucket's users;
+//! - `P:<g>:<start>:top:<v|c|b|r>`: sorted sets of products by views,
+//!   add-to-carts, purchases and revenue.
+//!
+//! Bucket keys expire at the bucket's end plus its retention.
+
+use super::{Bucket, Ranking, UserSet};
+
+/// Fields of a partition's state hash.
+pub mod state_field {
+    /// Offset of the next record to read.
+    pub const OFFSET: &str = "offset";
+    /// Latest event time applied, Unix milliseconds.
+    pub const WATERMARK_MS: &str = "watermark_ms";
+    /// Events counted.
+    pub const APPLIED: &str = "applied";
+    /// Records discarded as duplicates of an earlier `event_id`.
+    pub const DUPLICATES: &str = "duplicates";
+    /// Events counted that were late.
+    pub const LATE: &str = "late";
+    /// Prefix of the dead-letter counters, one per reason.
+    pub const DEAD_LETTERED_PREFIX: &str = "dead:";
+    /// When the last commit happened, Unix milliseconds.
+    pub const LAST_COMMIT_MS: &str = "last_commit_ms";
+}
+
+/// Name of the pub/sub channel that carries commit deltas.
+pub fn deltas_channel(namespace: &str) -> String {
+    format!("{namespace}:deltas")
+}
+
+/// The keys of one partition.
+#[derive(Debug, Clone)]
+pub struct PartitionKeys {
+    partition: i32,
+    prefix: String,
+}
+
+impl PartitionKeys {
+    /// The keys of `partition` in `namespace`.
+    pub fn new(namespace: &str, partition: i32) -> Self {
+        Self {
+            partition,
+            prefix: format!("{{{namespace}:{partition}}}:"),
+        }
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The state hash.
+    pub fn state(&self) -> String {
+        format!("{}state", self.prefix)
+    }
+
+    /// The dedupe set of events whose time is in the minute starting at
+    /// `minute_start`.
+    pub fn seen(&self, minute_start: i64) -> String {
+        format!("{}seen:{minute_start}", self.prefix)
+    }
+
+    /// An open session's state.
+    pub fn session(&self, user_id: i64, session_id: &str) -> String {
+        format!("{}sess:{user_id}:{session_id}", self.prefix)
+    }
+
+    /// A bucket's counter hash.
+    pub fn counters(&self, bucket: Bucket) -> String {
+        format!("{}:n", self.bucket(bucket))
+    }
+
+    /// A bucket's unique-user HyperLogLog.
+    pub fn users(&self, bucket: Bucket, set: UserSet) -> String {
+        match set {
+            UserSet::All => format!("{}:u", self.bucket(bucket)),
+            UserSet::Source(source) => format!("{}:u:s{source}", self.bucket(bucket)),
+            UserSet::Product(product) => format!("{}:u:p{product}", self.bucket(bucket)),
+        }
+    }
+
+    /// A bucket's product ranking.
+    pub fn ranking(&self, bucket: Bucket, ranking: Ranking) -> String {
+        let code = match ranking {
+            Ranking::Views => "v",
+            Ranking::AddToCarts => "c",
+            Ranking::Purchases => "b",
+            Ranking::Revenue => "r",
+        };
+        format!("{}:top:{code}", self.bucket(bucket))
+    }
+
+    /// The pattern matching every key of the partition (for `rebuild` and
+    /// tests).
+    pub fn pattern(&self) -> String {
+        // The braces of the hash tag are glob-special: escape them.
+        format!("{}*", self.prefix.replace('{', "\\{").replace('}', "\\}"))
+    }
+
+    fn bucket(&self, bucket: Bucket) -> String {
+        format!(
+            "{}{}:{}",
+            self.prefix,
+            bucket.granularity.code(),
+            bucket.start
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Granularity;
+
+    #[test]
+    fn every_key_of_a_partition_shares_its_hash_tag() {
+        let keys = PartitionKeys::new("rtap", 3);
+        let bucket = Bucket::containing(Granularity::Hour, 7300);
+        for key in [
+            keys.state(),
+            keys.seen(60),
+            keys.session(7, "s-1"),
+            keys.counters(bucket),
+            keys.users(bucket, UserSet::Product(9)),
+            keys.ranking(bucket, Ranking::Revenue),
+        ] {
+            assert!(key.starts_with("{rtap:3}:"), "{key}");
+        }
+        assert_eq!(keys.counters(bucket), "{rtap:3}:h:7200:n");
+        assert_eq!(keys.pattern(), "\\{rtap:3\\}:*");
+    }
+}

@@ -1,0 +1,387 @@
+//! The metric store in Redis: one place for the key layout ([`keys`]), the
+//! atomic commit of an ingest batch ([`commit`]) and the reads the analytics
+//! API and the tests make ([`read`]).
+//!
+//! Layout. Every key of a partition starts with the hash tag
+//! `{<namespace>:<partition>}`, so one commit touches one Redis Cluster hash
+//! slot and runs unchanged on a cluster. Queries read each partition and merge:
+//! counters and rankings add up; unique users are exact to HyperLogLog error
+//! when summed, because events are keyed by user id, so a user's events all
+//! land on one partition and the partitions' user sets are disjoint.
+
+pub mod commit;
+pub mod keys;
+pub mod read;
+
+use std::time::Duration;
+
+/// Size of a time bucket. Buckets are aligned to UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Granularity {
+    /// One minute.
+    Minute,
+    /// One hour.
+    Hour,
+    /// One day (UTC midnight to midnight).
+    Day,
+}
+
+impl Granularity {
+    /// Every granularity, finest first.
+    pub const ALL: [Self; 3] = [Self::Minute, Self::Hour, Self::Day];
+
+    /// Length of a bucket in seconds.
+    pub fn seconds(self) -> i64 {
+        match self {
+            Self::Minute => 60,
+            Self::Hour => 3600,
+            Self::Day => 86_400,
+        }
+    }
+
+    /// Start (Unix seconds) of the bucket holding `unix_seconds`.
+    pub fn bucket_start(self, unix_seconds: i64) -> i64 {
+        unix_seconds.div_euclid(self.seconds()) * self.seconds()
+    }
+
+    /// Key segment.
+    fn code(self) -> &'static str {
+        match self {
+            Self::Minute => "m",
+            Self::Hour => "h",
+            Self::Day => "d",
+        }
+    }
+}
+
+/// One bucket: a granularity and its start (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bucket {
+    /// Size.
+    pub granularity: Granularity,
+    /// Start, Unix seconds, aligned to the granularity.
+    pub start: i64,
+}
+
+impl Bucket {
+    /// The bucket of `granularity` holding `unix_seconds`.
+    pub fn containing(granularity: Granularity, unix_seconds: i64) -> Self {
+        Self {
+            granularity,
+            start: granularity.bucket_start(unix_seconds),
+        }
+    }
+}
+
+/// How long buckets of each granularity are kept after they end.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Minute buckets.
+    pub minute: Duration,
+    /// Hour buckets.
+    pub hour: Duration,
+    /// Day buckets.
+    pub day: Duration,
+}
+
+impl Retention {
+    /// The retention of `granularity`.
+    pub fn of(&self, granularity: Granularity) -> Duration {
+        match granularity {
+            Granularity::Minute => self.minute,
+            Granularity::Hour => self.hour,
+            Granularity::Day => self.day,
+        }
+    }
+
+    /// When (Unix seconds) `bucket` expires: its end plus its retention. Event
+    /// time, not processing time, so replaying the same events sets the same
+    /// expiry.
+    pub fn expires_at(&self, bucket: Bucket) -> i64 {
+        let retention = i64::try_from(self.of(bucket.granularity).as_secs()).unwrap_or(i64::MAX);
+        bucket
+            .start
+            .saturating_add(bucket.granularity.seconds())
+            .saturating_add(retention)
+    }
+}
+
+/// An additive counter of a bucket (a field of its counter hash). Enum values
+/// are the raw protobuf numbers of `EventType` and `Source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Counter {
+    /// Events of a type from a source.
+    Events {
+        /// `EventType` number.
+        event_type: i32,
+        /// `Source` number.
+        source: i32,
+    },
+    /// Events of a type from a source on a product.
+    ProductEvents {
+        /// `EventType` number.
+        event_type: i32,
+        /// `Source` number.
+        source: i32,
+        /// Product id.
+        product: i64,
+    },
+    /// Items (quantity) of cart and purchase events on a product.
+    Quantity {
+        /// `EventType` number.
+        event_type: i32,
+        /// `Source` number.
+        source: i32,
+        /// Product id.
+        product: i64,
+    },
+    /// Dwell time of product views of a product, microseconds.
+    Dwell {
+        /// `Source` number.
+        source: i32,
+        /// Product id.
+        product: i64,
+    },
+    /// Revenue of purchases from a source, millionths of the currency unit.
+    Revenue {
+        /// `Source` number.
+        source: i32,
+    },
+    /// Revenue of purchases of a product, millionths of the currency unit.
+    ProductRevenue {
+        /// `Source` number.
+        source: i32,
+        /// Product id.
+        product: i64,
+    },
+    /// Events that arrived after their partition had seen a later minute.
+    Late,
+    /// Sessions that started in the bucket.
+    Sessions {
+        /// `Source` number.
+        source: i32,
+    },
+    /// Total length of those sessions, milliseconds (last minus first event).
+    SessionLength {
+        /// `Source` number.
+        source: i32,
+    },
+    /// Events of those sessions.
+    SessionEvents {
+        /// `Source` number.
+        source: i32,
+    },
+    /// Sessions started in the bucket that reached a funnel stage.
+    Funnel {
+        /// The stage.
+        stage: FunnelStage,
+        /// `Source` number.
+        source: i32,
+    },
+}
+
+impl Counter {
+    /// The field of the bucket's counter hash.
+    pub fn field(&self) -> String {
+        match *self {
+            Self::Events { event_type, source } => format!("e:{event_type}:{source}"),
+            Self::ProductEvents {
+                event_type,
+                source,
+                product,
+            } => format!("pe:{event_type}:{source}:{product}"),
+            Self::Quantity {
+                event_type,
+                source,
+                product,
+            } => format!("q:{event_type}:{source}:{product}"),
+            Self::Dwell { source, product } => format!("dw:{source}:{product}"),
+            Self::Revenue { source } => format!("r:{source}"),
+            Self::ProductRevenue { source, product } => format!("pr:{source}:{product}"),
+            Self::Late => "late".to_owned(),
+            Self::Sessions { source } => format!("s:{source}"),
+            Self::SessionLength { source } => format!("sl:{source}"),
+            Self::SessionEvents { source } => format!("se:{source}"),
+            Self::Funnel { stage, source } => format!("f:{}:{source}", stage.code()),
+        }
+    }
+}
+
+/// A stage of the purchase funnel a session can reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FunnelStage {
+    /// Viewed a product.
+    ProductView,
+    /// Added a product to the cart.
+    AddToCart,
+    /// Bought.
+    Purchase,
+}
+
+impl FunnelStage {
+    /// Every stage, in funnel order.
+    pub const ALL: [Self; 3] = [Self::ProductView, Self::AddToCart, Self::Purchase];
+
+    /// The stage's bit in a session's set of reached stages.
+    pub fn bit(self) -> u8 {
+        match self {
+            Self::ProductView => 1,
+            Self::AddToCart => 2,
+            Self::Purchase => 4,
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Self::ProductView => "v",
+            Self::AddToCart => "c",
+            Self::Purchase => "b",
+        }
+    }
+}
+
+/// A set of unique users of a bucket (a HyperLogLog).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UserSet {
+    /// Every user with an event.
+    All,
+    /// Users with an event from a source (`Source` number).
+    Source(i32),
+    /// Users with an event on a product.
+    Product(i64),
+}
+
+/// A product ranking of a bucket (a sorted set of product ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ranking {
+    /// By product views.
+    Views,
+    /// By add-to-cart events.
+    AddToCarts,
+    /// By purchase events.
+    Purchases,
+    /// By revenue, millionths of the currency unit.
+    Revenue,
+}
+
+impl Ranking {
+    /// Every ranking.
+    pub const ALL: [Self; 4] = [
+        Self::Views,
+        Self::AddToCarts,
+        Self::Purchases,
+        Self::Revenue,
+    ];
+}
+
+/// Errors of the metric store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis failed or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Another consumer committed this partition since its state was read:
+    /// the batch was not applied.
+    #[error("partition {partition} was committed by another consumer ({detail})")]
+    Fenced {
+        /// The partition.
+        partition: i32,
+        /// What Redis said.
+        detail: String,
+    },
+    /// A stored value is not what RTAP writes.
+    #[error("corrupt value in {key}: {detail}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Whether Redis could not be reached (as opposed to answering).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Redis(error) => {
+                error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout()
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_align_to_utc_including_before_the_epoch() {
+        assert_eq!(Granularity::Minute.bucket_start(125), 120);
+        assert_eq!(Granularity::Hour.bucket_start(7199), 3600);
+        assert_eq!(Granularity::Day.bucket_start(-1), -86_400);
+    }
+
+    #[test]
+    fn expiry_is_the_bucket_end_plus_retention() {
+        let retention = Retention {
+            minute: Duration::from_secs(100),
+            hour: Duration::from_secs(200),
+            day: Duration::from_secs(300),
+        };
+        assert_eq!(
+            retention.expires_at(Bucket::containing(Granularity::Minute, 61)),
+            220
+        );
+        assert_eq!(
+            retention.expires_at(Bucket::containing(Granularity::Day, 5)),
+            86_700
+        );
+    }
+
+    #[test]
+    fn counter_fields_are_distinct() {
+        let counters = [
+            Counter::Events {
+                event_type: 1,
+                source: 2,
+            },
+            Counter::ProductEvents {
+                event_type: 1,
+                source: 2,
+                product: 3,
+            },
+            Counter::Quantity {
+                event_type: 1,
+                source: 2,
+                product: 3,
+            },
+            Counter::Dwell {
+                source: 1,
+                product: 2,
+            },
+            Counter::Revenue { source: 1 },
+            Counter::ProductRevenue {
+                source: 1,
+                product: 2,
+            },
+            Counter::Late,
+            Counter::Sessions { source: 1 },
+            Counter::SessionLength { source: 1 },
+            Counter::SessionEvents { source: 1 },
+            Counter::Funnel {
+                stage: FunnelStage::ProductView,
+                source: 1,
+            },
+            Counter::Funnel {
+                stage: FunnelStage::Purchase,
+                source: 1,
+            },
+        ];
+        let fields: std::collections::HashSet<_> = counters.iter().map(Counter::field).collect();
+        assert_eq!(fields.len(), counters.len());
+    }
+}

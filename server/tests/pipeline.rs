@@ -1,0 +1,713 @@
+//! The Kafka → Redis pipeline against the real broker and Redis: simulated
+//! traffic (with duplicates and malformed payloads) counted exactly, and
+//! exactly once through server crashes, a Redis outage and a broker restart.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use common::{PrivateBroker, TcpProxy, TestDatabase, TestServer, test_config};
+use prost::Message;
+use rand::Rng;
+use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
+use rtap::v1::{EventType, InteractionEvent, Source};
+use rtap_server::{
+    Config,
+    config::Role,
+    ingest::dead_letter::{REASON_HEADER, SOURCE_OFFSET_HEADER},
+    store::{
+        Bucket, Counter, FunnelStage, Granularity, Ranking, UserSet,
+        commit::{PartitionState, load_state},
+        keys::PartitionKeys,
+        read::MetricReader,
+    },
+};
+use rtap_simulator::{config::SimulatorConfig, truth::GroundTruth};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 3;
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+async fn redis() -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(redis_url())?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+/// A pipeline configuration of its own (namespace, topics), consuming only.
+fn ingest_config(database: &TestDatabase) -> Config {
+    let mut config = test_config(database);
+    config.role = Role::Ingest;
+    config.events_partitions = PARTITIONS;
+    config.fetch_max_wait = Duration::from_millis(100);
+    config
+}
+
+/// Produces `count` simulated events (plus the requested shares of
+/// duplicates and malformed records) and returns their ground truth.
+async fn simulate(
+    brokers: &str,
+    topic: &str,
+    count: u64,
+    seed: u64,
+    extra: &[&str],
+) -> anyhow::Result<GroundTruth> {
+    let truth_dir = tempfile::tempdir()?;
+    let truth_file = truth_dir.path().join("truth.json");
+    let start = (Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+    let count = count.to_string();
+    let seed = seed.to_string();
+    let partitions = PARTITIONS.to_string();
+    let mut args = vec![
+        "rtap-simulator",
+        "--kafka-brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--partitions",
+        &partitions,
+        "--count",
+        &count,
+        "--seed",
+        &seed,
+        "--start-time",
+        &start,
+        "--users",
+        "50000",
+        "--session-gap",
+        "5m",
+        "--products",
+        "150",
+        "--progress",
+        "none",
+    ];
+    args.push("--truth-file");
+    let truth_path = truth_file.to_str().context("temporary paths are UTF-8")?;
+    args.push(truth_path);
+    args.extend_from_slice(extra);
+    let config = SimulatorConfig::try_parse_from(args)?;
+    let report = rtap_simulator::run::run(config, CancellationToken::new())
+        .await
+        .context("simulate")?;
+    Ok(report.truth)
+}
+
+/// Every partition's high watermark.
+async fn high_watermarks(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    let mut marks = BTreeMap::new();
+    for partition in 0..PARTITIONS {
+        let reader = client
+            .partition_client(topic, partition, UnknownTopicHandling::Retry)
+            .await?;
+        // The test broker's ListOffsets(latest) is not reliable: a fetch
+        // reports the high watermark.
+        let (_, high_watermark) = reader
+            .fetch_records(0, 1..65_536, 10)
+            .await
+            .with_context(|| format!("fetch partition {partition} of {topic}"))?;
+        marks.insert(partition, high_watermark);
+    }
+    Ok(marks)
+}
+
+async fn states(namespace: &str) -> anyhow::Result<Vec<PartitionState>> {
+    let mut connection = redis().await?;
+    let mut states = Vec::new();
+    for partition in 0..PARTITIONS {
+        states.push(load_state(&mut connection, &PartitionKeys::new(namespace, partition)).await?);
+    }
+    Ok(states)
+}
+
+/// Events counted so far, over every partition.
+async fn applied(namespace: &str) -> anyhow::Result<i64> {
+    Ok(states(namespace).await?.iter().map(|s| s.applied).sum())
+}
+
+/// Waits until every partition's stored offset reached its high watermark.
+async fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
+    let brokers = &config.kafka_brokers[0];
+    let marks = high_watermarks(brokers, &config.events_topic).await?;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let offsets: BTreeMap<i32, Option<i64>> = (0..PARTITIONS)
+            .zip(states(&config.redis_namespace).await?)
+            .map(|(p, s)| (p, s.offset))
+            .collect();
+        let caught_up = marks
+            .iter()
+            .all(|(p, mark)| *mark == 0 || offsets.get(p) == Some(&Some(*mark)));
+        if caught_up {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not caught up within {within:?}: stored {offsets:?}, high watermarks {marks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn source_number(name: &str) -> anyhow::Result<i32> {
+    Source::from_str_name(name)
+        .map(|s| s as i32)
+        .with_context(|| format!("unknown source {name}"))
+}
+
+fn days(truth: &GroundTruth) -> anyhow::Result<Vec<Bucket>> {
+    let first = truth.first_event_time.context("events were produced")?;
+    let last = truth.last_event_time.context("events were produced")?;
+    Ok(buckets(Granularity::Day, first, last))
+}
+
+fn buckets(granularity: Granularity, first: DateTime<Utc>, last: DateTime<Utc>) -> Vec<Bucket> {
+    let step = granularity.seconds();
+    let mut start = granularity.bucket_start(first.timestamp());
+    let mut all = Vec::new();
+    while start <= last.timestamp() {
+        all.push(Bucket { granularity, start });
+        start += step;
+    }
+    all
+}
+
+/// Whether an HLL estimate is within its error bound of the truth: 0.81 %
+/// standard error, checked at over four standard errors, never below one.
+fn hll_close(estimate: u64, truth: u64) -> bool {
+    let bound = (truth as f64 * 0.035).max(1.0);
+    (estimate as f64 - truth as f64).abs() <= bound
+}
+
+/// Compares every aggregate with the ground truth.
+async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyhow::Result<()> {
+    let mut connection = redis().await?;
+    let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
+    let first = truth.first_event_time.context("events were produced")?;
+    let last = truth.last_event_time.context("events were produced")?;
+
+    // The pipeline's own counters.
+    let partition_states = states(&config.redis_namespace).await?;
+    let applied: i64 = partition_states.iter().map(|s| s.applied).sum();
+    let duplicates: i64 = partition_states.iter().map(|s| s.duplicates).sum();
+    let dead: i64 = partition_states
+        .iter()
+        .flat_map(|s| s.dead_lettered.values())
+        .sum();
+    ensure!(
+        applied == i64::try_from(truth.events)?,
+        "applied {applied} of {} events; states {partition_states:?}; truth records {} duplicates {}",
+        truth.events,
+        truth.records,
+        truth.duplicates
+    );
+    ensure!(
+        duplicates == i64::try_from(truth.duplicates)?,
+        "duplicates {duplicates} != {}",
+        truth.duplicates
+    );
+    let malformed: u64 = truth.malformed.values().sum();
+    ensure!(dead == i64::try_from(malformed)?, "dead-lettered {dead}");
+
+    // Counts per source and type, at each granularity.
+    for granularity in Granularity::ALL {
+        let counters = reader
+            .counters(&mut connection, &buckets(granularity, first, last))
+            .await?;
+        for (key, expected) in &truth.events_by_source_and_type {
+            let (source, event_type) = key.split_once('/').context("SOURCE/TYPE")?;
+            let event_type = EventType::from_str_name(event_type).context("type")? as i32;
+            let field = Counter::Events {
+                event_type,
+                source: source_number(source)?,
+            }
+            .field();
+            let actual = counters.get(&field).copied().unwrap_or(0);
+            ensure!(
+                actual == i64::try_from(*expected)?,
+                "{granularity:?} {key}: {actual} counted, {expected} produced"
+            );
+        }
+    }
+
+    // Events per minute.
+    for (minute, expected) in &truth.events_per_minute {
+        let start: DateTime<Utc> = minute.parse()?;
+        let counters = reader
+            .counters(
+                &mut connection,
+                &[Bucket::containing(Granularity::Minute, start.timestamp())],
+            )
+            .await?;
+        let actual: i64 = counters
+            .iter()
+            .filter(|(field, _)| field.starts_with("e:"))
+            .map(|(_, v)| v)
+            .sum();
+        ensure!(
+            actual == i64::try_from(*expected)?,
+            "minute {minute}: {actual} counted, {expected} produced"
+        );
+    }
+
+    // Products, funnel and users, over the whole run.
+    let days = days(truth)?;
+    let counters = reader.counters(&mut connection, &days).await?;
+    let sum = |fields: &[Counter]| -> i64 {
+        fields
+            .iter()
+            .map(|c| counters.get(&c.field()).copied().unwrap_or(0))
+            .sum()
+    };
+    let sources: Vec<i32> = [Source::Web, Source::MobileApp, Source::Server]
+        .iter()
+        .map(|s| *s as i32)
+        .collect();
+    let views = reader
+        .ranking(&mut connection, &days, Ranking::Views)
+        .await?;
+    let revenue_ranking = reader
+        .ranking(&mut connection, &days, Ranking::Revenue)
+        .await?;
+    for (product, expected) in &truth.products {
+        let product = *product;
+        let per_source = |make: &dyn Fn(i32) -> Counter| -> Vec<Counter> {
+            sources.iter().map(|s| make(*s)).collect()
+        };
+        let events = |event_type: EventType| {
+            sum(&per_source(&|source| Counter::ProductEvents {
+                event_type: event_type as i32,
+                source,
+                product,
+            }))
+        };
+        let quantity = |event_type: EventType| {
+            sum(&per_source(&|source| Counter::Quantity {
+                event_type: event_type as i32,
+                source,
+                product,
+            }))
+        };
+        let actual = (
+            events(EventType::ProductView),
+            sum(&per_source(&|source| Counter::Dwell { source, product })),
+            events(EventType::AddToCart),
+            quantity(EventType::AddToCart),
+            events(EventType::Purchase),
+            quantity(EventType::Purchase),
+            sum(&per_source(&|source| Counter::ProductRevenue {
+                source,
+                product,
+            })),
+        );
+        let wanted = (
+            i64::try_from(expected.views)?,
+            expected.dwell_micros,
+            i64::try_from(expected.add_to_carts)?,
+            i64::try_from(expected.items_added)?,
+            i64::try_from(expected.purchases)?,
+            i64::try_from(expected.items_purchased)?,
+            expected.revenue_micros,
+        );
+        ensure!(
+            actual == wanted,
+            "product {product}: (views, dwell, carts, items, purchases, items, revenue) {actual:?} != {wanted:?}"
+        );
+        ensure!(views.get(&product).copied().unwrap_or(0) == wanted.0);
+        ensure!(revenue_ranking.get(&product).copied().unwrap_or(0) == wanted.6);
+        let users = reader
+            .unique_users(&mut connection, &days, UserSet::Product(product))
+            .await?;
+        ensure!(
+            hll_close(users, expected.unique_users),
+            "product {product}: {users} unique users estimated, {} true",
+            expected.unique_users
+        );
+    }
+    let revenue = sum(&sources
+        .iter()
+        .map(|s| Counter::Revenue { source: *s })
+        .collect::<Vec<_>>());
+    ensure!(revenue == truth.revenue_micros, "revenue {revenue}");
+
+    for (source, expected) in &truth.funnel {
+        let source = source_number(source)?;
+        let funnel = |stage| sum(&[Counter::Funnel { stage, source }]);
+        let actual = (
+            sum(&[Counter::Sessions { source }]),
+            funnel(FunnelStage::ProductView),
+            funnel(FunnelStage::AddToCart),
+            funnel(FunnelStage::Purchase),
+        );
+        let wanted = (
+            i64::try_from(expected.sessions)?,
+            i64::try_from(expected.product_view_sessions)?,
+            i64::try_from(expected.add_to_cart_sessions)?,
+            i64::try_from(expected.purchase_sessions)?,
+        );
+        ensure!(
+            actual == wanted,
+            "funnel of source {source}: {actual:?} != {wanted:?}"
+        );
+    }
+    let session_events: i64 = sources
+        .iter()
+        .map(|s| sum(&[Counter::SessionEvents { source: *s }]))
+        .sum();
+    ensure!(session_events == i64::try_from(truth.events)?);
+
+    let users = reader
+        .unique_users(&mut connection, &days, UserSet::All)
+        .await?;
+    ensure!(
+        hll_close(users, truth.unique_users),
+        "{users} unique users estimated, {} true",
+        truth.unique_users
+    );
+
+    Ok(())
+}
+
+/// Dead letters of `topic`: (reason header, source offset header).
+async fn dead_letters(brokers: &str, topic: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    let mut letters = Vec::new();
+    for partition in 0..PARTITIONS {
+        let reader = client
+            .partition_client(topic, partition, UnknownTopicHandling::Retry)
+            .await?;
+        let mut offset = 0;
+        loop {
+            let (batch, high_watermark) = reader.fetch_records(offset, 1..1_000_000, 100).await?;
+            for record in batch {
+                offset = record.offset + 1;
+                let header = |name: &str| {
+                    String::from_utf8_lossy(record.record.headers.get(name).map_or(&[][..], |v| v))
+                        .into_owned()
+                };
+                letters.push((header(REASON_HEADER), header(SOURCE_OFFSET_HEADER)));
+            }
+            if offset >= high_watermark {
+                break;
+            }
+        }
+    }
+    Ok(letters)
+}
+
+#[tokio::test]
+async fn simulated_traffic_with_duplicates_and_poison_is_counted_exactly() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(
+        &brokers,
+        &config.events_topic,
+        20_000,
+        11,
+        &["--duplicate-share", "0.02", "--malformed-share", "0.01"],
+    )
+    .await?;
+    assert!(truth.duplicates > 100 && truth.malformed.len() == 6);
+
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(120)).await?;
+    assert_matches_truth(&config, &truth).await?;
+
+    // Every malformed record is in the dead-letter topic, with its reason.
+    let letters = dead_letters(&brokers, &config.dead_letter_topic).await?;
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    for (reason, offset) in &letters {
+        assert!(
+            offset.parse::<i64>().is_ok(),
+            "source offset header {offset:?}"
+        );
+        *reasons.entry(reason.clone()).or_default() += 1;
+    }
+    let kind = |name: &str| truth.malformed.get(name).copied().unwrap_or(0);
+    let expected = BTreeMap::from([
+        (
+            "decode_error".to_owned(),
+            kind("garbage") + kind("truncated"),
+        ),
+        (
+            "invalid_field".to_owned(),
+            kind("unspecified_type") + kind("missing_event_id") + kind("negative_dwell"),
+        ),
+        ("future_time".to_owned(), kind("future_time")),
+    ]);
+    assert_eq!(reasons, expected);
+    let stored: HashMap<String, i64> = states(&config.redis_namespace)
+        .await?
+        .into_iter()
+        .flat_map(|s| s.dead_lettered)
+        .fold(HashMap::new(), |mut all, (reason, n)| {
+            *all.entry(reason).or_default() += n;
+            all
+        });
+    for (reason, count) in &expected {
+        assert_eq!(
+            stored.get(reason).copied().unwrap_or(0),
+            i64::try_from(*count)?
+        );
+    }
+
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+fn event(user_id: i64, time: DateTime<Utc>) -> InteractionEvent {
+    InteractionEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: time.timestamp(),
+            nanos: 0,
+        }),
+        user_id,
+        product_id: 3,
+        source: Source::MobileApp as i32,
+        r#type: EventType::ProductView as i32,
+        session_id: format!("s-{user_id}"),
+        dwell_time: None,
+        amount_micros: 0,
+        quantity: 0,
+        search_query: String::new(),
+    }
+}
+
+/// Produces `events` to `topic`, keyed by user like every producer.
+async fn produce(brokers: &str, topic: &str, events: &[InteractionEvent]) -> anyhow::Result<()> {
+    use rskafka::{client::partition::Compression, record::Record};
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    rtap::kafka::admin::ensure_topic(&client, topic, PARTITIONS).await?;
+    for event in events {
+        let key = rtap::kafka::record_key(event.user_id);
+        let partition = rtap::kafka::partition_for_key(&key, PARTITIONS);
+        let writer = client
+            .partition_client(topic, partition, UnknownTopicHandling::Retry)
+            .await?;
+        let record = Record {
+            key: Some(key),
+            value: Some(event.encode_to_vec()),
+            headers: Default::default(),
+            timestamp: Utc::now(),
+        };
+        writer
+            .produce(vec![record], Compression::NoCompression)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn duplicates_are_counted_once_across_restarts_and_old_events_are_dead_lettered()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    let brokers = config.kafka_brokers[0].clone();
+    let now = Utc::now();
+    let first = event(1, now - chrono::Duration::minutes(10));
+    let late = event(1, now - chrono::Duration::minutes(30));
+    let too_old = event(3, now - chrono::Duration::hours(49));
+    produce(&brokers, &config.events_topic, std::slice::from_ref(&first))
+        .await
+        .context("produce")?;
+
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+    server.stop().await?;
+
+    // The same event again (a producer retry), after a restart; an event of
+    // the same user older than the partition's watermark (late); and one
+    // older than the minute retention.
+    produce(
+        &brokers,
+        &config.events_topic,
+        &[first.clone(), late, too_old],
+    )
+    .await?;
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+    server.stop().await?;
+
+    let states = states(&config.redis_namespace).await?;
+    let total = |f: fn(&PartitionState) -> i64| states.iter().map(f).sum::<i64>();
+    assert_eq!(total(|s| s.applied), 2);
+    assert_eq!(total(|s| s.duplicates), 1);
+    assert_eq!(total(|s| s.late), 1);
+    assert_eq!(
+        total(|s| s.dead_lettered.get("too_old").copied().unwrap_or(0)),
+        1
+    );
+    let mut connection = redis().await?;
+    let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
+    let hours = buckets(Granularity::Hour, now - chrono::Duration::hours(1), now);
+    let views = reader
+        .counter(
+            &mut connection,
+            &hours,
+            Counter::ProductEvents {
+                event_type: EventType::ProductView as i32,
+                source: Source::MobileApp as i32,
+                product: 3,
+            },
+        )
+        .await?;
+    assert_eq!(views, 2);
+    // Bucket keys expire with their retention, counted from the bucket's end.
+    let keys = PartitionKeys::new(
+        &config.redis_namespace,
+        rtap::kafka::partition_for_key(&rtap::kafka::record_key(1), PARTITIONS),
+    );
+    let minute = Bucket::containing(Granularity::Minute, first_time(&first));
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(keys.counters(minute))
+        .query_async(&mut connection)
+        .await?;
+    let expected = minute.start + 60 + 48 * 3600 - Utc::now().timestamp();
+    assert!(
+        (ttl - expected).abs() <= 5,
+        "ttl {ttl}, expected about {expected}"
+    );
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+fn first_time(event: &InteractionEvent) -> i64 {
+    event.occurred_at.map_or(0, |t| t.seconds)
+}
+
+/// `rtap-server --role ingest` as a child process, for crash tests.
+fn spawn_server(config: &Config, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"));
+    command
+        .args(["--role", "ingest", "--listen-addr", "127.0.0.1:0"])
+        .args(["--database-url", &config.database_url])
+        .args(["--redis-url", &config.redis_url])
+        .args(["--redis-namespace", &config.redis_namespace])
+        .args(["--kafka-brokers", &config.kafka_brokers.join(",")])
+        .args(["--events-topic", &config.events_topic])
+        .args(["--dead-letter-topic", &config.dead_letter_topic])
+        .args(["--events-partitions", &PARTITIONS.to_string()])
+        .args(["--fetch-max-wait", "100ms"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    Ok(command.spawn()?)
+}
+
+#[tokio::test]
+async fn a_server_killed_at_random_moments_counts_every_event_exactly_once() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(
+        &brokers,
+        &config.events_topic,
+        200_000,
+        23,
+        &["--duplicate-share", "0.01", "--malformed-share", "0.005"],
+    )
+    .await?;
+
+    // Small commits, so kills land between and during many of them.
+    let extra = ["--commit-max-events", "300", "--fetch-max-bytes", "65536"];
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    for _ in 0..8 {
+        let mut child = spawn_server(&config, &extra)?;
+        let alive = Duration::from_millis(rng.random_range(100..600));
+        tokio::time::sleep(alive).await;
+        child.start_kill()?; // SIGKILL
+        child.wait().await?;
+        kills += 1;
+    }
+    let applied_before_last_run = applied(&config.redis_namespace).await?;
+    assert!(
+        applied_before_last_run > 0 && applied_before_last_run < i64::try_from(truth.events)?,
+        "the killed servers made progress but did not finish ({kills} kills, {applied_before_last_run} applied)"
+    );
+
+    let mut child = spawn_server(&config, &extra)?;
+    wait_caught_up(&config, Duration::from_secs(180)).await?;
+    child.start_kill()?;
+    child.wait().await?;
+    assert_matches_truth(&config, &truth).await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn a_redis_outage_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = ingest_config(&database);
+    let url = redis_url();
+    let redis_addr = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .replace("localhost", "127.0.0.1");
+    let proxy = TcpProxy::start(redis_addr.parse().context("REDIS_URL host:port")?).await?;
+    config.redis_url = format!("redis://{}/", proxy.addr);
+    config.commit_max_events = 200;
+    config.fetch_max_bytes = 32 * 1024;
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(&brokers, &config.events_topic, 30_000, 37, &[]).await?;
+
+    let server = TestServer::start(config.clone()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    let applied_at_cut = applied(&config.redis_namespace).await?;
+    ensure!(
+        applied_at_cut < i64::try_from(truth.events)?,
+        "Redis was cut mid-run"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    wait_caught_up(&config, Duration::from_secs(120)).await?;
+    server.stop().await?;
+    assert_matches_truth(&config, &truth).await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let mut broker = PrivateBroker::start().await?;
+    let database = TestDatabase::create().await?;
+    let mut config = ingest_config(&database);
+    config.kafka_brokers = vec![broker.address()];
+    config.commit_max_events = 200;
+    config.fetch_max_bytes = 32 * 1024;
+    let truth = simulate(&broker.address(), &config.events_topic, 30_000, 41, &[]).await?;
+
+    let server = TestServer::start(config.clone()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.kill().await?;
+    let applied_at_kill = applied(&config.redis_namespace).await?;
+    ensure!(
+        applied_at_kill < i64::try_from(truth.events)?,
+        "the broker stopped mid-run"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.restart().await?;
+    wait_caught_up(&config, Duration::from_secs(180)).await?;
+    server.stop().await?;
+    assert_matches_truth(&config, &truth).await?;
+    broker.kill().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
