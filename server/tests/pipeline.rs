@@ -711,3 +711,56 @@ async fn a_broker_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
 }
+
+#[tokio::test]
+async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<()> {
+    use tokio_stream::StreamExt;
+
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    let brokers = config.kafka_brokers[0].clone();
+    let mut deltas = redis::Client::open(config.redis_url.as_str())?
+        .get_async_pubsub()
+        .await?;
+    deltas
+        .subscribe(rtap_server::store::keys::deltas_channel(
+            &config.redis_namespace,
+        ))
+        .await?;
+    let now = Utc::now();
+    let events: Vec<InteractionEvent> = (1..=30)
+        .map(|user| event(user, now - chrono::Duration::minutes(user % 3)))
+        .collect();
+    produce(&brokers, &config.events_topic, &events).await?;
+    let server = TestServer::start(config.clone()).await?;
+
+    let mut messages = deltas.on_message();
+    let (mut applied, mut views, mut dwell_products) = (0, 0, 0);
+    while applied < 30 {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await?
+            .context("the delta channel closed")?;
+        let delta = rtap::v1::CommitDelta::decode(message.get_payload_bytes())?;
+        assert!(delta.next_offset > delta.first_offset);
+        applied += delta.events_applied;
+        for minute in &delta.minutes {
+            for count in &minute.counts {
+                assert_eq!(count.r#type, EventType::ProductView as i32);
+                assert_eq!(
+                    (count.source, count.product_id),
+                    (Source::MobileApp as i32, 3)
+                );
+                views += count.events;
+            }
+            dwell_products += minute.products_with_users.len();
+            let sessions: i64 = minute.sessions.iter().map(|s| s.sessions).sum();
+            assert!(sessions > 0, "each minute has new sessions: {minute:?}");
+        }
+    }
+    assert_eq!((applied, views), (30, 30));
+    assert!(dwell_products >= 3);
+    drop(messages);
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}

@@ -105,7 +105,7 @@ impl PipelineSettings {
             partitions: config.ingest_partitions.clone(),
             fetch_max_bytes: config.fetch_max_bytes,
             fetch_max_wait: config.fetch_max_wait,
-            commit_max_events: usize::try_from(config.commit_max_events).unwrap_or(4000),
+            commit_max_events: usize::try_from(config.commit_max_events).unwrap_or(2000),
             bounds: TimeBounds::from_config(config),
             session_gap_ms,
             commit: CommitSettings {
