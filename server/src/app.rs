@@ -7,7 +7,10 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    analytics::AnalyticsApi,
+    analytics::{
+        AnalyticsApi,
+        subscribe::{Hub, Store},
+    },
     catalog::{ProductApi, UserApi},
     config::Config,
     database::Database,
@@ -17,6 +20,7 @@ use crate::{
         IngestApi,
         consumer::{self, PipelineSettings, PipelineStats},
     },
+    store::Retention,
 };
 
 /// Binds the configured listen address.
@@ -90,10 +94,17 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let router = if config.role.serves_api() {
+        let store = Store::new(
+            redis.clone(),
+            config.redis_namespace.clone(),
+            Retention::from_config(&config),
+            config.dependency_timeout,
+        );
+        let hub = Hub::start(store, shutdown.clone());
         router
             .add_service(UserApi::new(database.clone()).into_server())
             .add_service(ProductApi::new(database).into_server())
-            .add_service(AnalyticsApi.into_server())
+            .add_service(AnalyticsApi::new(hub, config.events_topic.clone()).into_server())
             .add_service(IngestApi::new(&config).into_server())
     } else {
         router

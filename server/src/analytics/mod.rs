@@ -1,41 +1,76 @@
-//! The analytics service: metric queries and live subscriptions over the
-//! aggregates the ingest pipeline keeps in Redis.
-//!
-//! Every RPC is part of the published contract; until the metric store and
-//! the pipeline land, each answers UNIMPLEMENTED rather than a fake result.
+//! The analytics service: metric queries ([`query`], over windows resolved by
+//! [`window`]) and live subscriptions ([`subscribe`]) over the aggregates the
+//! ingest pipeline keeps in Redis.
 
-use std::pin::Pin;
+pub mod query;
+pub mod subscribe;
+pub mod window;
 
+use std::{collections::BTreeMap, pin::Pin, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use chrono::Utc;
+use futures_util::StreamExt as _;
 use rtap::v1::{
-    GetEngagementRequest, GetEngagementResponse, GetEventCountsRequest, GetEventCountsResponse,
-    GetFunnelRequest, GetFunnelResponse, GetPipelineStatusRequest, GetPipelineStatusResponse,
-    GetTopProductsRequest, GetTopProductsResponse, GetUniqueUsersRequest, GetUniqueUsersResponse,
-    SubscribeRequest, SubscribeResponse,
+    DeadLetterCount, GetEngagementRequest, GetEngagementResponse, GetEventCountsRequest,
+    GetEventCountsResponse, GetFunnelRequest, GetFunnelResponse, GetPipelineStatusRequest,
+    GetPipelineStatusResponse, GetTopProductsRequest, GetTopProductsResponse,
+    GetUniqueUsersRequest, GetUniqueUsersResponse, PartitionStatus, SubscribeRequest,
+    SubscribeResponse,
     analytics_service_server::{AnalyticsService, AnalyticsServiceServer},
+    subscribe_request,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
+use crate::{
+    error::{Error, FieldViolation},
+    store::{commit::load_state, keys::PartitionKeys, read::MetricReader},
+};
+use query::{Query, QueryResult};
+use subscribe::Hub;
 
 /// The gRPC server type of the analytics service.
 pub type AnalyticsServer = AnalyticsServiceServer<AnalyticsApi>;
 
+/// Heartbeat interval when the subscriber does not ask for one.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Shortest heartbeat interval a subscriber may ask for.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest heartbeat interval a subscriber may ask for.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
 /// Implements `rtap.v1.AnalyticsService`.
-#[derive(Debug, Clone, Default)]
-pub struct AnalyticsApi;
+#[derive(Clone)]
+pub struct AnalyticsApi {
+    hub: Arc<Hub>,
+    topic: String,
+}
 
 impl AnalyticsApi {
+    /// The service over `hub`'s store, reporting on `topic`.
+    pub fn new(hub: Arc<Hub>, topic: String) -> Self {
+        Self { hub, topic }
+    }
+
     /// The service, ready to add to a tonic router.
     pub fn into_server(self) -> AnalyticsServer {
         AnalyticsServiceServer::new(self)
+    }
+
+    async fn query(&self, query: Query) -> Result<QueryResult, Error> {
+        query.validate("")?;
+        let store = self.hub.store();
+        let window = query.window(Utc::now(), &store.retention, "")?;
+        store.run(&query, window).await
     }
 }
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
 
-fn not_yet<T>(rpc: &'static str) -> Result<Response<T>, Status> {
-    Err(Error::Unimplemented(rpc).into())
+fn mismatch() -> Status {
+    Status::from(Error::Internal(
+        "a query returned another kind of result".into(),
+    ))
 }
 
 #[tonic::async_trait]
@@ -44,50 +79,164 @@ impl AnalyticsService for AnalyticsApi {
 
     async fn get_event_counts(
         &self,
-        _request: Request<GetEventCountsRequest>,
+        request: Request<GetEventCountsRequest>,
     ) -> Result<Response<GetEventCountsResponse>, Status> {
-        not_yet("rtap.v1.AnalyticsService/GetEventCounts")
+        match self.query(Query::EventCounts(request.into_inner())).await? {
+            QueryResult::EventCounts(result) => Ok(Response::new(result)),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn get_unique_users(
         &self,
-        _request: Request<GetUniqueUsersRequest>,
+        request: Request<GetUniqueUsersRequest>,
     ) -> Result<Response<GetUniqueUsersResponse>, Status> {
-        not_yet("rtap.v1.AnalyticsService/GetUniqueUsers")
+        match self.query(Query::UniqueUsers(request.into_inner())).await? {
+            QueryResult::UniqueUsers(result) => Ok(Response::new(result)),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn get_engagement(
         &self,
-        _request: Request<GetEngagementRequest>,
+        request: Request<GetEngagementRequest>,
     ) -> Result<Response<GetEngagementResponse>, Status> {
-        not_yet("rtap.v1.AnalyticsService/GetEngagement")
+        match self.query(Query::Engagement(request.into_inner())).await? {
+            QueryResult::Engagement(result) => Ok(Response::new(result)),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn get_top_products(
         &self,
-        _request: Request<GetTopProductsRequest>,
+        request: Request<GetTopProductsRequest>,
     ) -> Result<Response<GetTopProductsResponse>, Status> {
-        not_yet("rtap.v1.AnalyticsService/GetTopProducts")
+        match self.query(Query::TopProducts(request.into_inner())).await? {
+            QueryResult::TopProducts(result) => Ok(Response::new(result)),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn get_funnel(
         &self,
-        _request: Request<GetFunnelRequest>,
+        request: Request<GetFunnelRequest>,
     ) -> Result<Response<GetFunnelResponse>, Status> {
-        not_yet("rtap.v1.AnalyticsService/GetFunnel")
+        match self.query(Query::Funnel(request.into_inner())).await? {
+            QueryResult::Funnel(result) => Ok(Response::new(result)),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn subscribe(
         &self,
-        _request: Request<SubscribeRequest>,
+        request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        not_yet("rtap.v1.AnalyticsService/Subscribe")
+        let request = request.into_inner();
+        let (query, prefix) = match request.query {
+            Some(subscribe_request::Query::EventCounts(q)) => {
+                (Query::EventCounts(q), "event_counts.")
+            }
+            Some(subscribe_request::Query::UniqueUsers(q)) => {
+                (Query::UniqueUsers(q), "unique_users.")
+            }
+            Some(subscribe_request::Query::Engagement(q)) => (Query::Engagement(q), "engagement."),
+            Some(subscribe_request::Query::TopProducts(q)) => {
+                (Query::TopProducts(q), "top_products.")
+            }
+            Some(subscribe_request::Query::Funnel(q)) => (Query::Funnel(q), "funnel."),
+            None => {
+                return Err(Error::InvalidArgument(vec![FieldViolation::new(
+                    "query",
+                    "is required: one of event_counts, unique_users, engagement, top_products, funnel",
+                )])
+                .into());
+            }
+        };
+        let heartbeat = match request.heartbeat_interval {
+            None => DEFAULT_HEARTBEAT,
+            Some(d) if d.seconds == 0 && d.nanos == 0 => DEFAULT_HEARTBEAT,
+            Some(d) => {
+                let interval = u64::try_from(d.seconds)
+                    .ok()
+                    .zip(u32::try_from(d.nanos).ok())
+                    .map(|(s, n)| Duration::new(s, n))
+                    .filter(|i| (MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(i));
+                interval.ok_or_else(|| {
+                    Error::InvalidArgument(vec![FieldViolation::new(
+                        "heartbeat_interval",
+                        format!(
+                            "must be 0 (default {DEFAULT_HEARTBEAT:?}) or between {MIN_HEARTBEAT:?} and {MAX_HEARTBEAT:?}"
+                        ),
+                    )])
+                })?
+            }
+        };
+        query.validate(prefix)?;
+        // Reject an invalid window now rather than in the stream.
+        query.window(Utc::now(), &self.hub.store().retention, prefix)?;
+        let stream = self.hub.subscribe(query, heartbeat).await?;
+        Ok(Response::new(Box::pin(stream.map(Ok))))
     }
 
     async fn get_pipeline_status(
         &self,
         _request: Request<GetPipelineStatusRequest>,
     ) -> Result<Response<GetPipelineStatusResponse>, Status> {
-        not_yet("rtap.v1.AnalyticsService/GetPipelineStatus")
+        let store = self.hub.store();
+        let mut connection = store.connection().await?;
+        let reader = MetricReader::discover(&mut connection, store.namespace())
+            .await
+            .map_err(Error::from)?;
+        let mut partitions = Vec::new();
+        let mut total = PartitionStatus {
+            partition: -1,
+            ..PartitionStatus::default()
+        };
+        let mut dead_total: BTreeMap<String, i64> = BTreeMap::new();
+        for partition in reader.partitions() {
+            let state = load_state(
+                &mut connection,
+                &PartitionKeys::new(store.namespace(), partition),
+            )
+            .await
+            .map_err(Error::from)?;
+            let dead: BTreeMap<String, i64> = state.dead_lettered.into_iter().collect();
+            for (reason, count) in &dead {
+                *dead_total.entry(reason.clone()).or_default() += count;
+            }
+            total.events_applied += state.applied;
+            total.duplicates_skipped += state.duplicates;
+            total.late_events += state.late;
+            partitions.push(PartitionStatus {
+                partition,
+                stored_offset: state.offset.unwrap_or(0),
+                high_watermark: 0,
+                lag: 0,
+                events_applied: state.applied,
+                duplicates_skipped: state.duplicates,
+                dead_lettered: dead_counts(dead),
+                late_events: state.late,
+                last_commit_time: state.last_commit_ms.map(|ms| prost_types::Timestamp {
+                    seconds: ms.div_euclid(1000),
+                    nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+                }),
+            });
+        }
+        total.dead_lettered = dead_counts(dead_total);
+        let gauges = self.hub.gauges();
+        Ok(Response::new(GetPipelineStatusResponse {
+            topic: self.topic.clone(),
+            partitions,
+            total: Some(total),
+            active_subscriptions: gauges.streams.load(Ordering::Relaxed),
+            active_feeds: gauges.feeds.load(Ordering::Relaxed),
+        }))
     }
+}
+
+fn dead_counts(counts: BTreeMap<String, i64>) -> Vec<DeadLetterCount> {
+    counts
+        .into_iter()
+        .map(|(reason, count)| DeadLetterCount { reason, count })
+        .collect()
 }

@@ -187,7 +187,9 @@ impl BatchAggregate {
             let quantity = i64::from(event.quantity);
             match event.r#type() {
                 EventType::ProductView => {
-                    changes.count(Counter::Dwell { source, product }, dwell_micros(event));
+                    let dwell = dwell_micros(event);
+                    changes.count(Counter::Dwell { source, product }, dwell);
+                    changes.count(Counter::TotalDwell { source }, dwell);
                     changes.rank(Ranking::Views, product, 1);
                 }
                 EventType::AddToCart => {
@@ -199,7 +201,7 @@ impl BatchAggregate {
                         },
                         quantity,
                     );
-                    changes.rank(Ranking::AddToCarts, product, 1);
+                    changes.rank(Ranking::AddToCarts, product, quantity);
                 }
                 EventType::RemoveFromCart => changes.count(
                     Counter::Quantity {
@@ -223,7 +225,7 @@ impl BatchAggregate {
                         Counter::ProductRevenue { source, product },
                         event.amount_micros,
                     );
-                    changes.rank(Ranking::Purchases, product, 1);
+                    changes.rank(Ranking::Purchases, product, quantity);
                     changes.rank(Ranking::Revenue, product, event.amount_micros);
                 }
                 _ => {}
@@ -385,7 +387,7 @@ fn minute_change(minute: i64, changes: &BucketChanges) -> MinuteChange {
                     FunnelStage::Purchase => change.reached_purchase += by,
                 }
             }
-            Counter::Revenue { .. } | Counter::Late => {}
+            Counter::TotalDwell { .. } | Counter::Revenue { .. } | Counter::Late => {}
         }
     }
     for ((event_type, source), events) in without_product {

@@ -109,11 +109,7 @@ impl PipelineSettings {
             bounds: TimeBounds::from_config(config),
             session_gap_ms,
             commit: CommitSettings {
-                retention: Retention {
-                    minute: config.minute_retention,
-                    hour: config.hour_retention,
-                    day: config.day_retention,
-                },
+                retention: Retention::from_config(config),
                 dedupe_window_ms: millis(config.dedupe_window),
                 // Twice the gap, so a session's state outlives any event that
                 // could still continue it, even from a consumer catching up.
@@ -353,6 +349,7 @@ impl PartitionConsumer {
             }
         };
         let state = commit::load_state(&mut redis, &self.keys).await?;
+        commit::register_partition(&mut redis, &settings.namespace, &self.keys).await?;
         let kafka = kafka_client(&settings.brokers, settings.dependency_timeout).await?;
         let source = kafka
             .partition_client(

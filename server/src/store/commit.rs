@@ -119,6 +119,20 @@ pub async fn load_state(
     Ok(state)
 }
 
+/// Records that `keys`' partition is consumed, for readers to merge it.
+pub async fn register_partition(
+    connection: &mut impl ConnectionLike,
+    namespace: &str,
+    keys: &PartitionKeys,
+) -> Result<(), StoreError> {
+    redis::cmd("SADD")
+        .arg(super::keys::partitions(namespace))
+        .arg(keys.partition())
+        .query_async::<()>(connection)
+        .await?;
+    Ok(())
+}
+
 /// What a batch needs to know before it is aggregated.
 #[derive(Debug, Default)]
 pub struct Prefetched {

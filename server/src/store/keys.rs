@@ -36,6 +36,13 @@ pub mod state_field {
     pub const LAST_COMMIT_MS: &str = "last_commit_ms";
 }
 
+/// The set of partition numbers that ingest has consumed in `namespace`
+/// (added by each partition's consumer when it starts), so readers know
+/// which partitions to merge without asking Kafka.
+pub fn partitions(namespace: &str) -> String {
+    format!("{namespace}:partitions")
+}
+
 /// Name of the pub/sub channel that carries commit deltas.
 pub fn deltas_channel(namespace: &str) -> String {
     format!("{namespace}:deltas")

@@ -85,6 +85,15 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// The retentions the server is configured with.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            minute: config.minute_retention,
+            hour: config.hour_retention,
+            day: config.day_retention,
+        }
+    }
+
     /// The retention of `granularity`.
     pub fn of(&self, granularity: Granularity) -> Duration {
         match granularity {
@@ -142,6 +151,11 @@ pub enum Counter {
         /// Product id.
         product: i64,
     },
+    /// Dwell time of every product view from a source, microseconds.
+    TotalDwell {
+        /// `Source` number.
+        source: i32,
+    },
     /// Revenue of purchases from a source, millionths of the currency unit.
     Revenue {
         /// `Source` number.
@@ -196,6 +210,7 @@ impl Counter {
                 product,
             } => format!("q:{event_type}:{source}:{product}"),
             Self::Dwell { source, product } => format!("dw:{source}:{product}"),
+            Self::TotalDwell { source } => format!("tdw:{source}"),
             Self::Revenue { source } => format!("r:{source}"),
             Self::ProductRevenue { source, product } => format!("pr:{source}:{product}"),
             Self::Late => "late".to_owned(),
@@ -256,9 +271,9 @@ pub enum UserSet {
 pub enum Ranking {
     /// By product views.
     Views,
-    /// By add-to-cart events.
+    /// By items added to carts.
     AddToCarts,
-    /// By purchase events.
+    /// By items purchased.
     Purchases,
     /// By revenue, millionths of the currency unit.
     Revenue,
@@ -363,6 +378,7 @@ mod tests {
                 source: 1,
                 product: 2,
             },
+            Counter::TotalDwell { source: 1 },
             Counter::Revenue { source: 1 },
             Counter::ProductRevenue {
                 source: 1,

@@ -67,6 +67,55 @@ impl MetricReader {
         Ok(replies.into_iter().flatten().sum())
     }
 
+    /// The partitions of `namespace` that ingest has consumed.
+    pub async fn discover(
+        connection: &mut impl ConnectionLike,
+        namespace: &str,
+    ) -> Result<Self, StoreError> {
+        let mut partitions: Vec<i32> = redis::cmd("SMEMBERS")
+            .arg(super::keys::partitions(namespace))
+            .query_async(connection)
+            .await?;
+        partitions.sort_unstable();
+        Ok(Self::new(namespace, partitions))
+    }
+
+    /// The partitions read, by number.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.partitions
+            .iter()
+            .map(PartitionKeys::partition)
+            .collect()
+    }
+
+    /// `fields` of every bucket, summed over partitions: one row per bucket
+    /// (in `buckets` order), one value per field (in `fields` order).
+    pub async fn fields(
+        &self,
+        connection: &mut impl ConnectionLike,
+        buckets: &[Bucket],
+        fields: &[String],
+    ) -> Result<Vec<Vec<i64>>, StoreError> {
+        let mut rows = vec![vec![0; fields.len()]; buckets.len()];
+        if fields.is_empty() || buckets.is_empty() || self.partitions.is_empty() {
+            return Ok(rows);
+        }
+        let mut pipe = redis::pipe();
+        for keys in &self.partitions {
+            for bucket in buckets {
+                pipe.cmd("HMGET").arg(keys.counters(*bucket)).arg(fields);
+            }
+        }
+        let replies: Vec<Vec<Option<i64>>> = pipe.query_async(connection).await?;
+        for (index, reply) in replies.into_iter().enumerate() {
+            let row = &mut rows[index % buckets.len()];
+            for (total, value) in row.iter_mut().zip(reply) {
+                *total += value.unwrap_or(0);
+            }
+        }
+        Ok(rows)
+    }
+
     /// Distinct users of `set` over `buckets`.
     pub async fn unique_users(
         &self,
@@ -86,26 +135,32 @@ impl MetricReader {
         Ok(replies.into_iter().sum())
     }
 
-    /// Scores of every product in `ranking` over `buckets`.
+    /// Scores of every product in `ranking` over `buckets`: one `ZUNION`
+    /// per partition (a product's score is spread over the partitions of its
+    /// users, so every score is needed to rank across partitions).
     pub async fn ranking(
         &self,
         connection: &mut impl ConnectionLike,
         buckets: &[Bucket],
         ranking: Ranking,
     ) -> Result<HashMap<i64, i64>, StoreError> {
+        let mut totals = HashMap::new();
+        if buckets.is_empty() || self.partitions.is_empty() {
+            return Ok(totals);
+        }
         let mut pipe = redis::pipe();
         for keys in &self.partitions {
-            for bucket in buckets {
-                pipe.cmd("ZRANGE")
-                    .arg(keys.ranking(*bucket, ranking))
-                    .arg(0)
-                    .arg(-1)
-                    .arg("WITHSCORES");
-            }
+            let sets: Vec<String> = buckets.iter().map(|b| keys.ranking(*b, ranking)).collect();
+            pipe.cmd("ZUNION")
+                .arg(sets.len())
+                .arg(sets)
+                .arg("WITHSCORES");
         }
-        let replies: Vec<Vec<(i64, i64)>> = pipe.query_async(connection).await?;
-        let mut totals = HashMap::new();
+        let replies: Vec<Vec<(i64, f64)>> = pipe.query_async(connection).await?;
         for (product, score) in replies.into_iter().flatten() {
+            // Scores are integer sums, exact in a double below 2^53.
+            #[allow(clippy::cast_possible_truncation)]
+            let score = score.round() as i64;
             *totals.entry(product).or_default() += score;
         }
         Ok(totals)

@@ -10,6 +10,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod pipeline;
+
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};

@@ -1,0 +1,584 @@
+//! AnalyticsService against a live pipeline: every query checked against the
+//! ground truth of simulated traffic, and subscriptions (snapshot + deltas
+//! equal the unary query, fan-out across replicas, heartbeats, no leaks).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use chrono::{DateTime, Utc};
+use common::{
+    TestDatabase, TestServer,
+    pipeline::{
+        PARTITIONS, event, hll_close, ingest_config, produce, simulate, source_number,
+        wait_caught_up,
+    },
+};
+use rtap::v1::{
+    EventType, GetEngagementRequest, GetEventCountsRequest, GetEventCountsResponse,
+    GetFunnelRequest, GetPipelineStatusRequest, GetTopProductsRequest, GetUniqueUsersRequest,
+    Granularity, ProductRanking, Source, SubscribeRequest, SubscribeResponse, TimeRange,
+    TimeWindow, analytics_service_client::AnalyticsServiceClient, delta, snapshot,
+    subscribe_request, subscribe_response, time_window::Window,
+};
+use rtap_server::{Config, config::Role};
+use tokio_stream::StreamExt;
+use tonic::{Code, Streaming, transport::Channel};
+
+fn client(server: &TestServer) -> AnalyticsServiceClient<Channel> {
+    AnalyticsServiceClient::new(server.channel())
+}
+
+fn range(start: i64, end: i64) -> TimeWindow {
+    TimeWindow {
+        window: Some(Window::Range(TimeRange {
+            start_time: Some(prost_types::Timestamp {
+                seconds: start,
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: end,
+                nanos: 0,
+            }),
+        })),
+    }
+}
+
+fn trailing(seconds: i64) -> TimeWindow {
+    TimeWindow {
+        window: Some(Window::Trailing(prost_types::Duration {
+            seconds,
+            nanos: 0,
+        })),
+    }
+}
+
+fn api_config(database: &TestDatabase) -> Config {
+    let mut config = ingest_config(database);
+    config.role = Role::All;
+    config
+}
+
+#[tokio::test]
+async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = api_config(&database);
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(&brokers, &config.events_topic, 20_000, 5, &[]).await?;
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(120)).await?;
+    let mut analytics = client(&server);
+    let first = truth.first_event_time.context("events")?.timestamp();
+    let last = truth.last_event_time.context("events")?.timestamp();
+    let window = range(first, last + 1);
+
+    // Event counts, per minute and in total, at each granularity.
+    for granularity in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
+        let counts = analytics
+            .get_event_counts(GetEventCountsRequest {
+                window: Some(window),
+                granularity: granularity as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert_eq!(counts.granularity, granularity as i32);
+        let total: i64 = counts.buckets.iter().map(|b| b.total).sum();
+        assert_eq!(total, i64::try_from(truth.events)?, "{granularity:?}");
+        let mut by_pair: BTreeMap<String, i64> = BTreeMap::new();
+        for bucket in &counts.buckets {
+            for count in &bucket.counts {
+                let name = format!(
+                    "{}/{}",
+                    Source::try_from(count.source)?.as_str_name(),
+                    EventType::try_from(count.event_type)?.as_str_name()
+                );
+                *by_pair.entry(name).or_default() += count.count;
+            }
+        }
+        let expected: BTreeMap<String, i64> = truth
+            .events_by_source_and_type
+            .iter()
+            .map(|(k, v)| (k.clone(), i64::try_from(*v).unwrap_or(0)))
+            .collect();
+        assert_eq!(by_pair, expected);
+        if granularity == Granularity::Minute {
+            let per_minute: BTreeMap<String, u64> = counts
+                .buckets
+                .iter()
+                .filter(|b| b.total > 0)
+                .filter_map(|b| {
+                    let start = DateTime::from_timestamp(b.start_time?.seconds, 0)?;
+                    Some((
+                        start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        u64::try_from(b.total).ok()?,
+                    ))
+                })
+                .collect();
+            assert_eq!(per_minute, truth.events_per_minute);
+            // Empty buckets are present with zero counts.
+            let minutes = (last / 60 - first / 60 + 1) as usize;
+            assert_eq!(counts.buckets.len(), minutes);
+        }
+    }
+
+    // Filters: one product's views from the web.
+    let (top_product, top) = truth
+        .products
+        .iter()
+        .max_by_key(|(id, p)| (p.views, -**id))
+        .context("products")?;
+    let filtered = analytics
+        .get_event_counts(GetEventCountsRequest {
+            window: Some(window),
+            granularity: Granularity::Hour as i32,
+            event_types: vec![EventType::ProductView as i32],
+            sources: vec![],
+            product_id: *top_product,
+        })
+        .await?
+        .into_inner();
+    let views: i64 = filtered.buckets.iter().map(|b| b.total).sum();
+    assert_eq!(views, i64::try_from(top.views)?);
+
+    // Unique users.
+    let users = analytics
+        .get_unique_users(GetUniqueUsersRequest {
+            window: Some(window),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(hll_close(
+        u64::try_from(users.unique_users)?,
+        truth.unique_users
+    ));
+    let product_users = analytics
+        .get_unique_users(GetUniqueUsersRequest {
+            window: Some(window),
+            product_id: *top_product,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(hll_close(
+        u64::try_from(product_users.unique_users)?,
+        top.unique_users
+    ));
+
+    // Engagement: the seed platform's two metrics.
+    let engagement = analytics
+        .get_engagement(GetEngagementRequest {
+            window: Some(window),
+            product_id: *top_product,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(engagement.product_views, i64::try_from(top.views)?);
+    let dwell = engagement.total_dwell_time.context("dwell")?;
+    assert_eq!(
+        dwell.seconds * 1_000_000 + i64::from(dwell.nanos) / 1000,
+        top.dwell_micros
+    );
+    let average = engagement.average_dwell_time_per_user.context("average")?;
+    let expected_average = top.dwell_micros / engagement.unique_users;
+    assert_eq!(
+        average.seconds * 1_000_000 + i64::from(average.nanos) / 1000,
+        expected_average
+    );
+    let nothing = analytics
+        .get_engagement(GetEngagementRequest {
+            window: Some(window),
+            product_id: 987_654_321,
+        })
+        .await?
+        .into_inner();
+    assert_eq!((nothing.unique_users, nothing.product_views), (0, 0));
+    assert_eq!(
+        nothing.average_dwell_time_per_user,
+        Some(prost_types::Duration::default())
+    );
+    let shop = analytics
+        .get_engagement(GetEngagementRequest {
+            window: Some(window),
+            product_id: 0,
+        })
+        .await?
+        .into_inner();
+    let sessions = shop.sessions.context("sessions")?;
+    let truth_sessions: u64 = truth.funnel.values().map(|f| f.sessions).sum();
+    assert_eq!(sessions.session_count, i64::try_from(truth_sessions)?);
+    assert_eq!(sessions.total_events, i64::try_from(truth.events)?);
+
+    // Top products, by views and by revenue, ties by ascending id.
+    for (ranking, value) in [
+        (
+            ProductRanking::Views,
+            (|p: &rtap_simulator::truth::ProductTruth| i64::try_from(p.views).unwrap_or(0))
+                as fn(&rtap_simulator::truth::ProductTruth) -> i64,
+        ),
+        (ProductRanking::Revenue, |p| p.revenue_micros),
+        (ProductRanking::Purchases, |p| {
+            i64::try_from(p.items_purchased).unwrap_or(0)
+        }),
+    ] {
+        let top = analytics
+            .get_top_products(GetTopProductsRequest {
+                window: Some(window),
+                ranking: ranking as i32,
+                limit: 10,
+            })
+            .await?
+            .into_inner();
+        let mut expected: Vec<(i64, i64)> = truth
+            .products
+            .iter()
+            .map(|(id, p)| (*id, value(p)))
+            .filter(|(_, v)| *v != 0)
+            .collect();
+        expected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        expected.truncate(10);
+        let actual: Vec<(i64, i64)> = top
+            .products
+            .iter()
+            .map(|p| (p.product_id, p.value))
+            .collect();
+        assert_eq!(actual, expected, "{ranking:?}");
+    }
+
+    // The funnel per source, with its rates.
+    let funnel = analytics
+        .get_funnel(GetFunnelRequest {
+            window: Some(window),
+            sources: vec![],
+        })
+        .await?
+        .into_inner();
+    for (source, expected) in &truth.funnel {
+        let source = source_number(source)?;
+        let actual = funnel
+            .funnels
+            .iter()
+            .find(|f| f.source == source)
+            .context("a funnel per source seen")?;
+        assert_eq!(
+            (
+                actual.sessions,
+                actual.product_view_sessions,
+                actual.add_to_cart_sessions,
+                actual.purchase_sessions
+            ),
+            (
+                i64::try_from(expected.sessions)?,
+                i64::try_from(expected.product_view_sessions)?,
+                i64::try_from(expected.add_to_cart_sessions)?,
+                i64::try_from(expected.purchase_sessions)?
+            )
+        );
+        let rate = expected.purchase_sessions as f64 / expected.sessions as f64;
+        assert!((actual.conversion_rate - rate).abs() < 1e-9);
+    }
+    let total = funnel.total.context("total")?;
+    assert_eq!(total.sessions, i64::try_from(truth_sessions)?);
+
+    // The pipeline's vital signs.
+    let status = analytics
+        .get_pipeline_status(GetPipelineStatusRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(status.partitions.len(), usize::try_from(PARTITIONS)?);
+    assert_eq!(
+        status.total.context("total")?.events_applied,
+        i64::try_from(truth.events)?
+    );
+
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn invalid_windows_and_fields_are_invalid_argument_and_a_down_redis_is_unavailable()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = api_config(&database);
+    let server = TestServer::start(config.clone()).await?;
+    let mut analytics = client(&server);
+    let now = Utc::now().timestamp();
+    let cases: Vec<(GetEventCountsRequest, &str)> = vec![
+        (
+            GetEventCountsRequest {
+                window: Some(range(now, now - 60)),
+                ..Default::default()
+            },
+            "window.range.end_time",
+        ),
+        (
+            GetEventCountsRequest {
+                window: Some(range(now, now)),
+                ..Default::default()
+            },
+            "window.range.end_time",
+        ),
+        (GetEventCountsRequest::default(), "window"),
+        (
+            GetEventCountsRequest {
+                window: Some(trailing(30 * 86_400)),
+                granularity: Granularity::Minute as i32,
+                ..Default::default()
+            },
+            "window",
+        ),
+        (
+            GetEventCountsRequest {
+                window: Some(trailing(60)),
+                event_types: vec![42],
+                ..Default::default()
+            },
+            "event_types[0]",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = analytics
+            .get_event_counts(request)
+            .await
+            .expect_err("invalid");
+        assert_eq!(common::bad_request_fields(&status), [field]);
+    }
+    let status = analytics
+        .get_top_products(GetTopProductsRequest {
+            window: Some(trailing(60)),
+            ranking: 0,
+            limit: 500,
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(common::bad_request_fields(&status), ["ranking", "limit"]);
+    let status = analytics
+        .subscribe(SubscribeRequest::default())
+        .await
+        .expect_err("invalid");
+    assert_eq!(common::bad_request_fields(&status), ["query"]);
+    server.stop().await?;
+
+    // Redis down: UNAVAILABLE, and the server stays up.
+    let mut down = config.clone();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    down.redis_url = format!("redis://{closed}/");
+    let server = TestServer::start(down).await?;
+    let status = client(&server)
+        .get_unique_users(GetUniqueUsersRequest {
+            window: Some(trailing(60)),
+            ..Default::default()
+        })
+        .await
+        .expect_err("redis is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    server.stop().await?;
+    database.drop().await
+}
+
+/// Event counts a client holds: bucket start → (type, source) → count.
+type Held = BTreeMap<i64, HashMap<(i32, i32), i64>>;
+
+fn held_of(response: &GetEventCountsResponse) -> Held {
+    response
+        .buckets
+        .iter()
+        .map(|b| {
+            (
+                b.start_time.map_or(0, |t| t.seconds),
+                b.counts
+                    .iter()
+                    .map(|c| ((c.event_type, c.source), c.count))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Applies one stream message to what the client holds; returns whether it
+/// was a delta.
+fn apply(held: &mut Held, message: &SubscribeResponse) -> anyhow::Result<bool> {
+    match &message.update {
+        Some(subscribe_response::Update::Snapshot(snapshot)) => {
+            let Some(snapshot::Result::EventCounts(result)) = &snapshot.result else {
+                anyhow::bail!("an event-count snapshot");
+            };
+            *held = held_of(result);
+            Ok(false)
+        }
+        Some(subscribe_response::Update::Delta(delta)) => {
+            let Some(delta::Change::EventCounts(change)) = &delta.change else {
+                anyhow::bail!("an event-count delta");
+            };
+            for bucket in &change.buckets {
+                let counts = held
+                    .entry(bucket.start_time.map_or(0, |t| t.seconds))
+                    .or_default();
+                for count in &bucket.counts {
+                    *counts.entry((count.event_type, count.source)).or_default() += count.count;
+                }
+                counts.retain(|_, c| *c != 0);
+            }
+            for removed in &change.removed_bucket_start_times {
+                held.remove(&removed.seconds);
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+async fn next(stream: &mut Streaming<SubscribeResponse>) -> anyhow::Result<SubscribeResponse> {
+    tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .context("no message within 30 s")?
+        .context("the stream ended")?
+        .map_err(Into::into)
+}
+
+#[tokio::test]
+async fn snapshot_plus_deltas_equals_the_unary_query_across_replicas() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    // One replica ingests, another serves: the subscriber is on the latter.
+    let ingest = ingest_config(&database);
+    let mut api = ingest.clone();
+    api.role = Role::Api;
+    let ingesting = TestServer::start(ingest.clone()).await?;
+    let serving = TestServer::start(api).await?;
+    let mut analytics = client(&serving);
+    let query = GetEventCountsRequest {
+        window: Some(trailing(30 * 60)),
+        granularity: Granularity::Minute as i32,
+        ..Default::default()
+    };
+    let mut stream = analytics
+        .subscribe(SubscribeRequest {
+            query: Some(subscribe_request::Query::EventCounts(query.clone())),
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        })
+        .await?
+        .into_inner();
+    let mut held = Held::new();
+    let first = next(&mut stream).await?;
+    assert_eq!(first.sequence, 1);
+    ensure!(
+        !apply(&mut held, &first)?,
+        "the first message is a snapshot"
+    );
+    let mut sequence = 1;
+
+    let brokers = ingest.kafka_brokers[0].clone();
+    let now = Utc::now();
+    for wave in 0..5 {
+        let events: Vec<_> = (1..=40)
+            .map(|user| event(user * 10 + wave, now - chrono::Duration::minutes(user % 7)))
+            .collect();
+        produce(&brokers, &ingest.events_topic, &events).await?;
+        wait_caught_up(&ingest, Duration::from_secs(30)).await?;
+        // Read until the held result equals the unary query.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let unary = analytics
+                .get_event_counts(query.clone())
+                .await?
+                .into_inner();
+            let mut expected = held_of(&unary);
+            expected.retain(|_, c| !c.is_empty());
+            let mut have = held.clone();
+            have.retain(|_, c| !c.is_empty());
+            if have == expected {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "wave {wave}: held {have:?} != unary {expected:?}"
+            );
+            let message = next(&mut stream).await?;
+            sequence += 1;
+            assert_eq!(
+                message.sequence, sequence,
+                "sequence numbers follow each other"
+            );
+            apply(&mut held, &message)?;
+        }
+    }
+    let total: i64 = held.values().flat_map(|c| c.values()).sum();
+    assert_eq!(total, 200);
+
+    // Idle: heartbeats carry the watermark.
+    let heartbeat = loop {
+        let message = next(&mut stream).await?;
+        if let Some(subscribe_response::Update::Heartbeat(_)) = message.update {
+            break message;
+        }
+    };
+    let watermark = heartbeat.watermark.context("watermark")?;
+    assert!(watermark.latest_event_time.is_some());
+    assert_eq!(watermark.offsets.len(), usize::try_from(PARTITIONS)?);
+
+    drop(stream);
+    serving.stop().await?;
+    ingesting.stop().await?;
+    common::delete_redis_namespace(&ingest.redis_url, &ingest.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn thousands_of_dropped_subscriptions_leave_no_streams_or_feeds() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = api_config(&database);
+    let server = TestServer::start(config.clone()).await?;
+    let mut analytics = client(&server);
+    let mut streams = Vec::new();
+    for index in 0..2000 {
+        // A few distinct queries, shared by many subscribers.
+        let query = GetFunnelRequest {
+            window: Some(trailing(60 * (1 + index % 5))),
+            sources: vec![],
+        };
+        let mut stream = analytics
+            .subscribe(SubscribeRequest {
+                query: Some(subscribe_request::Query::Funnel(query)),
+                heartbeat_interval: None,
+            })
+            .await?
+            .into_inner();
+        next(&mut stream).await?;
+        streams.push(stream);
+    }
+    let status = analytics
+        .get_pipeline_status(GetPipelineStatusRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(status.active_subscriptions, 2000);
+    assert_eq!(status.active_feeds, 5);
+    drop(streams);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = analytics
+            .get_pipeline_status(GetPipelineStatusRequest {})
+            .await?
+            .into_inner();
+        if status.active_subscriptions == 0 && status.active_feeds == 0 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "left: {} streams, {} feeds",
+            status.active_subscriptions,
+            status.active_feeds
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await?;
+    database.drop().await
+}

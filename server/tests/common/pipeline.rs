@@ -1,0 +1,228 @@
+//! Helpers of the tests that run the ingest pipeline: simulated traffic with
+//! its ground truth, hand-built events, and waiting for ingest to catch up.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::{Context, ensure};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use prost::Message;
+use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
+use rtap::v1::{EventType, InteractionEvent, Source};
+use rtap_server::{
+    Config,
+    config::Role,
+    store::{
+        Bucket, Granularity,
+        commit::{PartitionState, load_state},
+        keys::PartitionKeys,
+    },
+};
+use rtap_simulator::{config::SimulatorConfig, truth::GroundTruth};
+use tokio_util::sync::CancellationToken;
+
+use super::{TestDatabase, test_config};
+
+pub const PARTITIONS: i32 = 3;
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+pub async fn redis() -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(redis_url())?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+/// A pipeline configuration of its own (namespace, topics), consuming only.
+pub fn ingest_config(database: &TestDatabase) -> Config {
+    let mut config = test_config(database);
+    config.role = Role::Ingest;
+    config.events_partitions = PARTITIONS;
+    config.fetch_max_wait = Duration::from_millis(100);
+    config
+}
+
+/// Produces `count` simulated events (plus the requested shares of
+/// duplicates and malformed records) and returns their ground truth.
+pub async fn simulate(
+    brokers: &str,
+    topic: &str,
+    count: u64,
+    seed: u64,
+    extra: &[&str],
+) -> anyhow::Result<GroundTruth> {
+    let truth_dir = tempfile::tempdir()?;
+    let truth_file = truth_dir.path().join("truth.json");
+    let start = (Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+    let count = count.to_string();
+    let seed = seed.to_string();
+    let partitions = PARTITIONS.to_string();
+    let mut args = vec![
+        "rtap-simulator",
+        "--kafka-brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--partitions",
+        &partitions,
+        "--count",
+        &count,
+        "--seed",
+        &seed,
+        "--start-time",
+        &start,
+        "--users",
+        "50000",
+        "--session-gap",
+        "5m",
+        "--products",
+        "150",
+        "--progress",
+        "none",
+    ];
+    args.push("--truth-file");
+    let truth_path = truth_file.to_str().context("temporary paths are UTF-8")?;
+    args.push(truth_path);
+    args.extend_from_slice(extra);
+    let config = SimulatorConfig::try_parse_from(args)?;
+    let report = rtap_simulator::run::run(config, CancellationToken::new())
+        .await
+        .context("simulate")?;
+    Ok(report.truth)
+}
+
+/// Every partition's high watermark.
+pub async fn high_watermarks(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    let mut marks = BTreeMap::new();
+    for partition in 0..PARTITIONS {
+        let reader = client
+            .partition_client(topic, partition, UnknownTopicHandling::Retry)
+            .await?;
+        // The test broker's ListOffsets(latest) is not reliable: a fetch
+        // reports the high watermark.
+        let (_, high_watermark) = reader
+            .fetch_records(0, 1..65_536, 10)
+            .await
+            .with_context(|| format!("fetch partition {partition} of {topic}"))?;
+        marks.insert(partition, high_watermark);
+    }
+    Ok(marks)
+}
+
+pub async fn states(namespace: &str) -> anyhow::Result<Vec<PartitionState>> {
+    let mut connection = redis().await?;
+    let mut states = Vec::new();
+    for partition in 0..PARTITIONS {
+        states.push(load_state(&mut connection, &PartitionKeys::new(namespace, partition)).await?);
+    }
+    Ok(states)
+}
+
+/// Events counted so far, over every partition.
+pub async fn applied(namespace: &str) -> anyhow::Result<i64> {
+    Ok(states(namespace).await?.iter().map(|s| s.applied).sum())
+}
+
+/// Waits until every partition's stored offset reached its high watermark.
+pub async fn wait_caught_up(config: &Config, within: Duration) -> anyhow::Result<()> {
+    let brokers = &config.kafka_brokers[0];
+    let marks = high_watermarks(brokers, &config.events_topic).await?;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let offsets: BTreeMap<i32, Option<i64>> = (0..PARTITIONS)
+            .zip(states(&config.redis_namespace).await?)
+            .map(|(p, s)| (p, s.offset))
+            .collect();
+        let caught_up = marks
+            .iter()
+            .all(|(p, mark)| *mark == 0 || offsets.get(p) == Some(&Some(*mark)));
+        if caught_up {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not caught up within {within:?}: stored {offsets:?}, high watermarks {marks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn source_number(name: &str) -> anyhow::Result<i32> {
+    Source::from_str_name(name)
+        .map(|s| s as i32)
+        .with_context(|| format!("unknown source {name}"))
+}
+
+pub fn days(truth: &GroundTruth) -> anyhow::Result<Vec<Bucket>> {
+    let first = truth.first_event_time.context("events were produced")?;
+    let last = truth.last_event_time.context("events were produced")?;
+    Ok(buckets(Granularity::Day, first, last))
+}
+
+pub fn buckets(granularity: Granularity, first: DateTime<Utc>, last: DateTime<Utc>) -> Vec<Bucket> {
+    let step = granularity.seconds();
+    let mut start = granularity.bucket_start(first.timestamp());
+    let mut all = Vec::new();
+    while start <= last.timestamp() {
+        all.push(Bucket { granularity, start });
+        start += step;
+    }
+    all
+}
+
+/// Whether an HLL estimate is within its error bound of the truth: 0.81 %
+/// standard error, checked at over four standard errors, never below one.
+pub fn hll_close(estimate: u64, truth: u64) -> bool {
+    let bound = (truth as f64 * 0.035).max(1.0);
+    (estimate as f64 - truth as f64).abs() <= bound
+}
+
+pub fn event(user_id: i64, time: DateTime<Utc>) -> InteractionEvent {
+    InteractionEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: time.timestamp(),
+            nanos: 0,
+        }),
+        user_id,
+        product_id: 3,
+        source: Source::MobileApp as i32,
+        r#type: EventType::ProductView as i32,
+        session_id: format!("s-{user_id}"),
+        dwell_time: None,
+        amount_micros: 0,
+        quantity: 0,
+        search_query: String::new(),
+    }
+}
+
+/// Produces `events` to `topic`, keyed by user like every producer.
+pub async fn produce(
+    brokers: &str,
+    topic: &str,
+    events: &[InteractionEvent],
+) -> anyhow::Result<()> {
+    use rskafka::{client::partition::Compression, record::Record};
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    rtap::kafka::admin::ensure_topic(&client, topic, PARTITIONS).await?;
+    for event in events {
+        let key = rtap::kafka::record_key(event.user_id);
+        let partition = rtap::kafka::partition_for_key(&key, PARTITIONS);
+        let writer = client
+            .partition_client(topic, partition, UnknownTopicHandling::Retry)
+            .await?;
+        let record = Record {
+            key: Some(key),
+            value: Some(event.encode_to_vec()),
+            headers: Default::default(),
+            timestamp: Utc::now(),
+        };
+        writer
+            .produce(vec![record], Compression::NoCompression)
+            .await?;
+    }
+    Ok(())
+}
