@@ -203,11 +203,13 @@ pub struct Config {
     )]
     pub fetch_max_bytes: i32,
 
-    /// Longest the broker holds a fetch open waiting for new records.
+    /// Longest the broker holds a fetch open waiting for new records. Short,
+    /// because some brokers (Nisshi) answer only when it expires: it bounds
+    /// the delay from produce to metrics.
     #[arg(
         long,
         env = "RTAP_FETCH_MAX_WAIT",
-        default_value = "500ms",
+        default_value = "20ms",
         value_parser = parse_positive_duration,
         global = true
     )]

@@ -401,7 +401,6 @@ fn spawn_server(config: &Config, extra: &[&str]) -> anyhow::Result<tokio::proces
         .args(["--events-topic", &config.events_topic])
         .args(["--dead-letter-topic", &config.dead_letter_topic])
         .args(["--events-partitions", &PARTITIONS.to_string()])
-        .args(["--fetch-max-wait", "100ms"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -282,7 +282,7 @@ async fn unique_users(
         UserSet::All
     };
     let users = reader
-        .unique_users(connection, &window.buckets(), set)
+        .unique_users(connection, &window.covering_buckets(), set)
         .await?;
     Ok(GetUniqueUsersResponse {
         granularity: window.proto_granularity(),
@@ -328,7 +328,7 @@ async fn engagement(
         ]);
     }
     let fields: Vec<String> = fields.iter().map(Counter::field).collect();
-    let buckets = window.buckets();
+    let buckets = window.covering_buckets();
     let rows = reader.fields(connection, &buckets, &fields).await?;
     let mut totals = [0i64; 5];
     for row in rows {
@@ -384,7 +384,7 @@ async fn top_products(
         request.limit
     };
     let scores = reader
-        .ranking(connection, &window.buckets(), ranking)
+        .ranking(connection, &window.covering_buckets(), ranking)
         .await?;
     let mut products: Vec<ProductScore> = scores
         .into_iter()
@@ -418,7 +418,7 @@ async fn funnel(
     }
     let fields: Vec<String> = fields.iter().map(Counter::field).collect();
     let rows = reader
-        .fields(connection, &window.buckets(), &fields)
+        .fields(connection, &window.covering_buckets(), &fields)
         .await?;
     let mut counts: BTreeMap<i32, [i64; 4]> = BTreeMap::new();
     for row in rows {

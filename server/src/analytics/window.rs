@@ -45,6 +45,26 @@ impl ResolvedWindow {
             .collect()
     }
 
+    /// The fewest buckets that tile the window exactly: whole days and hours
+    /// inside it, finer buckets at its edges. Totals over the window (not
+    /// series) read these: a day of minutes is then 24 hours, not 1440
+    /// minutes. Coarser buckets are kept at least as long, and hold exactly
+    /// the sums of their finer ones.
+    pub fn covering_buckets(&self) -> Vec<Bucket> {
+        let mut buckets = Vec::new();
+        let mut start = self.start;
+        while start < self.end {
+            let granularity = [Granularity::Day, Granularity::Hour, Granularity::Minute]
+                .into_iter()
+                .filter(|g| *g >= self.granularity)
+                .find(|g| start % g.seconds() == 0 && start + g.seconds() <= self.end)
+                .unwrap_or(self.granularity);
+            buckets.push(Bucket { granularity, start });
+            start += granularity.seconds();
+        }
+        buckets
+    }
+
     /// The window as returned to clients.
     pub fn range(&self) -> TimeRange {
         TimeRange {
@@ -291,10 +311,44 @@ mod tests {
     }
 
     #[test]
+    fn covering_buckets_tile_the_window_with_the_coarsest_buckets() {
+        let w = ResolvedWindow {
+            granularity: Granularity::Minute,
+            start: 86_400 - 120,
+            end: 2 * 86_400 + 3600 + 60,
+        };
+        let covering = w.covering_buckets();
+        let count = |g| covering.iter().filter(|b| b.granularity == g).count();
+        assert_eq!(
+            (
+                count(Granularity::Minute),
+                count(Granularity::Hour),
+                count(Granularity::Day)
+            ),
+            (3, 1, 1)
+        );
+        let covered: i64 = covering.iter().map(|b| b.granularity.seconds()).sum();
+        assert_eq!(covered, w.end - w.start);
+        assert!(
+            covering
+                .windows(2)
+                .all(|p| p[0].start + p[0].granularity.seconds() == p[1].start)
+        );
+    }
+
+    #[test]
     fn ranges_round_outwards_to_whole_buckets() {
-        let w = resolve(Some(&range(3601, 7201)), 2, now(), &retention(), "").expect("valid");
-        assert_eq!((w.start, w.end), (3600, 10_800));
-        assert_eq!(w.range().start_time, Some(timestamp(3600)));
+        let hour = Granularity::Hour.bucket_start(now().timestamp()) - 10 * 3600;
+        let w = resolve(
+            Some(&range(hour + 1, hour + 3601)),
+            2,
+            now(),
+            &retention(),
+            "",
+        )
+        .expect("valid");
+        assert_eq!((w.start, w.end), (hour, hour + 7200));
+        assert_eq!(w.range().start_time, Some(timestamp(hour)));
     }
 
     #[test]

@@ -40,7 +40,6 @@ pub fn ingest_config(database: &TestDatabase) -> Config {
     let mut config = test_config(database);
     config.role = Role::Ingest;
     config.events_partitions = PARTITIONS;
-    config.fetch_max_wait = Duration::from_millis(100);
     config
 }
 
@@ -205,24 +204,57 @@ pub async fn produce(
     topic: &str,
     events: &[InteractionEvent],
 ) -> anyhow::Result<()> {
-    use rskafka::{client::partition::Compression, record::Record};
-    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
-    rtap::kafka::admin::ensure_topic(&client, topic, PARTITIONS).await?;
-    for event in events {
-        let key = rtap::kafka::record_key(event.user_id);
-        let partition = rtap::kafka::partition_for_key(&key, PARTITIONS);
-        let writer = client
-            .partition_client(topic, partition, UnknownTopicHandling::Retry)
-            .await?;
-        let record = Record {
-            key: Some(key),
-            value: Some(event.encode_to_vec()),
-            headers: Default::default(),
-            timestamp: Utc::now(),
-        };
-        writer
-            .produce(vec![record], Compression::NoCompression)
-            .await?;
+    EventWriter::connect(brokers, topic)
+        .await?
+        .send(events)
+        .await
+}
+
+/// Produces events to a topic of [`PARTITIONS`] partitions, keyed by user
+/// like every RTAP producer, one request per partition per call.
+pub struct EventWriter {
+    partitions: Vec<rskafka::client::partition::PartitionClient>,
+}
+
+impl EventWriter {
+    /// Connects, creating the topic if needed.
+    pub async fn connect(brokers: &str, topic: &str) -> anyhow::Result<Self> {
+        let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+        rtap::kafka::admin::ensure_topic(&client, topic, PARTITIONS).await?;
+        let mut partitions = Vec::new();
+        for partition in 0..PARTITIONS {
+            partitions.push(
+                client
+                    .partition_client(topic, partition, UnknownTopicHandling::Retry)
+                    .await?,
+            );
+        }
+        Ok(Self { partitions })
     }
-    Ok(())
+
+    /// Stores `events`; returns once the broker acknowledged them.
+    pub async fn send(&self, events: &[InteractionEvent]) -> anyhow::Result<()> {
+        use rskafka::{client::partition::Compression, record::Record};
+        let mut batches: Vec<Vec<Record>> = vec![Vec::new(); self.partitions.len()];
+        for event in events {
+            let key = rtap::kafka::record_key(event.user_id);
+            let partition = rtap::kafka::partition_for_key(&key, PARTITIONS);
+            batches[usize::try_from(partition)?].push(Record {
+                key: Some(key),
+                value: Some(event.encode_to_vec()),
+                headers: Default::default(),
+                timestamp: Utc::now(),
+            });
+        }
+        let sends = self
+            .partitions
+            .iter()
+            .zip(batches)
+            .filter(|(_, batch)| !batch.is_empty())
+            .map(|(client, batch)| client.produce(batch, Compression::NoCompression));
+        for result in futures_util::future::join_all(sends).await {
+            result?;
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,384 @@
+//! The analytics API under load, against a release `rtap-server` process:
+//! 1. freshness: time from an event's produce to the delta that counts it
+//!    reaching each of 100 subscribers, at 5,000 events/s;
+//! 2. fan-out: resident memory per subscription with 10,000 open, and the
+//!    spread between the first and last subscriber receiving one change;
+//! 3. query latency: a 24-hour minute series and a top 10, next to
+//!    `redis-benchmark` PING round trips on the same Redis.
+//!
+//! `cargo bench -p rtap-server --bench subscribe` after
+//! `scripts/services.sh up`. Targets: freshness p50 ≤ 20 ms and p99 ≤ 100 ms;
+//! ≤ 16 KiB per subscription; query p99 ≤ 5 ms.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use common::{
+    TestDatabase,
+    pipeline::{EventWriter, PARTITIONS, event},
+    test_config, wait_for_health,
+};
+use rand::Rng;
+use rtap::v1::{
+    EventType, GetEventCountsRequest, GetTopProductsRequest, Granularity, ProductRanking,
+    SubscribeRequest, SubscribeResponse, TimeWindow,
+    analytics_service_client::AnalyticsServiceClient, delta, subscribe_request, subscribe_response,
+    time_window::Window,
+};
+use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn trailing(seconds: i64) -> TimeWindow {
+    TimeWindow {
+        window: Some(Window::Trailing(prost_types::Duration {
+            seconds,
+            nanos: 0,
+        })),
+    }
+}
+
+fn counts_query(minutes: i64) -> SubscribeRequest {
+    SubscribeRequest {
+        query: Some(subscribe_request::Query::EventCounts(
+            GetEventCountsRequest {
+                window: Some(trailing(minutes * 60)),
+                granularity: Granularity::Minute as i32,
+                ..Default::default()
+            },
+        )),
+        heartbeat_interval: None,
+    }
+}
+
+/// The change of the total event count a message carries (a snapshot gives
+/// the total itself).
+fn total_of(message: &SubscribeResponse) -> (bool, i64) {
+    match &message.update {
+        Some(subscribe_response::Update::Snapshot(s)) => match &s.result {
+            Some(rtap::v1::snapshot::Result::EventCounts(r)) => {
+                (true, r.buckets.iter().map(|b| b.total).sum())
+            }
+            _ => (true, 0),
+        },
+        Some(subscribe_response::Update::Delta(d)) => match &d.change {
+            Some(delta::Change::EventCounts(c)) => (false, c.buckets.iter().map(|b| b.total).sum()),
+            _ => (false, 0),
+        },
+        _ => (false, 0),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let database = TestDatabase::create().await?;
+        let result = bench(&database).await;
+        database.drop().await?;
+        result
+    })
+}
+
+async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
+    let mut config = test_config(database);
+    config.events_partitions = PARTITIONS;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let brokers = config.kafka_brokers.join(",");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"));
+    if let Ok(wait) = std::env::var("RTAP_FETCH_MAX_WAIT") {
+        command.args(["--fetch-max-wait", &wait]);
+    }
+    let mut server = command
+        .args(["--listen-addr", &addr])
+        .args(["--database-url", &config.database_url])
+        .args(["--redis-url", &config.redis_url])
+        .args(["--redis-namespace", &config.redis_namespace])
+        .args(["--kafka-brokers", &brokers])
+        .args(["--events-topic", &config.events_topic])
+        .args(["--dead-letter-topic", &config.dead_letter_topic])
+        .args(["--events-partitions", &PARTITIONS.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = server
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("the server exited"))?;
+    let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
+    wait_for_health(
+        channel.clone(),
+        "",
+        ServingStatus::Serving,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let writer =
+        Arc::new(EventWriter::connect(&config.kafka_brokers[0], &config.events_topic).await?);
+
+    let result = async {
+        freshness(&channel, &writer).await?;
+        fan_out(&addr, &writer, pid).await?;
+        query_latency(&channel, &writer, &config.redis_url).await
+    }
+    .await;
+    server.start_kill()?;
+    server.wait().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    result
+}
+
+/// Arrival times of the cumulative totals one subscriber saw.
+type Arrivals = Vec<(Instant, i64)>;
+
+async fn freshness(channel: &Channel, writer: &Arc<EventWriter>) -> anyhow::Result<()> {
+    const SUBSCRIBERS: usize = 100;
+    const RATE: usize = 5000;
+    const TICK: Duration = Duration::from_millis(10);
+    const SECONDS: u64 = 10;
+    let mut readers = Vec::new();
+    for index in 0..SUBSCRIBERS {
+        // Ten distinct queries, ten subscribers each.
+        let request = counts_query(5 + (index % 10) as i64);
+        let mut stream = AnalyticsServiceClient::new(channel.clone())
+            .subscribe(request)
+            .await?
+            .into_inner();
+        let arrivals = Arc::new(Mutex::new(Arrivals::new()));
+        let sink = arrivals.clone();
+        readers.push((
+            tokio::spawn(async move {
+                let mut total = 0;
+                while let Some(Ok(message)) = stream.next().await {
+                    let (snapshot, change) = total_of(&message);
+                    total = if snapshot { change } else { total + change };
+                    sink.lock().await.push((Instant::now(), total));
+                }
+            }),
+            arrivals,
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let per_tick = RATE * TICK.as_millis() as usize / 1000;
+    let mut sent: Vec<(Instant, i64)> = Vec::new();
+    let mut total = 0i64;
+    let mut ticker = tokio::time::interval(TICK);
+    let mut rng = rand::rng();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(SECONDS) {
+        ticker.tick().await;
+        let now = Utc::now();
+        let events: Vec<_> = (0..per_tick)
+            .map(|_| event(rng.random_range(1..100_000), now))
+            .collect();
+        let at = Instant::now();
+        writer.send(&events).await?;
+        total += events.len() as i64;
+        sent.push((at, total));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut latencies = Vec::new();
+    let mut missing = 0;
+    for (reader, arrivals) in readers {
+        reader.abort();
+        let arrivals = arrivals.lock().await;
+        for (at, cumulative) in &sent {
+            match arrivals.iter().find(|(_, seen)| seen >= cumulative) {
+                Some((arrived, _)) => {
+                    latencies.push(arrived.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+                }
+                None => missing += 1,
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "freshness at {RATE} events/s, {SUBSCRIBERS} subscribers: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+         ({} produce batches x subscribers measured, {missing} never seen) (targets p50 <= 20 ms, p99 <= 100 ms)",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN),
+        latencies.len(),
+    );
+    Ok(())
+}
+
+async fn fan_out(addr: &str, writer: &Arc<EventWriter>, pid: u32) -> anyhow::Result<()> {
+    const SUBSCRIPTIONS: usize = 10_000;
+    const CONNECTIONS: usize = 10;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(pid)?;
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(
+            Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+        );
+    }
+    let first_change: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let mut readers = Vec::new();
+    for index in 0..SUBSCRIPTIONS {
+        let mut stream = AnalyticsServiceClient::new(channels[index % CONNECTIONS].clone())
+            .subscribe(counts_query(20 + (index % 10) as i64))
+            .await?
+            .into_inner();
+        stream.next().await; // the snapshot
+        let sink = first_change.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message.update, Some(subscribe_response::Update::Delta(_))) {
+                    sink.lock().await.push(Instant::now());
+                    break;
+                }
+            }
+            // Keep the subscription open until the bench ends.
+            std::future::pending::<()>().await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    let per_subscription = (after.saturating_sub(before)) as f64 * 1024.0 / SUBSCRIPTIONS as f64;
+
+    let sent = Instant::now();
+    let now = Utc::now();
+    writer
+        .send(&(1..=100).map(|u| event(u, now)).collect::<Vec<_>>())
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let arrivals = first_change.lock().await.clone();
+    let first = arrivals.iter().min().copied();
+    let last = arrivals.iter().max().copied();
+    println!(
+        "fan-out: {SUBSCRIPTIONS} subscriptions over {CONNECTIONS} connections: server RSS {before} KiB -> {after} KiB, \
+         {per_subscription:.0} bytes per subscription (target <= 16384)"
+    );
+    if let (Some(first), Some(last)) = (first, last) {
+        println!(
+            "fan-out delivery of one change: {} of {SUBSCRIPTIONS} received it; first after {:.1} ms, last after {:.1} ms, spread {:.1} ms",
+            arrivals.len(),
+            first.duration_since(sent).as_secs_f64() * 1000.0,
+            last.duration_since(sent).as_secs_f64() * 1000.0,
+            last.duration_since(first).as_secs_f64() * 1000.0,
+        );
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    Ok(())
+}
+
+async fn query_latency(
+    channel: &Channel,
+    writer: &Arc<EventWriter>,
+    redis_url: &str,
+) -> anyhow::Result<()> {
+    const CALLS: usize = 1000;
+    // A day of traffic: events in every minute of the last 24 hours.
+    let now = Utc::now();
+    let mut rng = rand::rng();
+    for hour in 0..24 {
+        let events: Vec<_> = (0..60 * 30)
+            .map(|i| {
+                let mut e = event(
+                    rng.random_range(1..50_000),
+                    now - chrono::Duration::minutes(hour * 60 + i / 30),
+                );
+                e.product_id = rng.random_range(1..500);
+                e
+            })
+            .collect();
+        writer.send(&events).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let mut client = AnalyticsServiceClient::new(channel.clone());
+    let series = GetEventCountsRequest {
+        window: Some(trailing(24 * 3600)),
+        granularity: Granularity::Minute as i32,
+        event_types: vec![EventType::ProductView as i32],
+        ..Default::default()
+    };
+    let top = GetTopProductsRequest {
+        window: Some(trailing(24 * 3600)),
+        ranking: ProductRanking::Views as i32,
+        limit: 10,
+    };
+    let mut series_ms = Vec::new();
+    let mut top_ms = Vec::new();
+    for _ in 0..CALLS {
+        let started = Instant::now();
+        client.get_event_counts(series.clone()).await?;
+        series_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        let started = Instant::now();
+        client.get_top_products(top).await?;
+        top_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    series_ms.sort_by(f64::total_cmp);
+    top_ms.sort_by(f64::total_cmp);
+    let host = redis_url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:6379")
+        .to_owned();
+    let (redis_host, redis_port) = host.rsplit_once(':').unwrap_or(("127.0.0.1", "6379"));
+    let baseline = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h", redis_host, "-p", redis_port, "-c", "1", "-n", "20000", "-t", "ping", "--csv",
+        ])
+        .output();
+    println!(
+        "query latency, sequential: 24 h minute series (1441 buckets x {PARTITIONS} partitions) p50 {:.2} ms, p99 {:.2} ms; \
+         top 10 over 24 h p50 {:.2} ms, p99 {:.2} ms (target p99 <= 5 ms)",
+        percentile(&series_ms, 0.5),
+        percentile(&series_ms, 0.99),
+        percentile(&top_ms, 0.5),
+        percentile(&top_ms, 0.99),
+    );
+    match baseline {
+        Ok(output) if output.status.success() => {
+            let csv = String::from_utf8_lossy(&output.stdout);
+            for line in csv.lines().filter(|l| l.starts_with("\"PING_MBULK")) {
+                let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+                if let (Some(p50), Some(p99)) = (fields.get(4), fields.get(6)) {
+                    println!(
+                        "redis-benchmark PING round trip, 1 client: p50 {p50} ms, p99 {p99} ms"
+                    );
+                }
+            }
+        }
+        _ => println!("redis-benchmark is not installed: no baseline"),
+    }
+    Ok(())
+}
