@@ -582,3 +582,76 @@ async fn thousands_of_dropped_subscriptions_leave_no_streams_or_feeds() -> anyho
     server.stop().await?;
     database.drop().await
 }
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_gets_a_resync_snapshot_then_stays_exact()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = api_config(&database);
+    let server = TestServer::start(config.clone()).await?;
+    // A tiny HTTP/2 window: the server can buffer only a few messages for
+    // this client while it does not read.
+    let slow = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))?
+        .initial_stream_window_size(Some(512))
+        .initial_connection_window_size(Some(512))
+        .connect()
+        .await?;
+    let query = GetEventCountsRequest {
+        window: Some(trailing(10 * 60)),
+        granularity: Granularity::Minute as i32,
+        ..Default::default()
+    };
+    let mut stream = AnalyticsServiceClient::new(slow)
+        .subscribe(SubscribeRequest {
+            query: Some(subscribe_request::Query::EventCounts(query.clone())),
+            heartbeat_interval: None,
+        })
+        .await?
+        .into_inner();
+    let mut held = Held::new();
+    apply(&mut held, &next(&mut stream).await?)?;
+
+    // Many separate commits, each a delta, while the client does not read.
+    let writer =
+        common::pipeline::EventWriter::connect(&config.kafka_brokers[0], &config.events_topic)
+            .await?;
+    for user in 1..=200 {
+        writer.send(&[event(user, Utc::now())]).await?;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+
+    let mut analytics = client(&server);
+    let mut resynced = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let message = next(&mut stream).await?;
+        if let Some(subscribe_response::Update::Snapshot(snapshot)) = &message.update {
+            assert!(snapshot.resync, "a later snapshot is a resync");
+            resynced = true;
+        }
+        apply(&mut held, &message)?;
+        let mut expected = held_of(
+            &analytics
+                .get_event_counts(query.clone())
+                .await?
+                .into_inner(),
+        );
+        expected.retain(|_, c| !c.is_empty());
+        let mut have = held.clone();
+        have.retain(|_, c| !c.is_empty());
+        if resynced && have == expected {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "resynced {resynced}; held {have:?} != unary {expected:?}"
+        );
+    }
+    let total: i64 = held.values().flat_map(|c| c.values()).sum();
+    assert_eq!(total, 200);
+    drop(stream);
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
