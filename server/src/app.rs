@@ -104,7 +104,7 @@ pub async fn serve(
         router
             .add_service(UserApi::new(database.clone()).into_server())
             .add_service(ProductApi::new(database).into_server())
-            .add_service(AnalyticsApi::new(hub, config.events_topic.clone()).into_server())
+            .add_service(AnalyticsApi::new(hub, &config).into_server())
             .add_service(IngestApi::new(&config).into_server())
     } else {
         router

@@ -238,6 +238,17 @@ pub struct Config {
     )]
     pub dedupe_window: Duration,
 
+    /// How often ingest logs its vital signs (offsets, lag, counters) per
+    /// partition.
+    #[arg(
+        long,
+        env = "RTAP_STATUS_LOG_INTERVAL",
+        default_value = "30s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub status_log_interval: Duration,
+
     /// Inactivity (in event time) after which a user's session ends.
     #[arg(
         long,

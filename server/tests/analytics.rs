@@ -68,7 +68,14 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let config = api_config(&database);
     let brokers = config.kafka_brokers[0].clone();
-    let truth = simulate(&brokers, &config.events_topic, 20_000, 5, &[]).await?;
+    let truth = simulate(
+        &brokers,
+        &config.events_topic,
+        20_000,
+        5,
+        &["--duplicate-share", "0.01", "--malformed-share", "0.01"],
+    )
+    .await?;
     let server = TestServer::start(config.clone()).await?;
     wait_caught_up(&config, Duration::from_secs(120)).await?;
     let mut analytics = client(&server);
@@ -291,9 +298,22 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(status.partitions.len(), usize::try_from(PARTITIONS)?);
-    assert_eq!(
-        status.total.context("total")?.events_applied,
-        i64::try_from(truth.events)?
+    for partition in &status.partitions {
+        assert_eq!(partition.high_watermark, partition.stored_offset);
+        assert_eq!(partition.lag, 0);
+        assert!(partition.last_commit_time.is_some());
+    }
+    let total = status.total.context("total")?;
+    assert_eq!(total.events_applied, i64::try_from(truth.events)?);
+    assert_eq!(total.duplicates_skipped, i64::try_from(truth.duplicates)?);
+    let dead: i64 = total.dead_lettered.iter().map(|d| d.count).sum();
+    assert_eq!(dead, i64::try_from(truth.malformed.values().sum::<u64>())?);
+    assert!(
+        total
+            .dead_lettered
+            .iter()
+            .any(|d| d.reason == "decode_error"),
+        "{total:?}"
     );
 
     server.stop().await?;

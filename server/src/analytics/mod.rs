@@ -44,12 +44,50 @@ pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
 pub struct AnalyticsApi {
     hub: Arc<Hub>,
     topic: String,
+    brokers: Vec<String>,
+    timeout: Duration,
 }
 
 impl AnalyticsApi {
-    /// The service over `hub`'s store, reporting on `topic`.
-    pub fn new(hub: Arc<Hub>, topic: String) -> Self {
-        Self { hub, topic }
+    /// The service over `hub`'s store, reporting on the configured topic.
+    pub fn new(hub: Arc<Hub>, config: &crate::config::Config) -> Self {
+        Self {
+            hub,
+            topic: config.events_topic.clone(),
+            brokers: config.kafka_brokers.clone(),
+            timeout: config.dependency_timeout,
+        }
+    }
+
+    /// Every partition's high watermark; empty if Kafka cannot be asked
+    /// within the dependency timeout.
+    async fn high_watermarks(&self, partitions: &[(i32, i64)]) -> BTreeMap<i32, i64> {
+        let read = async {
+            let client = crate::health::kafka_client(&self.brokers, self.timeout).await?;
+            let mut marks = BTreeMap::new();
+            for (partition, offset) in partitions {
+                let source = client
+                    .partition_client(
+                        &self.topic,
+                        *partition,
+                        rskafka::client::partition::UnknownTopicHandling::Error,
+                    )
+                    .await?;
+                marks.insert(
+                    *partition,
+                    crate::ingest::consumer::high_watermark(&source, *offset).await?,
+                );
+            }
+            Ok::<_, rskafka::client::error::Error>(marks)
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(marks)) => marks,
+            Ok(Err(error)) => {
+                tracing::debug!(error = %error, "no high watermarks for the pipeline status");
+                BTreeMap::new()
+            }
+            Err(_) => BTreeMap::new(),
+        }
     }
 
     /// The service, ready to add to a tonic router.
@@ -193,6 +231,7 @@ impl AnalyticsService for AnalyticsApi {
             ..PartitionStatus::default()
         };
         let mut dead_total: BTreeMap<String, i64> = BTreeMap::new();
+        let mut states = Vec::new();
         for partition in reader.partitions() {
             let state = load_state(
                 &mut connection,
@@ -200,6 +239,14 @@ impl AnalyticsService for AnalyticsApi {
             )
             .await
             .map_err(Error::from)?;
+            states.push((partition, state));
+        }
+        let offsets: Vec<(i32, i64)> = states
+            .iter()
+            .map(|(p, s)| (*p, s.offset.unwrap_or(0)))
+            .collect();
+        let marks = self.high_watermarks(&offsets).await;
+        for (partition, state) in states {
             let dead: BTreeMap<String, i64> = state.dead_lettered.into_iter().collect();
             for (reason, count) in &dead {
                 *dead_total.entry(reason.clone()).or_default() += count;
@@ -207,11 +254,19 @@ impl AnalyticsService for AnalyticsApi {
             total.events_applied += state.applied;
             total.duplicates_skipped += state.duplicates;
             total.late_events += state.late;
+            let stored_offset = state.offset.unwrap_or(0);
+            let (high_watermark, lag) = match marks.get(&partition) {
+                Some(mark) => (*mark, (mark - stored_offset).max(0)),
+                None => (-1, -1),
+            };
+            if lag > 0 {
+                total.lag += lag;
+            }
             partitions.push(PartitionStatus {
                 partition,
-                stored_offset: state.offset.unwrap_or(0),
-                high_watermark: 0,
-                lag: 0,
+                stored_offset,
+                high_watermark,
+                lag,
                 events_applied: state.applied,
                 duplicates_skipped: state.duplicates,
                 dead_lettered: dead_counts(dead),

@@ -22,7 +22,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -89,6 +89,8 @@ pub struct PipelineSettings {
     pub commit: CommitSettings,
     /// Deadline of one Kafka or Redis call.
     pub dependency_timeout: Duration,
+    /// How often the vital signs are logged.
+    pub status_log_interval: Duration,
 }
 
 impl PipelineSettings {
@@ -116,6 +118,7 @@ impl PipelineSettings {
                 session_ttl_ms: session_gap_ms.saturating_mul(2),
             },
             dependency_timeout: config.dependency_timeout,
+            status_log_interval: config.status_log_interval,
         }
     }
 }
@@ -203,8 +206,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     let dead_letter_count = i32::try_from(dead_letter_partitions.len().max(1)).unwrap_or(1);
+    let mut high_watermarks = Vec::new();
     for partition in partitions {
+        let high_watermark = Arc::new(AtomicI64::new(-1));
+        high_watermarks.push((partition, high_watermark.clone()));
         let consumer = PartitionConsumer {
+            high_watermark,
             settings: settings.clone(),
             keys: PartitionKeys::new(&settings.namespace, partition),
             dead_letter_partition: partition % dead_letter_count,
@@ -215,6 +222,12 @@ pub async fn run(
         tasks.spawn(consumer.run(shutdown.clone()));
     }
     drop(deltas);
+    tasks.spawn(log_status(
+        settings.clone(),
+        redis.clone(),
+        high_watermarks,
+        shutdown.clone(),
+    ));
     while tasks.join_next().await.is_some() {}
     tracing::info!("ingest stopped");
 }
@@ -280,8 +293,87 @@ async fn publish_deltas(
     }
 }
 
+/// Logs the pipeline's vital signs every `--status-log-interval`: one line
+/// per partition consumed here, and one with the totals, so an operator
+/// without a client sees the pipeline breathing.
+async fn log_status(
+    settings: Arc<PipelineSettings>,
+    redis: redis::Client,
+    high_watermarks: Vec<(i32, Arc<AtomicI64>)>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(settings.status_log_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut connection: Option<ConnectionManager> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let connected = match &connection {
+            Some(connection) => Ok(connection.clone()),
+            None => ConnectionManager::new(redis.clone()).await,
+        };
+        let mut redis = match connected {
+            Ok(redis) => connection.insert(redis).clone(),
+            Err(error) => {
+                tracing::warn!(error = %error, "pipeline status: Redis unreachable");
+                continue;
+            }
+        };
+        let (mut applied, mut duplicates, mut dead, mut late, mut lag) = (0, 0, 0, 0, 0);
+        for (partition, high_watermark) in &high_watermarks {
+            let keys = PartitionKeys::new(&settings.namespace, *partition);
+            let state = match commit::load_state(&mut redis, &keys).await {
+                Ok(state) => state,
+                Err(error) => {
+                    tracing::warn!(error = %error, "pipeline status: cannot read partition states");
+                    connection = None;
+                    break;
+                }
+            };
+            let high_watermark = high_watermark.load(Ordering::Relaxed);
+            let offset = state.offset.unwrap_or(0);
+            let partition_lag = if high_watermark >= 0 {
+                (high_watermark - offset).max(0)
+            } else {
+                -1
+            };
+            let partition_dead: i64 = state.dead_lettered.values().sum();
+            tracing::info!(
+                partition,
+                offset,
+                high_watermark,
+                lag = partition_lag,
+                applied = state.applied,
+                duplicates = state.duplicates,
+                dead_lettered = ?state.dead_lettered,
+                late = state.late,
+                last_commit_ms = state.last_commit_ms,
+                "pipeline partition status"
+            );
+            applied += state.applied;
+            duplicates += state.duplicates;
+            dead += partition_dead;
+            late += state.late;
+            lag += partition_lag.max(0);
+        }
+        tracing::info!(
+            partitions = high_watermarks.len(),
+            applied,
+            duplicates,
+            dead_lettered = dead,
+            late,
+            lag,
+            "pipeline status"
+        );
+    }
+}
+
 /// Consumes one partition.
 struct PartitionConsumer {
+    high_watermark: Arc<AtomicI64>,
     settings: Arc<PipelineSettings>,
     keys: PartitionKeys,
     dead_letter_partition: i32,
@@ -391,8 +483,13 @@ impl PartitionConsumer {
         };
 
         let (sender, mut fetched) = mpsc::channel(1);
-        let _fetcher =
-            AbortOnDropHandle::new(tokio::spawn(fetch(source, start, settings.clone(), sender)));
+        let _fetcher = AbortOnDropHandle::new(tokio::spawn(fetch(
+            source,
+            start,
+            settings.clone(),
+            self.high_watermark.clone(),
+            sender,
+        )));
         while let Some(batch) = fetched.recv().await {
             let batch = batch?;
             self.apply(batch, &mut redis, &dead_letters, &mut position)
@@ -566,6 +663,7 @@ async fn fetch(
     source: PartitionClient,
     mut offset: i64,
     settings: Arc<PipelineSettings>,
+    latest_high_watermark: Arc<AtomicI64>,
     batches: mpsc::Sender<Result<Fetched, ConsumeError>>,
 ) {
     let max_wait_ms = i32::try_from(settings.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
@@ -575,6 +673,7 @@ async fn fetch(
             .await;
         let batch = match fetched {
             Ok((mut records, high_watermark)) => {
+                latest_high_watermark.store(high_watermark, Ordering::Relaxed);
                 // A compressed batch can start before the requested offset.
                 records.retain(|r| r.offset >= offset);
                 match records.last() {
@@ -625,9 +724,18 @@ async fn out_of_range(source: &PartitionClient, offset: i64) -> Result<i64, Cons
     if offset < earliest {
         return Ok(earliest);
     }
-    let (_, high_watermark) = source.fetch_records(earliest, 1..65_536, 10).await?;
+    let high_watermark = high_watermark(source, earliest).await?;
     Err(ConsumeError::OffsetBeyondEnd {
         stored: offset,
         high_watermark,
     })
+}
+
+/// The partition's high watermark (the offset after its last record), read
+/// with a small fetch from `offset`: some brokers (Nisshi) answer
+/// `ListOffsets(latest)` wrongly, and answer a fetch with no wait with no
+/// partition at all, hence the short wait.
+pub async fn high_watermark(source: &PartitionClient, offset: i64) -> Result<i64, KafkaError> {
+    let (_, high_watermark) = source.fetch_records(offset, 1..1024, 10).await?;
+    Ok(high_watermark)
 }
