@@ -29,6 +29,10 @@ pub enum Command {
     Serve,
     /// Apply pending database migrations, then exit.
     Migrate,
+    /// Drop the namespace's aggregates and offsets and recompute them from
+    /// the earliest offsets Kafka keeps, with progress; refuses while an
+    /// ingest process consumes the namespace.
+    Rebuild,
     /// Ask the server at `--listen-addr` for its health; exit 0 if SERVING
     /// (for container health checks and scripts).
     Health,
@@ -237,6 +241,17 @@ pub struct Config {
         global = true
     )]
     pub dedupe_window: Duration,
+
+    /// How long a consumer's claim on a partition lasts without renewal: a
+    /// crashed consumer's partitions are taken over after at most this long.
+    #[arg(
+        long,
+        env = "RTAP_PARTITION_LEASE",
+        default_value = "10s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub partition_lease: Duration,
 
     /// How often ingest logs its vital signs (offsets, lag, counters) per
     /// partition.

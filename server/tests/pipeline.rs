@@ -389,10 +389,11 @@ fn first_time(event: &InteractionEvent) -> i64 {
     event.occurred_at.map_or(0, |t| t.seconds)
 }
 
-/// `rtap-server --role ingest` as a child process, for crash tests.
-fn spawn_server(config: &Config, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
+/// `rtap-server` with `config`'s services, namespace and topics.
+fn server_command(config: &Config, args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"));
     command
+        .args(args)
         .args(["--role", "ingest", "--listen-addr", "127.0.0.1:0"])
         .args(["--database-url", &config.database_url])
         .args(["--redis-url", &config.redis_url])
@@ -401,10 +402,17 @@ fn spawn_server(config: &Config, extra: &[&str]) -> anyhow::Result<tokio::proces
         .args(["--events-topic", &config.events_topic])
         .args(["--dead-letter-topic", &config.dead_letter_topic])
         .args(["--events-partitions", &PARTITIONS.to_string()])
-        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
+    command
+}
+
+/// `rtap-server --role ingest` as a child process, for crash tests. A short
+/// lease, so each restart takes over the killed one's partitions quickly.
+fn spawn_server(config: &Config, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
+    let mut command = server_command(config, extra);
+    command.args(["--partition-lease", "1s"]);
     Ok(command.spawn()?)
 }
 
@@ -561,6 +569,120 @@ async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<(
     assert!(dwell_products >= 3);
     drop(messages);
     server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// Every key of the namespace with a comparable rendering of its value
+/// (HyperLogLogs by their count, commit times left out).
+async fn snapshot_namespace(config: &Config) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut connection = redis().await?;
+    let mut all = BTreeMap::new();
+    for partition in 0..PARTITIONS {
+        let keys = PartitionKeys::new(&config.redis_namespace, partition);
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(keys.pattern())
+            .query_async(&mut connection)
+            .await?;
+        for key in found {
+            if key == keys.lease() {
+                continue;
+            }
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await?;
+            let value = match kind.as_str() {
+                "hash" => {
+                    let mut fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+                        .arg(&key)
+                        .query_async(&mut connection)
+                        .await?;
+                    fields.remove("last_commit_ms");
+                    format!("{fields:?}")
+                }
+                "zset" => {
+                    let members: Vec<(String, String)> = redis::cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query_async(&mut connection)
+                        .await?;
+                    format!("{:?}", members.into_iter().collect::<BTreeMap<_, _>>())
+                }
+                "set" => {
+                    let mut members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+                        .arg(&key)
+                        .query_async(&mut connection)
+                        .await?;
+                    members.sort();
+                    format!("{members:?}")
+                }
+                _ if key.contains(":u") => {
+                    let count: u64 = redis::cmd("PFCOUNT")
+                        .arg(&key)
+                        .query_async(&mut connection)
+                        .await?;
+                    format!("hll {count}")
+                }
+                _ => {
+                    let value: Vec<u8> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut connection)
+                        .await?;
+                    format!("{value:?}")
+                }
+            };
+            all.insert(key, value);
+        }
+    }
+    Ok(all)
+}
+
+#[tokio::test]
+async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_consumed()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(
+        &brokers,
+        &config.events_topic,
+        10_000,
+        61,
+        &["--duplicate-share", "0.02", "--malformed-share", "0.01"],
+    )
+    .await?;
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+
+    // A consumer holds the partitions: rebuild refuses and changes nothing.
+    let before = snapshot_namespace(&config).await?;
+    let refused = server_command(&config, &["rebuild"])
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("is being consumed by"), "{message}");
+    server.stop().await?;
+    let live = snapshot_namespace(&config).await?;
+    assert_eq!(before, live);
+
+    let rebuilt = server_command(&config, &["rebuild"])
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    let log = String::from_utf8_lossy(&rebuilt.stderr);
+    assert!(rebuilt.status.success(), "{log}");
+    assert!(log.contains("rebuild progress"), "{log}");
+    let after = snapshot_namespace(&config).await?;
+    assert_eq!(live.len(), after.len());
+    for (key, value) in &live {
+        assert_eq!(after.get(key), Some(value), "{key}");
+    }
+    assert_matches_truth(&config, &truth).await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
 }

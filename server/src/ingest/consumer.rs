@@ -91,6 +91,10 @@ pub struct PipelineSettings {
     pub dependency_timeout: Duration,
     /// How often the vital signs are logged.
     pub status_log_interval: Duration,
+    /// Who this consumer is, in partition leases.
+    pub owner: String,
+    /// How long a partition lease lasts without renewal.
+    pub lease: Duration,
 }
 
 impl PipelineSettings {
@@ -119,8 +123,20 @@ impl PipelineSettings {
             },
             dependency_timeout: config.dependency_timeout,
             status_log_interval: config.status_log_interval,
+            owner: consumer_id(),
+            lease: config.partition_lease,
         }
     }
+}
+
+/// A unique id of this process, for partition leases.
+pub fn consumer_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    format!(
+        "{host}/{}/{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// Counters of the pipeline in this process, since it started.
@@ -157,6 +173,8 @@ enum ConsumeError {
     OffsetBeyondEnd { stored: i64, high_watermark: i64 },
     #[error("the fetch task stopped unexpectedly")]
     FetcherStopped,
+    #[error("partition is consumed by another process ({holder}); waiting for its lease to expire")]
+    Leased { holder: String },
 }
 
 /// Runs the pipeline until `shutdown`: creates the topics if missing, then
@@ -403,7 +421,10 @@ impl PartitionConsumer {
         let mut redis: Option<ConnectionManager> = None;
         loop {
             let consumed = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    self.release(redis).await;
+                    return;
+                }
                 consumed = self.consume(&mut redis, &mut backoff) => consumed,
             };
             let Err(error) = consumed;
@@ -415,6 +436,19 @@ impl PartitionConsumer {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Gives the partition's lease up, so a successor need not wait for it
+    /// to expire.
+    async fn release(&self, redis: Option<ConnectionManager>) {
+        if let Some(mut redis) = redis {
+            let released = commit::release_lease(&mut redis, &self.keys, &self.settings.owner);
+            if let Ok(Err(error)) =
+                tokio::time::timeout(self.settings.dependency_timeout, released).await
+            {
+                tracing::debug!(error = %error, "cannot release a partition lease");
             }
         }
     }
@@ -440,6 +474,9 @@ impl PartitionConsumer {
                 redis.insert(connection).clone()
             }
         };
+        commit::take_lease(&mut redis, &self.keys, &settings.owner, settings.lease)
+            .await?
+            .map_err(|holder| ConsumeError::Leased { holder })?;
         let state = commit::load_state(&mut redis, &self.keys).await?;
         commit::register_partition(&mut redis, &settings.namespace, &self.keys).await?;
         let kafka = kafka_client(&settings.brokers, settings.dependency_timeout).await?;
@@ -490,11 +527,22 @@ impl PartitionConsumer {
             self.high_watermark.clone(),
             sender,
         )));
-        while let Some(batch) = fetched.recv().await {
-            let batch = batch?;
-            self.apply(batch, &mut redis, &dead_letters, &mut position)
-                .await?;
-            backoff.reset();
+        let mut renewal = tokio::time::interval(settings.lease / 3);
+        renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = fetched.recv() => {
+                    let Some(batch) = batch else { break };
+                    self.apply(batch?, &mut redis, &dead_letters, &mut position)
+                        .await?;
+                    backoff.reset();
+                }
+                _ = renewal.tick() => {
+                    commit::take_lease(&mut redis, &self.keys, &settings.owner, settings.lease)
+                        .await?
+                        .map_err(|holder| ConsumeError::Leased { holder })?;
+                }
+            }
         }
         // The fetcher stops by sending an error; it only gets here if it died.
         Err(ConsumeError::FetcherStopped)

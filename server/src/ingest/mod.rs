@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod consumer;
 pub mod dead_letter;
 pub mod producer;
+pub mod rebuild;
 pub mod validate;
 
 use std::sync::Arc;

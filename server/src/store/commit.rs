@@ -133,6 +133,57 @@ pub async fn register_partition(
     Ok(())
 }
 
+/// Takes or renews the lease of `keys`' partition for `owner`, valid for
+/// `ttl`. Returns the current holder when another process holds it.
+pub async fn take_lease(
+    connection: &mut impl ConnectionLike,
+    keys: &PartitionKeys,
+    owner: &str,
+    ttl: std::time::Duration,
+) -> Result<Result<(), String>, StoreError> {
+    const LEASE_SCRIPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ''
+end
+return holder
+";
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    let script = SCRIPT.get_or_init(|| Script::new(LEASE_SCRIPT));
+    let holder: String = script
+        .key(keys.lease())
+        .arg(owner)
+        .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+        .invoke_async(connection)
+        .await?;
+    Ok(if holder.is_empty() {
+        Ok(())
+    } else {
+        Err(holder)
+    })
+}
+
+/// Gives the lease of `keys`' partition up, if `owner` holds it.
+pub async fn release_lease(
+    connection: &mut impl ConnectionLike,
+    keys: &PartitionKeys,
+    owner: &str,
+) -> Result<(), StoreError> {
+    const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+";
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    let script = SCRIPT.get_or_init(|| Script::new(RELEASE_SCRIPT));
+    script
+        .key(keys.lease())
+        .arg(owner)
+        .invoke_async::<i64>(connection)
+        .await?;
+    Ok(())
+}
+
 /// What a batch needs to know before it is aggregated.
 #[derive(Debug, Default)]
 pub struct Prefetched {

@@ -1,6 +1,8 @@
 //! Redis key names. Every key RTAP writes is named here and nowhere else.
 //!
 //! Per partition `P` = `{<namespace>:<partition>}`:
+//! - `P:lease`: the id of the process consuming the partition (expires unless
+//!   renewed), so two consumers or a rebuild never run at once;
 //! - `P:state`: hash; the next offset to read and the pipeline's counters
 //!   (see [`state_field`]);
 //! - `P:seen:<minute>`: set of the 16-byte `event_id`s of events whose event
@@ -67,6 +69,11 @@ impl PartitionKeys {
     /// The partition.
     pub fn partition(&self) -> i32 {
         self.partition
+    }
+
+    /// Who consumes the partition: the owner's id, expiring unless renewed.
+    pub fn lease(&self) -> String {
+        format!("{}lease", self.prefix)
     }
 
     /// The state hash.
