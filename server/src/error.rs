@@ -49,9 +49,6 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
-    /// The RPC is part of the contract but not served yet.
-    #[error("{0} is not implemented yet")]
-    Unimplemented(&'static str),
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -132,7 +129,6 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             Error::ResourceExhausted(_) => Status::resource_exhausted(error.to_string()),
             Error::Unavailable { .. } => Status::unavailable(error.to_string()),
-            Error::Unimplemented(_) => Status::unimplemented(error.to_string()),
             Error::Database(ref db) if is_connection_error(db) => {
                 tracing::warn!(error = %db, "database unreachable");
                 Status::unavailable("database unavailable; retry later")

@@ -10,10 +10,7 @@ use std::{
 };
 
 use common::{TestDatabase, TestServer, health_status, test_config, wait_for_health};
-use rtap::v1::{
-    GetEventCountsRequest, GetUserRequest, SubscribeRequest,
-    analytics_service_client::AnalyticsServiceClient, user_service_client::UserServiceClient,
-};
+use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database, Statement};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -171,26 +168,6 @@ async fn catalog_is_unavailable_while_postgres_is_unreachable() -> anyhow::Resul
         .expect_err("no database");
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
 
-    server.stop().await?;
-    database.drop().await
-}
-
-#[tokio::test]
-async fn rpcs_not_built_yet_return_unimplemented() -> anyhow::Result<()> {
-    let database = TestDatabase::create().await?;
-    let server = TestServer::start(test_config(&database)).await?;
-
-    let mut analytics = AnalyticsServiceClient::new(server.channel());
-    let error = analytics
-        .get_event_counts(GetEventCountsRequest::default())
-        .await
-        .expect_err("not built yet");
-    assert_eq!(error.code(), Code::Unimplemented);
-    let error = analytics
-        .subscribe(SubscribeRequest::default())
-        .await
-        .expect_err("not built yet");
-    assert_eq!(error.code(), Code::Unimplemented);
     server.stop().await?;
     database.drop().await
 }
