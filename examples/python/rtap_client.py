@@ -1,0 +1,145 @@
+"""A small RTAP client in Python, on stubs generated from proto/ (generate.py).
+
+    python rtap_client.py 127.0.0.1:50051
+
+creates a user and a product, runs each kind of analytics query over the
+last hour, and follows a subscription for a few messages. It shows the
+health service, deadlines on every call, and how to read the
+google.rpc.BadRequest details of an INVALID_ARGUMENT.
+"""
+
+import sys
+import uuid
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+import generate
+
+sys.path.insert(0, str(generate.generate()))
+
+from rtap.v1 import analytics_pb2, analytics_pb2_grpc  # noqa: E402
+from rtap.v1 import catalog_pb2, catalog_pb2_grpc  # noqa: E402
+
+#: Deadline of unary calls, in seconds.
+DEADLINE = 5.0
+
+
+def last_hour() -> analytics_pb2.TimeWindow:
+    """A rolling window: the last hour."""
+    return analytics_pb2.TimeWindow(trailing=duration_pb2.Duration(seconds=3600))
+
+
+class Rtap:
+    """Stubs of every RTAP service on one channel."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.insecure_channel(address)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.users = catalog_pb2_grpc.UserServiceStub(self.channel)
+        self.products = catalog_pb2_grpc.ProductServiceStub(self.channel)
+        self.analytics = analytics_pb2_grpc.AnalyticsServiceStub(self.channel)
+
+    def serving(self) -> bool:
+        """Whether the whole server reports SERVING."""
+        reply = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=DEADLINE)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def create_user(self, first_name: str, last_name: str) -> catalog_pb2.User:
+        request = catalog_pb2.CreateUserRequest(
+            user=catalog_pb2.User(first_name=first_name, last_name=last_name)
+        )
+        return self.users.CreateUser(request, timeout=DEADLINE).user
+
+    def create_product(self, name: str, category: str, price: float) -> catalog_pb2.Product:
+        request = catalog_pb2.CreateProductRequest(
+            product=catalog_pb2.Product(name=name, category=category, price=price)
+        )
+        return self.products.CreateProduct(request, timeout=DEADLINE).product
+
+    def event_counts(self):
+        return self.analytics.GetEventCounts(
+            analytics_pb2.GetEventCountsRequest(window=last_hour()), timeout=DEADLINE
+        )
+
+    def unique_users(self):
+        return self.analytics.GetUniqueUsers(
+            analytics_pb2.GetUniqueUsersRequest(window=last_hour()), timeout=DEADLINE
+        )
+
+    def engagement(self, product_id: int):
+        return self.analytics.GetEngagement(
+            analytics_pb2.GetEngagementRequest(window=last_hour(), product_id=product_id),
+            timeout=DEADLINE,
+        )
+
+    def top_products(self, limit: int = 10):
+        return self.analytics.GetTopProducts(
+            analytics_pb2.GetTopProductsRequest(
+                window=last_hour(),
+                ranking=analytics_pb2.PRODUCT_RANKING_VIEWS,
+                limit=limit,
+            ),
+            timeout=DEADLINE,
+        )
+
+    def funnel(self):
+        return self.analytics.GetFunnel(
+            analytics_pb2.GetFunnelRequest(window=last_hour()), timeout=DEADLINE
+        )
+
+    def subscribe_event_counts(self, seconds: float):
+        """Follows the last hour's event counts; the stream ends after
+        `seconds` (its deadline)."""
+        request = analytics_pb2.SubscribeRequest(
+            event_counts=analytics_pb2.GetEventCountsRequest(window=last_hour()),
+            heartbeat_interval=duration_pb2.Duration(seconds=1),
+        )
+        return self.analytics.Subscribe(request, timeout=seconds)
+
+
+def bad_request_fields(error: grpc.RpcError) -> list[str]:
+    """The fields named by the google.rpc.BadRequest detail of an error."""
+    status = rpc_status.from_call(error)
+    fields = []
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields.extend(v.field for v in bad_request.field_violations)
+    return fields
+
+
+def main(address: str) -> None:
+    rtap = Rtap(address)
+    print("serving:", rtap.serving())
+    suffix = uuid.uuid4().hex[:8]
+    user = rtap.create_user("Ada", f"Lovelace-{suffix}")
+    product = rtap.create_product(f"Analytical Engine {suffix}", "machines", 1843.0)
+    print("created user", user.id, "and product", product.id)
+    try:
+        rtap.create_product("", "machines", -1.0)
+    except grpc.RpcError as error:
+        print(error.code().name, "on fields", bad_request_fields(error))
+    counts = rtap.event_counts()
+    print("events in the last hour:", sum(b.total for b in counts.buckets))
+    print("unique users:", rtap.unique_users().unique_users)
+    top = rtap.top_products(3)
+    print("top products:", [(p.product_id, p.value) for p in top.products])
+    if top.products:
+        engagement = rtap.engagement(top.products[0].product_id)
+        print("average dwell per user:", engagement.average_dwell_time_per_user.ToTimedelta())
+    print("conversion:", rtap.funnel().total.conversion_rate)
+    try:
+        for message in rtap.subscribe_event_counts(3.5):
+            print("message", message.sequence, message.WhichOneof("update"))
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051")

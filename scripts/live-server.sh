@@ -1,0 +1,48 @@
+# Sourced by the checks that need a live platform (grpcurl-check.sh,
+# examples-check.sh): builds the binaries, starts rtap-server on a free port
+# with a Redis namespace and topics of its own, waits until it is SERVING,
+# and stops it (and any traffic) on exit. Sets RTAP_ADDR.
+# Needs the services up (scripts/services.sh up).
+
+die() { printf '%s: FAILED: %s\n' "${0##*/}" "$*" >&2; exit 1; }
+step() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+
+cargo build --locked --workspace --bins
+live_run_id="live-$$-$(date +%s)"
+live_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export RTAP_LISTEN_ADDR="127.0.0.1:$live_port"
+export RTAP_REDIS_NAMESPACE="rtap-$live_run_id"
+export RTAP_EVENTS_TOPIC="rtap-$live_run_id.interactions"
+export RTAP_DEAD_LETTER_TOPIC="rtap-$live_run_id.dead-letter"
+export RTAP_ADDR=$RTAP_LISTEN_ADDR
+live_log=$(mktemp)
+live_traffic=""
+
+target/debug/rtap-server >"$live_log" 2>&1 &
+live_server=$!
+stop_live() {
+  [[ -n $live_traffic ]] && kill -INT "$live_traffic" 2>/dev/null && wait "$live_traffic" 2>/dev/null
+  kill -TERM "$live_server" 2>/dev/null; wait "$live_server" 2>/dev/null || true
+  rm -f "$live_log"
+}
+trap stop_live EXIT
+for _ in $(seq 120); do
+  target/debug/rtap-server health >/dev/null 2>&1 && break
+  kill -0 "$live_server" 2>/dev/null || { cat "$live_log" >&2; die "rtap-server exited"; }
+  sleep 0.5
+done
+target/debug/rtap-server health >/dev/null 2>&1 || { cat "$live_log" >&2; die "rtap-server is not SERVING"; }
+
+# Produces `count` simulated events of the last 20 minutes, then returns.
+produce_history() {
+  target/debug/rtap-simulator --count "$1" --users 20000 --products 50 --session-gap 5m \
+    --start-time "$(date -u -d '-20 minutes' +%Y-%m-%dT%H:%M:%SZ)" --progress none >/dev/null 2>&1 \
+    || die "rtap-simulator failed"
+}
+
+# Keeps live traffic flowing (events/s) until the script exits.
+start_traffic() {
+  target/debug/rtap-simulator --rate "$1" --users 20000 --products 50 --session-gap 5m \
+    --progress none >/dev/null 2>&1 &
+  live_traffic=$!
+}
