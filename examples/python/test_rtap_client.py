@@ -45,7 +45,8 @@ def test_every_query_returns_the_live_traffic(rtap):
     values = [p.value for p in top.products]
     assert values == sorted(values, reverse=True)
     engagement = rtap.engagement(top.products[0].product_id)
-    assert engagement.product_views == top.products[0].value
+    # Live traffic keeps counting between the two calls: never fewer.
+    assert engagement.product_views >= top.products[0].value
     assert engagement.unique_users > 0
     funnel = rtap.funnel()
     assert funnel.total.sessions > 0

@@ -1,0 +1,165 @@
+// A small RTAP client for Node.js: @grpc/grpc-js, with the service stubs
+// loaded from the repository's proto/ by @grpc/proto-loader.
+//
+//   node client.js 127.0.0.1:50051
+//
+// creates a user and a product, runs each kind of analytics query over the
+// last hour and follows a subscription for a few messages. It shows the
+// health service, deadlines on every call, and how to read the
+// google.rpc.BadRequest details of an INVALID_ARGUMENT.
+'use strict';
+
+const path = require('node:path');
+const crypto = require('node:crypto');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
+const health = require('grpc-health-check');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
+const GOOGLE_PROTOS = path.dirname(require.resolve('google-proto-files/package.json'));
+/** Deadline of unary calls, in milliseconds. */
+const DEADLINE_MS = 5000;
+
+const loaded = grpc.loadPackageDefinition(
+  protoLoader.loadSync(
+    ['rtap/v1/catalog.proto', 'rtap/v1/analytics.proto', 'rtap/v1/ingest.proto'],
+    { includeDirs: [PROTO_ROOT], longs: String, enums: String, defaults: true, oneofs: true },
+  ),
+);
+const healthPackage = grpc.loadPackageDefinition(
+  protoLoader.loadSync(health.protoPath, { defaults: true, enums: String }),
+);
+const rtap = loaded.rtap.v1;
+
+// google.rpc.Status and its details, to decode `grpc-status-details-bin`.
+const rpcTypes = new protobuf.Root();
+rpcTypes.resolvePath = (_origin, target) =>
+  target.startsWith('google/rpc') ? path.join(GOOGLE_PROTOS, target) : target;
+rpcTypes.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto']);
+const Status = rpcTypes.lookupType('google.rpc.Status');
+const BadRequest = rpcTypes.lookupType('google.rpc.BadRequest');
+
+function deadline(ms = DEADLINE_MS) {
+  return { deadline: new Date(Date.now() + ms) };
+}
+
+/** Calls a unary method and resolves with its reply. */
+function call(client, method, request) {
+  return new Promise((resolve, reject) => {
+    client[method](request, deadline(), (error, reply) => (error ? reject(error) : resolve(reply)));
+  });
+}
+
+/** The fields named by the google.rpc.BadRequest detail of an error. */
+function badRequestFields(error) {
+  const [details] = error.metadata ? error.metadata.get('grpc-status-details-bin') : [];
+  if (!details) return [];
+  const status = Status.decode(details);
+  return status.details
+    .filter((any) => any.type_url.endsWith('/google.rpc.BadRequest'))
+    .flatMap((any) => BadRequest.decode(any.value).fieldViolations.map((v) => v.field));
+}
+
+const lastHour = () => ({ trailing: { seconds: 3600, nanos: 0 } });
+
+class Rtap {
+  constructor(address) {
+    const credentials = grpc.credentials.createInsecure();
+    this.health = new healthPackage.grpc.health.v1.Health(address, credentials);
+    this.users = new rtap.UserService(address, credentials);
+    this.products = new rtap.ProductService(address, credentials);
+    this.analytics = new rtap.AnalyticsService(address, credentials);
+  }
+
+  async serving() {
+    const reply = await call(this.health, 'check', { service: '' });
+    return reply.status === 'SERVING';
+  }
+
+  async createUser(firstName, lastName) {
+    return (await call(this.users, 'createUser', { user: { firstName, lastName } })).user;
+  }
+
+  async createProduct(name, category, price) {
+    return (await call(this.products, 'createProduct', { product: { name, category, price } }))
+      .product;
+  }
+
+  eventCounts() {
+    return call(this.analytics, 'getEventCounts', { window: lastHour() });
+  }
+
+  uniqueUsers() {
+    return call(this.analytics, 'getUniqueUsers', { window: lastHour() });
+  }
+
+  engagement(productId) {
+    return call(this.analytics, 'getEngagement', { window: lastHour(), productId });
+  }
+
+  topProducts(limit = 10) {
+    return call(this.analytics, 'getTopProducts', {
+      window: lastHour(),
+      ranking: 'PRODUCT_RANKING_VIEWS',
+      limit,
+    });
+  }
+
+  funnel() {
+    return call(this.analytics, 'getFunnel', { window: lastHour() });
+  }
+
+  /** Collects a subscription's messages for `ms` milliseconds, then cancels it. */
+  followEventCounts(ms) {
+    return new Promise((resolve, reject) => {
+      const messages = [];
+      const stream = this.analytics.subscribe({
+        eventCounts: { window: lastHour() },
+        heartbeatInterval: { seconds: 1, nanos: 0 },
+      });
+      stream.on('data', (message) => messages.push(message));
+      stream.on('error', (error) =>
+        error.code === grpc.status.CANCELLED ? resolve(messages) : reject(error),
+      );
+      setTimeout(() => stream.cancel(), ms);
+    });
+  }
+
+  close() {
+    for (const client of [this.health, this.users, this.products, this.analytics]) client.close();
+  }
+}
+
+async function main(address) {
+  const client = new Rtap(address);
+  console.log('serving:', await client.serving());
+  const suffix = crypto.randomUUID().slice(0, 8);
+  const user = await client.createUser('Ada', `Lovelace-${suffix}`);
+  const product = await client.createProduct(`Analytical Engine ${suffix}`, 'machines', 1843);
+  console.log('created user', user.id, 'and product', product.id);
+  try {
+    await client.createProduct('', 'machines', -1);
+  } catch (error) {
+    console.log(grpc.status[error.code], 'on fields', badRequestFields(error));
+  }
+  const counts = await client.eventCounts();
+  console.log('events in the last hour:', counts.buckets.reduce((n, b) => n + Number(b.total), 0));
+  console.log('unique users:', (await client.uniqueUsers()).uniqueUsers);
+  const top = await client.topProducts(3);
+  console.log('top products:', top.products.map((p) => [p.productId, p.value]));
+  console.log('conversion:', (await client.funnel()).total.conversionRate);
+  for (const message of await client.followEventCounts(3500)) {
+    console.log('message', message.sequence, message.update);
+  }
+  client.close();
+}
+
+module.exports = { Rtap, badRequestFields, grpc };
+
+if (require.main === module) {
+  main(process.argv[2] || '127.0.0.1:50051').catch((error) => {
+    console.error(error);
+    process.exit(1);
+  });
+}
