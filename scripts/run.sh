@@ -4,10 +4,13 @@
 #   2. a release build of rtap-server and rtap-simulator;
 #   3. rtap-server on RTAP_LISTEN_ADDR (default 127.0.0.1:50051), waiting
 #      until its health is SERVING;
-#   4. rtap-simulator, seeding the catalog (5000 users, 300 products) and
-#      producing RTAP_SIM_RATE events/s (default 25; a user has one session
-#      at a time, so higher rates need more users) until Ctrl-C.
-# Ctrl-C stops the simulator (after a flush) and then the server.
+#   4. rtap-simulator in the background, seeding the catalog (5000 users,
+#      300 products) and producing RTAP_SIM_RATE events/s (default 25; a user
+#      has one session at a time, so higher rates need more users);
+#   5. `rtap-server watch`: a live summary of the last 5 minutes, one line a
+#      second, until Ctrl-C.
+# Ctrl-C stops the simulator (after a flush; its totals are printed) and then
+# the server.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,7 +21,12 @@ mkdir -p "$LOG_DIR"
 
 die() { printf 'run: error: %s\n' "$*" >&2; exit 1; }
 
-scripts/services.sh up
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [[ -n $free_kib && $free_kib -lt 3000000 ]]; then
+  die "only $((free_kib / 1024)) MiB free on $(df -P . | awk 'NR == 2 { print $6 }'); the build needs about 3 GiB: free some disk space"
+fi
+
+scripts/services.sh up || die "the services did not start (see the lines above); fix that, then run again"
 cargo build --release --locked --workspace --bins
 
 port=${RTAP_LISTEN_ADDR##*:}
@@ -44,9 +52,19 @@ done
 target/release/rtap-server health >/dev/null 2>&1 \
   || die "rtap-server is not SERVING after 60 s; see $LOG_DIR/rtap-server.log"
 echo "run: rtap-server is SERVING on $RTAP_LISTEN_ADDR (log: $LOG_DIR/rtap-server.log)" >&2
-echo "run: producing $RATE events/s with rtap-simulator; Ctrl-C stops everything" >&2
-
-# The simulator handles Ctrl-C itself (flush, summary); the trap then stops
-# the server.
 target/release/rtap-simulator --server-addr "http://$RTAP_LISTEN_ADDR" \
-  --seed-users 5000 --seed-products 300 --session-gap 5m --rate "$RATE" || true
+  --seed-users 5000 --seed-products 300 --session-gap 5m --rate "$RATE" --progress none \
+  >"$LOG_DIR/rtap-simulator.log" 2>&1 &
+simulator=$!
+stop_all() {
+  if kill -0 "$simulator" 2>/dev/null; then
+    kill -INT "$simulator" 2>/dev/null
+    wait "$simulator" 2>/dev/null || true
+  fi
+  grep "simulation finished" "$LOG_DIR/rtap-simulator.log" >&2 || true
+  stop_server
+}
+trap stop_all EXIT
+echo "run: rtap-simulator is producing $RATE events/s (log: $LOG_DIR/rtap-simulator.log)" >&2
+echo "run: live metrics of the last 5 minutes follow (rtap-server watch); Ctrl-C stops everything" >&2
+target/release/rtap-server watch || true

@@ -33,6 +33,9 @@ pub enum Command {
     /// the earliest offsets Kafka keeps, with progress; refuses while an
     /// ingest process consumes the namespace.
     Rebuild,
+    /// Print a live one-line summary of the last 5 minutes from the server
+    /// at `--listen-addr`, until Ctrl-C.
+    Watch,
     /// Ask the server at `--listen-addr` for its health; exit 0 if SERVING
     /// (for container health checks and scripts).
     Health,

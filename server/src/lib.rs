@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod retry;
 pub mod shutdown;
 pub mod store;
+pub mod watch;
 
 pub use app::{bind, serve};
 pub use config::{Cli, Command, Config, LogFormat};
