@@ -675,3 +675,73 @@ async fn a_subscriber_that_stops_reading_gets_a_resync_snapshot_then_stays_exact
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
 }
+
+#[tokio::test]
+async fn a_rolling_window_rolls_forward_and_stays_equal_to_the_unary_query() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = api_config(&database);
+    let server = TestServer::start(config.clone()).await?;
+    let mut analytics = client(&server);
+    // The last minute: two minute buckets, the older one leaves at the next
+    // minute boundary.
+    let query = GetEventCountsRequest {
+        window: Some(trailing(60)),
+        granularity: Granularity::Minute as i32,
+        ..Default::default()
+    };
+    let mut stream = analytics
+        .subscribe(SubscribeRequest {
+            query: Some(subscribe_request::Query::EventCounts(query.clone())),
+            heartbeat_interval: None,
+        })
+        .await?
+        .into_inner();
+    let mut held = Held::new();
+    apply(&mut held, &next(&mut stream).await?)?;
+    let before: Vec<i64> = held.keys().copied().collect();
+    let events: Vec<_> = (1..=10).map(|user| event(user, Utc::now())).collect();
+    produce(&config.kafka_brokers[0], &config.events_topic, &events).await?;
+
+    // Read until a minute boundary has passed and the held result is the
+    // unary one again.
+    let mut removed = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(70), stream.next())
+            .await
+            .context("no message within 70 s")?
+            .context("the stream ended")??;
+        if let Some(subscribe_response::Update::Delta(delta)) = &message.update
+            && let Some(delta::Change::EventCounts(change)) = &delta.change
+        {
+            removed += change.removed_bucket_start_times.len();
+        }
+        apply(&mut held, &message)?;
+        let unary = analytics
+            .get_event_counts(query.clone())
+            .await?
+            .into_inner();
+        let starts: Vec<i64> = unary
+            .buckets
+            .iter()
+            .map(|b| b.start_time.map_or(0, |t| t.seconds))
+            .collect();
+        let mut expected = held_of(&unary);
+        expected.retain(|_, c| !c.is_empty());
+        let mut have = held.clone();
+        have.retain(|_, c| !c.is_empty());
+        let rolled = starts != before && held.keys().copied().collect::<Vec<_>>() == starts;
+        if removed > 0 && rolled && have == expected {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "removed {removed}, held {:?} vs unary {starts:?}",
+            held.keys().collect::<Vec<_>>()
+        );
+    }
+    drop(stream);
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
