@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestDatabase, TestServer, test_config};
+use common::{TestDatabase, TestServer, env_or, test_config};
 use rand::Rng;
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database};
@@ -22,13 +22,6 @@ use sea_orm::{ConnectionTrait, Database};
 const USERS: i64 = 10_000;
 /// HTTP/2 connections the callers share.
 const CONNECTIONS: usize = 2;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> anyhow::Result<()> {
     let concurrency = env_or("RTAP_BENCH_CONCURRENCY", 16);

@@ -16,7 +16,7 @@ use std::{
 };
 
 use clap::Parser;
-use common::{TestDatabase, test_config};
+use common::{TestDatabase, env_or, test_config};
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap_server::{
     ingest::consumer::{self, PipelineSettings, PipelineStats},
@@ -24,13 +24,6 @@ use rtap_server::{
 };
 use rtap_simulator::config::SimulatorConfig;
 use tokio_util::sync::CancellationToken;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> anyhow::Result<()> {
     let events = env_or("RTAP_BENCH_EVENTS", 1_000_000);

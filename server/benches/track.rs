@@ -25,10 +25,7 @@ const STREAMS: usize = 4;
 const CALLERS: usize = 64;
 
 fn main() -> anyhow::Result<()> {
-    let events: usize = std::env::var("RTAP_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+    let events = usize::try_from(common::env_or("RTAP_BENCH_EVENTS", 200_000))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
