@@ -15,6 +15,7 @@ pub mod database;
 pub mod error;
 pub mod health;
 pub mod ingest;
+pub mod proto_time;
 pub mod retry;
 pub mod shutdown;
 pub mod store;

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     error::{Error, FieldViolation},
+    proto_time::timestamp_from_millis,
     store::{commit::load_state, keys::PartitionKeys, read::MetricReader},
 };
 use query::{Query, QueryResult};
@@ -271,10 +272,7 @@ impl AnalyticsService for AnalyticsApi {
                 duplicates_skipped: state.duplicates,
                 dead_lettered: dead_counts(dead),
                 late_events: state.late,
-                last_commit_time: state.last_commit_ms.map(|ms| prost_types::Timestamp {
-                    seconds: ms.div_euclid(1000),
-                    nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-                }),
+                last_commit_time: state.last_commit_ms.map(timestamp_from_millis),
             });
         }
         total.dead_lettered = dead_counts(dead_total);

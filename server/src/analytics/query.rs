@@ -17,6 +17,7 @@ use rtap::v1::{
 use super::window::{self, ResolvedWindow};
 use crate::{
     error::{Error, FieldViolation},
+    proto_time::duration_from_micros,
     store::{Counter, FunnelStage, Ranking, Retention, UserSet, read::MetricReader},
 };
 
@@ -349,8 +350,8 @@ async fn engagement(
         range: Some(window.range()),
         unique_users: users,
         product_views: views,
-        total_dwell_time: Some(micros(dwell_micros)),
-        average_dwell_time_per_user: Some(micros(ratio_i64(dwell_micros, users))),
+        total_dwell_time: Some(duration_from_micros(dwell_micros)),
+        average_dwell_time_per_user: Some(duration_from_micros(ratio_i64(dwell_micros, users))),
         sessions: Some(session_stats(sessions, length_ms, session_events)),
     })
 }
@@ -359,9 +360,12 @@ async fn engagement(
 pub fn session_stats(sessions: i64, length_ms: i64, events: i64) -> SessionStats {
     SessionStats {
         session_count: sessions,
-        total_length: Some(micros(length_ms.saturating_mul(1000))),
+        total_length: Some(duration_from_micros(length_ms.saturating_mul(1000))),
         total_events: events,
-        average_length: Some(micros(ratio_i64(length_ms.saturating_mul(1000), sessions))),
+        average_length: Some(duration_from_micros(ratio_i64(
+            length_ms.saturating_mul(1000),
+            sessions,
+        ))),
         average_events_per_session: ratio(events, sessions),
     }
 }
@@ -475,13 +479,5 @@ fn ratio_i64(numerator: i64, denominator: i64) -> i64 {
         0
     } else {
         numerator / denominator
-    }
-}
-
-/// A protobuf duration of `micros` microseconds.
-pub fn micros(micros: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
     }
 }

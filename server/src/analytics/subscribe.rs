@@ -37,11 +37,12 @@ use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    query::{Query, QueryResult, micros},
+    query::{Query, QueryResult},
     window::ResolvedWindow,
 };
 use crate::{
     error::Error,
+    proto_time::{duration_from_micros, duration_micros, timestamp_from_millis},
     retry::Backoff,
     store::{
         Granularity, Retention,
@@ -137,15 +138,8 @@ impl Store {
             });
             latest = latest.max(state.watermark_ms);
         }
-        watermark.latest_event_time = latest.map(timestamp_ms);
+        watermark.latest_event_time = latest.map(timestamp_from_millis);
         Ok(watermark)
-    }
-}
-
-fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     }
 }
 
@@ -659,9 +653,8 @@ fn diff(old: &QueryResult, new: &QueryResult) -> Option<Delta> {
             })
         }
         (QueryResult::Engagement(old), QueryResult::Engagement(new)) => {
-            let micros_of = |d: Option<prost_types::Duration>| {
-                d.map_or(0, |d| d.seconds * 1_000_000 + i64::from(d.nanos) / 1000)
-            };
+            let micros_of =
+                |d: Option<prost_types::Duration>| d.as_ref().map_or(0, duration_micros);
             let sessions = |r: &rtap::v1::GetEngagementResponse| {
                 let s = r.sessions.unwrap_or_default();
                 (s.session_count, micros_of(s.total_length), s.total_events)
@@ -670,11 +663,13 @@ fn diff(old: &QueryResult, new: &QueryResult) -> Option<Delta> {
             let engagement = EngagementDelta {
                 unique_users_change: new.unique_users - old.unique_users,
                 product_views_change: new.product_views - old.product_views,
-                total_dwell_time_change: Some(micros(
+                total_dwell_time_change: Some(duration_from_micros(
                     micros_of(new.total_dwell_time) - micros_of(old.total_dwell_time),
                 )),
                 session_count_change: new_sessions.0 - old_sessions.0,
-                session_total_length_change: Some(micros(new_sessions.1 - old_sessions.1)),
+                session_total_length_change: Some(duration_from_micros(
+                    new_sessions.1 - old_sessions.1,
+                )),
                 session_total_events_change: new_sessions.2 - old_sessions.2,
                 range: new.range,
             };

@@ -15,7 +15,10 @@ use rtap::v1::{
     CommitDelta, CountChange, EventType, InteractionEvent, MinuteChange, SessionChange,
 };
 
-use crate::store::{Bucket, Counter, FunnelStage, Granularity, Ranking, UserSet};
+use crate::{
+    proto_time::{duration_micros, timestamp_from_millis, timestamp_millis},
+    store::{Bucket, Counter, FunnelStage, Granularity, Ranking, UserSet},
+};
 
 /// A session's key: user id and client session id.
 pub type SessionKey = (i64, String);
@@ -185,6 +188,17 @@ impl BatchAggregate {
                 .or_default()
                 .insert(event.user_id);
             let quantity = i64::from(event.quantity);
+            if matches!(
+                event.r#type(),
+                EventType::AddToCart | EventType::RemoveFromCart | EventType::Purchase
+            ) {
+                let items = Counter::Quantity {
+                    event_type,
+                    source,
+                    product,
+                };
+                changes.count(items, quantity);
+            }
             match event.r#type() {
                 EventType::ProductView => {
                     let dwell = dwell_micros(event);
@@ -192,34 +206,8 @@ impl BatchAggregate {
                     changes.count(Counter::TotalDwell { source }, dwell);
                     changes.rank(Ranking::Views, product, 1);
                 }
-                EventType::AddToCart => {
-                    changes.count(
-                        Counter::Quantity {
-                            event_type,
-                            source,
-                            product,
-                        },
-                        quantity,
-                    );
-                    changes.rank(Ranking::AddToCarts, product, quantity);
-                }
-                EventType::RemoveFromCart => changes.count(
-                    Counter::Quantity {
-                        event_type,
-                        source,
-                        product,
-                    },
-                    quantity,
-                ),
+                EventType::AddToCart => changes.rank(Ranking::AddToCarts, product, quantity),
                 EventType::Purchase => {
-                    changes.count(
-                        Counter::Quantity {
-                            event_type,
-                            source,
-                            product,
-                        },
-                        quantity,
-                    );
                     changes.count(Counter::Revenue { source }, event.amount_micros);
                     changes.count(
                         Counter::ProductRevenue { source, product },
@@ -321,7 +309,7 @@ impl BatchAggregate {
             partition,
             first_offset,
             next_offset,
-            watermark: self.watermark_ms.map(timestamp_ms),
+            watermark: self.watermark_ms.map(timestamp_from_millis),
             events_applied: self.applied,
             minutes,
         }
@@ -422,29 +410,14 @@ fn session(sessions: &mut BTreeMap<i32, SessionChange>, source: i32) -> &mut Ses
     })
 }
 
-fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
 /// Event time in Unix milliseconds (the validator guarantees it is set).
 pub fn event_time_ms(event: &InteractionEvent) -> i64 {
-    event.occurred_at.map_or(0, |t| {
-        t.seconds
-            .saturating_mul(1000)
-            .saturating_add(i64::from(t.nanos) / 1_000_000)
-    })
+    event.occurred_at.as_ref().map_or(0, timestamp_millis)
 }
 
 /// Dwell time in microseconds.
 pub fn dwell_micros(event: &InteractionEvent) -> i64 {
-    event.dwell_time.map_or(0, |d| {
-        d.seconds
-            .saturating_mul(1_000_000)
-            .saturating_add(i64::from(d.nanos) / 1000)
-    })
+    event.dwell_time.as_ref().map_or(0, duration_micros)
 }
 
 #[cfg(test)]

@@ -628,9 +628,7 @@ impl PartitionConsumer {
         for (index, (_, event)) in valid.iter().enumerate() {
             let minute = Granularity::Minute.bucket_start(event_time_ms(event).div_euclid(1000));
             by_minute.entry(minute).or_default().push(index);
-            if !session_keys.contains(&(event.user_id, event.session_id.clone())) {
-                session_keys.insert((event.user_id, event.session_id.clone()));
-            }
+            session_keys.insert((event.user_id, event.session_id.clone()));
         }
         let ids_by_minute: Vec<(i64, Vec<[u8; 16]>)> = by_minute
             .iter()
