@@ -47,6 +47,9 @@ pub struct AnalyticsApi {
     topic: String,
     brokers: Vec<String>,
     timeout: Duration,
+    /// Kept between status calls (`rtap-server watch` asks every second);
+    /// dropped after a failure so the next call reconnects.
+    kafka: Arc<tokio::sync::Mutex<Option<Arc<rskafka::client::Client>>>>,
 }
 
 impl AnalyticsApi {
@@ -57,14 +60,23 @@ impl AnalyticsApi {
             topic: config.events_topic.clone(),
             brokers: config.kafka_brokers.clone(),
             timeout: config.dependency_timeout,
+            kafka: Arc::default(),
         }
     }
 
     /// Every partition's high watermark; empty if Kafka cannot be asked
     /// within the dependency timeout.
     async fn high_watermarks(&self, partitions: &[(i32, i64)]) -> BTreeMap<i32, i64> {
+        let mut slot = self.kafka.lock().await;
         let read = async {
-            let client = crate::health::kafka_client(&self.brokers, self.timeout).await?;
+            let client = match slot.as_ref() {
+                Some(client) => client.clone(),
+                None => {
+                    let client =
+                        Arc::new(crate::health::kafka_client(&self.brokers, self.timeout).await?);
+                    slot.insert(client).clone()
+                }
+            };
             let mut marks = BTreeMap::new();
             for (partition, offset) in partitions {
                 let source = client
@@ -81,14 +93,16 @@ impl AnalyticsApi {
             }
             Ok::<_, rskafka::client::error::Error>(marks)
         };
-        match tokio::time::timeout(self.timeout, read).await {
-            Ok(Ok(marks)) => marks,
+        let marks = match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(marks)) => return marks,
             Ok(Err(error)) => {
                 tracing::debug!(error = %error, "no high watermarks for the pipeline status");
                 BTreeMap::new()
             }
             Err(_) => BTreeMap::new(),
-        }
+        };
+        *slot = None;
+        marks
     }
 
     /// The service, ready to add to a tonic router.

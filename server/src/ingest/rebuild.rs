@@ -62,6 +62,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
     if !config.ingest_partitions.is_empty() {
         partitions.retain(|p| config.ingest_partitions.contains(p));
     }
+    if partitions.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "none of --ingest-partitions {:?} exists in topic {}",
+            config.ingest_partitions, config.events_topic
+        )));
+    }
     settings.partitions = partitions.clone();
     let keys: Vec<PartitionKeys> = partitions
         .iter()
