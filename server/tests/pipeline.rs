@@ -103,6 +103,28 @@ async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyhow::R
             "minute {minute}: {actual} counted, {expected} produced"
         );
     }
+    // The dense minute series holds what the minute buckets' hashes hold.
+    let minutes = buckets(Granularity::Minute, first, last);
+    let pairs: Vec<(i32, i32)> = (1..=6)
+        .flat_map(|event_type| (1..=3).map(move |source| (event_type, source)))
+        .collect();
+    let fields: Vec<String> = pairs
+        .iter()
+        .map(|&(event_type, source)| Counter::Events { event_type, source }.field())
+        .collect();
+    let from_hashes = reader.fields(&mut connection, &minutes, &fields).await?;
+    let starts: Vec<i64> = minutes.iter().map(|b| b.start).collect();
+    let from_series = reader
+        .minute_events(&mut connection, &starts, &pairs)
+        .await?;
+    ensure!(
+        from_series == from_hashes,
+        "minute series differ from the minute hashes"
+    );
+    ensure!(
+        from_series.iter().flatten().sum::<i64>() == i64::try_from(truth.events)?,
+        "minute series total"
+    );
 
     // Products, funnel and users, over the whole run.
     let days = days(truth)?;

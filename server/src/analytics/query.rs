@@ -18,7 +18,7 @@ use super::window::{self, ResolvedWindow};
 use crate::{
     error::{Error, FieldViolation},
     proto_time::duration_from_micros,
-    store::{Counter, FunnelStage, Ranking, Retention, UserSet, read::MetricReader},
+    store::{Counter, FunnelStage, Granularity, Ranking, Retention, UserSet, read::MetricReader},
 };
 
 /// Default and largest `limit` of GetTopProducts.
@@ -222,23 +222,30 @@ async fn event_counts(
             pairs.push((*event_type, *source));
         }
     }
-    let fields: Vec<String> = pairs
-        .iter()
-        .map(|&(event_type, source)| {
-            if request.product_id > 0 {
+    let buckets = window.buckets();
+    let rows = if request.product_id > 0 {
+        let fields: Vec<String> = pairs
+            .iter()
+            .map(|&(event_type, source)| {
                 Counter::ProductEvents {
                     event_type,
                     source,
                     product: request.product_id,
                 }
-            } else {
-                Counter::Events { event_type, source }
-            }
-            .field()
-        })
-        .collect();
-    let buckets = window.buckets();
-    let rows = reader.fields(connection, &buckets, &fields).await?;
+                .field()
+            })
+            .collect();
+        reader.fields(connection, &buckets, &fields).await?
+    } else if window.granularity == Granularity::Minute {
+        let minutes: Vec<i64> = buckets.iter().map(|b| b.start).collect();
+        reader.minute_events(connection, &minutes, &pairs).await?
+    } else {
+        let fields: Vec<String> = pairs
+            .iter()
+            .map(|&(event_type, source)| Counter::Events { event_type, source }.field())
+            .collect();
+        reader.fields(connection, &buckets, &fields).await?
+    };
     let buckets = buckets
         .iter()
         .zip(rows)

@@ -9,12 +9,12 @@
 //! offset moved and resumes from it. A second consumer of the same partition
 //! can only ever lose this race (`RTAP_FENCED`), never double-count.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use redis::{Script, aio::ConnectionLike};
 
 use super::{
-    Granularity, Retention, StoreError,
+    Counter, Granularity, Retention, StoreError,
     keys::{PartitionKeys, state_field},
 };
 use crate::ingest::aggregate::{BatchAggregate, SessionKey, SessionState};
@@ -22,7 +22,9 @@ use crate::ingest::aggregate::{BatchAggregate, SessionKey, SessionState};
 /// The commit script. KEYS[1] is the state hash; ARGV[1] the offset the batch
 /// expects stored ('' for none); then operations, each
 /// `op, key index, count, expiry kind ('a' at / 'p' in ms / '-'), expiry`,
-/// followed by its `count` members or field/value pairs.
+/// followed by its `count` members or field/value pairs. Ops: `h` HINCRBY,
+/// `f` HSET, `z` ZINCRBY, `b` BITFIELD INCRBY of the `u32` at a minute index
+/// (saturating), `p` PFADD, `s` SADD, `v` SET with expiry.
 const COMMIT_SCRIPT: &str = r"#!lua
 local stored = redis.call('HGET', KEYS[1], 'offset') or ''
 if stored ~= ARGV[1] then
@@ -41,6 +43,11 @@ while i <= last do
     i = i + 2 * n
   elseif op == 'z' then
     for j = i, i + 2 * n - 1, 2 do redis.call('ZINCRBY', key, ARGV[j + 1], ARGV[j]) end
+    i = i + 2 * n
+  elseif op == 'b' then
+    for j = i, i + 2 * n - 1, 2 do
+      redis.call('BITFIELD', key, 'OVERFLOW', 'SAT', 'INCRBY', 'u32', '#' .. ARGV[j], ARGV[j + 1])
+    end
     i = i + 2 * n
   elseif op == 'p' or op == 's' then
     local command = (op == 'p') and 'PFADD' or 'SADD'
@@ -407,6 +414,27 @@ fn encode(
                 );
             }
         }
+    }
+    // The dense minute series: per day, type and source, the minutes' counts.
+    let mut series: BTreeMap<(i64, i32, i32), Vec<(String, i64)>> = BTreeMap::new();
+    for (minute, changes) in &batch.minutes {
+        let (day, index) = super::series_position(*minute);
+        for (counter, by) in &changes.counters {
+            if let Counter::Events { event_type, source } = *counter {
+                series
+                    .entry((day, event_type, source))
+                    .or_default()
+                    .push((index.to_string(), *by));
+            }
+        }
+    }
+    for ((day, event_type, source), points) in series {
+        encoder.pairs(
+            "b",
+            keys.minute_series(day, event_type, source),
+            points.into_iter(),
+            Expiry::At(settings.retention.series_expires_at(day)),
+        );
     }
     for (minute, ids) in &batch.seen {
         encoder.members(

@@ -113,6 +113,23 @@ impl Retention {
             .saturating_add(bucket.granularity.seconds())
             .saturating_add(retention)
     }
+
+    /// When (Unix seconds) the minute series of the day starting at
+    /// `day_start` expires: when its last minute does.
+    pub fn series_expires_at(&self, day_start: i64) -> i64 {
+        self.expires_at(Bucket::containing(
+            Granularity::Minute,
+            day_start + Granularity::Day.seconds() - 1,
+        ))
+    }
+}
+
+/// Where a minute sits in the dense minute series (see
+/// [`keys::PartitionKeys::minute_series`]): the start of its UTC day and its
+/// index in the day.
+pub fn series_position(minute_start: i64) -> (i64, i64) {
+    let day = Granularity::Day.bucket_start(minute_start);
+    (day, (minute_start - day) / Granularity::Minute.seconds())
 }
 
 /// An additive counter of a bucket (a field of its counter hash). Enum values
@@ -355,6 +372,16 @@ mod tests {
             retention.expires_at(Bucket::containing(Granularity::Day, 5)),
             86_700
         );
+        // A day's minute series lives as long as its last minute.
+        assert_eq!(retention.series_expires_at(86_400), 2 * 86_400 + 100);
+    }
+
+    #[test]
+    fn minutes_sit_in_their_utc_day_of_the_series() {
+        assert_eq!(series_position(0), (0, 0));
+        assert_eq!(series_position(86_400 + 59 * 60), (86_400, 59));
+        assert_eq!(series_position(86_400 - 60), (0, 1439));
+        assert_eq!(series_position(-60), (-86_400, 1439));
     }
 
     #[test]

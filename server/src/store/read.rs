@@ -3,11 +3,13 @@
 //! the partition's buckets) and summed, which is exact to HyperLogLog error
 //! because a user lives on one partition.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use redis::aio::ConnectionLike;
 
-use super::{Bucket, Counter, Ranking, StoreError, UserSet, keys::PartitionKeys};
+use super::{
+    Bucket, Counter, Ranking, StoreError, UserSet, keys::PartitionKeys, series_position,
+};
 
 /// Reads metrics of a namespace over a set of partitions.
 #[derive(Debug, Clone)]
@@ -111,6 +113,69 @@ impl MetricReader {
             let row = &mut rows[index % buckets.len()];
             for (total, value) in row.iter_mut().zip(reply) {
                 *total += value.unwrap_or(0);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Events of each `(type, source)` of `pairs` in each minute starting at
+    /// one of `minutes`, summed over partitions: one row per minute (in
+    /// `minutes` order), one value per pair. Reads the dense minute series,
+    /// one `GETRANGE` per partition, day and pair, so a day of minutes costs
+    /// what one minute does.
+    pub async fn minute_events(
+        &self,
+        connection: &mut impl ConnectionLike,
+        minutes: &[i64],
+        pairs: &[(i32, i32)],
+    ) -> Result<Vec<Vec<i64>>, StoreError> {
+        const WIDTH: usize = 4;
+        let mut rows = vec![vec![0; pairs.len()]; minutes.len()];
+        if pairs.is_empty() || minutes.is_empty() || self.partitions.is_empty() {
+            return Ok(rows);
+        }
+        // The first and last minute index read of each day.
+        let mut days: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for minute in minutes {
+            let (day, index) = series_position(*minute);
+            let range = days.entry(day).or_insert((index, index));
+            *range = (range.0.min(index), range.1.max(index));
+        }
+        let width = WIDTH as i64;
+        let mut pipe = redis::pipe();
+        for keys in &self.partitions {
+            for (day, (first, last)) in &days {
+                for (event_type, source) in pairs {
+                    pipe.cmd("GETRANGE")
+                        .arg(keys.minute_series(*day, *event_type, *source))
+                        .arg(first * width)
+                        .arg(last * width + width - 1);
+                }
+            }
+        }
+        let replies: Vec<Vec<u8>> = pipe.query_async(connection).await?;
+        // Replies come by partition, then day, then pair; a series shorter
+        // than the range read (or missing) has zeros past its end.
+        let per_day = pairs.len();
+        let per_partition = days.len() * per_day;
+        let slots: HashMap<i64, (usize, i64)> = days
+            .iter()
+            .enumerate()
+            .map(|(slot, (day, (first, _)))| (*day, (slot, *first)))
+            .collect();
+        for (row, minute) in rows.iter_mut().zip(minutes) {
+            let (day, index) = series_position(*minute);
+            let Some(&(slot, first)) = slots.get(&day) else {
+                continue;
+            };
+            let offset = usize::try_from(index - first).unwrap_or(usize::MAX / 2) * WIDTH;
+            for partition in replies.chunks(per_partition) {
+                let day_replies = &partition[slot * per_day..(slot + 1) * per_day];
+                for (total, bytes) in row.iter_mut().zip(day_replies) {
+                    if let Some(&[a, b, c, d]) = bytes.get(offset..offset + WIDTH) {
+                        *total += i64::from(u32::from_be_bytes([a, b, c, d]));
+                    }
+                }
             }
         }
         Ok(rows)
