@@ -14,18 +14,23 @@ use chrono::{DateTime, Utc};
 use common::{
     TestDatabase, TestServer,
     pipeline::{
-        PARTITIONS, event, hll_close, ingest_config, produce, simulate, source_number,
+        PARTITIONS, event, hll_close, ingest_config, produce, redis, simulate, source_number,
         wait_caught_up,
     },
 };
 use rtap::v1::{
     EventType, GetEngagementRequest, GetEventCountsRequest, GetEventCountsResponse,
-    GetFunnelRequest, GetPipelineStatusRequest, GetTopProductsRequest, GetUniqueUsersRequest,
-    Granularity, ProductRanking, Source, SubscribeRequest, SubscribeResponse, TimeRange,
-    TimeWindow, analytics_service_client::AnalyticsServiceClient, delta, snapshot,
-    subscribe_request, subscribe_response, time_window::Window,
+    GetFunnelRequest, GetPipelineStatusRequest, GetTopProductsRequest, GetTopProductsResponse,
+    GetUniqueUsersRequest, Granularity, ProductRanking, Source, SubscribeRequest,
+    SubscribeResponse, TimeRange, TimeWindow, analytics_service_client::AnalyticsServiceClient,
+    delta, snapshot, subscribe_request, subscribe_response, time_window::Window,
 };
-use rtap_server::{Config, config::Role};
+use rtap_server::{
+    Config,
+    analytics::window::ResolvedWindow,
+    config::Role,
+    store::{self, Bucket, Counter, Ranking, Retention, read::MetricReader},
+};
 use tokio_stream::StreamExt;
 use tonic::{Code, Streaming, transport::Channel};
 
@@ -291,6 +296,108 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     }
     let total = funnel.total.context("total")?;
     assert_eq!(total.sessions, i64::try_from(truth_sessions)?);
+
+    // Totals read a signed cover: over a window that also holds all the
+    // events but is an hour minus an empty edge minute, they read the hour
+    // minus that minute, and must not change.
+    let hour = |t: i64| t.div_euclid(3600) * 3600;
+    let minute = |t: i64| t.div_euclid(60) * 60;
+    let mut start = hour(first);
+    if minute(first) > start {
+        start += 60;
+    }
+    let mut end = hour(last) + 3600;
+    if minute(last) + 60 < end {
+        end -= 60;
+    }
+    let signed = ResolvedWindow {
+        granularity: store::Granularity::Minute,
+        start,
+        end,
+    }
+    .signed_cover(Utc::now().timestamp(), &Retention::from_config(&config));
+    assert!(signed.iter().any(|(_, sign)| *sign < 0), "{signed:?}");
+    let wide = range(start, end);
+    let strip = |mut response: GetTopProductsResponse| {
+        response.range = None;
+        response
+    };
+    for ranking in [ProductRanking::Views, ProductRanking::Revenue] {
+        let top = |window| GetTopProductsRequest {
+            window: Some(window),
+            ranking: ranking as i32,
+            limit: 100,
+        };
+        assert_eq!(
+            strip(analytics.get_top_products(top(wide)).await?.into_inner()),
+            strip(analytics.get_top_products(top(window)).await?.into_inner())
+        );
+    }
+    for product_id in [*top_product, 0] {
+        let mut wide_engagement = analytics
+            .get_engagement(GetEngagementRequest {
+                window: Some(wide),
+                product_id,
+            })
+            .await?
+            .into_inner();
+        let mut narrow = analytics
+            .get_engagement(GetEngagementRequest {
+                window: Some(window),
+                product_id,
+            })
+            .await?
+            .into_inner();
+        (wide_engagement.range, narrow.range) = (None, None);
+        assert_eq!(wide_engagement, narrow);
+    }
+    let mut wide_funnel = analytics
+        .get_funnel(GetFunnelRequest {
+            window: Some(wide),
+            sources: vec![],
+        })
+        .await?
+        .into_inner();
+    wide_funnel.range = None;
+    // And subtraction is real: the hours of the run minus all their minutes
+    // leave every ranking score and counter at zero.
+    let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
+    let mut connection = redis().await?;
+    let mut nothing = Vec::new();
+    for hour_start in (hour(first)..=hour(last)).step_by(3600) {
+        nothing.push((Bucket::containing(store::Granularity::Hour, hour_start), 1));
+        nothing.extend((0..60).map(|m| {
+            (
+                Bucket::containing(store::Granularity::Minute, hour_start + 60 * m),
+                -1,
+            )
+        }));
+    }
+    let scores = reader
+        .ranking(&mut connection, &nothing, Ranking::Views)
+        .await?;
+    assert!(
+        !scores.is_empty() && scores.values().all(|s| *s == 0),
+        "{scores:?}"
+    );
+    let fields = [
+        Counter::Sessions { source: 1 }.field(),
+        Counter::TotalDwell { source: 2 }.field(),
+    ];
+    let totals = reader.totals(&mut connection, &nothing, &fields).await?;
+    assert_eq!(totals, [0, 0]);
+    let hours: Vec<(Bucket, i64)> = nothing.iter().filter(|(_, s)| *s > 0).copied().collect();
+    let counted = reader.totals(&mut connection, &hours, &fields).await?;
+    assert!(counted.iter().all(|c| *c > 0), "{counted:?}");
+    let mut narrow_funnel = analytics
+        .get_funnel(GetFunnelRequest {
+            window: Some(window),
+            sources: vec![],
+        })
+        .await?
+        .into_inner();
+    narrow_funnel.range = None;
+    assert_eq!(wide_funnel, narrow_funnel);
 
     // The pipeline's vital signs.
     let status = analytics

@@ -33,6 +33,11 @@ use rtap_server::{
 };
 use rtap_simulator::truth::GroundTruth;
 
+/// `buckets`, each added.
+fn signed(buckets: &[Bucket]) -> Vec<(Bucket, i64)> {
+    buckets.iter().map(|b| (*b, 1)).collect()
+}
+
 /// Compares every aggregate with the ground truth.
 async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyhow::Result<()> {
     let mut connection = redis().await?;
@@ -140,10 +145,10 @@ async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyhow::R
         .map(|s| *s as i32)
         .collect();
     let views = reader
-        .ranking(&mut connection, &days, Ranking::Views)
+        .ranking(&mut connection, &signed(&days), Ranking::Views)
         .await?;
     let revenue_ranking = reader
-        .ranking(&mut connection, &days, Ranking::Revenue)
+        .ranking(&mut connection, &signed(&days), Ranking::Revenue)
         .await?;
     for (product, expected) in &truth.products {
         let product = *product;

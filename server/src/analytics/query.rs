@@ -14,7 +14,7 @@ use rtap::v1::{
     ProductRanking, ProductScore, SessionStats, Source,
 };
 
-use super::window::{self, ResolvedWindow};
+use super::window::{self, ResolvedWindow, SignedBucket};
 use crate::{
     error::{Error, FieldViolation},
     proto_time::duration_from_micros,
@@ -160,13 +160,18 @@ impl Query {
         window::resolve(window, granularity, now, retention, prefix).map_err(Error::InvalidArgument)
     }
 
-    /// Runs the query over `window`.
+    /// Runs the query over `window`, reading buckets still kept under
+    /// `retention`.
     pub async fn run(
         &self,
         connection: &mut impl ConnectionLike,
         reader: &MetricReader,
         window: ResolvedWindow,
+        retention: &Retention,
     ) -> Result<QueryResult, Error> {
+        // Totals read the signed cover; which buckets it picks depends on
+        // the time (future buckets are free), its sum never does.
+        let cover = || window.signed_cover(Utc::now().timestamp(), retention);
         Ok(match self {
             Self::EventCounts(r) => {
                 QueryResult::EventCounts(event_counts(connection, reader, window, r).await?)
@@ -175,12 +180,14 @@ impl Query {
                 QueryResult::UniqueUsers(unique_users(connection, reader, window, r).await?)
             }
             Self::Engagement(r) => {
-                QueryResult::Engagement(engagement(connection, reader, window, r).await?)
+                QueryResult::Engagement(engagement(connection, reader, window, &cover(), r).await?)
             }
-            Self::TopProducts(r) => {
-                QueryResult::TopProducts(top_products(connection, reader, window, r).await?)
+            Self::TopProducts(r) => QueryResult::TopProducts(
+                top_products(connection, reader, window, &cover(), r).await?,
+            ),
+            Self::Funnel(r) => {
+                QueryResult::Funnel(funnel(connection, reader, window, &cover(), r).await?)
             }
-            Self::Funnel(r) => QueryResult::Funnel(funnel(connection, reader, window, r).await?),
         })
     }
 }
@@ -303,6 +310,7 @@ async fn engagement(
     connection: &mut impl ConnectionLike,
     reader: &MetricReader,
     window: ResolvedWindow,
+    cover: &[SignedBucket],
     request: &GetEngagementRequest,
 ) -> Result<GetEngagementResponse, Error> {
     let product = request.product_id;
@@ -336,13 +344,14 @@ async fn engagement(
         ]);
     }
     let fields: Vec<String> = fields.iter().map(Counter::field).collect();
-    let buckets = window.covering_buckets();
-    let rows = reader.fields(connection, &buckets, &fields).await?;
     let mut totals = [0i64; 5];
-    for row in rows {
-        for (index, value) in row.into_iter().enumerate() {
-            totals[index % 5] += value;
-        }
+    for (index, value) in reader
+        .totals(connection, cover, &fields)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        totals[index % 5] += value;
     }
     let [views, dwell_micros, sessions, length_ms, session_events] = totals;
     let set = if product > 0 {
@@ -350,8 +359,12 @@ async fn engagement(
     } else {
         UserSet::All
     };
-    let users =
-        i64::try_from(reader.unique_users(connection, &buckets, set).await?).unwrap_or(i64::MAX);
+    let users = i64::try_from(
+        reader
+            .unique_users(connection, &window.covering_buckets(), set)
+            .await?,
+    )
+    .unwrap_or(i64::MAX);
     Ok(GetEngagementResponse {
         granularity: window.proto_granularity(),
         range: Some(window.range()),
@@ -381,6 +394,7 @@ async fn top_products(
     connection: &mut impl ConnectionLike,
     reader: &MetricReader,
     window: ResolvedWindow,
+    cover: &[SignedBucket],
     request: &GetTopProductsRequest,
 ) -> Result<GetTopProductsResponse, Error> {
     let ranking = match ProductRanking::try_from(request.ranking) {
@@ -394,9 +408,7 @@ async fn top_products(
     } else {
         request.limit
     };
-    let scores = reader
-        .ranking(connection, &window.covering_buckets(), ranking)
-        .await?;
+    let scores = reader.ranking(connection, cover, ranking).await?;
     let mut products: Vec<ProductScore> = scores
         .into_iter()
         .filter(|(_, value)| *value != 0)
@@ -416,6 +428,7 @@ async fn funnel(
     connection: &mut impl ConnectionLike,
     reader: &MetricReader,
     window: ResolvedWindow,
+    cover: &[SignedBucket],
     request: &GetFunnelRequest,
 ) -> Result<GetFunnelResponse, Error> {
     let sources = selected(&request.sources, &SOURCES);
@@ -428,14 +441,14 @@ async fn funnel(
         }
     }
     let fields: Vec<String> = fields.iter().map(Counter::field).collect();
-    let rows = reader
-        .fields(connection, &window.covering_buckets(), &fields)
-        .await?;
     let mut counts: BTreeMap<i32, [i64; 4]> = BTreeMap::new();
-    for row in rows {
-        for (index, value) in row.into_iter().enumerate() {
-            counts.entry(sources[index / 4]).or_default()[index % 4] += value;
-        }
+    for (index, value) in reader
+        .totals(connection, cover, &fields)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        counts.entry(sources[index / 4]).or_default()[index % 4] += value;
     }
     let explicit = !request.sources.is_empty();
     let funnels: Vec<Funnel> = counts

@@ -116,7 +116,9 @@ impl Store {
     pub async fn run(&self, query: &Query, window: ResolvedWindow) -> Result<QueryResult, Error> {
         let mut connection = self.connection().await?;
         let reader = MetricReader::discover(&mut connection, &self.namespace).await?;
-        query.run(&mut connection, &reader, window).await
+        query
+            .run(&mut connection, &reader, window, &self.retention)
+            .await
     }
 
     /// The watermark as stored: every partition's next offset and the latest

@@ -65,6 +65,42 @@ impl ResolvedWindow {
         buckets
     }
 
+    /// Buckets whose signed sum is exactly the window, for additive totals
+    /// (counters and rankings; unique users cannot subtract and read
+    /// [`Self::covering_buckets`]). A bucket is added whole, or split into
+    /// its finer buckets, or added whole minus the finer buckets outside the
+    /// window, whichever reads least: a trailing day is then yesterday minus
+    /// its early hours plus today (whose later hours, being in the future,
+    /// cost nothing), not 24 hours and up to 118 minutes. Exact because each
+    /// coarser bucket holds exactly the sum of its finer ones (written in
+    /// the same commit); a bucket is only subtracted while it is still
+    /// retained, so the sum never loses a part that expired.
+    pub fn signed_cover(&self, now: i64, retention: &Retention) -> Vec<SignedBucket> {
+        let cover = Cover { now, retention };
+        let mut parts = Vec::new();
+        let mut day = Granularity::Day.bucket_start(self.start);
+        while day < self.end {
+            let bucket = Bucket {
+                granularity: Granularity::Day,
+                start: day,
+            };
+            let end = day + Granularity::Day.seconds();
+            match cover.plan(bucket, self.start.max(day), self.end.min(end), false) {
+                Some(plan) => parts.extend(plan.parts),
+                // Not aligned to minutes (a window never is): add the tiling.
+                None => {
+                    return self
+                        .covering_buckets()
+                        .into_iter()
+                        .map(|b| (b, 1))
+                        .collect();
+                }
+            }
+            day = end;
+        }
+        parts
+    }
+
     /// The window as returned to clients.
     pub fn range(&self) -> TimeRange {
         TimeRange {
@@ -76,6 +112,111 @@ impl ResolvedWindow {
     /// The granularity as returned to clients.
     pub fn proto_granularity(&self) -> i32 {
         to_proto(self.granularity) as i32
+    }
+}
+
+/// A bucket added (`1`) or subtracted (`-1`) by a [`ResolvedWindow::signed_cover`].
+pub type SignedBucket = (Bucket, i64);
+
+/// How recently a subtracted bucket must still be kept: a query reads it
+/// well within this margin of planning.
+const SUBTRACT_MARGIN_SECONDS: i64 = 300;
+
+/// Plans a signed cover: what reading a bucket costs (roughly, the members
+/// it holds: a day of rankings holds more than an hour, an hour more than a
+/// minute; buckets after `now` are empty).
+struct Cover<'a> {
+    now: i64,
+    retention: &'a Retention,
+}
+
+/// Signed buckets and what reading them costs.
+#[derive(Default)]
+struct Plan {
+    cost: u64,
+    parts: Vec<SignedBucket>,
+}
+
+impl Plan {
+    fn add(&mut self, other: Self, sign: i64) {
+        self.cost += other.cost;
+        self.parts
+            .extend(other.parts.into_iter().map(|(b, s)| (b, s * sign)));
+    }
+}
+
+impl Cover<'_> {
+    fn cost(&self, bucket: Bucket) -> u64 {
+        if bucket.start > self.now {
+            return 0;
+        }
+        match bucket.granularity {
+            Granularity::Minute => 1,
+            Granularity::Hour => 20,
+            Granularity::Day => 60,
+        }
+    }
+
+    fn retained(&self, bucket: Bucket) -> bool {
+        self.retention.expires_at(bucket) > self.now + SUBTRACT_MARGIN_SECONDS
+    }
+
+    /// The cheapest signed buckets summing to `[lo, hi)` inside `bucket`;
+    /// `outside` regions (beyond the window) may only use retained buckets.
+    /// `None` when there is none.
+    fn plan(&self, bucket: Bucket, lo: i64, hi: i64, outside: bool) -> Option<Plan> {
+        let end = bucket.start + bucket.granularity.seconds();
+        if lo >= hi {
+            return Some(Plan::default());
+        }
+        if lo == bucket.start && hi == end {
+            if outside && !self.retained(bucket) {
+                return None;
+            }
+            return Some(Plan {
+                cost: self.cost(bucket),
+                parts: vec![(bucket, 1)],
+            });
+        }
+        let finer = match bucket.granularity {
+            Granularity::Day => Granularity::Hour,
+            Granularity::Hour => Granularity::Minute,
+            Granularity::Minute => return None,
+        };
+        // The finer buckets' plans of the region, and of its complement.
+        let mut split = Some(Plan::default());
+        let mut whole_minus = self.retained(bucket).then(|| Plan {
+            cost: self.cost(bucket),
+            parts: vec![(bucket, 1)],
+        });
+        let mut start = bucket.start;
+        while start < end {
+            let child = Bucket {
+                granularity: finer,
+                start,
+            };
+            let child_end = start + finer.seconds();
+            if let Some(plan) = split.as_mut() {
+                match self.plan(child, lo.max(start), hi.min(child_end), outside) {
+                    Some(part) => plan.add(part, 1),
+                    None => split = None,
+                }
+            }
+            for (a, b) in [(start, child_end.min(lo)), (start.max(hi), child_end)] {
+                if let Some(plan) = whole_minus.as_mut() {
+                    match self.plan(child, a, b, true) {
+                        Some(part) => plan.add(part, -1),
+                        None => whole_minus = None,
+                    }
+                }
+            }
+            start = child_end;
+        }
+        match (split, whole_minus) {
+            (Some(split), Some(whole)) if whole.cost < split.cost => Some(whole),
+            (Some(split), _) => Some(split),
+            (None, whole) => whole,
+        }
     }
 }
 
@@ -333,6 +474,119 @@ mod tests {
             covering
                 .windows(2)
                 .all(|p| p[0].start + p[0].granularity.seconds() == p[1].start)
+        );
+    }
+
+    /// Each minute's net sign in `cover`.
+    fn net_minutes(cover: &[SignedBucket]) -> std::collections::BTreeMap<i64, i64> {
+        let mut net = std::collections::BTreeMap::new();
+        for (bucket, sign) in cover {
+            let mut minute = bucket.start;
+            while minute < bucket.start + bucket.granularity.seconds() {
+                *net.entry(minute).or_insert(0) += sign;
+                minute += 60;
+            }
+        }
+        net.retain(|_, sign| *sign != 0);
+        net
+    }
+
+    #[test]
+    fn a_signed_cover_adds_up_to_exactly_the_window() {
+        let now = now().timestamp();
+        let day = Granularity::Day.bucket_start(now);
+        // Windows of each granularity, ending at and before now, with edges
+        // at every kind of offset inside their hours and days.
+        for (granularity, start, end) in [
+            (
+                Granularity::Minute,
+                day - 86_400 + 7 * 3600 + 59 * 60,
+                day + 8 * 3600,
+            ),
+            (
+                Granularity::Minute,
+                day - 86_400 + 23 * 3600 + 60,
+                day + 3 * 60,
+            ),
+            (
+                Granularity::Minute,
+                day - 30 * 3600 + 17 * 60,
+                day - 3600 - 13 * 60,
+            ),
+            (
+                Granularity::Minute,
+                day + 3600 + 5 * 60,
+                day + 3600 + 10 * 60,
+            ),
+            (
+                Granularity::Hour,
+                day - 20 * 86_400 + 3600,
+                day - 86_400 + 5 * 3600,
+            ),
+            (Granularity::Day, day - 30 * 86_400, day + 86_400),
+        ] {
+            let w = ResolvedWindow {
+                granularity,
+                start,
+                end,
+            };
+            let cover = w.signed_cover(now, &retention());
+            let expected: std::collections::BTreeMap<i64, i64> =
+                (start / 60..end / 60).map(|m| (m * 60, 1)).collect();
+            assert_eq!(net_minutes(&cover), expected, "{w:?}");
+            // Every bucket read is still retained.
+            assert!(
+                cover.iter().all(|(b, _)| retention().expires_at(*b) > now),
+                "{cover:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_trailing_day_reads_yesterday_minus_its_early_hours_plus_today() {
+        let day = Granularity::Day.bucket_start(now().timestamp());
+        let now = day + 7 * 3600 + 59 * 60 + 30;
+        let w = ResolvedWindow {
+            granularity: Granularity::Minute,
+            start: now - 86_400 - 30,
+            end: day + 8 * 3600,
+        };
+        let cover = w.signed_cover(now, &retention());
+        let past: Vec<_> = cover.iter().filter(|(b, _)| b.start <= now).collect();
+        // Yesterday, minus its hours 0 to 7, plus its minute 07:59; today.
+        assert_eq!(past.len(), 1 + 8 + 1 + 1, "{cover:?}");
+        assert!(cover.contains(&(Bucket::containing(Granularity::Day, day - 1), 1)));
+        assert!(cover.contains(&(Bucket::containing(Granularity::Day, day), 1)));
+        // The positive tiling reads 16 + 8 hours and a minute.
+        assert_eq!(w.covering_buckets().len(), 25);
+    }
+
+    #[test]
+    fn expired_buckets_are_never_subtracted() {
+        let day = Granularity::Day.bucket_start(now().timestamp());
+        let now = day + 12 * 3600;
+        // Minutes are kept 6 hours: the window starts at the oldest kept
+        // minute, so its hour's earlier minutes are gone and must not be
+        // subtracted from the hour.
+        let retention = Retention {
+            minute: Duration::from_secs(6 * 3600),
+            ..retention()
+        };
+        let w = ResolvedWindow {
+            granularity: Granularity::Minute,
+            start: day + 5 * 3600 + 59 * 60,
+            end: day + 12 * 3600 + 60,
+        };
+        let cover = w.signed_cover(now, &retention);
+        let expected: std::collections::BTreeMap<i64, i64> =
+            (w.start / 60..w.end / 60).map(|m| (m * 60, 1)).collect();
+        assert_eq!(net_minutes(&cover), expected);
+        assert!(
+            cover
+                .iter()
+                .filter(|(_, sign)| *sign < 0)
+                .all(|(b, _)| retention.expires_at(*b) > now),
+            "{cover:?}"
         );
     }
 

@@ -7,9 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use redis::aio::ConnectionLike;
 
-use super::{
-    Bucket, Counter, Ranking, StoreError, UserSet, keys::PartitionKeys, series_position,
-};
+use super::{Bucket, Counter, Ranking, StoreError, UserSet, keys::PartitionKeys, series_position};
 
 /// Reads metrics of a namespace over a set of partitions.
 #[derive(Debug, Clone)]
@@ -181,6 +179,25 @@ impl MetricReader {
         Ok(rows)
     }
 
+    /// `fields` summed over signed buckets (each bucket's values times its
+    /// sign) and partitions: one total per field.
+    pub async fn totals(
+        &self,
+        connection: &mut impl ConnectionLike,
+        buckets: &[(Bucket, i64)],
+        fields: &[String],
+    ) -> Result<Vec<i64>, StoreError> {
+        let plain: Vec<Bucket> = buckets.iter().map(|(bucket, _)| *bucket).collect();
+        let rows = self.fields(connection, &plain, fields).await?;
+        let mut totals = vec![0; fields.len()];
+        for (row, (_, sign)) in rows.into_iter().zip(buckets) {
+            for (total, value) in totals.iter_mut().zip(row) {
+                *total += sign * value;
+            }
+        }
+        Ok(totals)
+    }
+
     /// Distinct users of `set` over `buckets`.
     pub async fn unique_users(
         &self,
@@ -200,13 +217,14 @@ impl MetricReader {
         Ok(replies.into_iter().sum())
     }
 
-    /// Scores of every product in `ranking` over `buckets`: one `ZUNION`
-    /// per partition (a product's score is spread over the partitions of its
-    /// users, so every score is needed to rank across partitions).
+    /// Scores of every product in `ranking` over signed `buckets` (each
+    /// bucket's scores times its sign): one `ZUNION … WEIGHTS` per partition
+    /// (a product's score is spread over the partitions of its users, so
+    /// every score is needed to rank across partitions).
     pub async fn ranking(
         &self,
         connection: &mut impl ConnectionLike,
-        buckets: &[Bucket],
+        buckets: &[(Bucket, i64)],
         ranking: Ranking,
     ) -> Result<HashMap<i64, i64>, StoreError> {
         let mut totals = HashMap::new();
@@ -215,10 +233,16 @@ impl MetricReader {
         }
         let mut pipe = redis::pipe();
         for keys in &self.partitions {
-            let sets: Vec<String> = buckets.iter().map(|b| keys.ranking(*b, ranking)).collect();
+            let sets: Vec<String> = buckets
+                .iter()
+                .map(|(b, _)| keys.ranking(*b, ranking))
+                .collect();
+            let weights: Vec<i64> = buckets.iter().map(|(_, sign)| *sign).collect();
             pipe.cmd("ZUNION")
                 .arg(sets.len())
                 .arg(sets)
+                .arg("WEIGHTS")
+                .arg(weights)
                 .arg("WITHSCORES");
         }
         let replies: Vec<Vec<(i64, f64)>> = pipe.query_async(connection).await?;
