@@ -46,10 +46,11 @@ impl ResolvedWindow {
     }
 
     /// The fewest buckets that tile the window exactly: whole days and hours
-    /// inside it, finer buckets at its edges. Totals over the window (not
-    /// series) read these: a day of minutes is then 24 hours, not 1440
-    /// minutes. Coarser buckets are kept at least as long, and hold exactly
-    /// the sums of their finer ones.
+    /// inside it, finer buckets at its edges. Unique users over the window
+    /// read these (HyperLogLogs merge but cannot subtract; additive totals
+    /// read [`Self::signed_cover`]): a day of minutes is then 24 hours, not
+    /// 1440 minutes. Coarser buckets are kept at least as long, and hold
+    /// exactly the sums of their finer ones.
     pub fn covering_buckets(&self) -> Vec<Bucket> {
         let mut buckets = Vec::new();
         let mut start = self.start;
