@@ -166,7 +166,10 @@ impl MetricReader {
             let Some(&(slot, first)) = slots.get(&day) else {
                 continue;
             };
-            let offset = usize::try_from(index - first).unwrap_or(usize::MAX / 2) * WIDTH;
+            // Every minute's index is at or after its day's first.
+            let Ok(offset) = usize::try_from(index - first).map(|i| i * WIDTH) else {
+                continue;
+            };
             for partition in replies.chunks(per_partition) {
                 let day_replies = &partition[slot * per_day..(slot + 1) * per_day];
                 for (total, bytes) in row.iter_mut().zip(day_replies) {
