@@ -19,11 +19,12 @@ use common::{
     },
 };
 use rtap::v1::{
-    EventType, GetEngagementRequest, GetEventCountsRequest, GetEventCountsResponse,
-    GetFunnelRequest, GetPipelineStatusRequest, GetTopProductsRequest, GetTopProductsResponse,
-    GetUniqueUsersRequest, Granularity, ProductRanking, Source, SubscribeRequest,
-    SubscribeResponse, TimeRange, TimeWindow, analytics_service_client::AnalyticsServiceClient,
-    delta, snapshot, subscribe_request, subscribe_response, time_window::Window,
+    EventType, GetEngagementRequest, GetEngagementResponse, GetEventCountsRequest,
+    GetEventCountsResponse, GetFunnelRequest, GetFunnelResponse, GetPipelineStatusRequest,
+    GetTopProductsRequest, GetTopProductsResponse, GetUniqueUsersRequest, Granularity,
+    ProductRanking, Source, SubscribeRequest, SubscribeResponse, TimeRange, TimeWindow,
+    analytics_service_client::AnalyticsServiceClient, delta, snapshot, subscribe_request,
+    subscribe_response, time_window::Window,
 };
 use rtap_server::{
     Config,
@@ -60,6 +61,54 @@ fn trailing(seconds: i64) -> TimeWindow {
             nanos: 0,
         })),
     }
+}
+
+/// Every query that reads totals over `window` (top products by views and
+/// revenue, engagement of `product` and of the shop, the funnel), with the
+/// replies' ranges cleared so that windows can be compared.
+async fn totals_over(
+    analytics: &mut AnalyticsServiceClient<Channel>,
+    window: TimeWindow,
+    product: i64,
+) -> anyhow::Result<(
+    Vec<GetTopProductsResponse>,
+    Vec<GetEngagementResponse>,
+    GetFunnelResponse,
+)> {
+    let mut tops = Vec::new();
+    for ranking in [ProductRanking::Views, ProductRanking::Revenue] {
+        let mut top = analytics
+            .get_top_products(GetTopProductsRequest {
+                window: Some(window),
+                ranking: ranking as i32,
+                limit: 100,
+            })
+            .await?
+            .into_inner();
+        top.range = None;
+        tops.push(top);
+    }
+    let mut engagements = Vec::new();
+    for product_id in [product, 0] {
+        let mut engagement = analytics
+            .get_engagement(GetEngagementRequest {
+                window: Some(window),
+                product_id,
+            })
+            .await?
+            .into_inner();
+        engagement.range = None;
+        engagements.push(engagement);
+    }
+    let mut funnel = analytics
+        .get_funnel(GetFunnelRequest {
+            window: Some(window),
+            sources: vec![],
+        })
+        .await?
+        .into_inner();
+    funnel.range = None;
+    Ok((tops, engagements, funnel))
 }
 
 fn api_config(database: &TestDatabase) -> Config {
@@ -317,48 +366,10 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     }
     .signed_cover(Utc::now().timestamp(), &Retention::from_config(&config));
     assert!(signed.iter().any(|(_, sign)| *sign < 0), "{signed:?}");
-    let wide = range(start, end);
-    let strip = |mut response: GetTopProductsResponse| {
-        response.range = None;
-        response
-    };
-    for ranking in [ProductRanking::Views, ProductRanking::Revenue] {
-        let top = |window| GetTopProductsRequest {
-            window: Some(window),
-            ranking: ranking as i32,
-            limit: 100,
-        };
-        assert_eq!(
-            strip(analytics.get_top_products(top(wide)).await?.into_inner()),
-            strip(analytics.get_top_products(top(window)).await?.into_inner())
-        );
-    }
-    for product_id in [*top_product, 0] {
-        let mut wide_engagement = analytics
-            .get_engagement(GetEngagementRequest {
-                window: Some(wide),
-                product_id,
-            })
-            .await?
-            .into_inner();
-        let mut narrow = analytics
-            .get_engagement(GetEngagementRequest {
-                window: Some(window),
-                product_id,
-            })
-            .await?
-            .into_inner();
-        (wide_engagement.range, narrow.range) = (None, None);
-        assert_eq!(wide_engagement, narrow);
-    }
-    let mut wide_funnel = analytics
-        .get_funnel(GetFunnelRequest {
-            window: Some(wide),
-            sources: vec![],
-        })
-        .await?
-        .into_inner();
-    wide_funnel.range = None;
+    assert_eq!(
+        totals_over(&mut analytics, range(start, end), *top_product).await?,
+        totals_over(&mut analytics, window, *top_product).await?
+    );
     // And subtraction is real: the hours of the run minus all their minutes
     // leave every ranking score and counter at zero.
     let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
@@ -389,15 +400,6 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     let hours: Vec<(Bucket, i64)> = nothing.iter().filter(|(_, s)| *s > 0).copied().collect();
     let counted = reader.totals(&mut connection, &hours, &fields).await?;
     assert!(counted.iter().all(|c| *c > 0), "{counted:?}");
-    let mut narrow_funnel = analytics
-        .get_funnel(GetFunnelRequest {
-            window: Some(window),
-            sources: vec![],
-        })
-        .await?
-        .into_inner();
-    narrow_funnel.range = None;
-    assert_eq!(wide_funnel, narrow_funnel);
 
     // The pipeline's vital signs.
     let status = analytics
