@@ -6,6 +6,7 @@ mod common;
 
 use std::{
     collections::{BTreeMap, HashMap},
+    sync::Arc,
     time::Duration,
 };
 
@@ -30,7 +31,12 @@ use rtap_server::{
     Config,
     analytics::window::ResolvedWindow,
     config::Role,
-    store::{self, Bucket, Counter, Ranking, Retention, read::MetricReader},
+    store::{
+        self, Bucket, Counter, Ranking, Retention,
+        keys::PartitionKeys,
+        read::MetricReader,
+        settled::{self, SettledRankings},
+    },
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Streaming, transport::Channel};
@@ -424,6 +430,171 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
             .any(|d| d.reason == "decode_error"),
         "{total:?}"
     );
+
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// Every partition's settled version.
+async fn settled_versions(namespace: &str) -> anyhow::Result<Vec<Option<String>>> {
+    let mut connection = redis().await?;
+    let mut versions = Vec::new();
+    for partition in 0..PARTITIONS {
+        let key = PartitionKeys::new(namespace, partition).settled_version();
+        versions.push(
+            redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut connection)
+                .await?,
+        );
+    }
+    Ok(versions)
+}
+
+/// Settled ranking buckets are read from Redis once per settled version: a
+/// second read of the same cover comes from the cache, only a late event
+/// into a settled hour changes its partition's version, and every read,
+/// cached or not, through the reader or the API, equals the uncached one.
+#[tokio::test]
+async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow::Result<()> {
+    // A cover's settled part moves at hour boundaries: start clear of one.
+    let to_next_hour = 3600 - Utc::now().timestamp().rem_euclid(3600);
+    if to_next_hour < 120 {
+        tokio::time::sleep(Duration::from_secs(u64::try_from(to_next_hour)? + 1)).await;
+    }
+    let database = TestDatabase::create().await?;
+    let config = api_config(&database);
+    let (brokers, topic) = (&config.kafka_brokers[0], &config.events_topic);
+    let server = TestServer::start(config.clone()).await?;
+    let now = Utc::now();
+    let settled_time = now - chrono::Duration::hours(5);
+    let view = |user: i64, product: i64, time: DateTime<Utc>| {
+        let mut event = event(user, time);
+        event.product_id = product;
+        event
+    };
+    // Sixty users (every partition has some): one settled view each of
+    // products 1 to 4, one fresh view each of product 5.
+    let mut events: Vec<_> = (1..=60)
+        .map(|user| view(user, 1 + user % 4, settled_time))
+        .collect();
+    events.extend((1..=60).map(|user| view(user, 5, now - chrono::Duration::minutes(1))));
+    produce(brokers, topic, &events).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+
+    let retention = Retention::from_config(&config);
+    let minute = now.timestamp() / 60 * 60;
+    let window = ResolvedWindow {
+        granularity: store::Granularity::Minute,
+        start: minute - 6 * 3600,
+        end: minute + 60,
+    };
+    let cover = window.signed_cover(now.timestamp(), &retention);
+    ensure!(
+        cover
+            .iter()
+            .any(|(bucket, _)| settled::is_settled(*bucket, now.timestamp())),
+        "nothing settled in {cover:?}"
+    );
+    let cache = Arc::new(SettledRankings::new(retention));
+    let cached =
+        MetricReader::new(&config.redis_namespace, 0..PARTITIONS).with_settled(cache.clone());
+    let plain = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
+    let mut connection = redis().await?;
+    let mut analytics = client(&server);
+    let api_top = |analytics: &mut AnalyticsServiceClient<Channel>| {
+        let mut analytics = analytics.clone();
+        async move {
+            let top = analytics
+                .get_top_products(GetTopProductsRequest {
+                    window: Some(range(window.start, window.end)),
+                    ranking: ProductRanking::Views as i32,
+                    limit: 100,
+                })
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(
+                top.products
+                    .iter()
+                    .map(|p| (p.product_id, p.value))
+                    .collect::<HashMap<i64, i64>>(),
+            )
+        }
+    };
+
+    let nonzero = |scores: &HashMap<i64, i64>| -> HashMap<i64, i64> {
+        scores
+            .iter()
+            .filter(|(_, s)| **s != 0)
+            .map(|(p, s)| (*p, *s))
+            .collect()
+    };
+    let partitions = u64::try_from(PARTITIONS)?;
+    let versions = settled_versions(&config.redis_namespace).await?;
+    assert!(versions.iter().all(Option::is_some), "{versions:?}");
+    let first = cached
+        .ranking(&mut connection, &cover, Ranking::Views)
+        .await?;
+    assert_eq!(cache.stats(), (partitions, 0));
+    let second = cached
+        .ranking(&mut connection, &cover, Ranking::Views)
+        .await?;
+    assert_eq!(cache.stats(), (2 * partitions, partitions));
+    let truth = plain
+        .ranking(&mut connection, &cover, Ranking::Views)
+        .await?;
+    assert_eq!(first, truth);
+    assert_eq!(second, truth);
+    assert_eq!(truth.get(&5), Some(&60));
+    assert_eq!((1..=4).filter_map(|p| truth.get(&p)).sum::<i64>(), 60);
+    for _ in 0..2 {
+        assert_eq!(api_top(&mut analytics).await?, nonzero(&truth));
+    }
+
+    // A fresh event changes no settled version.
+    produce(brokers, topic, &[view(7, 5, Utc::now())]).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    assert_eq!(settled_versions(&config.redis_namespace).await?, versions);
+    let truth = plain
+        .ranking(&mut connection, &cover, Ranking::Views)
+        .await?;
+    assert_eq!(truth.get(&5), Some(&61));
+    assert_eq!(
+        cached
+            .ranking(&mut connection, &cover, Ranking::Views)
+            .await?,
+        truth
+    );
+    assert_eq!(cache.stats(), (3 * partitions, 2 * partitions));
+
+    // A late one changes its partition's, and only that partition reads
+    // its settled buckets again.
+    let late_time = settled_time + chrono::Duration::minutes(10);
+    produce(brokers, topic, &[view(7, 1, late_time)]).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    let late_versions = settled_versions(&config.redis_namespace).await?;
+    let changed = late_versions
+        .iter()
+        .zip(&versions)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(changed, 1, "{versions:?} -> {late_versions:?}");
+    let truth = plain
+        .ranking(&mut connection, &cover, Ranking::Views)
+        .await?;
+    assert_eq!(
+        truth.get(&1),
+        Some(&(first.get(&1).copied().unwrap_or(0) + 1))
+    );
+    assert_eq!(
+        cached
+            .ranking(&mut connection, &cover, Ranking::Views)
+            .await?,
+        truth
+    );
+    assert_eq!(cache.stats(), (4 * partitions, 3 * partitions - 1));
+    assert_eq!(api_top(&mut analytics).await?, nonzero(&truth));
 
     server.stop().await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;

@@ -49,6 +49,7 @@ use crate::{
         commit::load_state,
         keys::{PartitionKeys, deltas_channel},
         read::MetricReader,
+        settled::SettledRankings,
     },
 };
 
@@ -68,6 +69,8 @@ pub struct Store {
     timeout: Duration,
     /// Bucket retentions, for window resolution.
     pub retention: Retention,
+    /// Unions of settled ranking buckets, shared by every query.
+    settled: Arc<SettledRankings>,
 }
 
 impl Store {
@@ -84,7 +87,13 @@ impl Store {
             namespace,
             timeout,
             retention,
+            settled: Arc::new(SettledRankings::new(retention)),
         }
+    }
+
+    /// The cache of settled ranking unions.
+    pub fn settled(&self) -> &SettledRankings {
+        &self.settled
     }
 
     /// The namespace.
@@ -115,7 +124,9 @@ impl Store {
     /// partition.
     pub async fn run(&self, query: &Query, window: ResolvedWindow) -> Result<QueryResult, Error> {
         let mut connection = self.connection().await?;
-        let reader = MetricReader::discover(&mut connection, &self.namespace).await?;
+        let reader = MetricReader::discover(&mut connection, &self.namespace)
+            .await?
+            .with_settled(self.settled.clone());
         query
             .run(&mut connection, &reader, window, &self.retention)
             .await

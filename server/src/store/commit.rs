@@ -16,21 +16,35 @@ use redis::{Script, aio::ConnectionLike};
 use super::{
     Counter, Granularity, Retention, StoreError,
     keys::{PartitionKeys, state_field},
+    settled,
 };
 use crate::ingest::aggregate::{BatchAggregate, SessionKey, SessionState};
 
-/// The commit script. KEYS[1] is the state hash; ARGV[1] the offset the batch
-/// expects stored ('' for none); then operations, each
+/// The commit script. KEYS[1] is the state hash, KEYS[2] the settled
+/// version; ARGV[1] the offset the batch expects stored ('' for none), ARGV[2]
+/// the batch's earliest minute ('' for none), ARGV[3] the settlement lag;
+/// then operations, each
 /// `op, key index, count, expiry kind ('a' at / 'p' in ms / '-'), expiry`,
 /// followed by its `count` members or field/value pairs. Ops: `h` HINCRBY,
 /// `f` HSET, `z` ZINCRBY, `b` BITFIELD INCRBY of the `u32` at a minute index
 /// (saturating), `p` PFADD, `s` SADD, `v` SET with expiry.
+///
+/// A batch that writes a minute before the settlement horizon (by Redis's
+/// clock, as in [`settled::horizon`]) gives the partition a new settled
+/// version, which drops every cached union of settled buckets.
 const COMMIT_SCRIPT: &str = r"#!lua
 local stored = redis.call('HGET', KEYS[1], 'offset') or ''
 if stored ~= ARGV[1] then
   return redis.error_reply('RTAP_FENCED stored offset [' .. stored .. '], batch expected [' .. ARGV[1] .. ']')
 end
-local i, last = 2, #ARGV
+local now = redis.call('TIME')
+local horizon = now[1] - now[1] % 3600 - tonumber(ARGV[3])
+local version = redis.call('GET', KEYS[2])
+if not version or (ARGV[2] ~= '' and tonumber(ARGV[2]) < horizon) then
+  local n = tonumber(string.match(version or '0', '^%d+') or '0') + 1
+  redis.call('SET', KEYS[2], n .. ':' .. now[1] .. '.' .. now[2])
+end
+local i, last = 4, #ARGV
 while i <= last do
   local op, key, n = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
   local expiry, expiry_value = ARGV[i + 3], ARGV[i + 4]
@@ -378,15 +392,27 @@ fn encode(
     settings: &CommitSettings,
 ) -> usize {
     invocation.key(keys.state());
-    invocation.arg(
-        meta.expected_offset
-            .map(|o| o.to_string())
-            .unwrap_or_default(),
-    );
+    invocation.key(keys.settled_version());
+    invocation
+        .arg(
+            meta.expected_offset
+                .map(|o| o.to_string())
+                .unwrap_or_default(),
+        )
+        .arg(
+            batch
+                .minutes
+                .keys()
+                .next()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        )
+        .arg(settled::SETTLEMENT_LAG);
+    // The fence's HGET, TIME and the settled version's GET.
     let mut encoder = Encoder {
         invocation,
-        keys: 1,
-        commands: 1,
+        keys: 2,
+        commands: 3,
     };
 
     for granularity in Granularity::ALL {

@@ -9,6 +9,8 @@
 //!   time is in that minute, for deduplication; expires a dedupe window after
 //!   its last write;
 //! - `P:sess:<user>:<session_id>`: an open session's state;
+//! - `P:settled`: the partition's settled version, changed by every commit
+//!   that writes a settled minute (see [`super::settled`]);
 //! - `P:<g>:<start>:n`: hash of a bucket's [`Counter`](super::Counter)s, `g`
 //!   being `m`, `h` or `d` and `start` the bucket's Unix start second;
 //! - `P:<g>:<start>:u`, `…:u:s<source>`, `…:u:p<product>`: HyperLogLogs of
@@ -97,6 +99,13 @@ impl PartitionKeys {
         format!("{}sess:{user_id}:{session_id}", self.prefix)
     }
 
+    /// The settled version: `<n>:<seconds>.<micros>`, Redis's time when a
+    /// commit last wrote a settled minute (or first wrote the partition), so
+    /// a version never repeats, even after the partition's keys are deleted.
+    pub fn settled_version(&self) -> String {
+        format!("{}settled", self.prefix)
+    }
+
     /// A bucket's counter hash.
     pub fn counters(&self, bucket: Bucket) -> String {
         format!("{}:n", self.bucket(bucket))
@@ -161,6 +170,7 @@ mod tests {
             keys.state(),
             keys.seen(60),
             keys.session(7, "s-1"),
+            keys.settled_version(),
             keys.counters(bucket),
             keys.users(bucket, UserSet::Product(9)),
             keys.ranking(bucket, Ranking::Revenue),

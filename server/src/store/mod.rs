@@ -12,6 +12,7 @@
 pub mod commit;
 pub mod keys;
 pub mod read;
+pub mod settled;
 
 use std::time::Duration;
 

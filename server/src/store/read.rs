@@ -3,16 +3,25 @@
 //! the partition's buckets) and summed, which is exact to HyperLogLog error
 //! because a user lives on one partition.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use redis::aio::ConnectionLike;
 
-use super::{Bucket, Counter, Ranking, StoreError, UserSet, keys::PartitionKeys, series_position};
+use super::{
+    Bucket, Counter, Ranking, StoreError, UserSet,
+    keys::PartitionKeys,
+    series_position,
+    settled::{self, SettledRankings},
+};
 
 /// Reads metrics of a namespace over a set of partitions.
 #[derive(Debug, Clone)]
 pub struct MetricReader {
     partitions: Vec<PartitionKeys>,
+    settled: Option<Arc<SettledRankings>>,
 }
 
 impl MetricReader {
@@ -23,7 +32,15 @@ impl MetricReader {
                 .into_iter()
                 .map(|p| PartitionKeys::new(namespace, p))
                 .collect(),
+            settled: None,
         }
+    }
+
+    /// The same reader, reading settled ranking buckets through `cache`.
+    #[must_use]
+    pub fn with_settled(mut self, cache: Arc<SettledRankings>) -> Self {
+        self.settled = Some(cache);
+        self
     }
 
     /// Every counter field of `buckets`, summed over buckets and partitions
@@ -223,7 +240,9 @@ impl MetricReader {
     /// Scores of every product in `ranking` over signed `buckets` (each
     /// bucket's scores times its sign): one `ZUNION … WEIGHTS` per partition
     /// (a product's score is spread over the partitions of its users, so
-    /// every score is needed to rank across partitions).
+    /// every score is needed to rank across partitions). With a settled cache
+    /// ([`Self::with_settled`]), the buckets that ended before the settlement
+    /// horizon are read from Redis once per settled version.
     pub async fn ranking(
         &self,
         connection: &mut impl ConnectionLike,
@@ -234,53 +253,137 @@ impl MetricReader {
         if buckets.is_empty() || self.partitions.is_empty() {
             return Ok(totals);
         }
-        // The union's member/score pairs come back as one space-separated
-        // string: parsing a thousand RESP values per partition cost the
-        // server more than Redis spent computing the union.
-        const UNION_SCRIPT: &str = r"
-local n = #KEYS
-local args = {}
-for i = 1, n do args[i] = KEYS[i] end
-args[n + 1] = 'WEIGHTS'
-for i = 1, n do args[n + 1 + i] = ARGV[i] end
-args[2 * n + 2] = 'WITHSCORES'
-return table.concat(redis.call('ZUNION', n, unpack(args)), ' ')
-";
-        let mut pipe = redis::pipe();
-        for keys in &self.partitions {
-            let sets: Vec<String> = buckets
+        let now = unix_now();
+        let (settled, fresh): (Vec<(Bucket, i64)>, Vec<(Bucket, i64)>) = match &self.settled {
+            Some(_) => buckets
                 .iter()
-                .map(|(b, _)| keys.ranking(*b, ranking))
-                .collect();
-            let weights: Vec<i64> = buckets.iter().map(|(_, sign)| *sign).collect();
-            pipe.cmd("EVAL")
-                .arg(UNION_SCRIPT)
-                .arg(sets.len())
-                .arg(sets)
-                .arg(weights);
+                .partition(|(bucket, _)| settled::is_settled(*bucket, now)),
+            None => (Vec::new(), buckets.to_vec()),
+        };
+        let cache = self.settled.as_ref().filter(|_| !settled.is_empty());
+        let mut pipe = redis::pipe();
+        let mut cached = Vec::with_capacity(self.partitions.len());
+        for keys in &self.partitions {
+            let key = settled::UnionKey {
+                partition: keys.partition(),
+                ranking,
+                buckets: settled.clone(),
+            };
+            let held = cache.and_then(|cache| cache.get(&key, now));
+            let command = pipe
+                .cmd("EVAL")
+                .arg(RANKING_SCRIPT)
+                .arg(1 + settled.len() + fresh.len())
+                .arg(keys.settled_version());
+            for (bucket, _) in settled.iter().chain(&fresh) {
+                command.arg(keys.ranking(*bucket, ranking));
+            }
+            command
+                .arg(held.as_ref().map_or("", |union| union.version.as_str()))
+                .arg(settled.len())
+                .arg(settled::server_horizon(now))
+                .arg(settled::SETTLEMENT_LAG);
+            for (_, sign) in settled.iter().chain(&fresh) {
+                command.arg(*sign);
+            }
+            cached.push((key, held));
         }
-        let replies: Vec<String> = pipe.query_async(connection).await?;
-        for (partition, reply) in self.partitions.iter().zip(replies) {
-            let mut words = reply.split_ascii_whitespace();
-            while let Some(member) = words.next() {
-                let parsed = member
-                    .parse::<i64>()
-                    .ok()
-                    .zip(words.next().and_then(|score| score.parse::<f64>().ok()));
-                let Some((product, score)) = parsed else {
-                    return Err(StoreError::Corrupt {
-                        key: partition.ranking(buckets[0].0, ranking),
-                        detail: format!(
-                            "a ranking member or score is not a number near {member:?}"
-                        ),
-                    });
-                };
-                // Scores are integer sums, exact in a double below 2^53.
-                #[allow(clippy::cast_possible_truncation)]
-                let score = score.round() as i64;
+        let replies: Vec<(String, String, String, String)> = pipe.query_async(connection).await?;
+        for ((keys, (key, held)), (version, outcome, settled_pairs, fresh_pairs)) in
+            self.partitions.iter().zip(cached).zip(replies)
+        {
+            let corrupt = |detail: String| StoreError::Corrupt {
+                key: keys.ranking(buckets[0].0, ranking),
+                detail,
+            };
+            if outcome == "hit" {
+                let union = held.ok_or_else(|| corrupt("a hit on no cached union".into()))?;
+                for (product, score) in union.scores.iter() {
+                    *totals.entry(*product).or_default() += score;
+                }
+            } else {
+                let scores = parse_pairs(&settled_pairs).map_err(corrupt)?;
+                for (product, score) in &scores {
+                    *totals.entry(*product).or_default() += score;
+                }
+                if let (Some(cache), "fill") = (cache, outcome.as_str()) {
+                    let union = settled::SettledUnion {
+                        version,
+                        scores: Arc::new(scores),
+                    };
+                    cache.put(key, union, now);
+                }
+            }
+            if let Some(cache) = cache {
+                cache.record(outcome == "hit");
+            }
+            for (product, score) in parse_pairs(&fresh_pairs).map_err(corrupt)? {
                 *totals.entry(product).or_default() += score;
             }
         }
         Ok(totals)
     }
+}
+
+/// The ranking script. KEYS[1] is the partition's settled version, then the
+/// sets of the settled buckets, then those of the others. ARGV: the version
+/// of the cached settled union ('' for none), the number of settled sets,
+/// the server's settlement horizon, the settlement lag, then one weight per
+/// set. Returns the version; `hit` (the cached union is current: not read
+/// again), `fill` (read, and cachable) or `none` (read, not cachable: no
+/// version yet, or the server's clock is over an hour ahead of Redis's);
+/// the settled union; the other buckets' union. A union comes back as one
+/// space-separated string of member/score pairs: parsing a thousand RESP
+/// values per partition cost the server more than Redis spent on the union.
+const RANKING_SCRIPT: &str = r"
+local version = redis.call('GET', KEYS[1]) or ''
+local settled = tonumber(ARGV[2])
+local function union(first, last)
+  if last < first then return '' end
+  if first == last and ARGV[first + 3] == '1' then
+    return table.concat(redis.call('ZRANGE', KEYS[first], 0, -1, 'WITHSCORES'), ' ')
+  end
+  local args = {}
+  for i = first, last do args[#args + 1] = KEYS[i] end
+  args[#args + 1] = 'WEIGHTS'
+  for i = first, last do args[#args + 1] = ARGV[i + 3] end
+  args[#args + 1] = 'WITHSCORES'
+  return table.concat(redis.call('ZUNION', last - first + 1, unpack(args)), ' ')
+end
+local fresh = union(2 + settled, #KEYS)
+if version ~= '' and version == ARGV[1] then
+  return {version, 'hit', '', fresh}
+end
+local now = tonumber(redis.call('TIME')[1])
+local cachable = version ~= '' and tonumber(ARGV[3]) <= now - now % 3600 - tonumber(ARGV[4])
+return {version, cachable and 'fill' or 'none', union(2, 1 + settled), fresh}
+";
+
+/// Member/score pairs of a ranking script's union. Scores are integer sums,
+/// exact in a double below 2^53.
+fn parse_pairs(pairs: &str) -> Result<Vec<(i64, i64)>, String> {
+    let mut parsed = Vec::new();
+    let mut words = pairs.split_ascii_whitespace();
+    while let Some(member) = words.next() {
+        let pair = member
+            .parse::<i64>()
+            .ok()
+            .zip(words.next().and_then(|score| score.parse::<f64>().ok()));
+        let Some((product, score)) = pair else {
+            return Err(format!(
+                "a ranking member or score is not a number near {member:?}"
+            ));
+        };
+        #[allow(clippy::cast_possible_truncation)]
+        parsed.push((product, score.round() as i64));
+    }
+    Ok(parsed)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+        })
 }
