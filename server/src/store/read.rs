@@ -12,7 +12,7 @@ use redis::aio::ConnectionLike;
 
 use super::{
     Bucket, Counter, Ranking, StoreError, UserSet,
-    keys::PartitionKeys,
+    keys::{PartitionKeys, state_field},
     series_position,
     settled::{self, SettledRankings},
 };
@@ -273,8 +273,9 @@ impl MetricReader {
             let command = pipe
                 .cmd("EVAL")
                 .arg(RANKING_SCRIPT)
-                .arg(1 + settled.len() + fresh.len())
-                .arg(keys.settled_version());
+                .arg(2 + settled.len() + fresh.len())
+                .arg(keys.settled_version())
+                .arg(keys.state());
             for (bucket, _) in settled.iter().chain(&fresh) {
                 command.arg(keys.ranking(*bucket, ranking));
             }
@@ -282,9 +283,10 @@ impl MetricReader {
                 .arg(held.as_ref().map_or("", |union| union.version.as_str()))
                 .arg(settled.len())
                 .arg(settled::server_horizon(now))
-                .arg(settled::SETTLEMENT_LAG);
-            for (_, sign) in settled.iter().chain(&fresh) {
-                command.arg(*sign);
+                .arg(settled::SETTLEMENT_LAG)
+                .arg(state_field::WATERMARK_MS);
+            for (bucket, sign) in settled.iter().chain(&fresh) {
+                command.arg(*sign).arg(bucket.start);
             }
             cached.push((key, held));
         }
@@ -325,11 +327,20 @@ impl MetricReader {
     }
 }
 
-/// The ranking script. KEYS[1] is the partition's settled version, then the
-/// sets of the settled buckets, then those of the others. ARGV: the version
-/// of the cached settled union ('' for none), the number of settled sets,
-/// the server's settlement horizon, the settlement lag, then one weight per
-/// set. Returns the version; `hit` (the cached union is current: not read
+/// The ranking script. KEYS[1] is the partition's settled version, KEYS[2]
+/// its state hash, then come the sets of the settled buckets, then those of
+/// the others. ARGV: the version of the cached settled union ('' for none),
+/// the number of settled sets, the server's settlement horizon, the
+/// settlement lag, the state's watermark field, then each set's weight and
+/// bucket start.
+///
+/// Sets of buckets that start after the partition's watermark (its latest
+/// event time, written in the same commits as the sets) are empty and left
+/// out: they are mostly the future of a window ending now. A union of one
+/// set is a plain `ZRANGE`, several times cheaper than `ZUNION`'s new sorted
+/// set.
+///
+/// Returns the version; `hit` (the cached union is current: not read
 /// again), `fill` (read, and cachable) or `none` (read, not cachable: no
 /// version yet, or the server's clock is over an hour ahead of Redis's);
 /// the settled union; the other buckets' union. A union comes back as one
@@ -337,26 +348,33 @@ impl MetricReader {
 /// values per partition cost the server more than Redis spent on the union.
 const RANKING_SCRIPT: &str = r"
 local version = redis.call('GET', KEYS[1]) or ''
+local watermark = tonumber(redis.call('HGET', KEYS[2], ARGV[5]) or '-1')
 local settled = tonumber(ARGV[2])
 local function union(first, last)
-  if last < first then return '' end
-  if first == last and ARGV[first + 3] == '1' then
-    return table.concat(redis.call('ZRANGE', KEYS[first], 0, -1, 'WITHSCORES'), ' ')
+  local keys, weights = {}, {}
+  for i = first, last do
+    if tonumber(ARGV[2 * i + 5]) * 1000 <= watermark then
+      keys[#keys + 1] = KEYS[i + 2]
+      weights[#weights + 1] = ARGV[2 * i + 4]
+    end
   end
-  local args = {}
-  for i = first, last do args[#args + 1] = KEYS[i] end
-  args[#args + 1] = 'WEIGHTS'
-  for i = first, last do args[#args + 1] = ARGV[i + 3] end
-  args[#args + 1] = 'WITHSCORES'
-  return table.concat(redis.call('ZUNION', last - first + 1, unpack(args)), ' ')
+  local n = #keys
+  if n == 0 then return '' end
+  if n == 1 and weights[1] == '1' then
+    return table.concat(redis.call('ZRANGE', keys[1], 0, -1, 'WITHSCORES'), ' ')
+  end
+  keys[n + 1] = 'WEIGHTS'
+  for i = 1, n do keys[n + 1 + i] = weights[i] end
+  keys[2 * n + 2] = 'WITHSCORES'
+  return table.concat(redis.call('ZUNION', n, unpack(keys)), ' ')
 end
-local fresh = union(2 + settled, #KEYS)
+local fresh = union(settled + 1, #KEYS - 2)
 if version ~= '' and version == ARGV[1] then
   return {version, 'hit', '', fresh}
 end
 local now = tonumber(redis.call('TIME')[1])
 local cachable = version ~= '' and tonumber(ARGV[3]) <= now - now % 3600 - tonumber(ARGV[4])
-return {version, cachable and 'fill' or 'none', union(2, 1 + settled), fresh}
+return {version, cachable and 'fill' or 'none', union(1, settled), fresh}
 ";
 
 /// Member/score pairs of a ranking script's union. Scores are integer sums,
