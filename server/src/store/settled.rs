@@ -11,6 +11,13 @@
 //! with the union. A cached union of buckets that all end before the horizon
 //! stays exact for as long as the partition's version is the one it was read
 //! at: a query then asks Redis only for the unsettled buckets.
+//!
+//! The commit and the cache fill both take the horizon from Redis's clock,
+//! so the server's clock only picks which buckets to try (an hour of skew is
+//! allowed for). Redis's clock must not step back across an hour boundary
+//! while a union is cached (at most [`MAX_AGE`]). Cached unions are bounded
+//! in count and in total size, and dropped before any of their buckets
+//! expires.
 
 use std::{
     collections::HashMap,
@@ -38,6 +45,10 @@ const EXPIRY_MARGIN: i64 = 300;
 
 /// Cached unions kept; when full, the oldest is dropped.
 const MAX_ENTRIES: usize = 256;
+
+/// Product/score pairs kept over all cached unions (16 bytes each: 32 MiB);
+/// past it the oldest unions are dropped, and a larger union is not kept.
+const MAX_PAIRS: usize = 1 << 21;
 
 /// The settlement horizon at `now` (Unix seconds): every minute before it is
 /// settled. Written in the commit and ranking scripts too, against Redis's
@@ -89,9 +100,54 @@ struct Entry {
 #[derive(Debug)]
 pub struct SettledRankings {
     retention: Retention,
-    entries: Mutex<HashMap<UnionKey, Entry>>,
+    entries: Mutex<Entries>,
     hits: AtomicU64,
     reads: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    unions: HashMap<UnionKey, Entry>,
+    /// Pairs held by `unions`.
+    pairs: usize,
+}
+
+impl Entries {
+    fn remove(&mut self, key: &UnionKey) {
+        if let Some(entry) = self.unions.remove(key) {
+            self.pairs -= entry.union.scores.len();
+        }
+    }
+
+    /// Drops expired unions, then the oldest, until `pairs` more fit.
+    fn make_room(&mut self, pairs: usize, now: i64) {
+        let fits = |entries: &Self| {
+            entries.unions.len() < MAX_ENTRIES && entries.pairs + pairs <= MAX_PAIRS
+        };
+        if fits(self) {
+            return;
+        }
+        let expired: Vec<UnionKey> = self
+            .unions
+            .iter()
+            .filter(|(_, entry)| entry.valid_until <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &expired {
+            self.remove(key);
+        }
+        while !fits(self) {
+            let oldest = self
+                .unions
+                .iter()
+                .min_by_key(|(_, entry)| entry.stored_at)
+                .map(|(key, _)| key.clone());
+            match oldest {
+                Some(key) => self.remove(&key),
+                None => return,
+            }
+        }
+    }
 }
 
 impl SettledRankings {
@@ -109,6 +165,7 @@ impl SettledRankings {
     pub fn get(&self, key: &UnionKey, now: i64) -> Option<SettledUnion> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
+            .unions
             .get(key)
             .filter(|entry| entry.valid_until > now)
             .map(|entry| entry.union.clone())
@@ -123,23 +180,15 @@ impl SettledRankings {
             .min()
             .unwrap_or(i64::MAX);
         let valid_until = (now + MAX_AGE).min(expires - EXPIRY_MARGIN);
-        if valid_until <= now {
+        let pairs = union.scores.len();
+        if valid_until <= now || pairs > MAX_PAIRS {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= MAX_ENTRIES && !entries.contains_key(&key) {
-            entries.retain(|_, entry| entry.valid_until > now);
-            if entries.len() >= MAX_ENTRIES {
-                let oldest = entries
-                    .iter()
-                    .min_by_key(|(_, entry)| entry.stored_at)
-                    .map(|(key, _)| key.clone());
-                if let Some(oldest) = oldest {
-                    entries.remove(&oldest);
-                }
-            }
-        }
-        entries.insert(
+        entries.remove(&key);
+        entries.make_room(pairs, now);
+        entries.pairs += pairs;
+        entries.unions.insert(
             key,
             Entry {
                 union,
@@ -225,6 +274,30 @@ mod tests {
         assert!(cache.get(&key(vec![(day, 1), (minute, -1)]), now).is_none());
         // Different buckets or signs are different unions.
         assert!(cache.get(&key(vec![(day, -1)]), now).is_none());
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_pairs() {
+        let cache = SettledRankings::new(retention(48 * 60));
+        let now = 100 * DAY;
+        let day = |d: i64| Bucket::containing(Granularity::Day, d * DAY);
+        let sized = |pairs: usize| SettledUnion {
+            version: "1:1".into(),
+            scores: Arc::new(vec![(1, 1); pairs]),
+        };
+        cache.put(key(vec![(day(1), 1)]), sized(MAX_PAIRS / 2), now);
+        cache.put(key(vec![(day(2), 1)]), sized(MAX_PAIRS / 2), now + 1);
+        cache.put(key(vec![(day(3), 1)]), sized(1), now + 2);
+        assert!(cache.get(&key(vec![(day(1), 1)]), now + 2).is_none());
+        assert!(cache.get(&key(vec![(day(2), 1)]), now + 2).is_some());
+        assert!(cache.get(&key(vec![(day(3), 1)]), now + 2).is_some());
+        cache.put(key(vec![(day(4), 1)]), sized(MAX_PAIRS + 1), now + 3);
+        assert!(cache.get(&key(vec![(day(4), 1)]), now + 3).is_none());
+        // Replacing a union frees its pairs first.
+        cache.put(key(vec![(day(2), 1)]), sized(MAX_PAIRS / 2), now + 4);
+        assert!(cache.get(&key(vec![(day(3), 1)]), now + 4).is_some());
+        let entries = cache.entries.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(entries.pairs, MAX_PAIRS / 2 + 1);
     }
 
     #[test]
