@@ -15,7 +15,7 @@
 //! The commit and the cache fill both take the horizon from Redis's clock,
 //! so the server's clock only picks which buckets to try (an hour of skew is
 //! allowed for). Redis's clock must not step back across an hour boundary
-//! while a union is cached (at most [`MAX_AGE`]). Cached unions are bounded
+//! while a union is cached (at most ten minutes). Cached unions are bounded
 //! in count and in total size, and dropped before any of their buckets
 //! expires.
 
