@@ -17,7 +17,7 @@ use std::{
 use common::{TestDatabase, TestServer, env_or, test_config};
 use rand::Rng;
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::{ConnectionTrait, Database, EntityTrait};
 
 const USERS: i64 = 10_000;
 /// HTTP/2 connections the callers share.
@@ -62,6 +62,8 @@ async fn bench(
         |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     server.stop().await?;
 
+    // Where the time goes: the same look-ups through SeaORM alone.
+    let direct = run_direct(&database.url, concurrency, duration).await?;
     let pgbench = pgbench_select_only(database, concurrency, duration)?;
     println!("concurrency {concurrency}, {} s each", duration.as_secs());
     println!(
@@ -69,6 +71,7 @@ async fn bench(
         percentile(0.50).as_micros(),
         percentile(0.99).as_micros()
     );
+    println!("SeaORM find_by_id alone:{direct:>10.0} queries/s (no gRPC, same process)");
     println!("pgbench -S:             {pgbench:>10.0} tps");
     println!(
         "ratio rtap / pgbench:   {:>10.2} (target >= 0.50)",
@@ -105,6 +108,40 @@ async fn run_clients(
         all.extend(result??);
     }
     Ok((all.len() as u64, all))
+}
+
+/// Look-ups per second of `find_by_id` through a SeaORM pool set up like the
+/// server's, at `concurrency`.
+async fn run_direct(url: &str, concurrency: u64, duration: Duration) -> anyhow::Result<f64> {
+    let mut options = sea_orm::ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(32)
+        .test_before_acquire(false)
+        .sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    let deadline = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let db = db.clone();
+        tasks.spawn(async move {
+            let mut queries = 0_u64;
+            while Instant::now() < deadline {
+                let id = rand::rng().random_range(1..=USERS);
+                entity::user::Entity::find_by_id(id)
+                    .one(&db)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("user {id} is missing"))?;
+                queries += 1;
+            }
+            Ok::<_, anyhow::Error>(queries)
+        });
+    }
+    let mut total = 0;
+    while let Some(result) = tasks.join_next().await {
+        total += result??;
+    }
+    db.close().await?;
+    Ok(total as f64 / duration.as_secs_f64())
 }
 
 /// `pgbench -S` TPS on the bench database at the same concurrency.
