@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 use common::{
     TestDatabase, TestServer,
     pipeline::{
-        PARTITIONS, event, hll_close, ingest_config, produce, redis, simulate, source_number,
-        wait_caught_up,
+        PARTITIONS, event, hll_close, ingest_config, produce, redis, settled_versions, simulate,
+        source_number, wait_caught_up,
     },
 };
 use rtap::v1::{
@@ -33,7 +33,6 @@ use rtap_server::{
     config::Role,
     store::{
         self, Bucket, Counter, Ranking, Retention,
-        keys::PartitionKeys,
         read::MetricReader,
         settled::{self, SettledRankings},
     },
@@ -434,22 +433,6 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     server.stop().await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
-}
-
-/// Every partition's settled version.
-async fn settled_versions(namespace: &str) -> anyhow::Result<Vec<Option<String>>> {
-    let mut connection = redis().await?;
-    let mut versions = Vec::new();
-    for partition in 0..PARTITIONS {
-        let key = PartitionKeys::new(namespace, partition).settled_version();
-        versions.push(
-            redis::cmd("GET")
-                .arg(key)
-                .query_async(&mut connection)
-                .await?,
-        );
-    }
-    Ok(versions)
 }
 
 /// Settled ranking buckets are read from Redis once per settled version: a

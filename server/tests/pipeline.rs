@@ -16,7 +16,7 @@ use common::{
     PrivateBroker, TcpProxy, TestDatabase, TestServer,
     pipeline::{
         PARTITIONS, applied, buckets, days, event, hll_close, ingest_config, produce, redis,
-        redis_url, simulate, source_number, states, wait_caught_up,
+        redis_url, settled_versions, simulate, source_number, states, wait_caught_up,
     },
 };
 use prost::Message;
@@ -600,22 +600,6 @@ async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<(
     database.drop().await
 }
 
-/// Every partition's settled version.
-async fn settled_versions(config: &Config) -> anyhow::Result<Vec<Option<String>>> {
-    let mut connection = redis().await?;
-    let mut versions = Vec::new();
-    for partition in 0..PARTITIONS {
-        let key = PartitionKeys::new(&config.redis_namespace, partition).settled_version();
-        versions.push(
-            redis::cmd("GET")
-                .arg(key)
-                .query_async(&mut connection)
-                .await?,
-        );
-    }
-    Ok(versions)
-}
-
 /// Every key of the namespace with a comparable rendering of its value
 /// (HyperLogLogs by their count, commit times left out). A settled version
 /// is a time by design (it must change when a rebuild rewrites old
@@ -718,7 +702,7 @@ async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_con
     server.stop().await?;
     let live = snapshot_namespace(&config).await?;
     assert_eq!(before, live);
-    let live_versions = settled_versions(&config).await?;
+    let live_versions = settled_versions(&config.redis_namespace).await?;
 
     let rebuilt = server_command(&config, &["rebuild"])
         .stderr(Stdio::piped())
@@ -730,7 +714,10 @@ async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_con
     let after = snapshot_namespace(&config).await?;
     assert_eq!(live.len(), after.len());
     // The rebuild wrote settled minutes: cached settled unions are dropped.
-    assert_ne!(settled_versions(&config).await?, live_versions);
+    assert_ne!(
+        settled_versions(&config.redis_namespace).await?,
+        live_versions
+    );
     for (key, value) in &live {
         assert_eq!(after.get(key), Some(value), "{key}");
     }

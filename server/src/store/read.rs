@@ -254,12 +254,14 @@ impl MetricReader {
             return Ok(totals);
         }
         let now = unix_now();
-        let (settled, fresh): (Vec<(Bucket, i64)>, Vec<(Bucket, i64)>) = match &self.settled {
-            Some(_) => buckets
-                .iter()
-                .partition(|(bucket, _)| settled::is_settled(*bucket, now)),
-            None => (Vec::new(), buckets.to_vec()),
-        };
+        let (mut settled, mut fresh) = (Vec::new(), Vec::new());
+        for &(bucket, sign) in buckets {
+            if self.settled.is_some() && settled::is_settled(bucket, now) {
+                settled.push((bucket, sign));
+            } else {
+                fresh.push((bucket, sign));
+            }
+        }
         let cache = self.settled.as_ref().filter(|_| !settled.is_empty());
         let mut pipe = redis::pipe();
         let mut cached = Vec::with_capacity(self.partitions.len());

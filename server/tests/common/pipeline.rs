@@ -92,6 +92,22 @@ pub async fn simulate(
     Ok(report.truth)
 }
 
+/// Every partition's settled version (see `rtap_server::store::settled`).
+pub async fn settled_versions(namespace: &str) -> anyhow::Result<Vec<Option<String>>> {
+    let mut connection = redis().await?;
+    let mut versions = Vec::new();
+    for partition in 0..PARTITIONS {
+        let key = PartitionKeys::new(namespace, partition).settled_version();
+        versions.push(
+            redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut connection)
+                .await?,
+        );
+    }
+    Ok(versions)
+}
+
 /// Every partition's high watermark.
 pub async fn high_watermarks(brokers: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
     let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
