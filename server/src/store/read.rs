@@ -238,9 +238,10 @@ impl MetricReader {
     }
 
     /// Scores of every product in `ranking` over signed `buckets` (each
-    /// bucket's scores times its sign): one `ZUNION … WEIGHTS` per partition
-    /// (a product's score is spread over the partitions of its users, so
-    /// every score is needed to rank across partitions). With a settled cache
+    /// bucket's scores times its sign): one script per partition, a
+    /// `ZUNION … WEIGHTS` of its non-empty sets (a product's score is spread
+    /// over the partitions of its users, so every score is needed to rank
+    /// across partitions). With a settled cache
     /// ([`Self::with_settled`]), the buckets that ended before the settlement
     /// horizon are read from Redis once per settled version.
     pub async fn ranking(
