@@ -25,10 +25,14 @@ use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap::v1::{EventType, InteractionEvent, Source};
 use rtap_server::{
     Config,
+    ingest::aggregate::{BatchAggregate, SessionState},
     ingest::dead_letter::{REASON_HEADER, SOURCE_OFFSET_HEADER},
     store::{
-        Bucket, Counter, FunnelStage, Granularity, Ranking, UserSet, commit::PartitionState,
-        keys::PartitionKeys, read::MetricReader,
+        Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, UserSet,
+        commit::{self, CommitMeta, CommitSettings, PartitionState},
+        keys::PartitionKeys,
+        read::MetricReader,
+        session_epoch,
     },
 };
 use rtap_simulator::truth::GroundTruth;
@@ -603,7 +607,9 @@ async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<(
 /// Every key of the namespace with a comparable rendering of its value
 /// (HyperLogLogs by their count, commit times left out). A settled version
 /// is a time by design (it must change when a rebuild rewrites old
-/// buckets), so it shows only as present.
+/// buckets), so it shows only as present. Session states are merged over
+/// their epochs' hashes (the latest epoch's state wins), as ingest reads
+/// them: which epoch holds a state depends on when it was written.
 async fn snapshot_namespace(config: &Config) -> anyhow::Result<BTreeMap<String, String>> {
     let mut connection = redis().await?;
     let mut all = BTreeMap::new();
@@ -613,12 +619,20 @@ async fn snapshot_namespace(config: &Config) -> anyhow::Result<BTreeMap<String, 
             .arg(keys.pattern())
             .query_async(&mut connection)
             .await?;
+        let mut session_epochs = BTreeMap::new();
         for key in found {
             if key == keys.lease() {
                 continue;
             }
             if key == keys.settled_version() {
                 all.insert(key, "settled version".into());
+                continue;
+            }
+            let epoch = key
+                .rsplit_once(':')
+                .and_then(|(_, e)| e.parse::<i64>().ok());
+            if let Some(epoch) = epoch.filter(|e| keys.sessions(*e) == key) {
+                session_epochs.insert(epoch, key);
                 continue;
             }
             let kind: String = redis::cmd("TYPE")
@@ -669,6 +683,18 @@ async fn snapshot_namespace(config: &Config) -> anyhow::Result<BTreeMap<String, 
             };
             all.insert(key, value);
         }
+        let mut sessions = BTreeMap::new();
+        for key in session_epochs.values() {
+            let states: BTreeMap<String, String> = redis::cmd("HGETALL")
+                .arg(key)
+                .query_async(&mut connection)
+                .await?;
+            sessions.extend(states);
+        }
+        all.insert(
+            format!("partition {partition} sessions"),
+            format!("{sessions:?}"),
+        );
     }
     Ok(all)
 }
@@ -724,4 +750,60 @@ async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_con
     assert_matches_truth(&config, &truth).await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
+}
+
+/// Session states go to their epoch's hash, one command a commit, and are
+/// read from the current and the previous epoch's; the later write wins.
+#[tokio::test]
+async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> anyhow::Result<()> {
+    let namespace = format!("rtap-test-{}", common::unique_suffix());
+    let keys = PartitionKeys::new(&namespace, 0);
+    let connection = redis().await?;
+    let ttl_ms = 600_000;
+    let settings = CommitSettings {
+        retention: Retention {
+            minute: Duration::from_secs(3600),
+            hour: Duration::from_secs(3600),
+            day: Duration::from_secs(3600),
+        },
+        dedupe_window_ms: 60_000,
+        session_ttl_ms: ttl_ms,
+    };
+    let session = (7, "s-7".to_owned());
+    let now_ms = Utc::now().timestamp_millis();
+    let write = |offset: i64, now_ms, state| {
+        let mut batch = BatchAggregate::new(None, HashMap::new(), ttl_ms / 2);
+        batch.sessions.insert(session.clone(), state);
+        let meta = CommitMeta {
+            expected_offset: (offset > 0).then_some(offset),
+            next_offset: offset + 1,
+            duplicates: 0,
+            dead_lettered: Vec::new(),
+            now_ms,
+        };
+        let (mut connection, keys) = (connection.clone(), keys.clone());
+        async move { commit::commit(&mut connection, &keys, &batch, &meta, &settings).await }
+    };
+    let read = |epoch| {
+        let (mut connection, keys, session) = (connection.clone(), keys.clone(), session.clone());
+        async move {
+            let prefetched =
+                commit::prefetch(&mut connection, &keys, &[], vec![session.clone()], epoch).await?;
+            Ok::<_, anyhow::Error>(prefetched.sessions.get(&session).copied())
+        }
+    };
+    let first = SessionState::decode("1 1 1 1 0 1").context("state")?;
+    let second = SessionState::decode("1 1 2 2 1 1").context("state")?;
+    let epoch = session_epoch(now_ms, ttl_ms);
+
+    write(0, now_ms, first).await?;
+    assert_eq!(read(epoch - 1).await?, None);
+    assert_eq!(read(epoch).await?, Some(first));
+    assert_eq!(read(epoch + 1).await?, Some(first));
+    assert_eq!(read(epoch + 2).await?, None);
+    write(1, now_ms + ttl_ms, second).await?;
+    assert_eq!(read(epoch + 1).await?, Some(second));
+    assert_eq!(read(epoch + 2).await?, Some(second));
+
+    common::delete_redis_namespace(&redis_url(), &namespace, 1).await
 }

@@ -54,6 +54,7 @@ use crate::{
         Granularity, Retention, StoreError,
         commit::{self, CommitMeta, CommitSettings, PartitionState},
         keys::{PartitionKeys, deltas_channel},
+        session_epoch,
     },
 };
 
@@ -639,6 +640,7 @@ impl PartitionConsumer {
             &self.keys,
             &ids_by_minute,
             session_keys.into_iter().collect(),
+            session_epoch(now.timestamp_millis(), settings.commit.session_ttl_ms),
         )
         .await?;
         let mut counted_before = vec![false; valid.len()];

@@ -15,7 +15,7 @@ use redis::{Script, aio::ConnectionLike};
 
 use super::{
     Counter, Granularity, Retention, StoreError,
-    keys::{PartitionKeys, state_field},
+    keys::{PartitionKeys, session_field, state_field},
     settled,
 };
 use crate::ingest::aggregate::{BatchAggregate, SessionKey, SessionState};
@@ -26,8 +26,8 @@ use crate::ingest::aggregate::{BatchAggregate, SessionKey, SessionState};
 /// then operations, each
 /// `op, key index, count, expiry kind ('a' at / 'p' in ms / '-'), expiry`,
 /// followed by its `count` members or field/value pairs. Ops: `h` HINCRBY,
-/// `f` HSET, `z` ZINCRBY, `b` BITFIELD INCRBY of the `u32` at a minute index
-/// (saturating), `p` PFADD, `s` SADD, `v` SET with expiry.
+/// `f` HSET (500 pairs a command), `z` ZINCRBY, `b` BITFIELD INCRBY of the
+/// `u32` at a minute index (saturating), `p` PFADD, `s` SADD.
 ///
 /// A batch that writes a minute before the settlement horizon (by Redis's
 /// clock, as in [`settled::horizon`]) gives the partition a new settled
@@ -53,7 +53,9 @@ while i <= last do
     for j = i, i + 2 * n - 1, 2 do redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1]) end
     i = i + 2 * n
   elseif op == 'f' then
-    for j = i, i + 2 * n - 1, 2 do redis.call('HSET', key, ARGV[j], ARGV[j + 1]) end
+    for j = i, i + 2 * n - 1, 1000 do
+      redis.call('HSET', key, unpack(ARGV, j, math.min(j + 999, i + 2 * n - 1)))
+    end
     i = i + 2 * n
   elseif op == 'z' then
     for j = i, i + 2 * n - 1, 2 do redis.call('ZINCRBY', key, ARGV[j + 1], ARGV[j]) end
@@ -69,10 +71,6 @@ while i <= last do
       redis.call(command, key, unpack(ARGV, j, math.min(j + 999, i + n - 1)))
     end
     i = i + n
-  elseif op == 'v' then
-    redis.call('SET', key, ARGV[i], 'PX', expiry_value)
-    expiry = '-'
-    i = i + 1
   else
     return redis.error_reply('RTAP_BAD_OP ' .. tostring(op))
   end
@@ -215,12 +213,14 @@ pub struct Prefetched {
 }
 
 /// One round trip: which of `ids` (grouped by event minute) were already
-/// counted, and the state of `sessions`.
+/// counted, and the state of `sessions` (looked up in session epoch `epoch`
+/// and the one before; the later write wins).
 pub async fn prefetch(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
     ids_by_minute: &[(i64, Vec<[u8; 16]>)],
     sessions: Vec<SessionKey>,
+    epoch: i64,
 ) -> Result<Prefetched, StoreError> {
     let mut pipe = redis::pipe();
     for (minute, ids) in ids_by_minute {
@@ -229,33 +229,39 @@ pub async fn prefetch(
             command.arg(&id[..]);
         }
     }
-    let session_keys: Vec<String> = sessions
+    let fields: Vec<String> = sessions
         .iter()
-        .map(|(user, session)| keys.session(*user, session))
+        .map(|(user, session)| session_field(*user, session))
         .collect();
-    if !session_keys.is_empty() {
-        pipe.cmd("MGET").arg(&session_keys);
+    if !fields.is_empty() {
+        for epoch in [epoch - 1, epoch] {
+            pipe.cmd("HMGET").arg(keys.sessions(epoch)).arg(&fields);
+        }
     }
-    if ids_by_minute.is_empty() && session_keys.is_empty() {
+    if ids_by_minute.is_empty() && fields.is_empty() {
         return Ok(Prefetched::default());
     }
     let mut replies: Vec<redis::Value> = pipe.query_async(connection).await?;
     let mut prefetched = Prefetched::default();
-    let session_reply = (!session_keys.is_empty()).then(|| replies.pop());
+    let session_replies = if fields.is_empty() {
+        Vec::new()
+    } else {
+        replies.split_off(replies.len() - 2)
+    };
     for reply in replies {
         let flags: Vec<bool> = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
         prefetched.seen.extend(flags);
     }
-    if let Some(Some(reply)) = session_reply {
+    for (epoch, reply) in [epoch - 1, epoch].into_iter().zip(session_replies) {
         let values: Vec<Option<String>> =
             redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-        for ((session, key), value) in sessions.into_iter().zip(&session_keys).zip(values) {
+        for (session, value) in sessions.iter().zip(values) {
             let Some(value) = value else { continue };
             let state = SessionState::decode(&value).ok_or_else(|| StoreError::Corrupt {
-                key: key.clone(),
+                key: keys.sessions(epoch),
                 detail: format!("not a session state: {value:?}"),
             })?;
-            prefetched.sessions.insert(session, state);
+            prefetched.sessions.insert(session.clone(), state);
         }
     }
     Ok(prefetched)
@@ -342,7 +348,7 @@ impl Encoder<'_, '_> {
             .arg(count)
             .arg(kind)
             .arg(value);
-        if kind != "-" && op != "v" {
+        if kind != "-" {
             self.commands += 1;
         }
     }
@@ -362,7 +368,11 @@ impl Encoder<'_, '_> {
         for (field, value) in pairs {
             self.invocation.arg(field).arg(value);
         }
-        self.commands += count;
+        self.commands += if op == "f" {
+            count.div_ceil(500)
+        } else {
+            count
+        };
     }
 
     fn members<M: redis::ToRedisArgs>(
@@ -470,16 +480,19 @@ fn encode(
             Expiry::InMillis(settings.dedupe_window_ms),
         );
     }
-    for ((user, session), state) in &batch.sessions {
-        encoder.op(
-            "v",
-            keys.session(*user, session),
-            1,
-            Expiry::InMillis(settings.session_ttl_ms),
-        );
-        encoder.invocation.arg(state.encode());
-        encoder.commands += 1;
-    }
+    let epoch = super::session_epoch(meta.now_ms, settings.session_ttl_ms);
+    encoder.pairs(
+        "f",
+        keys.sessions(epoch),
+        batch
+            .sessions
+            .iter()
+            .map(|((user, session), state)| (session_field(*user, session), state.encode())),
+        Expiry::At(super::session_epoch_expires_at(
+            epoch,
+            settings.session_ttl_ms,
+        )),
+    );
 
     let mut counters = vec![
         (state_field::APPLIED.to_owned(), batch.applied),

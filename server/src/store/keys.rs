@@ -8,7 +8,11 @@
 //! - `P:seen:<minute>`: set of the 16-byte `event_id`s of events whose event
 //!   time is in that minute, for deduplication; expires a dedupe window after
 //!   its last write;
-//! - `P:sess:<user>:<session_id>`: an open session's state;
+//! - `P:sess:<epoch>`: hash of the states of the sessions last written in
+//!   that epoch of processing time (a session TTL long), by
+//!   `<user>:<session_id>`; it expires two epochs after its start, so a
+//!   state is kept one to two TTLs after its last write (see
+//!   [`super::session_epoch`]);
 //! - `P:settled`: the partition's settled version, changed by every commit
 //!   that writes a settled minute (see [`super::settled`]);
 //! - `P:<g>:<start>:n`: hash of a bucket's [`Counter`](super::Counter)s, `g`
@@ -50,6 +54,11 @@ pub mod state_field {
 /// which partitions to merge without asking Kafka.
 pub fn partitions(namespace: &str) -> String {
     format!("{namespace}:partitions")
+}
+
+/// A session's field in its epoch's hash ([`PartitionKeys::sessions`]).
+pub fn session_field(user_id: i64, session_id: &str) -> String {
+    format!("{user_id}:{session_id}")
 }
 
 /// Name of the pub/sub channel that carries commit deltas.
@@ -94,9 +103,9 @@ impl PartitionKeys {
         format!("{}seen:{minute_start}", self.prefix)
     }
 
-    /// An open session's state.
-    pub fn session(&self, user_id: i64, session_id: &str) -> String {
-        format!("{}sess:{user_id}:{session_id}", self.prefix)
+    /// The session states last written in session epoch `epoch`.
+    pub fn sessions(&self, epoch: i64) -> String {
+        format!("{}sess:{epoch}", self.prefix)
     }
 
     /// The settled version: `<n>:<seconds>.<micros>`, Redis's time when a
@@ -169,7 +178,7 @@ mod tests {
         for key in [
             keys.state(),
             keys.seen(60),
-            keys.session(7, "s-1"),
+            keys.sessions(7),
             keys.settled_version(),
             keys.counters(bucket),
             keys.users(bucket, UserSet::Product(9)),

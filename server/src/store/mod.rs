@@ -133,6 +133,23 @@ pub fn series_position(minute_start: i64) -> (i64, i64) {
     (day, (minute_start - day) / Granularity::Minute.seconds())
 }
 
+/// The session epoch holding `now_ms` (processing time) for sessions kept
+/// `ttl_ms`: session states are written to their epoch's hash, one command
+/// per commit, and read from the current and the previous epoch's.
+pub fn session_epoch(now_ms: i64, ttl_ms: i64) -> i64 {
+    now_ms.div_euclid(ttl_ms.max(1))
+}
+
+/// When (Unix seconds) the session hash of `epoch` expires: two epochs after
+/// its start, so a state written at its very end is still kept `ttl_ms`.
+pub fn session_epoch_expires_at(epoch: i64, ttl_ms: i64) -> i64 {
+    epoch
+        .saturating_add(2)
+        .saturating_mul(ttl_ms.max(1))
+        .div_euclid(1000)
+        + 1
+}
+
 /// An additive counter of a bucket (a field of its counter hash). Enum values
 /// are the raw protobuf numbers of `EventType` and `Source`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -350,6 +367,24 @@ impl StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_state_is_kept_one_to_two_ttls_after_its_last_write() {
+        let ttl = 600_000;
+        for written in [1_200_000, 1_500_000, 1_799_999] {
+            let epoch = session_epoch(written, ttl);
+            assert_eq!(epoch, 2);
+            let expires_ms = session_epoch_expires_at(epoch, ttl) * 1000;
+            assert!(expires_ms >= written + ttl, "{written}");
+            assert!(expires_ms <= written + 2 * ttl + 1000, "{written}");
+            // Read from the current and the previous epoch until then.
+            for read in [written, written + ttl - 1] {
+                let current = session_epoch(read, ttl);
+                assert!(current == epoch || current - 1 == epoch, "{read}");
+            }
+        }
+        assert_eq!(session_epoch(-1, ttl), -1);
+    }
 
     #[test]
     fn buckets_align_to_utc_including_before_the_epoch() {
