@@ -25,7 +25,7 @@ use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap::v1::{EventType, InteractionEvent, Source};
 use rtap_server::{
     Config,
-    ingest::aggregate::{BatchAggregate, SessionState},
+    ingest::aggregate::{BatchAggregate, BucketChanges, SessionState},
     ingest::dead_letter::{REASON_HEADER, SOURCE_OFFSET_HEADER},
     store::{
         Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, UserSet,
@@ -805,5 +805,74 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
     assert_eq!(read(epoch + 1).await?, Some(second));
     assert_eq!(read(epoch + 2).await?, Some(second));
 
+    common::delete_redis_namespace(&redis_url(), &namespace, 1).await
+}
+
+/// Counters stay exact integers past what a double holds (2^53), in every
+/// granularity, and scores add up: a guard for any change to how the commit
+/// script adds (a read-modify-write in Lua would round them).
+#[tokio::test]
+async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::Result<()> {
+    let namespace = format!("rtap-test-{}", common::unique_suffix());
+    let keys = PartitionKeys::new(&namespace, 0);
+    let mut connection = redis().await?;
+    let settings = CommitSettings {
+        retention: Retention {
+            minute: Duration::from_secs(3600),
+            hour: Duration::from_secs(3600),
+            day: Duration::from_secs(3600),
+        },
+        dedupe_window_ms: 60_000,
+        session_ttl_ms: 600_000,
+    };
+    let now = Utc::now();
+    let minute = Granularity::Minute.bucket_start(now.timestamp());
+    // Each addend below 2^53 but an odd sum above it; and an addend above.
+    let near = Counter::Revenue { source: 1 };
+    let above = Counter::Revenue { source: 2 };
+    let events = Counter::Events {
+        event_type: 1,
+        source: 1,
+    };
+    let two_to_52 = 1_i64 << 52;
+    for (offset, near_by) in [(0, two_to_52 + 3), (1, two_to_52)] {
+        let mut batch = BatchAggregate::new(None, HashMap::new(), 300_000);
+        batch.minutes.insert(
+            minute,
+            BucketChanges {
+                counters: HashMap::from([(near, near_by), (above, 2 * two_to_52 + 1), (events, 5)]),
+                users: HashMap::new(),
+                rankings: HashMap::from([(Ranking::Revenue, HashMap::from([(42, 1000), (7, 1)]))]),
+            },
+        );
+        let meta = CommitMeta {
+            expected_offset: (offset > 0).then_some(offset),
+            next_offset: offset + 1,
+            duplicates: 0,
+            dead_lettered: Vec::new(),
+            now_ms: now.timestamp_millis(),
+        };
+        commit::commit(&mut connection, &keys, &batch, &meta, &settings).await?;
+    }
+    for granularity in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
+        let bucket = Bucket::containing(granularity, minute);
+        let totals: Vec<String> = redis::cmd("HMGET")
+            .arg(keys.counters(bucket))
+            .arg(near.field())
+            .arg(above.field())
+            .arg(events.field())
+            .query_async(&mut connection)
+            .await?;
+        let expected = [2 * two_to_52 + 3, 4 * two_to_52 + 2, 10].map(|v| v.to_string());
+        assert_eq!(totals, expected, "{granularity:?}");
+        let scores: Vec<(i64, f64)> = redis::cmd("ZRANGE")
+            .arg(keys.ranking(bucket, Ranking::Revenue))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut connection)
+            .await?;
+        assert_eq!(scores, [(7, 2.0), (42, 2000.0)], "{granularity:?}");
+    }
     common::delete_redis_namespace(&redis_url(), &namespace, 1).await
 }
