@@ -752,6 +752,20 @@ async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_con
     database.drop().await
 }
 
+/// Settings for commits made directly by a test: an hour's retention.
+fn commit_settings(session_ttl_ms: i64) -> CommitSettings {
+    let hour = Duration::from_secs(3600);
+    CommitSettings {
+        retention: Retention {
+            minute: hour,
+            hour,
+            day: hour,
+        },
+        dedupe_window_ms: 60_000,
+        session_ttl_ms,
+    }
+}
+
 /// Session states go to their epoch's hash, one command a commit, and are
 /// read from the current and the previous epoch's; the later write wins.
 #[tokio::test]
@@ -760,15 +774,7 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
     let keys = PartitionKeys::new(&namespace, 0);
     let connection = redis().await?;
     let ttl_ms = 600_000;
-    let settings = CommitSettings {
-        retention: Retention {
-            minute: Duration::from_secs(3600),
-            hour: Duration::from_secs(3600),
-            day: Duration::from_secs(3600),
-        },
-        dedupe_window_ms: 60_000,
-        session_ttl_ms: ttl_ms,
-    };
+    let settings = commit_settings(ttl_ms);
     let session = (7, "s-7".to_owned());
     let now_ms = Utc::now().timestamp_millis();
     let write = |offset: i64, now_ms, state| {
@@ -816,15 +822,7 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
     let namespace = format!("rtap-test-{}", common::unique_suffix());
     let keys = PartitionKeys::new(&namespace, 0);
     let mut connection = redis().await?;
-    let settings = CommitSettings {
-        retention: Retention {
-            minute: Duration::from_secs(3600),
-            hour: Duration::from_secs(3600),
-            day: Duration::from_secs(3600),
-        },
-        dedupe_window_ms: 60_000,
-        session_ttl_ms: 600_000,
-    };
+    let settings = commit_settings(600_000);
     let now = Utc::now();
     let minute = Granularity::Minute.bucket_start(now.timestamp());
     // Each addend below 2^53 but an odd sum above it; and an addend above.
