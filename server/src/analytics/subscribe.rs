@@ -91,11 +91,6 @@ impl Store {
         }
     }
 
-    /// The cache of settled ranking unions.
-    pub fn settled(&self) -> &SettledRankings {
-        &self.settled
-    }
-
     /// The namespace.
     pub fn namespace(&self) -> &str {
         &self.namespace

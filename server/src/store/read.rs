@@ -254,7 +254,7 @@ impl MetricReader {
         if buckets.is_empty() || self.partitions.is_empty() {
             return Ok(totals);
         }
-        let now = unix_now();
+        let now = chrono::Utc::now().timestamp();
         let (mut settled, mut fresh) = (Vec::new(), Vec::new());
         for &(bucket, sign) in buckets {
             if self.settled.is_some() && settled::is_settled(bucket, now) {
@@ -399,12 +399,4 @@ fn parse_pairs(pairs: &str) -> Result<Vec<(i64, i64)>, String> {
         parsed.push((product, score.round() as i64));
     }
     Ok(parsed)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
-        })
 }
