@@ -110,14 +110,10 @@ async fn run_clients(
     Ok((all.len() as u64, all))
 }
 
-/// Look-ups per second of `find_by_id` through a SeaORM pool set up like the
-/// server's, at `concurrency`.
+/// Look-ups per second of `find_by_id` through a pool with the server's
+/// settings, at `concurrency`.
 async fn run_direct(url: &str, concurrency: u64, duration: Duration) -> anyhow::Result<f64> {
-    let mut options = sea_orm::ConnectOptions::new(url.to_owned());
-    options
-        .max_connections(32)
-        .test_before_acquire(false)
-        .sqlx_logging(false);
+    let options = rtap_server::database::pool_options(url.to_owned(), Duration::from_secs(5));
     let db = Database::connect(options).await?;
     let deadline = Instant::now() + duration;
     let mut tasks = tokio::task::JoinSet::new();

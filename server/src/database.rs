@@ -109,19 +109,26 @@ pub async fn migrate_once(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-async fn open_pool(config: &Config, lazy: bool) -> Result<DatabaseConnection, Error> {
-    let mut options = ConnectOptions::new(config.database_url.clone());
+/// The server's pool settings for `url`, waiting at most `timeout` to
+/// connect or for a free connection (also used by the catalog benchmark).
+pub fn pool_options(url: String, timeout: Duration) -> ConnectOptions {
+    let mut options = ConnectOptions::new(url);
     options
         .max_connections(MAX_CONNECTIONS)
         .min_connections(0)
-        .connect_timeout(config.dependency_timeout)
-        .acquire_timeout(config.dependency_timeout)
-        .connect_lazy(lazy)
+        .connect_timeout(timeout)
+        .acquire_timeout(timeout)
         // No ping round trip before every query (it halved GetUser
         // throughput); a connection broken by a database restart fails one
         // call with UNAVAILABLE and is then replaced.
         .test_before_acquire(false)
         .sqlx_logging(false);
+    options
+}
+
+async fn open_pool(config: &Config, lazy: bool) -> Result<DatabaseConnection, Error> {
+    let mut options = pool_options(config.database_url.clone(), config.dependency_timeout);
+    options.connect_lazy(lazy);
     SeaDatabase::connect(options).await.map_err(|error| {
         if lazy {
             Error::Config(format!(
