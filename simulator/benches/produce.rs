@@ -7,7 +7,8 @@
 //!
 //! `cargo bench -p rtap-simulator` with the broker of `scripts/services.sh up`
 //! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
-//! (default 300000). Target: simulator ≥ 0.8 × raw.
+//! (default 300000), `RTAP_BENCH_ROUNDS` the produce rounds (default 3; 0
+//! measures generation alone, for profiling). Target: simulator ≥ 0.8 × raw.
 
 use std::time::{Duration, Instant};
 
@@ -28,15 +29,23 @@ use rtap_simulator::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the `rtap-simulator` binary runs with; the raw baseline
+/// shares it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PARTITIONS: i32 = 4;
 const BATCH: usize = 1000;
-const ROUNDS: usize = 3;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let records: usize = std::env::var("RTAP_BENCH_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
+    let rounds: usize = std::env::var("RTAP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -47,7 +56,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut simulator_rates = Vec::new();
     let mut raw_rates = Vec::new();
-    for round in 0..ROUNDS {
+    if rounds == 0 {
+        return Ok(());
+    }
+    for round in 0..rounds {
         let raw = runtime.block_on(raw_produce(&brokers, &generated, round))?;
         let simulator = runtime.block_on(simulator_produce(&brokers, records, round))?;
         println!(
@@ -58,8 +70,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let raw = median(&mut raw_rates);
     let simulator = median(&mut simulator_rates);
-    println!("raw rskafka produce:   {raw:>12.0} records/s (median of {ROUNDS})");
-    println!("rtap-simulator:        {simulator:>12.0} records/s (median of {ROUNDS})");
+    println!("raw rskafka produce:   {raw:>12.0} records/s (median of {rounds})");
+    println!("rtap-simulator:        {simulator:>12.0} records/s (median of {rounds})");
     println!(
         "ratio simulator / raw: {:>12.2} (target >= 0.80)",
         simulator / raw

@@ -8,6 +8,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// Every record is a few small allocations freed on another thread once
+/// produced; mimalloc handles that pattern far better than glibc's malloc
+/// (which spent about 40 % of the simulator's CPU time).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = SimulatorConfig::parse();
     tracing_subscriber::fmt()

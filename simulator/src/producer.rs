@@ -1,8 +1,10 @@
 //! Produces records to Kafka: one worker per partition, each taking whatever
-//! records are waiting (up to a batch size) into one produce request, while
-//! the generator fills the next batch. One request in flight per partition
-//! keeps each user's events in order; the bounded channel in front of each
-//! worker bounds the data buffered.
+//! batches are waiting (up to a batch size of records) into one produce
+//! request, while the generator fills the next batch. The generator hands
+//! records over a batch at a time, not one by one: a channel operation and a
+//! wake-up per record cost more than generating the record. One request in
+//! flight per partition keeps each user's events in order; the bounded
+//! channel in front of each worker bounds the data buffered.
 //!
 //! A broker that goes away is waited for: the failed batch is retried with
 //! backoff, on a freshly built client, until it is stored or the simulator
@@ -93,7 +95,10 @@ pub struct ProducerStats {
 
 /// A running producer.
 pub struct Producer {
-    senders: Vec<mpsc::Sender<Record>>,
+    senders: Vec<mpsc::Sender<Vec<Record>>>,
+    /// Records not yet handed to their partition's worker, by partition.
+    pending: Vec<Vec<Record>>,
+    batch_size: usize,
     workers: JoinSet<()>,
     stats: Arc<ProducerStats>,
     stop: CancellationToken,
@@ -118,10 +123,14 @@ impl Producer {
 
         let stats = Arc::new(ProducerStats::default());
         let stop = CancellationToken::new();
+        let batch_size = config.batch_size.max(1);
+        // The buffer, in batches: at least one waiting besides the one being
+        // filled and the one in flight.
+        let buffered_batches = (config.buffer_per_partition / batch_size).max(1);
         let mut senders = Vec::with_capacity(partitions.len());
         let mut workers = JoinSet::new();
         for partition in partitions {
-            let (sender, receiver) = mpsc::channel(config.buffer_per_partition.max(1));
+            let (sender, receiver) = mpsc::channel(buffered_batches);
             senders.push(sender);
             let first_client = client
                 .partition_client(&config.topic, partition, UnknownTopicHandling::Retry)
@@ -133,7 +142,8 @@ impl Producer {
                     partition,
                     client: first_client,
                     receiver,
-                    batch_size: config.batch_size.max(1),
+                    carried: None,
+                    batch_size,
                     compression: config.compression,
                     stats: stats.clone(),
                     stop: stop.clone(),
@@ -142,7 +152,9 @@ impl Producer {
             );
         }
         Ok(Self {
+            pending: senders.iter().map(|_| Vec::new()).collect(),
             senders,
+            batch_size,
             workers,
             stats,
             stop,
@@ -159,38 +171,76 @@ impl Producer {
         self.stats.clone()
     }
 
-    /// Queues a record on its key's partition; waits while that partition's
-    /// buffer is full.
+    /// Queues a record on its key's partition. A full batch goes to the
+    /// partition's worker, waiting while that worker's buffer is full; a
+    /// partial one waits for more records or for [`Producer::flush`].
     pub async fn send(
-        &self,
+        &mut self,
         key: Vec<u8>,
         value: Vec<u8>,
         timestamp: DateTime<Utc>,
     ) -> Result<(), ProduceError> {
         let partition = rtap::kafka::partition_for_key(&key, self.partitions());
-        let record = Record {
+        let index = usize::try_from(partition).unwrap_or(0);
+        let pending = &mut self.pending[index];
+        if pending.capacity() == 0 {
+            pending.reserve_exact(self.batch_size);
+        }
+        pending.push(Record {
             key: Some(key),
             value: Some(value),
             headers: Default::default(),
             timestamp,
-        };
-        let index = usize::try_from(partition).unwrap_or(0);
-        self.senders[index]
-            .send(record)
+        });
+        if pending.len() >= self.batch_size {
+            self.hand_over(index).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands every partial batch to its worker: called before the generator
+    /// pauses, so that nothing waits for a batch to fill.
+    pub async fn flush(&mut self) -> Result<(), ProduceError> {
+        for index in 0..self.pending.len() {
+            if !self.pending[index].is_empty() {
+                self.hand_over(index).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves partition `index`'s pending batch to its worker. The batch
+    /// stays pending until the worker has room, so a close that times out
+    /// while waiting still counts it as undelivered.
+    async fn hand_over(&mut self, index: usize) -> Result<(), ProduceError> {
+        let permit = self.senders[index]
+            .reserve()
             .await
-            .map_err(|_| ProduceError::WorkerGone(partition))
+            .map_err(|_| ProduceError::WorkerGone(i32::try_from(index).unwrap_or(i32::MAX)))?;
+        permit.send(std::mem::take(&mut self.pending[index]));
+        Ok(())
     }
 
     /// Delivers everything buffered, waiting at most `timeout`; then stops.
     pub async fn close(mut self, timeout: Duration) -> Result<(), ProduceError> {
-        self.senders.clear();
         let drained = tokio::time::timeout(timeout, async {
+            let flushed = self.flush().await;
+            self.senders.clear();
             while self.workers.join_next().await.is_some() {}
+            flushed
         })
         .await;
-        if drained.is_err() {
-            self.stop.cancel();
-            while self.workers.join_next().await.is_some() {}
+        match drained {
+            Ok(flushed) => flushed?,
+            Err(_) => {
+                let stranded: usize = self.pending.iter().map(Vec::len).sum();
+                self.stats
+                    .undelivered
+                    .fetch_add(stranded as u64, Ordering::Relaxed);
+                self.senders.clear();
+                self.stop.cancel();
+                while self.workers.join_next().await.is_some() {}
+            }
         }
         match self.stats.undelivered.load(Ordering::Relaxed) {
             0 => Ok(()),
@@ -262,7 +312,9 @@ struct PartitionWorker {
     connector: Arc<Connector>,
     partition: i32,
     client: Option<PartitionClient>,
-    receiver: mpsc::Receiver<Record>,
+    receiver: mpsc::Receiver<Vec<Record>>,
+    /// A batch received that did not fit in the previous request.
+    carried: Option<Vec<Record>>,
     batch_size: usize,
     compression: Compression,
     stats: Arc<ProducerStats>,
@@ -271,18 +323,42 @@ struct PartitionWorker {
 
 impl PartitionWorker {
     async fn run(mut self) {
-        let mut batch = Vec::with_capacity(self.batch_size);
-        while self.receiver.recv_many(&mut batch, self.batch_size).await > 0 {
+        while let Some(mut batch) = self.next_batch().await {
             if !self.deliver(&mut batch).await {
                 let mut lost = batch.len() as u64;
+                lost += self
+                    .carried
+                    .take()
+                    .map_or(0, |carried| carried.len() as u64);
                 self.receiver.close();
-                while self.receiver.recv().await.is_some() {
-                    lost += 1;
+                while let Some(batch) = self.receiver.recv().await {
+                    lost += batch.len() as u64;
                 }
                 self.stats.undelivered.fetch_add(lost, Ordering::Relaxed);
                 return;
             }
         }
+    }
+
+    /// The next batch to produce: the oldest one waiting, merged with those
+    /// behind it while they fit in a batch (partial batches, flushed while
+    /// the previous request was in flight, go out together).
+    async fn next_batch(&mut self) -> Option<Vec<Record>> {
+        let mut batch = match self.carried.take() {
+            Some(batch) => batch,
+            None => self.receiver.recv().await?,
+        };
+        while batch.len() < self.batch_size {
+            let Ok(next) = self.receiver.try_recv() else {
+                break;
+            };
+            if batch.len() + next.len() > self.batch_size {
+                self.carried = Some(next);
+                break;
+            }
+            batch.extend(next);
+        }
+        Some(batch)
     }
 
     /// Produces `batch` (and empties it), retrying until it is stored;

@@ -88,7 +88,7 @@ pub async fn run(
         start_time,
         model_rate,
     )?;
-    let producer = Producer::start(
+    let mut producer = Producer::start(
         ProducerConfig {
             brokers: config.kafka_brokers.clone(),
             topic: config.topic.clone(),
@@ -131,6 +131,7 @@ pub async fn run(
                 .unwrap_or_default();
             let due = started + by_count.max(simulated.div_f64(config.speedup));
             if due > Instant::now() + PACING_SLACK {
+                producer.flush().await?;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep_until(due) => {}
