@@ -7,7 +7,8 @@
 //!
 //! `cargo bench -p rtap-simulator` with the broker of `scripts/services.sh up`
 //! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
-//! (default 300000), `RTAP_BENCH_ROUNDS` the produce rounds (default 3; 0
+//! (default 1,000,000: shorter rounds measure start-up more than
+//! throughput), `RTAP_BENCH_ROUNDS` the produce rounds (default 3; 0
 //! measures generation alone, for profiling). Target: simulator ≥ 0.8 × raw.
 
 use std::time::{Duration, Instant};
@@ -41,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let records: usize = std::env::var("RTAP_BENCH_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300_000);
+        .unwrap_or(1_000_000);
     let rounds: usize = std::env::var("RTAP_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
