@@ -116,7 +116,7 @@ pub async fn run(
     loop {
         // `is_cancelled` takes a lock: checked every few records (a pacing
         // pause notices shutdown at once).
-        if (count % SHUTDOWN_CHECK_EVERY == 0 && shutdown.is_cancelled())
+        if (count.is_multiple_of(SHUTDOWN_CHECK_EVERY) && shutdown.is_cancelled())
             || config.count.is_some_and(|limit| count >= limit)
             || config
                 .duration
