@@ -794,7 +794,8 @@ impl ZipfRank {
     }
 }
 
-fn validate(params: &ModelParams) -> Result<(), ModelError> {
+/// Refuses parameters that contradict each other.
+pub fn validate(params: &ModelParams) -> Result<(), ModelError> {
     if params.session_gap < Duration::from_secs(120) {
         return Err(ModelError::Params(
             "--session-gap must be at least 2m".into(),

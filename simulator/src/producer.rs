@@ -95,13 +95,20 @@ pub struct ProducerStats {
 
 /// A running producer.
 pub struct Producer {
+    /// Its own sender: keeps the workers' channels open until `close`.
+    sender: RecordSender,
+    workers: JoinSet<()>,
+    stats: Arc<ProducerStats>,
+    stop: CancellationToken,
+}
+
+/// Feeds records to the partition workers, a batch at a time. Each generator
+/// has its own (see [`Producer::sender`]).
+pub struct RecordSender {
     senders: Vec<mpsc::Sender<Vec<Record>>>,
     /// Records not yet handed to their partition's worker, by partition.
     pending: Vec<Vec<Record>>,
     batch_size: usize,
-    workers: JoinSet<()>,
-    stats: Arc<ProducerStats>,
-    stop: CancellationToken,
 }
 
 impl Producer {
@@ -152,9 +159,7 @@ impl Producer {
             );
         }
         Ok(Self {
-            pending: senders.iter().map(|_| Vec::new()).collect(),
-            senders,
-            batch_size,
+            sender: RecordSender::new(senders, batch_size),
             workers,
             stats,
             stop,
@@ -163,7 +168,7 @@ impl Producer {
 
     /// Partitions of the topic.
     pub fn partitions(&self) -> i32 {
-        i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
+        self.sender.partitions()
     }
 
     /// Counters, live.
@@ -171,9 +176,72 @@ impl Producer {
         self.stats.clone()
     }
 
+    /// A new sender, with its own batches, to the same workers.
+    pub fn sender(&self) -> RecordSender {
+        RecordSender::new(self.sender.senders.clone(), self.sender.batch_size)
+    }
+
+    /// Delivers everything buffered, in the producer's own sender and in
+    /// `senders`, waiting at most `timeout`; then stops.
+    pub async fn close(
+        mut self,
+        mut senders: Vec<RecordSender>,
+        timeout: Duration,
+    ) -> Result<(), ProduceError> {
+        senders.push(std::mem::replace(
+            &mut self.sender,
+            RecordSender::new(Vec::new(), 1),
+        ));
+        let drained = tokio::time::timeout(timeout, async {
+            let mut flushed = Ok(());
+            for sender in &mut senders {
+                flushed = flushed.and(sender.flush().await);
+            }
+            senders.iter_mut().for_each(|sender| sender.senders.clear());
+            while self.workers.join_next().await.is_some() {}
+            flushed
+        })
+        .await;
+        match drained {
+            Ok(flushed) => flushed?,
+            Err(_) => {
+                let stranded: usize = senders
+                    .iter()
+                    .flat_map(|sender| &sender.pending)
+                    .map(Vec::len)
+                    .sum();
+                self.stats
+                    .undelivered
+                    .fetch_add(stranded as u64, Ordering::Relaxed);
+                drop(senders);
+                self.stop.cancel();
+                while self.workers.join_next().await.is_some() {}
+            }
+        }
+        match self.stats.undelivered.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            lost => Err(ProduceError::Undelivered(lost)),
+        }
+    }
+}
+
+impl RecordSender {
+    fn new(senders: Vec<mpsc::Sender<Vec<Record>>>, batch_size: usize) -> Self {
+        Self {
+            pending: senders.iter().map(|_| Vec::new()).collect(),
+            senders,
+            batch_size,
+        }
+    }
+
+    /// Partitions of the topic.
+    pub fn partitions(&self) -> i32 {
+        i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
+    }
+
     /// Queues a record on its key's partition. A full batch goes to the
     /// partition's worker, waiting while that worker's buffer is full; a
-    /// partial one waits for more records or for [`Producer::flush`].
+    /// partial one waits for more records or for [`RecordSender::flush`].
     pub async fn send(
         &mut self,
         key: Vec<u8>,
@@ -219,33 +287,6 @@ impl Producer {
             .map_err(|_| ProduceError::WorkerGone(i32::try_from(index).unwrap_or(i32::MAX)))?;
         permit.send(std::mem::take(&mut self.pending[index]));
         Ok(())
-    }
-
-    /// Delivers everything buffered, waiting at most `timeout`; then stops.
-    pub async fn close(mut self, timeout: Duration) -> Result<(), ProduceError> {
-        let drained = tokio::time::timeout(timeout, async {
-            let flushed = self.flush().await;
-            self.senders.clear();
-            while self.workers.join_next().await.is_some() {}
-            flushed
-        })
-        .await;
-        match drained {
-            Ok(flushed) => flushed?,
-            Err(_) => {
-                let stranded: usize = self.pending.iter().map(Vec::len).sum();
-                self.stats
-                    .undelivered
-                    .fetch_add(stranded as u64, Ordering::Relaxed);
-                self.senders.clear();
-                self.stop.cancel();
-                while self.workers.join_next().await.is_some() {}
-            }
-        }
-        match self.stats.undelivered.load(Ordering::Relaxed) {
-            0 => Ok(()),
-            lost => Err(ProduceError::Undelivered(lost)),
-        }
     }
 }
 

@@ -10,17 +10,17 @@ use std::{
     time::Duration,
 };
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
-use tokio::time::Instant;
+use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     catalog::{self, CatalogError},
     config::{ProgressArg, SimulatorConfig},
-    model::{Generator, ModelError},
-    producer::{ProduceError, Producer, ProducerConfig, ProducerStats},
+    model::{self, Generator, ModelError, Population},
+    producer::{ProduceError, Producer, ProducerConfig, ProducerStats, RecordSender},
     truth::GroundTruth,
 };
 
@@ -44,6 +44,9 @@ pub enum RunError {
     /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// A generator task panicked or was cancelled.
+    #[error("a generator stopped unexpectedly: {0}")]
+    GeneratorStopped(String),
     /// The ground truth could not be written.
     #[error("cannot write the ground truth to {path}: {source}")]
     Truth {
@@ -66,6 +69,12 @@ pub struct RunReport {
 
 /// Runs the simulation until `--count`, `--duration` or `shutdown`, then
 /// flushes and returns what was produced.
+///
+/// One generator per partition of the topic, each simulating the users
+/// whose records go to that partition, with its own seed derived from the
+/// run's: the generators run in parallel, and each partition's log is the
+/// same for the same seed, start time and partition count. (Kafka orders
+/// nothing across partitions.)
 pub async fn run(
     config: SimulatorConfig,
     shutdown: CancellationToken,
@@ -73,6 +82,7 @@ pub async fn run(
     let seed = config.seed.unwrap_or_else(|| rand::rng().random());
     let start_time = config.start_time.unwrap_or_else(Utc::now);
     tracing::info!(seed, start_time = %start_time, "simulation starting (replay with --seed and --start-time)");
+    model::validate(&config.model)?;
 
     let population = catalog::population(
         config.server_addr.as_deref(),
@@ -82,15 +92,10 @@ pub async fn run(
         config.products,
     )
     .await?;
-    let model_rate = config.rate.unwrap_or(UNPACED_MODEL_RATE) / config.speedup;
-    let mut generator = Generator::new(
-        config.model.clone(),
-        population,
-        seed,
-        start_time,
-        model_rate,
-    )?;
-    let mut producer = Producer::start(
+    if population.users.is_empty() || population.products.is_empty() {
+        return Err(ModelError::EmptyPopulation.into());
+    }
+    let producer = Producer::start(
         ProducerConfig {
             brokers: config.kafka_brokers.clone(),
             topic: config.topic.clone(),
@@ -103,55 +108,69 @@ pub async fn run(
     )
     .await?;
 
+    let model_rate = config.rate.unwrap_or(UNPACED_MODEL_RATE) / config.speedup;
+    let parts = by_partition(&population, producer.partitions());
+    let sizes: Vec<usize> = parts.iter().map(|(_, part)| part.users.len()).collect();
+    let limits = match config.count {
+        Some(count) => split(count, &sizes).into_iter().map(Some).collect(),
+        None => vec![None; sizes.len()],
+    };
     let sent = Arc::new(AtomicU64::new(0));
+    let stop = shutdown.child_token();
+    let mut shards = Vec::with_capacity(parts.len());
+    for ((partition, part), limit) in parts.into_iter().zip(limits) {
+        let share = part.users.len() as f64 / population.users.len() as f64;
+        shards.push(Shard {
+            generator: Generator::new(
+                config.model.clone(),
+                part,
+                shard_seed(seed, partition),
+                start_time,
+                model_rate * share,
+            )?,
+            sender: producer.sender(),
+            truth: GroundTruth::new(seed, config.truth_file.is_some()),
+            limit,
+            rate: config.rate.map(|rate| rate * share),
+            speedup: config.speedup,
+            duration: config.duration,
+            start_time,
+            sent: sent.clone(),
+            shutdown: stop.clone(),
+        });
+    }
+
     let progress = Progress::start(
         config.progress,
         config.count,
         sent.clone(),
         producer.stats(),
     );
-    let mut truth = GroundTruth::new(seed, config.truth_file.is_some());
     let started = Instant::now();
-    let mut count: u64 = 0;
-    loop {
-        // `is_cancelled` takes a lock: checked every few records (a pacing
-        // pause notices shutdown at once).
-        if (count.is_multiple_of(SHUTDOWN_CHECK_EVERY) && shutdown.is_cancelled())
-            || config.count.is_some_and(|limit| count >= limit)
-            || config
-                .duration
-                .is_some_and(|limit| started.elapsed() >= limit)
-        {
-            break;
-        }
-        let emission = generator.next_emission();
-        if let Some(rate) = config.rate {
-            // Paced by count, and never ahead of the simulated clock: a
-            // population too small for the rate slows production down rather
-            // than stamping events in the future.
-            let by_count = Duration::from_secs_f64(count as f64 / rate);
-            let simulated = (generator.clock() - start_time)
-                .to_std()
-                .unwrap_or_default();
-            let due = started + by_count.max(simulated.div_f64(config.speedup));
-            if due > Instant::now() + PACING_SLACK {
-                producer.flush().await?;
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep_until(due) => {}
-                }
+    let mut tasks = JoinSet::new();
+    for shard in shards {
+        tasks.spawn(shard.run(started));
+    }
+    let mut truth = GroundTruth::new(seed, config.truth_file.is_some());
+    let mut senders = Vec::new();
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = match joined {
+            Ok((shard_truth, sender, outcome)) => {
+                truth.merge(shard_truth);
+                senders.push(sender);
+                outcome.map_err(RunError::from)
             }
+            Err(error) => Err(RunError::GeneratorStopped(error.to_string())),
+        };
+        if let Err(error) = outcome {
+            stop.cancel();
+            failure.get_or_insert(error);
         }
-        truth.record(&emission);
-        producer
-            .send(emission.key, emission.value, emission.occurred_at)
-            .await?;
-        count += 1;
-        sent.store(count, Ordering::Relaxed);
     }
 
     let stats = producer.stats();
-    let flushed = producer.close(config.flush_timeout).await;
+    let flushed = producer.close(senders, config.flush_timeout).await;
     progress.finish();
     truth.finish();
     let elapsed = started.elapsed();
@@ -168,6 +187,9 @@ pub async fn run(
         by_type = ?truth.events_by_type,
         "simulation finished"
     );
+    if let Some(error) = failure {
+        return Err(error);
+    }
     flushed?;
     if let Some(path) = &config.truth_file {
         truth.write(path).map_err(|source| RunError::Truth {
@@ -177,6 +199,141 @@ pub async fn run(
         tracing::info!(path = %path.display(), "ground truth written");
     }
     Ok(RunReport { truth, elapsed })
+}
+
+/// One partition's generator and what it needs to run.
+struct Shard {
+    generator: Generator,
+    sender: RecordSender,
+    truth: GroundTruth,
+    /// Records to produce, if counted.
+    limit: Option<u64>,
+    /// Records per second, if paced.
+    rate: Option<f64>,
+    speedup: f64,
+    duration: Option<Duration>,
+    start_time: DateTime<Utc>,
+    /// Records produced by all shards, for the progress display.
+    sent: Arc<AtomicU64>,
+    shutdown: CancellationToken,
+}
+
+impl Shard {
+    /// Produces until done; returns what it produced and its sender (whose
+    /// partial batches the producer flushes at close) in every case.
+    async fn run(
+        mut self,
+        started: Instant,
+    ) -> (GroundTruth, RecordSender, Result<(), ProduceError>) {
+        let outcome = self.produce(started).await;
+        (self.truth, self.sender, outcome)
+    }
+
+    async fn produce(&mut self, started: Instant) -> Result<(), ProduceError> {
+        let mut count: u64 = 0;
+        loop {
+            // `is_cancelled` takes a lock: checked every few records (a
+            // pacing pause notices shutdown at once). The progress counter
+            // and the yield to the partition workers sharing this thread
+            // happen at the same pace.
+            if count.is_multiple_of(SHUTDOWN_CHECK_EVERY) {
+                self.sent
+                    .fetch_add(SHUTDOWN_CHECK_EVERY.min(count), Ordering::Relaxed);
+                tokio::task::yield_now().await;
+                if self.shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            if self.limit.is_some_and(|limit| count >= limit)
+                || self
+                    .duration
+                    .is_some_and(|limit| started.elapsed() >= limit)
+            {
+                break;
+            }
+            let emission = self.generator.next_emission();
+            if let Some(rate) = self.rate {
+                // Paced by count, and never ahead of the simulated clock: a
+                // population too small for the rate slows production down
+                // rather than stamping events in the future.
+                let by_count = Duration::from_secs_f64(count as f64 / rate);
+                let simulated = (self.generator.clock() - self.start_time)
+                    .to_std()
+                    .unwrap_or_default();
+                let due = started + by_count.max(simulated.div_f64(self.speedup));
+                if due > Instant::now() + PACING_SLACK {
+                    self.sender.flush().await?;
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => break,
+                        () = tokio::time::sleep_until(due) => {}
+                    }
+                }
+            }
+            self.truth.record(&emission);
+            self.sender
+                .send(emission.key, emission.value, emission.occurred_at)
+                .await?;
+            count += 1;
+        }
+        self.sent
+            .fetch_add(count % SHUTDOWN_CHECK_EVERY, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The population split by the partition its users' records go to, in
+/// partition order; partitions without users are left out. Each part keeps
+/// the heavy-first order of the users and all the products.
+fn by_partition(population: &Population, partitions: i32) -> Vec<(i32, Population)> {
+    let mut parts: Vec<Vec<i64>> =
+        vec![Vec::new(); usize::try_from(partitions).unwrap_or(1).max(1)];
+    for &user in &population.users {
+        let partition = rtap::kafka::partition_for_key(&rtap::kafka::record_key(user), partitions);
+        parts[usize::try_from(partition).unwrap_or(0)].push(user);
+    }
+    (0..partitions)
+        .zip(parts)
+        .filter(|(_, users)| !users.is_empty())
+        .map(|(partition, users)| {
+            (
+                partition,
+                Population {
+                    users,
+                    products: population.products.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// `total` split in proportion to `weights`, exactly: the remainder goes to
+/// the first parts, one each.
+fn split(total: u64, weights: &[usize]) -> Vec<u64> {
+    let sum: u128 = weights.iter().map(|&w| w as u128).sum::<u128>().max(1);
+    let mut parts: Vec<u64> = weights
+        .iter()
+        .map(|&w| u64::try_from(u128::from(total) * w as u128 / sum).unwrap_or(0))
+        .collect();
+    let mut rest = total - parts.iter().sum::<u64>().min(total);
+    for part in &mut parts {
+        if rest == 0 {
+            break;
+        }
+        *part += 1;
+        rest -= 1;
+    }
+    parts
+}
+
+/// The seed of one partition's generator (SplitMix64 of the run's seed and
+/// the partition): distinct streams, fixed by the run's seed.
+fn shard_seed(seed: u64, partition: i32) -> u64 {
+    let mut z = seed.wrapping_add(
+        (u64::from(partition.unsigned_abs()) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// The progress display: a bar on a terminal, periodic log lines otherwise.
@@ -255,5 +412,50 @@ impl Progress {
         if let Some(task) = self.task {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_is_split_exactly_and_in_proportion() {
+        assert_eq!(split(10, &[1, 1, 1]), vec![4, 3, 3]);
+        assert_eq!(split(1000, &[300, 100]), vec![750, 250]);
+        assert_eq!(split(0, &[5, 5]), vec![0, 0]);
+        let parts = split(1_000_003, &[249_811, 250_402, 249_977, 249_810]);
+        assert_eq!(parts.iter().sum::<u64>(), 1_000_003);
+        assert!(parts.iter().all(|&part| part.abs_diff(250_000) < 700));
+    }
+
+    #[test]
+    fn users_go_to_the_partition_of_their_key_in_order() {
+        let population = Population::synthetic(10_000, 7);
+        let parts = by_partition(&population, 4);
+        assert_eq!(parts.len(), 4);
+        let mut all: Vec<i64> = Vec::new();
+        for (partition, part) in &parts {
+            assert_eq!(part.products, population.products);
+            assert!(part.users.windows(2).all(|pair| pair[0] < pair[1]));
+            for &user in &part.users {
+                let key = rtap::kafka::record_key(user);
+                assert_eq!(rtap::kafka::partition_for_key(&key, 4), *partition);
+            }
+            all.extend(&part.users);
+        }
+        all.sort_unstable();
+        assert_eq!(all, population.users);
+        // Fewer users than partitions: empty partitions get no generator.
+        assert_eq!(by_partition(&Population::synthetic(1, 1), 8).len(), 1);
+    }
+
+    #[test]
+    fn partitions_get_distinct_seeds_fixed_by_the_run_seed() {
+        let seeds: Vec<u64> = (0..64).map(|partition| shard_seed(7, partition)).collect();
+        let distinct: std::collections::HashSet<_> = seeds.iter().collect();
+        assert_eq!(distinct.len(), seeds.len());
+        assert_eq!(shard_seed(7, 3), seeds[3]);
+        assert_ne!(shard_seed(8, 3), seeds[3]);
     }
 }

@@ -202,6 +202,51 @@ impl GroundTruth {
         }
     }
 
+    /// Adds what another generator of the same run produced (its users,
+    /// and so its sessions, are its own).
+    pub fn merge(&mut self, other: Self) {
+        self.records += other.records;
+        self.events += other.events;
+        self.duplicates += other.duplicates;
+        self.late_events += other.late_events;
+        self.revenue_micros += other.revenue_micros;
+        for (row, other_row) in self
+            .by_source_and_type
+            .iter_mut()
+            .zip(other.by_source_and_type)
+        {
+            for (count, other_count) in row.iter_mut().zip(other_row) {
+                *count += other_count;
+            }
+        }
+        for (kind, count) in other.malformed_by_kind {
+            *self.malformed_by_kind.entry(kind).or_default() += count;
+        }
+        for (minute, count) in other.per_minute {
+            *self.per_minute.entry(minute).or_default() += count;
+        }
+        self.first_event_time = match (self.first_event_time, other.first_event_time) {
+            (Some(mine), Some(theirs)) => Some(mine.min(theirs)),
+            (mine, theirs) => mine.or(theirs),
+        };
+        self.last_event_time = self.last_event_time.max(other.last_event_time);
+        self.users.extend(other.users);
+        for (product, users) in other.product_users {
+            self.product_users.entry(product).or_default().extend(users);
+        }
+        self.sessions.extend(other.sessions);
+        for (id, other_product) in other.products {
+            let product = self.products.entry(id).or_default();
+            product.views += other_product.views;
+            product.dwell_micros += other_product.dwell_micros;
+            product.add_to_carts += other_product.add_to_carts;
+            product.items_added += other_product.items_added;
+            product.purchases += other_product.purchases;
+            product.items_purchased += other_product.items_purchased;
+            product.revenue_micros += other_product.revenue_micros;
+        }
+    }
+
     /// Fills the summary fields from the counters.
     pub fn finish(&mut self) {
         let name = |slot: usize, of: fn(i32) -> Option<&'static str>| {
