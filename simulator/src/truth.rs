@@ -307,3 +307,45 @@ impl GroundTruth {
         std::fs::write(path, json)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Generator, ModelParams, Population};
+
+    #[test]
+    fn merged_truths_equal_the_truth_of_every_record() {
+        let params = ModelParams {
+            duplicate_share: 0.02,
+            malformed_share: 0.02,
+            late_share: 0.02,
+            ..ModelParams::default()
+        };
+        let start = "2026-01-05T08:00:00Z".parse().expect("a valid time");
+        let mut generator =
+            Generator::new(params, Population::synthetic(5_000, 200), 3, start, 200.0)
+                .expect("a valid model");
+        let mut whole = GroundTruth::new(3, true);
+        let mut parts = [GroundTruth::new(3, true), GroundTruth::new(3, true)];
+        for _ in 0..20_000 {
+            let emission = generator.next_emission();
+            whole.record(&emission);
+            // Split by user (the last digit of the key), as the generators
+            // of a run are.
+            let part = emission
+                .key
+                .last()
+                .map_or(0, |digit| usize::from(digit % 2));
+            parts[part].record(&emission);
+        }
+        assert!(parts.iter().all(|part| part.events > 5_000));
+        let [mut merged, other] = parts;
+        merged.merge(other);
+        merged.finish();
+        whole.finish();
+        assert_eq!(
+            serde_json::to_value(&merged).expect("serialisable"),
+            serde_json::to_value(&whole).expect("serialisable")
+        );
+    }
+}
