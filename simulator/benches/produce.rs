@@ -141,7 +141,19 @@ async fn raw_produce(
     while let Some(result) = tasks.join_next().await {
         result??;
     }
-    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+    let rate = records.len() as f64 / started.elapsed().as_secs_f64();
+    delete_topic(&client, &topic).await?;
+    Ok(rate)
+}
+
+/// A broker with memory storage (the test broker) would keep every round's
+/// records until it runs out of memory.
+async fn delete_topic(
+    client: &rskafka::client::Client,
+    topic: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    client.controller_client()?.delete_topic(topic, 10_000).await?;
+    Ok(())
 }
 
 async fn simulator_produce(
@@ -171,6 +183,8 @@ async fn simulator_produce(
         "none",
     ])?;
     let report = run::run(config, CancellationToken::new()).await?;
+    let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
+    delete_topic(&client, &topic).await?;
     Ok(records as f64 / report.elapsed.max(Duration::from_nanos(1)).as_secs_f64())
 }
 
