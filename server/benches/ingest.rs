@@ -159,5 +159,11 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         "ratio ingest / raw fetch: {:.2} (target >= 0.8)",
         ingest_rate / raw_rate
     );
+    // A broker with memory storage (the test broker) would keep the
+    // million events until restarted.
+    client
+        .controller_client()?
+        .delete_topic(config.events_topic.as_str(), 10_000)
+        .await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
 }
