@@ -152,7 +152,10 @@ async fn delete_topic(
     client: &rskafka::client::Client,
     topic: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    client.controller_client()?.delete_topic(topic, 10_000).await?;
+    client
+        .controller_client()?
+        .delete_topic(topic, 10_000)
+        .await?;
     Ok(())
 }
 
