@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use common::{
     PrivateBroker, TcpProxy, TestDatabase, TestServer,
     pipeline::{
-        PARTITIONS, applied, buckets, days, event, hll_close, ingest_config, produce, redis,
+        PARTITIONS, applied, buckets, days, event, ingest_config, produce, redis, redis_estimate,
         redis_url, settled_versions, simulate, source_number, states, wait_caught_up,
     },
 };
@@ -203,9 +203,11 @@ async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyhow::R
         let users = reader
             .unique_users(&mut connection, &days, UserSet::Product(product))
             .await?;
+        let estimate = redis_estimate(truth.product_user_ids(product)).await?;
         ensure!(
-            hll_close(users, expected.unique_users),
-            "product {product}: {users} unique users estimated, {} true",
+            users == estimate,
+            "product {product}: {users} unique users counted, where Redis estimates {estimate} \
+             for the {} true ones",
             expected.unique_users
         );
     }
@@ -244,9 +246,10 @@ async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyhow::R
     let users = reader
         .unique_users(&mut connection, &days, UserSet::All)
         .await?;
+    let estimate = redis_estimate(truth.user_ids()).await?;
     ensure!(
-        hll_close(users, truth.unique_users),
-        "{users} unique users estimated, {} true",
+        users == estimate,
+        "{users} unique users counted, where Redis estimates {estimate} for the {} true ones",
         truth.unique_users
     );
 

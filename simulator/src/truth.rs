@@ -202,6 +202,21 @@ impl GroundTruth {
         }
     }
 
+    /// Distinct users with an event on `product` (kept only in a detailed
+    /// truth).
+    pub fn product_user_ids(&self, product: i64) -> impl Iterator<Item = i64> + '_ {
+        self.product_users
+            .get(&product)
+            .into_iter()
+            .flatten()
+            .copied()
+    }
+
+    /// Distinct users (kept only in a detailed truth).
+    pub fn user_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.users.iter().copied()
+    }
+
     /// Adds what another generator of the same run produced (its users,
     /// and so its sessions, are its own).
     pub fn merge(&mut self, other: Self) {
