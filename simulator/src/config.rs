@@ -99,7 +99,7 @@ pub struct SimulatorConfig {
     pub batch_size: u32,
 
     /// Records waiting per partition before the generator blocks (the bound
-    /// on buffered data).
+    /// on buffered data), rounded down to whole batches (at least one).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub buffer_per_partition: u32,
 

@@ -76,7 +76,8 @@ pub struct ProducerConfig {
     pub compression: Compression,
     /// Most records per produce request.
     pub batch_size: usize,
-    /// Records buffered per partition before `send` waits.
+    /// Records buffered per partition before `send` waits, rounded down to
+    /// whole batches (at least one).
     pub buffer_per_partition: usize,
 }
 
@@ -95,8 +96,9 @@ pub struct ProducerStats {
 
 /// A running producer.
 pub struct Producer {
-    /// Its own sender: keeps the workers' channels open until `close`.
-    sender: RecordSender,
+    /// The workers' channels, by partition; open until `close`.
+    senders: Vec<mpsc::Sender<Vec<Record>>>,
+    batch_size: usize,
     workers: JoinSet<()>,
     stats: Arc<ProducerStats>,
     stop: CancellationToken,
@@ -159,7 +161,8 @@ impl Producer {
             );
         }
         Ok(Self {
-            sender: RecordSender::new(senders, batch_size),
+            senders,
+            batch_size,
             workers,
             stats,
             stop,
@@ -168,7 +171,7 @@ impl Producer {
 
     /// Partitions of the topic.
     pub fn partitions(&self) -> i32 {
-        self.sender.partitions()
+        i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
     }
 
     /// Counters, live.
@@ -178,20 +181,17 @@ impl Producer {
 
     /// A new sender, with its own batches, to the same workers.
     pub fn sender(&self) -> RecordSender {
-        RecordSender::new(self.sender.senders.clone(), self.sender.batch_size)
+        RecordSender::new(self.senders.clone(), self.batch_size)
     }
 
-    /// Delivers everything buffered, in the producer's own sender and in
-    /// `senders`, waiting at most `timeout`; then stops.
+    /// Delivers everything buffered, in `senders` (every sender still
+    /// alive) and in the workers, waiting at most `timeout`; then stops.
     pub async fn close(
         mut self,
         mut senders: Vec<RecordSender>,
         timeout: Duration,
     ) -> Result<(), ProduceError> {
-        senders.push(std::mem::replace(
-            &mut self.sender,
-            RecordSender::new(Vec::new(), 1),
-        ));
+        self.senders.clear();
         let drained = tokio::time::timeout(timeout, async {
             let mut flushed = Ok(());
             for sender in &mut senders {
