@@ -12,7 +12,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::Rng;
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -325,15 +326,13 @@ fn split(total: u64, weights: &[usize]) -> Vec<u64> {
     parts
 }
 
-/// The seed of one partition's generator (SplitMix64 of the run's seed and
-/// the partition): distinct streams, fixed by the run's seed.
+/// The seed of one partition's generator: the first number of the run
+/// seed's ChaCha stream numbered by the partition, so distinct per partition
+/// and fixed by the run's seed.
 fn shard_seed(seed: u64, partition: i32) -> u64 {
-    let mut z = seed.wrapping_add(
-        (u64::from(partition.unsigned_abs()) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(u64::from(partition.unsigned_abs()));
+    rng.next_u64()
 }
 
 /// The progress display: a bar on a terminal, periodic log lines otherwise.
