@@ -28,7 +28,7 @@ use rtap_server::{
     ingest::aggregate::{BatchAggregate, BucketChanges, SessionState},
     ingest::dead_letter::{REASON_HEADER, SOURCE_OFFSET_HEADER},
     store::{
-        Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, UserSet,
+        Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, StoreError, UserSet,
         commit::{self, CommitMeta, CommitSettings, PartitionState},
         keys::PartitionKeys,
         read::MetricReader,
@@ -814,6 +814,70 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
     assert_eq!(read(epoch + 1).await?, Some(second));
     assert_eq!(read(epoch + 2).await?, Some(second));
 
+    common::delete_redis_namespace(&redis_url(), &namespace, 1).await
+}
+
+/// A commit is fenced, and writes nothing, when the stored offset is not the
+/// one its batch started from: moved before it (checked with the offset) or
+/// while it is under way (another consumer committing between the offset
+/// check and the transaction: Redis drops the watched transaction).
+#[tokio::test]
+async fn a_commit_is_fenced_when_the_offset_moves_before_or_during_it() -> anyhow::Result<()> {
+    let namespace = format!("rtap-test-{}", common::unique_suffix());
+    let keys = PartitionKeys::new(&namespace, 0);
+    let (mut ours, mut theirs) = (redis().await?, redis().await?);
+    let settings = commit_settings(600_000);
+    let now = Utc::now();
+    let minute = Granularity::Minute.bucket_start(now.timestamp());
+    let counter = Counter::Revenue { source: 1 };
+    let batch = || {
+        let mut batch = BatchAggregate::new(None, HashMap::new(), 300_000);
+        batch.minutes.insert(
+            minute,
+            BucketChanges {
+                counters: HashMap::from([(counter, 1)]),
+                ..BucketChanges::default()
+            },
+        );
+        batch
+    };
+    let meta = |expected_offset: Option<i64>, next_offset| CommitMeta {
+        expected_offset,
+        next_offset,
+        duplicates: 0,
+        dead_lettered: Vec::new(),
+        now_ms: now.timestamp_millis(),
+    };
+    let total = |mut connection: redis::aio::MultiplexedConnection| {
+        let key = keys.counters(Bucket::containing(Granularity::Minute, minute));
+        async move {
+            let total: Option<i64> = redis::cmd("HGET")
+                .arg(key)
+                .arg(counter.field())
+                .query_async(&mut connection)
+                .await?;
+            Ok::<_, anyhow::Error>(total)
+        }
+    };
+
+    commit::commit(&mut ours, &keys, &batch(), &meta(None, 10), &settings).await?;
+    // Moved before: the batch expected no offset, 10 is stored.
+    let stale = commit::commit(&mut ours, &keys, &batch(), &meta(None, 20), &settings).await;
+    assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
+    assert_eq!(total(ours.clone()).await?, Some(1));
+
+    // Moved during: checked at 10, then another consumer commits 10 → 20.
+    let transaction = commit::Transaction::new(&keys, &batch(), &meta(Some(10), 30), &settings);
+    commit::fence(&mut ours, &keys, Some(10)).await?;
+    commit::commit(&mut theirs, &keys, &batch(), &meta(Some(10), 20), &settings).await?;
+    let raced = transaction.execute(&mut ours, &keys).await;
+    assert!(matches!(raced, Err(StoreError::Fenced { .. })), "{raced:?}");
+    assert_eq!(total(ours.clone()).await?, Some(2));
+    assert_eq!(commit::load_state(&mut ours, &keys).await?.offset, Some(20));
+
+    // The loser goes on from the stored offset.
+    commit::commit(&mut ours, &keys, &batch(), &meta(Some(20), 30), &settings).await?;
+    assert_eq!(total(ours.clone()).await?, Some(3));
     common::delete_redis_namespace(&redis_url(), &namespace, 1).await
 }
 

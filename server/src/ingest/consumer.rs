@@ -10,7 +10,7 @@
 //!    state of the sessions concerned;
 //! 3. folds the new events in memory ([`BatchAggregate`]);
 //! 4. commits aggregates, dedupe ids, sessions, counters and the next offset
-//!    in one atomic script ([`store::commit`]);
+//!    in one transaction, fenced on the stored offset ([`store::commit`]);
 //! 5. hands a [`CommitDelta`](rtap::v1::CommitDelta) to the publisher, which
 //!    can drop it but never delays the partition.
 //!
@@ -29,7 +29,10 @@ use std::{
 
 use chrono::Utc;
 use prost::Message;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    AsyncConnectionConfig,
+    aio::{ConnectionManager, MultiplexedConnection},
+};
 use rskafka::{
     client::{
         error::{Error as KafkaError, ProtocolError},
@@ -153,7 +156,7 @@ pub struct PipelineStats {
     pub dead_lettered: AtomicU64,
     /// Commits.
     pub commits: AtomicU64,
-    /// Redis commands run by commit scripts.
+    /// Redis commands sent by commits.
     pub redis_commands: AtomicU64,
     /// Deltas dropped because the publisher was behind.
     pub deltas_dropped: AtomicU64,
@@ -419,7 +422,7 @@ impl PartitionConsumer {
     async fn run(self, shutdown: CancellationToken) {
         let partition = self.keys.partition();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let mut redis: Option<ConnectionManager> = None;
+        let mut redis: Option<MultiplexedConnection> = None;
         loop {
             let consumed = tokio::select! {
                 () = shutdown.cancelled() => {
@@ -443,7 +446,7 @@ impl PartitionConsumer {
 
     /// Gives the partition's lease up, so a successor need not wait for it
     /// to expire.
-    async fn release(&self, redis: Option<ConnectionManager>) {
+    async fn release(&self, redis: Option<MultiplexedConnection>) {
         if let Some(mut redis) = redis {
             let released = commit::release_lease(&mut redis, &self.keys, &self.settings.owner);
             if let Ok(Err(error)) =
@@ -457,19 +460,25 @@ impl PartitionConsumer {
     /// Consumes until something fails.
     async fn consume(
         &self,
-        redis: &mut Option<ConnectionManager>,
+        redis: &mut Option<MultiplexedConnection>,
         backoff: &mut Backoff,
     ) -> Result<std::convert::Infallible, ConsumeError> {
         let settings = &self.settings;
+        // The task's own connection, which never reconnects by itself: the
+        // commit's WATCH must not be lost to a silent reconnection (see
+        // `store::commit`). A Redis error drops it, the next attempt opens a
+        // new one.
         let mut redis = match redis {
             Some(connection) => connection.clone(),
             None => {
-                let config = ConnectionManagerConfig::new()
+                let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(settings.dependency_timeout))
                     // A commit can be large: allow it time, the offset check
                     // makes a late reply harmless anyway.
                     .set_response_timeout(Some(settings.dependency_timeout * 4));
-                let connection = ConnectionManager::new_with_config(self.redis.clone(), config)
+                let connection = self
+                    .redis
+                    .get_multiplexed_async_connection_with_config(&config)
                     .await
                     .map_err(StoreError::from)?;
                 redis.insert(connection).clone()
@@ -552,7 +561,7 @@ impl PartitionConsumer {
     async fn apply(
         &self,
         fetched: Fetched,
-        redis: &mut ConnectionManager,
+        redis: &mut MultiplexedConnection,
         dead_letters: &DeadLetterSink,
         position: &mut Position,
     ) -> Result<(), ConsumeError> {
@@ -578,7 +587,7 @@ impl PartitionConsumer {
     async fn apply_chunk(
         &self,
         chunk: &[RecordAndOffset],
-        redis: &mut ConnectionManager,
+        redis: &mut MultiplexedConnection,
         dead_letters: &DeadLetterSink,
         position: &mut Position,
     ) -> Result<(), ConsumeError> {

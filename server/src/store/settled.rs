@@ -6,7 +6,7 @@
 //! window lies in buckets that ended hours ago, which ingest writes only for
 //! late events and rebuilds. So each partition has a *settled version*
 //! ([`PartitionKeys::settled_version`](super::keys::PartitionKeys::settled_version)):
-//! the commit script changes it whenever a batch writes a minute before the
+//! every commit changes it when its batch writes a minute before the
 //! [`horizon`] by Redis's clock, and the ranking script reads it atomically
 //! with the union. A cached union of buckets that all end before the horizon
 //! stays exact for as long as the partition's version is the one it was read
