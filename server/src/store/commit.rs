@@ -369,7 +369,7 @@ impl Transaction {
     /// member`.
     fn increments(
         &mut self,
-        command: &str,
+        target: Increment,
         key: &str,
         pairs: impl Iterator<Item = (String, i64)>,
         expiry: Expiry,
@@ -377,9 +377,9 @@ impl Transaction {
         let mut any = false;
         for (name, by) in pairs {
             any = true;
-            match command {
-                "ZINCRBY" => self.command(command).arg(key).arg(by).arg(name),
-                _ => self.command(command).arg(key).arg(name).arg(by),
+            match target {
+                Increment::HashField => self.command("HINCRBY").arg(key).arg(name).arg(by),
+                Increment::Score => self.command("ZINCRBY").arg(key).arg(by).arg(name),
             };
         }
         if any {
@@ -440,7 +440,7 @@ impl Transaction {
             for (bucket, changes) in batch.buckets(granularity) {
                 let expiry = || Expiry::At(settings.retention.expires_at(bucket));
                 self.increments(
-                    "HINCRBY",
+                    Increment::HashField,
                     &keys.counters(bucket),
                     changes.counters.iter().map(|(c, by)| (c.field(), *by)),
                     expiry(),
@@ -455,7 +455,7 @@ impl Transaction {
                 rankings.sort_unstable_by_key(|(ranking, _)| **ranking);
                 for (ranking, scores) in rankings {
                     self.increments(
-                        "ZINCRBY",
+                        Increment::Score,
                         &keys.ranking(bucket, *ranking),
                         scores.iter().map(|(p, by)| (p.to_string(), *by)),
                         expiry(),
@@ -530,7 +530,12 @@ impl Transaction {
         }));
         counters.retain(|(_, by)| *by != 0);
         let state = keys.state();
-        self.increments("HINCRBY", &state, counters.into_iter(), Expiry::None);
+        self.increments(
+            Increment::HashField,
+            &state,
+            counters.into_iter(),
+            Expiry::None,
+        );
         let mut fields = vec![
             (state_field::OFFSET.to_owned(), meta.next_offset.to_string()),
             (
@@ -543,6 +548,15 @@ impl Transaction {
         }
         self.set_fields(&state, &fields, Expiry::None);
     }
+}
+
+/// What [`Transaction::increments`] adds to.
+#[derive(Clone, Copy)]
+enum Increment {
+    /// A hash field (`HINCRBY`).
+    HashField,
+    /// A sorted-set member's score (`ZINCRBY`).
+    Score,
 }
 
 enum Expiry {
