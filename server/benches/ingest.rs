@@ -2,6 +2,8 @@
 //! rskafka fetch rate of that topic (every partition read concurrently, no
 //! decoding), then the pipeline catching up on it from offset 0 into a fresh
 //! Redis namespace, in the same run against the same broker and Redis.
+//! Meanwhile it pings Redis every 2 ms: the round trips show how long a query
+//! waits behind a commit while ingest catches up (`--commit-max-events`).
 //!
 //! `cargo bench -p rtap-server --bench ingest` after `scripts/services.sh up`.
 //! `RTAP_BENCH_EVENTS` (default 1,000,000) and `RTAP_BENCH_PARTITIONS`
@@ -112,6 +114,8 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     let shutdown = CancellationToken::new();
     let redis = redis::Client::open(config.redis_url.as_str())?;
     let mut connection = redis.get_multiplexed_async_connection().await?;
+    let probing = CancellationToken::new();
+    let probe = tokio::spawn(probe_redis(redis.clone(), probing.clone()));
     let ingest_started = Instant::now();
     let pipeline = tokio::spawn(consumer::run(
         PipelineSettings::from_config(&config),
@@ -143,6 +147,8 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    probing.cancel();
+    let mut pings = probe.await??;
     shutdown.cancel();
     pipeline.await?;
 
@@ -166,6 +172,19 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         records as f64 / commits as f64,
         commands as f64 / records.max(1) as f64,
     );
+    pings.sort_unstable();
+    let percentile = |p: f64| {
+        let index = ((pings.len() as f64 * p) as usize).min(pings.len().saturating_sub(1));
+        pings.get(index).copied().unwrap_or_default().as_micros()
+    };
+    println!(
+        "redis PING while catching up (what a query waits behind a commit): \
+         p50 {} us, p99 {} us, max {} us over {} pings",
+        percentile(0.5),
+        percentile(0.99),
+        percentile(1.0),
+        pings.len()
+    );
     println!(
         "ratio ingest / raw fetch: {:.2} (target >= 0.8)",
         ingest_rate / raw_rate
@@ -177,4 +196,23 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         .delete_topic(config.events_topic.as_str(), 10_000)
         .await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+}
+
+/// Round trips of a `PING` every 2 ms on a connection of its own, until
+/// `stop`.
+async fn probe_redis(
+    client: redis::Client,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let mut pings = Vec::new();
+    while !stop.is_cancelled() {
+        let started = Instant::now();
+        redis::cmd("PING")
+            .query_async::<()>(&mut connection)
+            .await?;
+        pings.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(pings)
 }
