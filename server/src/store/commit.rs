@@ -50,8 +50,10 @@ end
 return 0
 ";
 
-/// Most field/value pairs in one `HSET`, members in one `PFADD` or `SADD`.
+/// Most field/value pairs in one `HSET`: keeps each command, which Redis
+/// runs without a break, short.
 const HSET_PAIRS: usize = 500;
+/// Most members in one `PFADD` or `SADD`, for the same reason.
 const MEMBERS: usize = 1000;
 
 /// What is stored about a partition.
