@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -23,17 +23,29 @@ use crate::{
     store::Retention,
 };
 
+/// Connections the kernel queues for `accept`. The standard library's 128
+/// overflows when many clients connect at once (after a restart, say), and
+/// the overflow is reset; the kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds the configured listen address.
 pub async fn bind(config: &Config) -> Result<TcpListener, Error> {
-    TcpListener::bind(config.listen_addr)
-        .await
-        .map_err(|source| Error::Io {
-            context: format!(
-                "cannot listen on {} (is another server using it? set --listen-addr)",
-                config.listen_addr
-            ),
-            source,
-        })
+    let addr = config.listen_addr;
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind`: a restarted server can rebind at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| Error::Io {
+        context: format!("cannot listen on {addr} (is another server using it? set --listen-addr)"),
+        source,
+    })
 }
 
 /// Serves the gRPC API on `listener` until `shutdown` is cancelled, then

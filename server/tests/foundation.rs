@@ -106,6 +106,34 @@ async fn health_is_serving_when_every_dependency_is_up() -> anyhow::Result<()> {
     database.drop().await
 }
 
+/// Clients reconnecting at once (after a server restart, say) must all be
+/// served: a short accept queue overflows, and the kernel resets the rest.
+#[tokio::test]
+async fn a_burst_of_new_connections_is_served_without_resets() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let server = TestServer::start(test_config(&database)).await?;
+    wait_for_health(server.channel(), "", ServingStatus::Serving, SETTLE).await?;
+
+    let calls: Vec<_> = (0..500)
+        .map(|_| tokio::spawn(health_status(server.channel(), "")))
+        .collect();
+    let mut failures = Vec::new();
+    for call in calls {
+        if let Err(error) = call.await? {
+            failures.push(error.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 500 failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+
+    server.stop().await?;
+    database.drop().await
+}
+
 #[tokio::test]
 async fn health_is_not_serving_when_the_broker_address_is_wrong() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
