@@ -1,6 +1,8 @@
 //! GetUser throughput and latency over gRPC at a fixed concurrency, next to
 //! `pgbench -S` (select-only, primary-key look-ups) at the same concurrency,
-//! measured in the same run against the same PostgreSQL.
+//! measured in the same run against the same PostgreSQL. Also printed, to
+//! show where the time goes: a gRPC call that reads no database (health
+//! Check), and the same look-ups through SeaORM without gRPC.
 //!
 //! `cargo bench -p rtap-server --bench catalog_get` after
 //! `scripts/services.sh up`. `RTAP_BENCH_CONCURRENCY` (default 16) and
@@ -18,6 +20,7 @@ use common::{TestDatabase, TestServer, env_or, test_config};
 use rand::Rng;
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database, EntityTrait};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const USERS: i64 = 10_000;
 /// HTTP/2 connections the callers share.
@@ -54,15 +57,17 @@ async fn bench(
     db.close().await?;
 
     // Warm-up, then the measured run.
-    run_clients(&server, concurrency, Duration::from_secs(1)).await?;
-    let (calls, mut latencies) = run_clients(&server, concurrency, duration).await?;
+    run_clients(&server, Call::GetUser, concurrency, Duration::from_secs(1)).await?;
+    let (calls, mut latencies) = run_clients(&server, Call::GetUser, concurrency, duration).await?;
     latencies.sort_unstable();
     let rate = calls as f64 / duration.as_secs_f64();
     let percentile =
         |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    // Where the time goes: gRPC alone, a call that reads no database.
+    let (health_calls, _) = run_clients(&server, Call::HealthCheck, concurrency, duration).await?;
     server.stop().await?;
 
-    // Where the time goes: the same look-ups through SeaORM alone.
+    // And the database alone: the same look-ups through SeaORM, one by one.
     let direct = run_direct(&database.url, concurrency, duration).await?;
     let pgbench = pgbench_select_only(database, concurrency, duration)?;
     println!("concurrency {concurrency}, {} s each", duration.as_secs());
@@ -70,6 +75,10 @@ async fn bench(
         "rtap GetUser over gRPC: {rate:>10.0} calls/s   p50 {:>6} us   p99 {:>6} us",
         percentile(0.50).as_micros(),
         percentile(0.99).as_micros()
+    );
+    println!(
+        "gRPC alone:             {:>10.0} calls/s (health Check: no database)",
+        health_calls as f64 / duration.as_secs_f64()
     );
     println!("SeaORM find_by_id alone:{direct:>10.0} queries/s (no gRPC, same process)");
     println!("pgbench -S:             {pgbench:>10.0} tps");
@@ -80,8 +89,16 @@ async fn bench(
     Ok(())
 }
 
+/// What the callers call.
+#[derive(Clone, Copy)]
+enum Call {
+    GetUser,
+    HealthCheck,
+}
+
 async fn run_clients(
     server: &TestServer,
+    call: Call,
     concurrency: u64,
     duration: Duration,
 ) -> anyhow::Result<(u64, Vec<Duration>)> {
@@ -91,13 +108,17 @@ async fn run_clients(
     let channels: Vec<_> = (0..CONNECTIONS).map(|_| server.channel()).collect();
     for caller in 0..concurrency {
         let channel = channels[usize::try_from(caller).unwrap_or(0) % channels.len()].clone();
-        let mut client = UserServiceClient::new(channel);
+        let mut users = UserServiceClient::new(channel.clone());
+        let mut health = HealthClient::new(channel);
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let id = rand::rng().random_range(1..=USERS);
                 let started = Instant::now();
-                client.get_user(GetUserRequest { id }).await?;
+                match call {
+                    Call::GetUser => drop(users.get_user(GetUserRequest { id }).await?),
+                    Call::HealthCheck => drop(health.check(HealthCheckRequest::default()).await?),
+                }
                 latencies.push(started.elapsed());
             }
             Ok::<_, tonic::Status>(latencies)

@@ -204,6 +204,81 @@ where
     outputs
 }
 
+/// Gets are coalesced into shared queries under load (`catalog::lookup`):
+/// each caller must still get its own row, or NOT_FOUND, and see the writes
+/// that finished before its call.
+#[tokio::test]
+async fn concurrent_gets_each_return_their_own_row_and_see_earlier_writes() -> anyhow::Result<()> {
+    let catalog = Catalog::start().await?;
+    let mut created = Vec::new();
+    for i in 0..40 {
+        created.push(create_user(&catalog, user(&format!("Ada{i}"), "Lovelace")).await?);
+    }
+    for deleted in created.iter().step_by(4) {
+        catalog
+            .users()
+            .delete_user(DeleteUserRequest { id: deleted.id })
+            .await?;
+    }
+    let expected = |id: i64| -> Option<User> {
+        created
+            .iter()
+            .enumerate()
+            .find(|(_, user)| user.id == id)
+            .filter(|(index, _)| index % 4 != 0)
+            .map(|(_, user)| user.clone())
+    };
+    let last_id = created.last().map_or(0, |user| user.id);
+    // Every id several times, deleted ones and ids never created included.
+    let ids: Vec<i64> = (0..400)
+        .map(|i| created[0].id + (i * 7) % (last_id - created[0].id + 5))
+        .collect();
+    // Callers share one connection, as a client's stubs do.
+    let shared = catalog.users();
+    let calls = ids.iter().map(|&id| {
+        let mut client = shared.clone();
+        async move { (id, client.get_user(GetUserRequest { id }).await) }
+    });
+    for (id, result) in futures_join_all(calls.collect()).await {
+        match (expected(id), result) {
+            (Some(want), Ok(got)) => assert_eq!(got.into_inner().user, Some(want), "id {id}"),
+            (None, Err(status)) => assert_eq!(status.code(), Code::NotFound, "id {id}"),
+            (want, got) => panic!("id {id}: expected {want:?}, got {got:?}"),
+        }
+    }
+
+    // Read your writes while other gets keep the lookup busy.
+    let busy: Vec<_> = (0..200)
+        .map(|i| {
+            let mut client = shared.clone();
+            let id = created[1 + i % 3].id;
+            tokio::spawn(async move { client.get_user(GetUserRequest { id }).await })
+        })
+        .collect();
+    let mut users = catalog.users();
+    let mut target = created[5].clone();
+    for round in 0..20 {
+        target.email = Some(format!("ada{round}@example.com"));
+        users
+            .update_user(UpdateUserRequest {
+                user: Some(target.clone()),
+                update_mask: mask(&["email"]),
+            })
+            .await?;
+        let read = users
+            .get_user(GetUserRequest { id: target.id })
+            .await?
+            .into_inner()
+            .user
+            .and_then(|user| user.email);
+        assert_eq!(read, target.email, "round {round}");
+    }
+    for call in busy {
+        call.await??;
+    }
+    catalog.stop().await
+}
+
 #[tokio::test]
 async fn invalid_fields_are_all_named_in_bad_request() -> anyhow::Result<()> {
     let catalog = Catalog::start().await?;

@@ -3,6 +3,7 @@
 //! [`pagination`]; the two services only translate between them, the
 //! protobuf messages and the entities.
 
+mod lookup;
 pub mod pagination;
 mod products;
 pub mod rules;

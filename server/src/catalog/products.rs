@@ -16,7 +16,9 @@ use sea_orm::{
 use tonic::{Request, Response, Status};
 
 use super::{
-    NEXT_UPDATE_TIME, invalid, missing, now,
+    NEXT_UPDATE_TIME, invalid,
+    lookup::Lookup,
+    missing, now,
     pagination::{PageRequest, SortValue, like_prefix},
     rules::{self, Violations},
     timestamp, write_error,
@@ -44,12 +46,18 @@ const OUTPUT_ONLY_FIELDS: &[&str] = &["id", "create_time", "update_time"];
 #[derive(Debug, Clone)]
 pub struct ProductApi {
     database: Database,
+    by_id: Lookup<product::Entity>,
 }
 
 impl ProductApi {
     /// A service over `database`.
     pub fn new(database: Database) -> Self {
-        Self { database }
+        let by_id = Lookup::start(
+            database.clone(),
+            product::Column::Id,
+            |row: &product::Model| row.id,
+        );
+        Self { database, by_id }
     }
 
     /// The service, ready to add to a tonic router.
@@ -59,8 +67,8 @@ impl ProductApi {
 
     async fn get(&self, request: GetProductRequest) -> Result<Product, Error> {
         let id = rules::id("id", request.id).map_err(invalid)?;
-        product::Entity::find_by_id(id)
-            .one(self.database.connection()?)
+        self.by_id
+            .get(id)
             .await?
             .map(to_proto)
             .ok_or_else(|| not_found(id))
