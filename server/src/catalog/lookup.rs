@@ -90,10 +90,11 @@ where
     }
 }
 
+/// The batching task is gone: the server is shutting down.
 fn stopped() -> Error {
     Error::Unavailable {
         dependency: "database",
-        reason: "the catalog is shutting down".into(),
+        reason: "the look-up task has stopped (server shutting down)".into(),
     }
 }
 
