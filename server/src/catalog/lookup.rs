@@ -11,7 +11,10 @@
 //! waiting callers into smaller batches.)
 //!
 //! A query is sent only after every caller in its batch has arrived, so a
-//! caller sees every write that finished before its call.
+//! caller sees every write that finished before its call. The cost: while
+//! the database is unreachable, a caller may wait for the query ahead of it
+//! to fail before its own is tried, so UNAVAILABLE can take up to twice
+//! `--dependency-timeout`.
 
 use std::collections::HashMap;
 
