@@ -99,14 +99,22 @@ pub fn is_connection_error(error: &DbErr) -> bool {
     match error {
         DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
         // A pooled connection that breaks mid-statement (server restarted).
-        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => matches!(
-            e.as_ref(),
-            SqlxError::Io(_)
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            match e.as_ref() {
+                SqlxError::Io(_)
                 | SqlxError::Tls(_)
                 | SqlxError::PoolTimedOut
                 | SqlxError::PoolClosed
-                | SqlxError::WorkerCrashed
-        ),
+                | SqlxError::WorkerCrashed => true,
+                // PostgreSQL closing the connection on purpose: class 57P
+                // (shutting down, restarted, backend terminated) and class
+                // 08 (connection exception).
+                SqlxError::Database(db) => db
+                    .code()
+                    .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
+                _ => false,
+            }
+        }
         _ => false,
     }
 }

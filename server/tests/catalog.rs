@@ -717,6 +717,27 @@ async fn bad_list_arguments_are_invalid() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_get_after_the_database_closed_every_connection_still_succeeds() -> anyhow::Result<()> {
+    let catalog = Catalog::start().await?;
+    let created = create_user(&catalog, user("Grace", "Hopper")).await?;
+    let get = || async {
+        catalog
+            .users()
+            .get_user(GetUserRequest { id: created.id })
+            .await
+            .map(|response| response.into_inner().user)
+    };
+    assert_eq!(get().await?, Some(created.clone()));
+
+    // As a database restart does: the look-up's kept connection is now closed.
+    let terminated = catalog.database.terminate_connections().await?;
+    assert!(terminated > 0, "the server held no connection to close");
+
+    assert_eq!(get().await?, Some(created));
+    catalog.stop().await
+}
+
+#[tokio::test]
 async fn an_unreachable_database_gives_unavailable_and_the_server_recovers() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let postgres: SocketAddr = "127.0.0.1:5432".parse()?;
@@ -730,6 +751,14 @@ async fn an_unreachable_database_gives_unavailable_and_the_server_recovers() -> 
     })
     .await?;
     let created = create_user(&catalog, user("Barbara", "Liskov")).await?;
+    // The look-up now holds a connection of its own: the cut must break it.
+    let fetched = catalog
+        .users()
+        .get_user(GetUserRequest { id: created.id })
+        .await?
+        .into_inner()
+        .user;
+    assert_eq!(fetched.as_ref(), Some(&created));
 
     proxy.cut();
     let error = catalog

@@ -1,14 +1,21 @@
 //! Look-ups by id, coalesced: concurrent `Get` calls for rows of one table
-//! share one `SELECT ... WHERE id IN (...)`.
+//! share one `SELECT ... WHERE id = ANY($1)`.
 //!
 //! A primary-key look-up costs PostgreSQL far less than the round trip
-//! around it, and sqlx adds a second round trip (a `Sync` ping) every time a
-//! connection goes back to its pool. So one query per table runs at a time,
-//! and callers that arrive meanwhile wait and join the next one, up to
-//! [`MAX_BATCH`] ids. A lone caller's query starts at once: nothing waits for
-//! a batch to fill. (Measured with the `catalog_get` bench at 16 callers:
-//! one query at a time served more calls than two or three, which split the
-//! waiting callers into smaller batches.)
+//! around it. So one query per table runs at a time, and callers that arrive
+//! meanwhile wait and join the next one, up to [`MAX_BATCH`] ids. A lone
+//! caller's query starts at once: nothing waits for a batch to fill.
+//! (Measured with the `catalog_get` bench at 16 callers: one query at a time
+//! served more calls than two or three, which split the waiting callers into
+//! smaller batches.)
+//!
+//! The batching task keeps one connection of its own, outside the pool:
+//! sqlx sends a `Sync` ping and waits for its answer every time a
+//! connection goes back to its pool, which doubled the round trips per
+//! query. The statement is the same for any number of ids, so PostgreSQL
+//! parses it once per connection. A connection that fails or times out is
+//! dropped; one found closed when a query starts (database restarted) is
+//! replaced at once and the query retried once.
 //!
 //! A query is sent only after every caller in its batch has arrived, so a
 //! caller sees every write that finished before its call. The cost: while
@@ -16,9 +23,14 @@
 //! to fail before its own is tried, so UNAVAILABLE can take up to twice
 //! `--dependency-timeout`.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ConnAcquireErr, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryResult,
+    QueryTrait, RuntimeErr,
+    sea_query::{Expr, ExprTrait, extension::postgres::PgFunc},
+    sqlx::{self, AssertSqlSafe, Connection as _, PgConnection, PgPool, SqlSafeStr, SqlStr},
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -73,9 +85,10 @@ where
         tokio::spawn(
             Batcher::<E> {
                 database,
-                id_column,
+                select: select_by_ids::<E>(id_column),
                 id_of,
                 receiver,
+                connection: None,
             }
             .run(),
         );
@@ -103,9 +116,13 @@ fn stopped() -> Error {
 
 struct Batcher<E: EntityTrait> {
     database: Database,
-    id_column: E::Column,
+    /// The entity's `SELECT`, for the ids bound to `$1`.
+    select: SqlStr,
     id_of: fn(&E::Model) -> i64,
     receiver: mpsc::Receiver<Waiting<E::Model>>,
+    /// Outside the pool; `None` until the first query, and after one
+    /// failed.
+    connection: Option<PgConnection>,
 }
 
 impl<E> Batcher<E>
@@ -127,12 +144,12 @@ where
     }
 
     /// Looks up the batch's ids in one query and answers each caller.
-    async fn query(&self, batch: Vec<Waiting<E::Model>>) {
+    async fn query(&mut self, batch: Vec<Waiting<E::Model>>) {
         let mut ids: Vec<i64> = batch.iter().map(|waiting| waiting.id).collect();
         ids.sort_unstable();
         ids.dedup();
         // A caller that gave up no longer listens: its reply is dropped.
-        match find::<E>(&self.database, self.id_column, ids).await {
+        match self.find(&ids).await {
             Ok(rows) => {
                 let by_id: HashMap<i64, E::Model> = rows
                     .into_iter()
@@ -149,17 +166,81 @@ where
             }
         }
     }
+
+    /// The rows with these ids, over the batcher's own connection. The
+    /// query, connecting included, is bounded by the pool's acquire timeout
+    /// (`--dependency-timeout`).
+    async fn find(&mut self, ids: &[i64]) -> Result<Vec<E::Model>, Error> {
+        let pool = self.database.connection()?.get_postgres_connection_pool();
+        let timeout = pool.options().get_acquire_timeout();
+        let found = tokio::time::timeout(
+            timeout,
+            fetch(&mut self.connection, pool, &self.select, ids),
+        )
+        .await;
+        let rows = match found {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(error)) => {
+                // Broken, or left mid-statement: never reuse it.
+                self.connection = None;
+                return Err(error.into());
+            }
+            Err(_) => {
+                self.connection = None;
+                return Err(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout).into());
+            }
+        };
+        rows.into_iter()
+            .map(|row| Ok(E::Model::from_query_result(&QueryResult::from(row), "")?))
+            .collect()
+    }
 }
 
-async fn find<E: EntityTrait>(
-    database: &Database,
-    id_column: E::Column,
-    ids: Vec<i64>,
-) -> Result<Vec<E::Model>, Error> {
-    Ok(E::find()
-        .filter(id_column.is_in(ids))
-        .all(database.connection()?)
-        .await?)
+/// Runs `select` for `ids` over `connection`, first opening one with the
+/// settings of `pool` if there is none. A kept connection can have been
+/// closed since its last query (database restarted, idle connection cut):
+/// then the query is tried once more on a fresh one, as reading twice is
+/// harmless.
+async fn fetch(
+    connection: &mut Option<PgConnection>,
+    pool: &PgPool,
+    select: &SqlStr,
+    ids: &[i64],
+) -> Result<Vec<sqlx::postgres::PgRow>, DbErr> {
+    if let Some(kept) = connection {
+        match run(kept, select, ids).await {
+            Err(error) if is_connection_error(&error) => *connection = None,
+            result => return result,
+        }
+    }
+    // A new connection, not one from the pool: after a restart, the pool's
+    // idle connections are as dead as the one just dropped.
+    let fresh = PgConnection::connect_with(&pool.connect_options())
+        .await
+        .map_err(|error| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(error))))?;
+    run(connection.insert(fresh), select, ids).await
+}
+
+async fn run(
+    connection: &mut PgConnection,
+    select: &SqlStr,
+    ids: &[i64],
+) -> Result<Vec<sqlx::postgres::PgRow>, DbErr> {
+    sqlx::query(select.clone())
+        .bind(ids)
+        .fetch_all(connection)
+        .await
+        .map_err(|error| DbErr::Query(RuntimeErr::SqlxError(Arc::new(error))))
+}
+
+/// `SELECT <the entity's columns> FROM <its table> WHERE <id_column> =
+/// ANY($1)`, built by SeaORM so that it reads every column as `find` does.
+fn select_by_ids<E: EntityTrait>(id_column: E::Column) -> SqlStr {
+    let sql = E::find()
+        .filter(Expr::col((E::default(), id_column)).eq(PgFunc::any(Expr::cust("$1"))))
+        .build(DbBackend::Postgres)
+        .sql;
+    AssertSqlSafe(Arc::<str>::from(sql)).into_sql_str()
 }
 
 /// The error of a batch's query, for each of its callers: the same status
@@ -178,5 +259,19 @@ fn copy_for_caller(error: &Error) -> Error {
             reason: reason.clone(),
         },
         other => Error::Internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_select_reads_every_column_for_the_ids_bound_to_one_parameter() {
+        let select = select_by_ids::<entity::user::Entity>(entity::user::Column::Id);
+        assert_eq!(
+            select.as_str(),
+            r#"SELECT "users"."id", "users"."first_name", "users"."last_name", "users"."email", "users"."create_time", "users"."update_time" FROM "users" WHERE "users"."id" = ANY($1)"#
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
 use rtap_server::Config;
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -67,6 +67,23 @@ impl TestDatabase {
             url: format!("{}/{name}", postgres_url()),
             name,
         })
+    }
+
+    /// Closes, from PostgreSQL's side, every connection open to the database
+    /// (as a database restart does). Returns how many there were.
+    pub async fn terminate_connections(&self) -> anyhow::Result<usize> {
+        let admin = Database::connect(format!("{}/postgres", postgres_url())).await?;
+        let terminated = admin
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                [self.name.clone().into()],
+            ))
+            .await
+            .context("terminate the test database's connections")?
+            .len();
+        admin.close().await?;
+        Ok(terminated)
     }
 
     /// Drops the database, closing any connection still open to it.
