@@ -349,6 +349,11 @@ pub struct Generator {
     held_back: BinaryHeap<Reverse<HeldBack>>,
     ready: VecDeque<Emission>,
     sequence: u64,
+    /// Plans of ended sessions, emptied and reused: allocating and growing
+    /// a plan for every session cost more than planning it.
+    spare_plans: Vec<Vec<PlannedEvent>>,
+    /// Scratch list of a session's viewed products, while it is planned.
+    viewed: Vec<ProductInfo>,
 }
 
 impl Generator {
@@ -408,6 +413,8 @@ impl Generator {
             held_back: BinaryHeap::new(),
             ready: VecDeque::new(),
             sequence: 0,
+            spare_plans: Vec::new(),
+            viewed: Vec::new(),
         };
         generator.warm_up(start_micros);
         Ok(generator)
@@ -517,7 +524,9 @@ impl Generator {
             } else {
                 let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
                 self.user_free_at[session.user_index] = free_at;
-                self.sessions[key] = None;
+                if let Some(ended) = self.sessions[key].take() {
+                    self.spare_plans.push(ended.plan);
+                }
                 self.free_slots.push(key);
             }
             return (time, info, planned);
@@ -606,7 +615,9 @@ impl Generator {
         let views = self.rng.random_bool(view_rate);
         let carts = views && self.rng.random_bool(cart_rate);
         let buys = carts && self.rng.random_bool(purchase_rate);
-        let mut plan = vec![self.page(EventType::PageView)];
+        let mut plan = self.spare_plans.pop().unwrap_or_default();
+        plan.clear();
+        plan.push(self.page(EventType::PageView));
         if self.rng.random_bool(search_rate) {
             let mut search = SearchQuery {
                 len: self.rng.random_range(1..=2),
@@ -621,7 +632,8 @@ impl Generator {
                 ..self.page(EventType::Search)
             });
         }
-        let mut viewed = Vec::new();
+        let mut viewed = std::mem::take(&mut self.viewed);
+        viewed.clear();
         if views {
             let count = 1
                 + (0..MAX_VIEWS_PER_SESSION - 1)
@@ -656,6 +668,7 @@ impl Generator {
                 plan.push(self.cart(EventType::Purchase, item, final_quantity));
             }
         }
+        self.viewed = viewed;
         plan
     }
 
@@ -762,7 +775,7 @@ enum ZipfRank {
 
 impl ZipfRank {
     /// Largest population drawn from a table.
-    const MAX_TABLE: usize = 1 << 16;
+    const MAX_TABLE: usize = 1 << 18;
 
     fn new(n: usize, exponent: f64) -> Result<Self, ModelError> {
         if n <= Self::MAX_TABLE {
