@@ -28,6 +28,10 @@ use rand_distr::{Distribution, Exp, Zipf, weighted::WeightedAliasIndex};
 use rtap::v1::{EventType, InteractionEvent, Source};
 use uuid::Uuid;
 
+mod agenda;
+
+use agenda::Agenda;
+
 use crate::config::{parse_positive, parse_share};
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
@@ -339,7 +343,7 @@ pub struct Generator {
     clock_micros: i64,
     next_arrival_micros: i64,
     /// Sessions by the time of their next event.
-    agenda: BinaryHeap<Reverse<(i64, usize)>>,
+    agenda: Agenda,
     /// Sessions under way, by slot; `free_slots` lists the empty ones.
     sessions: Vec<Option<Session>>,
     free_slots: Vec<usize>,
@@ -406,7 +410,7 @@ impl Generator {
             interarrival,
             clock_micros: start_micros,
             next_arrival_micros: start_micros,
-            agenda: BinaryHeap::new(),
+            agenda: Agenda::starting_at(start_micros - WARM_UP_MICROS),
             sessions: Vec::new(),
             free_slots: Vec::new(),
             user_free_at: vec![i64::MIN; user_count],
@@ -501,7 +505,7 @@ impl Generator {
     /// its session (user, source, id) and the plan entry.
     fn advance(&mut self) -> (i64, SessionInfo, PlannedEvent) {
         loop {
-            let next_session_event = self.agenda.peek().map(|Reverse((time, _))| *time);
+            let next_session_event = self.agenda.peek();
             if next_session_event.is_none_or(|time| self.next_arrival_micros <= time) {
                 let at = self.next_arrival_micros;
                 let gap = self.interarrival.sample(&mut self.rng).ceil() as i64;
@@ -509,7 +513,7 @@ impl Generator {
                 self.start_session(at);
                 continue;
             }
-            let Some(Reverse((time, key))) = self.agenda.pop() else {
+            let Some((time, key)) = self.agenda.pop() else {
                 continue;
             };
             let Some(Some(session)) = self.sessions.get_mut(key) else {
@@ -520,7 +524,7 @@ impl Generator {
             session.next += 1;
             let info = session.info;
             if session.next < session.plan.len() {
-                self.agenda.push(Reverse((time + planned.gap_micros, key)));
+                self.agenda.push(time + planned.gap_micros, key);
             } else {
                 let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
                 self.user_free_at[session.user_index] = free_at;
@@ -545,8 +549,8 @@ impl Generator {
         self.clock_micros = start_micros;
     }
 
-    fn peek_time(&self) -> Option<i64> {
-        let planned = self.agenda.peek().map(|Reverse((time, _))| *time);
+    fn peek_time(&mut self) -> Option<i64> {
+        let planned = self.agenda.peek();
         Some(planned.map_or(self.next_arrival_micros, |t| {
             t.min(self.next_arrival_micros)
         }))
@@ -600,7 +604,7 @@ impl Generator {
                 self.sessions.len() - 1
             }
         };
-        self.agenda.push(Reverse((at, key)));
+        self.agenda.push(at, key);
     }
 
     fn plan_session(&mut self) -> Vec<PlannedEvent> {
