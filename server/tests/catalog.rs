@@ -78,6 +78,11 @@ async fn create_user(catalog: &Catalog, user: User) -> Result<User, tonic::Statu
     Ok(reply.into_inner().user.expect("a created user"))
 }
 
+async fn get_user(catalog: &Catalog, id: i64) -> Result<Option<User>, tonic::Status> {
+    let reply = catalog.users().get_user(GetUserRequest { id }).await?;
+    Ok(reply.into_inner().user)
+}
+
 async fn create_product(catalog: &Catalog, product: Product) -> Result<Product, tonic::Status> {
     let reply = catalog
         .products()
@@ -111,12 +116,7 @@ async fn created_users_read_back_exactly_with_trimmed_names() -> anyhow::Result<
     assert_eq!(created.email.as_deref(), Some("ada@example.com"));
     assert_eq!(created.create_time, created.update_time);
 
-    let fetched = catalog
-        .users()
-        .get_user(GetUserRequest { id: created.id })
-        .await?
-        .into_inner()
-        .user;
+    let fetched = get_user(&catalog, created.id).await?;
     assert_eq!(
         fetched.as_ref(),
         Some(&created),
@@ -469,12 +469,7 @@ async fn update_masks_with_output_only_or_unknown_paths_are_invalid() -> anyhow:
         bad_request_fields(&error),
         ["update_mask.paths[1]", "update_mask.paths[2]"]
     );
-    let unchanged = catalog
-        .users()
-        .get_user(GetUserRequest { id: created.id })
-        .await?
-        .into_inner()
-        .user;
+    let unchanged = get_user(&catalog, created.id).await?;
     assert_eq!(unchanged, Some(created));
     catalog.stop().await
 }
@@ -720,20 +715,13 @@ async fn bad_list_arguments_are_invalid() -> anyhow::Result<()> {
 async fn a_get_after_the_database_closed_every_connection_still_succeeds() -> anyhow::Result<()> {
     let catalog = Catalog::start().await?;
     let created = create_user(&catalog, user("Grace", "Hopper")).await?;
-    let get = || async {
-        catalog
-            .users()
-            .get_user(GetUserRequest { id: created.id })
-            .await
-            .map(|response| response.into_inner().user)
-    };
-    assert_eq!(get().await?, Some(created.clone()));
+    assert_eq!(get_user(&catalog, created.id).await?, Some(created.clone()));
 
     // As a database restart does: the look-up's kept connection is now closed.
     let terminated = catalog.database.terminate_connections().await?;
     assert!(terminated > 0, "the server held no connection to close");
 
-    assert_eq!(get().await?, Some(created));
+    assert_eq!(get_user(&catalog, created.id).await?, Some(created));
     catalog.stop().await
 }
 
@@ -752,12 +740,7 @@ async fn an_unreachable_database_gives_unavailable_and_the_server_recovers() -> 
     .await?;
     let created = create_user(&catalog, user("Barbara", "Liskov")).await?;
     // The look-up now holds a connection of its own: the cut must break it.
-    let fetched = catalog
-        .users()
-        .get_user(GetUserRequest { id: created.id })
-        .await?
-        .into_inner()
-        .user;
+    let fetched = get_user(&catalog, created.id).await?;
     assert_eq!(fetched.as_ref(), Some(&created));
 
     proxy.cut();
@@ -783,12 +766,7 @@ async fn an_unreachable_database_gives_unavailable_and_the_server_recovers() -> 
         Duration::from_secs(10),
     )
     .await?;
-    let fetched = catalog
-        .users()
-        .get_user(GetUserRequest { id: created.id })
-        .await?
-        .into_inner()
-        .user;
+    let fetched = get_user(&catalog, created.id).await?;
     assert_eq!(fetched, Some(created));
     let ids: HashSet<_> = catalog
         .users()
