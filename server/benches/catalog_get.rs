@@ -1,12 +1,16 @@
 //! GetUser throughput and latency over gRPC at a fixed concurrency, next to
 //! `pgbench -S` (select-only, primary-key look-ups) at the same concurrency,
-//! measured in the same run against the same PostgreSQL. Also printed, to
+//! measured in the same run against the same PostgreSQL. The two alternate
+//! over a few rounds, and the ratio reported is the median of the rounds'
+//! ratios: on a shared machine a neighbour's burst can halve one phase, and
+//! alternating keeps such a burst from deciding the ratio. Also printed, to
 //! show where the time goes: a gRPC call that reads no database (health
 //! Check), and the same look-ups through SeaORM without gRPC.
 //!
 //! `cargo bench -p rtap-server --bench catalog_get` after
-//! `scripts/services.sh up`. `RTAP_BENCH_CONCURRENCY` (default 16) and
-//! `RTAP_BENCH_SECONDS` (default 10) adjust it. Target: ≥ 0.5 × pgbench.
+//! `scripts/services.sh up`. `RTAP_BENCH_CONCURRENCY` (default 16),
+//! `RTAP_BENCH_SECONDS` (per phase, default 10) and `RTAP_BENCH_ROUNDS`
+//! (default 3) adjust it. Target: ≥ 0.5 × pgbench.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -29,12 +33,13 @@ const CONNECTIONS: usize = 2;
 fn main() -> anyhow::Result<()> {
     let concurrency = env_or("RTAP_BENCH_CONCURRENCY", 16);
     let seconds = env_or("RTAP_BENCH_SECONDS", 10);
+    let rounds = env_or("RTAP_BENCH_ROUNDS", 3).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let database = TestDatabase::create().await?;
-        let result = bench(&database, concurrency, Duration::from_secs(seconds)).await;
+        let result = bench(&database, concurrency, Duration::from_secs(seconds), rounds).await;
         database.drop().await?;
         result
     })
@@ -44,6 +49,7 @@ async fn bench(
     database: &TestDatabase,
     concurrency: u64,
     duration: Duration,
+    rounds: u64,
 ) -> anyhow::Result<()> {
     let mut config = test_config(database);
     config.health_check_interval = Duration::from_secs(1);
@@ -55,38 +61,63 @@ async fn bench(
     ))
     .await?;
     db.close().await?;
+    pgbench_init(database)?;
 
-    // Warm-up, then the measured run.
+    println!(
+        "concurrency {concurrency}, {} s a phase",
+        duration.as_secs()
+    );
     run_clients(&server, Call::GetUser, concurrency, Duration::from_secs(1)).await?;
-    let (calls, mut latencies) = run_clients(&server, Call::GetUser, concurrency, duration).await?;
+    let mut latencies = Vec::new();
+    let (mut rates, mut pgbench_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let (calls, round_latencies) =
+            run_clients(&server, Call::GetUser, concurrency, duration).await?;
+        latencies.extend(round_latencies);
+        let rate = calls as f64 / duration.as_secs_f64();
+        let pgbench = pgbench_select_only(database, concurrency, duration)?;
+        println!(
+            "round {round}: rtap GetUser {rate:>8.0} calls/s, pgbench -S {pgbench:>8.0} tps, ratio {:.2}",
+            rate / pgbench
+        );
+        rates.push(rate);
+        pgbench_rates.push(pgbench);
+        ratios.push(rate / pgbench);
+    }
     latencies.sort_unstable();
-    let rate = calls as f64 / duration.as_secs_f64();
     let percentile =
         |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     // Where the time goes: gRPC alone, a call that reads no database.
     let (health_calls, _) = run_clients(&server, Call::HealthCheck, concurrency, duration).await?;
     server.stop().await?;
-
     // And the database alone: the same look-ups through SeaORM, one by one.
     let direct = run_direct(&database.url, concurrency, duration).await?;
-    let pgbench = pgbench_select_only(database, concurrency, duration)?;
-    println!("concurrency {concurrency}, {} s each", duration.as_secs());
+
     println!(
-        "rtap GetUser over gRPC: {rate:>10.0} calls/s   p50 {:>6} us   p99 {:>6} us",
+        "rtap GetUser over gRPC: {:>10.0} calls/s (median of {rounds})   p50 {:>6} us   p99 {:>6} us",
+        median(&mut rates),
         percentile(0.50).as_micros(),
         percentile(0.99).as_micros()
+    );
+    println!(
+        "pgbench -S:             {:>10.0} tps (median of {rounds})",
+        median(&mut pgbench_rates)
     );
     println!(
         "gRPC alone:             {:>10.0} calls/s (health Check: no database)",
         health_calls as f64 / duration.as_secs_f64()
     );
     println!("SeaORM find_by_id alone:{direct:>10.0} queries/s (no gRPC, same process)");
-    println!("pgbench -S:             {pgbench:>10.0} tps");
     println!(
-        "ratio rtap / pgbench:   {:>10.2} (target >= 0.50)",
-        rate / pgbench
+        "ratio rtap / pgbench:   {:>10.2} (median of the rounds' ratios; target >= 0.50)",
+        median(&mut ratios)
     );
     Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// What the callers call.
@@ -161,25 +192,39 @@ async fn run_direct(url: &str, concurrency: u64, duration: Duration) -> anyhow::
     Ok(total as f64 / duration.as_secs_f64())
 }
 
-/// `pgbench -S` TPS on the bench database at the same concurrency.
-fn pgbench_select_only(
-    database: &TestDatabase,
-    clients: u64,
-    duration: Duration,
-) -> anyhow::Result<f64> {
-    let url = &database.url;
+/// Creates pgbench's tables in the bench database (scale 10).
+fn pgbench_init(database: &TestDatabase) -> anyhow::Result<()> {
     let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", "10", url])
+        .args(["-i", "-q", "-s", "10", &database.url])
         .output()?;
     anyhow::ensure!(
         init.status.success(),
         "pgbench -i failed: {}",
         String::from_utf8_lossy(&init.stderr)
     );
+    Ok(())
+}
+
+/// `pgbench -S` TPS on the bench database at the same concurrency.
+fn pgbench_select_only(
+    database: &TestDatabase,
+    clients: u64,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     let clients = clients.to_string();
     let seconds = duration.as_secs().to_string();
     let run = Command::new("pgbench")
-        .args(["-S", "-n", "-c", &clients, "-j", "2", "-T", &seconds, url])
+        .args([
+            "-S",
+            "-n",
+            "-c",
+            &clients,
+            "-j",
+            "2",
+            "-T",
+            &seconds,
+            &database.url,
+        ])
         .output()?;
     anyhow::ensure!(
         run.status.success(),
