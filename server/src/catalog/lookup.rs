@@ -23,7 +23,7 @@
 //! to fail before its own is tried, so UNAVAILABLE can take up to twice
 //! `--dependency-timeout`.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use sea_orm::{
     ConnAcquireErr, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryResult,
@@ -42,6 +42,8 @@ use crate::{
 const MAX_BATCH: usize = 256;
 /// Callers that may wait for a query before `get` waits to enqueue.
 const QUEUE: usize = 4096;
+/// How long closing the connection at shutdown may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a caller gets back: the row, or `None` if there is no such id.
 type Reply<M> = Result<Option<M>, Error>;
@@ -140,6 +142,14 @@ where
                 }
             }
             self.query(batch).await;
+        }
+        // Every handle is gone: the server is stopping. Close the connection
+        // properly, so PostgreSQL does not log an unexpected disconnect.
+        if let Some(connection) = self.connection.take() {
+            let closed = tokio::time::timeout(CLOSE_TIMEOUT, connection.close()).await;
+            if !matches!(closed, Ok(Ok(()))) {
+                tracing::debug!("the look-up connection did not close cleanly");
+            }
         }
     }
 
