@@ -16,7 +16,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
 use rtap_server::Config;
-use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -51,13 +51,19 @@ pub struct TestDatabase {
     name: String,
 }
 
+/// A connection to the server's `postgres` database, to create, drop and
+/// manage test databases.
+async fn admin() -> anyhow::Result<DatabaseConnection> {
+    Database::connect(format!("{}/postgres", postgres_url()))
+        .await
+        .context("connect to PostgreSQL (is `scripts/services.sh up` done?)")
+}
+
 impl TestDatabase {
     /// Creates an empty database with a unique name.
     pub async fn create() -> anyhow::Result<Self> {
         let name = format!("rtap_test_{}", unique_suffix());
-        let admin = Database::connect(format!("{}/postgres", postgres_url()))
-            .await
-            .context("connect to PostgreSQL (is `scripts/services.sh up` done?)")?;
+        let admin = admin().await?;
         admin
             .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await
@@ -72,7 +78,7 @@ impl TestDatabase {
     /// Closes, from PostgreSQL's side, every connection open to the database
     /// (as a database restart does). Returns how many there were.
     pub async fn terminate_connections(&self) -> anyhow::Result<usize> {
-        let admin = Database::connect(format!("{}/postgres", postgres_url())).await?;
+        let admin = admin().await?;
         let terminated = admin
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -88,7 +94,7 @@ impl TestDatabase {
 
     /// Drops the database, closing any connection still open to it.
     pub async fn drop(self) -> anyhow::Result<()> {
-        let admin = Database::connect(format!("{}/postgres", postgres_url())).await?;
+        let admin = admin().await?;
         admin
             .execute_unprepared(&format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
