@@ -31,6 +31,7 @@ use rtap_server::{
         Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, StoreError, UserSet,
         commit::{self, CommitMeta, CommitSettings, PartitionState},
         keys::PartitionKeys,
+        mirror::Mirror,
         read::MetricReader,
         session_epoch,
     },
@@ -791,13 +792,32 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
             now_ms,
         };
         let (mut connection, keys) = (connection.clone(), keys.clone());
-        async move { commit::commit(&mut connection, &keys, &batch, &meta, &settings).await }
+        let mut mirror = Mirror::new(settings.retention);
+        async move {
+            commit::commit(
+                &mut connection,
+                &keys,
+                &batch,
+                &meta,
+                &settings,
+                &mut mirror,
+            )
+            .await
+        }
     };
     let read = |epoch| {
         let (mut connection, keys, session) = (connection.clone(), keys.clone(), session.clone());
         async move {
-            let prefetched =
-                commit::prefetch(&mut connection, &keys, &[], vec![session.clone()], epoch).await?;
+            let mut mirror = Mirror::new(settings.retention);
+            let prefetched = commit::prefetch(
+                &mut connection,
+                &keys,
+                &[],
+                vec![session.clone()],
+                epoch,
+                (&mut mirror, &[]),
+            )
+            .await?;
             Ok::<_, anyhow::Error>(prefetched.sessions.get(&session).copied())
         }
     };
@@ -820,7 +840,8 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
 /// A commit is fenced, and writes nothing, when the stored offset is not the
 /// one its batch started from: moved before it (checked with the offset) or
 /// while it is under way (another consumer committing between the offset
-/// check and the transaction: Redis drops the watched transaction).
+/// check and the transaction: Redis drops the watched transaction). A fenced
+/// commit empties the loser's mirror, whose values the winner made stale.
 #[tokio::test]
 async fn a_commit_is_fenced_when_the_offset_moves_before_or_during_it() -> anyhow::Result<()> {
     let namespace = format!("rtap-test-{}", common::unique_suffix());
@@ -860,23 +881,69 @@ async fn a_commit_is_fenced_when_the_offset_moves_before_or_during_it() -> anyho
         }
     };
 
-    commit::commit(&mut ours, &keys, &batch(), &meta(None, 10), &settings).await?;
+    let (mut our_mirror, mut their_mirror) = (
+        Mirror::new(settings.retention),
+        Mirror::new(settings.retention),
+    );
+
+    let first = meta(None, 10);
+    commit::commit(
+        &mut ours,
+        &keys,
+        &batch(),
+        &first,
+        &settings,
+        &mut our_mirror,
+    )
+    .await?;
     // Moved before: the batch expected no offset, 10 is stored.
-    let stale = commit::commit(&mut ours, &keys, &batch(), &meta(None, 20), &settings).await;
+    let stale = meta(None, 20);
+    let stale = commit::commit(
+        &mut ours,
+        &keys,
+        &batch(),
+        &stale,
+        &settings,
+        &mut our_mirror,
+    )
+    .await;
     assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
+    assert!(our_mirror.is_empty());
     assert_eq!(total(ours.clone()).await?, Some(1));
 
     // Moved during: checked at 10, then another consumer commits 10 → 20.
-    let transaction = commit::Transaction::new(&keys, &batch(), &meta(Some(10), 30), &settings);
+    let unknown = our_mirror.missing(batch().touched_buckets(), now.timestamp());
+    our_mirror.load(&mut ours, &keys, &unknown).await?;
+    let transaction =
+        commit::Transaction::new(&keys, &batch(), &meta(Some(10), 30), &settings, &our_mirror)?;
     commit::fence(&mut ours, &keys, Some(10)).await?;
-    commit::commit(&mut theirs, &keys, &batch(), &meta(Some(10), 20), &settings).await?;
-    let raced = transaction.execute(&mut ours, &keys).await;
+    let theirs_meta = meta(Some(10), 20);
+    commit::commit(
+        &mut theirs,
+        &keys,
+        &batch(),
+        &theirs_meta,
+        &settings,
+        &mut their_mirror,
+    )
+    .await?;
+    let raced = transaction.execute(&mut ours, &keys, &mut our_mirror).await;
     assert!(matches!(raced, Err(StoreError::Fenced { .. })), "{raced:?}");
+    assert!(our_mirror.is_empty());
     assert_eq!(total(ours.clone()).await?, Some(2));
     assert_eq!(commit::load_state(&mut ours, &keys).await?.offset, Some(20));
 
-    // The loser goes on from the stored offset.
-    commit::commit(&mut ours, &keys, &batch(), &meta(Some(20), 30), &settings).await?;
+    // The loser goes on from the stored offset, with the winner's counts.
+    let next = meta(Some(20), 30);
+    commit::commit(
+        &mut ours,
+        &keys,
+        &batch(),
+        &next,
+        &settings,
+        &mut our_mirror,
+    )
+    .await?;
     assert_eq!(total(ours.clone()).await?, Some(3));
     common::delete_redis_namespace(&redis_url(), &namespace, 1).await
 }
@@ -900,7 +967,10 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
         source: 1,
     };
     let two_to_52 = 1_i64 << 52;
+    // Each commit with a mirror of its own, as after a restart: the second
+    // adds to what the first wrote, read from Redis.
     for (offset, near_by) in [(0, two_to_52 + 3), (1, two_to_52)] {
+        let mut mirror = Mirror::new(settings.retention);
         let mut batch = BatchAggregate::new(None, HashMap::new(), 300_000);
         batch.minutes.insert(
             minute,
@@ -917,7 +987,15 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
             dead_lettered: Vec::new(),
             now_ms: now.timestamp_millis(),
         };
-        commit::commit(&mut connection, &keys, &batch, &meta, &settings).await?;
+        commit::commit(
+            &mut connection,
+            &keys,
+            &batch,
+            &meta,
+            &settings,
+            &mut mirror,
+        )
+        .await?;
     }
     for granularity in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
         let bucket = Bucket::containing(granularity, minute);

@@ -280,6 +280,14 @@ impl BatchAggregate {
         self.sessions.insert(key, state);
     }
 
+    /// Every bucket the batch writes: the minutes it changes, and their
+    /// hours and days.
+    pub fn touched_buckets(&self) -> impl Iterator<Item = Bucket> + '_ {
+        self.minutes.keys().flat_map(|minute| {
+            Granularity::ALL.map(|granularity| Bucket::containing(granularity, *minute))
+        })
+    }
+
     /// The changes per bucket of `granularity`: minute buckets as they are,
     /// hour and day buckets as the sums of their minutes.
     pub fn buckets(&self, granularity: Granularity) -> BTreeMap<Bucket, BucketChanges> {

@@ -54,9 +54,10 @@ use crate::{
     health::kafka_client,
     retry::Backoff,
     store::{
-        Granularity, Retention, StoreError,
+        Bucket, Granularity, Retention, StoreError,
         commit::{self, CommitMeta, CommitSettings, PartitionState},
         keys::{PartitionKeys, deltas_channel},
+        mirror::Mirror,
         session_epoch,
     },
 };
@@ -528,6 +529,9 @@ impl PartitionConsumer {
             stored,
             watermark_ms,
         };
+        // Known values of what this attempt writes; a new attempt reads them
+        // again.
+        let mut mirror = Mirror::new(settings.commit.retention);
 
         let (sender, mut fetched) = mpsc::channel(1);
         let _fetcher = AbortOnDropHandle::new(tokio::spawn(fetch(
@@ -543,7 +547,7 @@ impl PartitionConsumer {
             tokio::select! {
                 batch = fetched.recv() => {
                     let Some(batch) = batch else { break };
-                    self.apply(batch?, &mut redis, &dead_letters, &mut position)
+                    self.apply(batch?, &mut redis, &dead_letters, &mut position, &mut mirror)
                         .await?;
                     backoff.reset();
                 }
@@ -564,6 +568,7 @@ impl PartitionConsumer {
         redis: &mut MultiplexedConnection,
         dead_letters: &DeadLetterSink,
         position: &mut Position,
+        mirror: &mut Mirror,
     ) -> Result<(), ConsumeError> {
         if let Some(earliest) = fetched.skipped_to {
             let meta = CommitMeta {
@@ -574,11 +579,12 @@ impl PartitionConsumer {
                 now_ms: Utc::now().timestamp_millis(),
             };
             let empty = BatchAggregate::new(position.watermark_ms, HashMap::new(), 0);
-            commit::commit(redis, &self.keys, &empty, &meta, &self.settings.commit).await?;
+            let settings = &self.settings.commit;
+            commit::commit(redis, &self.keys, &empty, &meta, settings, mirror).await?;
             position.stored = Some(earliest);
         }
         for chunk in fetched.records.chunks(self.settings.commit_max_events) {
-            self.apply_chunk(chunk, redis, dead_letters, position)
+            self.apply_chunk(chunk, redis, dead_letters, position, mirror)
                 .await?;
         }
         Ok(())
@@ -590,6 +596,7 @@ impl PartitionConsumer {
         redis: &mut MultiplexedConnection,
         dead_letters: &DeadLetterSink,
         position: &mut Position,
+        mirror: &mut Mirror,
     ) -> Result<(), ConsumeError> {
         let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
             return Ok(());
@@ -644,12 +651,21 @@ impl PartitionConsumer {
             .iter()
             .map(|(minute, indexes)| (*minute, indexes.iter().map(|i| valid[*i].0).collect()))
             .collect();
+        // The values of the buckets the events fall in, unless known (those
+        // of sessions' earlier minutes are read by the commit if needed).
+        let unknown = mirror.missing(
+            by_minute.keys().flat_map(|minute| {
+                Granularity::ALL.map(|granularity| Bucket::containing(granularity, *minute))
+            }),
+            now.timestamp(),
+        );
         let prefetched = commit::prefetch(
             redis,
             &self.keys,
             &ids_by_minute,
             session_keys.into_iter().collect(),
             session_epoch(now.timestamp_millis(), settings.commit.session_ttl_ms),
+            (&mut *mirror, &unknown),
         )
         .await?;
         let mut counted_before = vec![false; valid.len()];
@@ -680,7 +696,8 @@ impl PartitionConsumer {
             dead_lettered: dead_counts.into_iter().collect(),
             now_ms: now.timestamp_millis(),
         };
-        let commands = commit::commit(redis, &self.keys, &batch, &meta, &settings.commit).await?;
+        let commands =
+            commit::commit(redis, &self.keys, &batch, &meta, &settings.commit, mirror).await?;
         position.stored = Some(next_offset);
         position.watermark_ms = batch.watermark_ms;
 

@@ -12,6 +12,10 @@
 //! the same partition can only ever lose this race ([`StoreError::Fenced`]),
 //! never double-count.
 //!
+//! Counter hashes and rankings are written as their new values, from the
+//! consumer's [`Mirror`] of them: one `HSET` or `ZADD` a key instead of an
+//! `HINCRBY` or `ZINCRBY` a field.
+//!
 //! Plain commands rather than one Lua script: Redis spends about 0.4 µs
 //! turning each script argument into a Lua string and 1.4 µs on each
 //! `redis.call`, against 0.1 µs an argument of a plain command, and a batch
@@ -27,8 +31,9 @@ use std::collections::{BTreeMap, HashMap};
 use redis::{Pipeline, Script, aio::ConnectionLike};
 
 use super::{
-    Counter, Granularity, Retention, StoreError,
+    Bucket, Counter, Granularity, Retention, StoreError,
     keys::{PartitionKeys, session_field, state_field},
+    mirror::{Mirror, REPLIES_PER_BUCKET, Written},
     settled,
 };
 use crate::ingest::aggregate::{BatchAggregate, SessionKey, SessionState};
@@ -50,8 +55,8 @@ end
 return 0
 ";
 
-/// Most field/value pairs in one `HSET`: keeps each command, which Redis
-/// runs without a break, short.
+/// Most field/value pairs in one `HSET` or score/member pairs in one
+/// `ZADD`: keeps each command, which Redis runs without a break, short.
 const HSET_PAIRS: usize = 500;
 /// Most members in one `PFADD` or `SADD`, for the same reason.
 const MEMBERS: usize = 1000;
@@ -183,16 +188,19 @@ pub struct Prefetched {
 }
 
 /// One round trip: which of `ids` (grouped by event minute) were already
-/// counted, and the state of `sessions` (looked up in session epoch `epoch`
-/// and the one before; the later write wins).
+/// counted, the state of `sessions` (looked up in session epoch `epoch` and
+/// the one before; the later write wins), and the values of `buckets` for
+/// `mirror`.
 pub async fn prefetch(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
     ids_by_minute: &[(i64, Vec<[u8; 16]>)],
     sessions: Vec<SessionKey>,
     epoch: i64,
+    (mirror, buckets): (&mut Mirror, &[Bucket]),
 ) -> Result<Prefetched, StoreError> {
     let mut pipe = redis::pipe();
+    Mirror::request(&mut pipe, keys, buckets);
     for (minute, ids) in ids_by_minute {
         let command = pipe.cmd("SMISMEMBER").arg(keys.seen(*minute));
         for id in ids {
@@ -208,10 +216,12 @@ pub async fn prefetch(
             pipe.cmd("HMGET").arg(keys.sessions(epoch)).arg(&fields);
         }
     }
-    if ids_by_minute.is_empty() && fields.is_empty() {
+    if ids_by_minute.is_empty() && fields.is_empty() && buckets.is_empty() {
         return Ok(Prefetched::default());
     }
     let mut replies: Vec<redis::Value> = pipe.query_async(connection).await?;
+    let rest = replies.split_off(buckets.len() * REPLIES_PER_BUCKET);
+    mirror.absorb(keys, buckets, std::mem::replace(&mut replies, rest))?;
     let mut prefetched = Prefetched::default();
     let session_replies = if fields.is_empty() {
         Vec::new()
@@ -264,18 +274,33 @@ pub struct CommitSettings {
 }
 
 /// Applies `batch` and `meta` atomically (see the module's notes on the
-/// connection); returns the number of Redis commands sent.
+/// connection), reading first the values of the buckets it writes that
+/// `mirror` does not know; returns the number of Redis commands sent. Any
+/// failure empties `mirror`.
 pub async fn commit(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
     batch: &BatchAggregate,
     meta: &CommitMeta,
     settings: &CommitSettings,
+    mirror: &mut Mirror,
 ) -> Result<usize, StoreError> {
-    // Built before the watch, to keep the watched window short.
-    let transaction = Transaction::new(keys, batch, meta, settings);
-    fence(connection, keys, meta.expected_offset).await?;
-    transaction.execute(connection, keys).await
+    let prepared = async {
+        let missing = mirror.missing(batch.touched_buckets(), meta.now_ms.div_euclid(1000));
+        mirror.load(connection, keys, &missing).await?;
+        // Built before the watch, to keep the watched window short.
+        let transaction = Transaction::new(keys, batch, meta, settings, mirror)?;
+        fence(connection, keys, meta.expected_offset).await?;
+        Ok(transaction)
+    }
+    .await;
+    match prepared {
+        Ok(transaction) => transaction.execute(connection, keys, mirror).await,
+        Err(error) => {
+            mirror.clear();
+            Err(error)
+        }
+    }
 }
 
 /// Watches `keys`' state hash and checks that the stored offset is
@@ -311,42 +336,59 @@ pub async fn fence(
 pub struct Transaction {
     pipeline: Pipeline,
     commands: usize,
+    /// The new values of mirrored keys, for the mirror once applied.
+    written: Written,
 }
 
 impl Transaction {
-    /// The writes of `batch` and `meta`.
+    /// The writes of `batch` and `meta`; `mirror` must know every bucket
+    /// the batch touches ([`BatchAggregate::touched_buckets`]).
     pub fn new(
         keys: &PartitionKeys,
         batch: &BatchAggregate,
         meta: &CommitMeta,
         settings: &CommitSettings,
-    ) -> Self {
+        mirror: &Mirror,
+    ) -> Result<Self, StoreError> {
         let mut transaction = Self {
             pipeline: redis::pipe(),
             commands: 0,
+            written: Written::default(),
         };
         transaction.pipeline.atomic();
-        transaction.encode(keys, batch, meta, settings);
-        transaction
+        transaction.encode(keys, batch, meta, settings, mirror)?;
+        Ok(transaction)
     }
 
-    /// Sends the transaction on the connection that ran [`fence`]; returns
-    /// the number of commands sent, the fence's included.
+    /// Sends the transaction on the connection that ran [`fence`], and
+    /// records its values in `mirror` (emptied if it fails); returns the
+    /// number of commands sent, the fence's included.
     pub async fn execute(
         self,
         connection: &mut impl ConnectionLike,
         keys: &PartitionKeys,
+        mirror: &mut Mirror,
     ) -> Result<usize, StoreError> {
         // `None` when Redis dropped it: the watched state hash was written.
         // A command that failed fails the query.
-        let applied: Option<()> = self.pipeline.query_async(connection).await?;
+        let applied: Result<Option<()>, _> = self.pipeline.query_async(connection).await;
         match applied {
             // The fence's WATCH and HGET, MULTI and EXEC.
-            Some(()) => Ok(self.commands + 4),
-            None => Err(StoreError::Fenced {
-                partition: keys.partition(),
-                detail: "the state hash changed between the offset check and the commit".into(),
-            }),
+            Ok(Some(())) => {
+                mirror.apply(self.written);
+                Ok(self.commands + 4)
+            }
+            Ok(None) => {
+                mirror.clear();
+                Err(StoreError::Fenced {
+                    partition: keys.partition(),
+                    detail: "the state hash changed between the offset check and the commit".into(),
+                })
+            }
+            Err(error) => {
+                mirror.clear();
+                Err(error.into())
+            }
         }
     }
 
@@ -367,34 +409,27 @@ impl Transaction {
         }
     }
 
-    /// One command per pair: `HINCRBY key field by` or `ZINCRBY key by
-    /// member`.
-    fn increments(
-        &mut self,
-        target: Increment,
-        key: &str,
-        pairs: impl Iterator<Item = (String, i64)>,
-        expiry: Expiry,
-    ) {
-        let mut any = false;
-        for (name, by) in pairs {
-            any = true;
-            match target {
-                Increment::HashField => self.command("HINCRBY").arg(key).arg(name).arg(by),
-                Increment::Score => self.command("ZINCRBY").arg(key).arg(by).arg(name),
-            };
-        }
-        if any {
-            self.expire(key, expiry);
+    /// `HINCRBY key field by`, one command a field (for the state hash,
+    /// which is not mirrored).
+    fn increments(&mut self, key: &str, pairs: impl Iterator<Item = (String, i64)>) {
+        for (field, by) in pairs {
+            self.command("HINCRBY").arg(key).arg(field).arg(by);
         }
     }
 
-    /// `HSET key field value …`, [`HSET_PAIRS`] pairs a command.
-    fn set_fields(&mut self, key: &str, pairs: &[(String, String)], expiry: Expiry) {
+    /// `HSET key field value …` or `ZADD key score member …`,
+    /// [`HSET_PAIRS`] pairs a command.
+    fn set_pairs<A: redis::ToRedisArgs, B: redis::ToRedisArgs>(
+        &mut self,
+        command: &str,
+        key: &str,
+        pairs: &[(A, B)],
+        expiry: Expiry,
+    ) {
         for chunk in pairs.chunks(HSET_PAIRS) {
-            let command = self.command("HSET").arg(key);
-            for (field, value) in chunk {
-                command.arg(field).arg(value);
+            let command = self.command(command).arg(key);
+            for (first, second) in chunk {
+                command.arg(first).arg(second);
             }
         }
         if !pairs.is_empty() {
@@ -424,7 +459,8 @@ impl Transaction {
         batch: &BatchAggregate,
         meta: &CommitMeta,
         settings: &CommitSettings,
-    ) {
+        mirror: &Mirror,
+    ) -> Result<(), StoreError> {
         let earliest_minute = batch
             .minutes
             .keys()
@@ -440,13 +476,24 @@ impl Transaction {
 
         for granularity in Granularity::ALL {
             for (bucket, changes) in batch.buckets(granularity) {
+                if !mirror.knows(bucket) {
+                    return Err(StoreError::Corrupt {
+                        key: keys.counters(bucket),
+                        detail: "written before its values were read".into(),
+                    });
+                }
                 let expiry = || Expiry::At(settings.retention.expires_at(bucket));
-                self.increments(
-                    Increment::HashField,
-                    &keys.counters(bucket),
-                    changes.counters.iter().map(|(c, by)| (c.field(), *by)),
-                    expiry(),
-                );
+                let counters: Vec<(String, i64)> = changes
+                    .counters
+                    .iter()
+                    .map(|(counter, by)| {
+                        let field = counter.field();
+                        let value = mirror.counter(bucket, &field).saturating_add(*by);
+                        self.written.counter(bucket, field.clone(), value);
+                        (field, value)
+                    })
+                    .collect();
+                self.set_pairs("HSET", &keys.counters(bucket), &counters, expiry());
                 let mut user_sets: Vec<_> = changes.users.iter().collect();
                 user_sets.sort_unstable_by_key(|(set, _)| **set);
                 for (set, users) in user_sets {
@@ -456,12 +503,16 @@ impl Transaction {
                 let mut rankings: Vec<_> = changes.rankings.iter().collect();
                 rankings.sort_unstable_by_key(|(ranking, _)| **ranking);
                 for (ranking, scores) in rankings {
-                    self.increments(
-                        Increment::Score,
-                        &keys.ranking(bucket, *ranking),
-                        scores.iter().map(|(p, by)| (p.to_string(), *by)),
-                        expiry(),
-                    );
+                    let scores: Vec<(i64, i64)> = scores
+                        .iter()
+                        .map(|(product, by)| {
+                            let score =
+                                mirror.score(bucket, *ranking, *product).saturating_add(*by);
+                            self.written.score(bucket, *ranking, *product, score);
+                            (score, *product)
+                        })
+                        .collect();
+                    self.set_pairs("ZADD", &keys.ranking(bucket, *ranking), &scores, expiry());
                 }
             }
         }
@@ -510,7 +561,8 @@ impl Transaction {
             .iter()
             .map(|((user, session), state)| (session_field(*user, session), state.encode()))
             .collect();
-        self.set_fields(
+        self.set_pairs(
+            "HSET",
             &keys.sessions(epoch),
             &sessions,
             Expiry::At(super::session_epoch_expires_at(
@@ -532,12 +584,7 @@ impl Transaction {
         }));
         counters.retain(|(_, by)| *by != 0);
         let state = keys.state();
-        self.increments(
-            Increment::HashField,
-            &state,
-            counters.into_iter(),
-            Expiry::None,
-        );
+        self.increments(&state, counters.into_iter());
         let mut fields = vec![
             (state_field::OFFSET.to_owned(), meta.next_offset.to_string()),
             (
@@ -548,17 +595,9 @@ impl Transaction {
         if let Some(watermark) = batch.watermark_ms {
             fields.push((state_field::WATERMARK_MS.to_owned(), watermark.to_string()));
         }
-        self.set_fields(&state, &fields, Expiry::None);
+        self.set_pairs("HSET", &state, &fields, Expiry::None);
+        Ok(())
     }
-}
-
-/// What [`Transaction::increments`] adds to.
-#[derive(Clone, Copy)]
-enum Increment {
-    /// A hash field (`HINCRBY`).
-    HashField,
-    /// A sorted-set member's score (`ZINCRBY`).
-    Score,
 }
 
 enum Expiry {

@@ -11,6 +11,7 @@
 
 pub mod commit;
 pub mod keys;
+pub mod mirror;
 pub mod read;
 pub mod settled;
 
