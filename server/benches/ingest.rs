@@ -116,6 +116,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     let mut connection = redis.get_multiplexed_async_connection().await?;
     let probing = CancellationToken::new();
     let probe = tokio::spawn(probe_redis(redis.clone(), probing.clone()));
+    let redis_cpu_before = redis_cpu_seconds(&mut connection).await?;
     let ingest_started = Instant::now();
     let pipeline = tokio::spawn(consumer::run(
         PipelineSettings::from_config(&config),
@@ -139,6 +140,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ingest_seconds = ingest_started.elapsed().as_secs_f64();
+    let redis_cpu = redis_cpu_seconds(&mut connection).await? - redis_cpu_before;
     // The offsets are in Redis before each commit's reply reaches the
     // consumer, which then counts it: let the last replies be counted.
     let counted = Instant::now();
@@ -155,6 +157,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     let records = stats.records.load(Ordering::Relaxed);
     let commits = stats.commits.load(Ordering::Relaxed).max(1);
     let commands = stats.redis_commands.load(Ordering::Relaxed);
+    let round_trips = stats.redis_round_trips.load(Ordering::Relaxed);
     let ingest_rate = records as f64 / ingest_seconds;
     println!(
         "raw rskafka fetch: {raw_records} records in {raw_seconds:.2} s = {raw_rate:.0} records/s"
@@ -168,9 +171,17 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     );
     println!(
         "redis: {commits} commits, {:.0} events per commit, {:.3} commands per event \
-         in the commit transactions, 3 round trips per commit (prefetch, offset check, transaction)",
+         in the commit transactions, {:.2} round trips per commit (prefetch, offset check, \
+         transaction, and values the consumer's mirror lacked)",
         records as f64 / commits as f64,
         commands as f64 / records.max(1) as f64,
+        round_trips as f64 / commits as f64,
+    );
+    println!(
+        "redis CPU while catching up: {:.2} us per event, {:.0}% of one core \
+         (Redis runs commands on one thread)",
+        redis_cpu * 1e6 / records.max(1) as f64,
+        redis_cpu * 100.0 / ingest_seconds,
     );
     pings.sort_unstable();
     let percentile = |p: f64| {
@@ -196,6 +207,25 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         .delete_topic(config.events_topic.as_str(), 10_000)
         .await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+}
+
+/// CPU time Redis has used since it started (user and system), seconds.
+async fn redis_cpu_seconds(
+    connection: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(connection)
+        .await?;
+    let mut total = 0.0;
+    for line in info.lines() {
+        if let Some((field, value)) = line.trim().split_once(':')
+            && matches!(field, "used_cpu_sys" | "used_cpu_user")
+        {
+            total += value.parse::<f64>()?;
+        }
+    }
+    Ok(total)
 }
 
 /// Round trips of a `PING` every 2 ms on a connection of its own, until

@@ -9,7 +9,10 @@
 //! time) all accumulate in the anchor's buckets, so they stay additive. An
 //! event further than the gap from a session's events starts a new session.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap, HashSet},
+};
 
 use rtap::v1::{
     CommitDelta, CountChange, EventType, InteractionEvent, MinuteChange, SessionChange,
@@ -288,16 +291,20 @@ impl BatchAggregate {
         })
     }
 
-    /// The changes per bucket of `granularity`: minute buckets as they are,
-    /// hour and day buckets as the sums of their minutes.
-    pub fn buckets(&self, granularity: Granularity) -> BTreeMap<Bucket, BucketChanges> {
-        let mut buckets: BTreeMap<Bucket, BucketChanges> = BTreeMap::new();
+    /// The changes per bucket of `granularity`: minute buckets as they are
+    /// (borrowed), hour and day buckets as the sums of their minutes.
+    pub fn buckets(&self, granularity: Granularity) -> BTreeMap<Bucket, Cow<'_, BucketChanges>> {
+        let mut buckets: BTreeMap<Bucket, Cow<'_, BucketChanges>> = BTreeMap::new();
         for (minute, changes) in &self.minutes {
             let bucket = Bucket::containing(granularity, *minute);
             if granularity == Granularity::Minute {
-                buckets.insert(bucket, changes.clone());
+                buckets.insert(bucket, Cow::Borrowed(changes));
             } else {
-                buckets.entry(bucket).or_default().merge(changes);
+                buckets
+                    .entry(bucket)
+                    .or_insert_with(|| Cow::Owned(BucketChanges::default()))
+                    .to_mut()
+                    .merge(changes);
             }
         }
         buckets

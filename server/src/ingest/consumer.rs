@@ -159,6 +159,8 @@ pub struct PipelineStats {
     pub commits: AtomicU64,
     /// Redis commands sent by commits.
     pub redis_commands: AtomicU64,
+    /// Redis round trips made to apply batches (reads and commits).
+    pub redis_round_trips: AtomicU64,
     /// Deltas dropped because the publisher was behind.
     pub deltas_dropped: AtomicU64,
 }
@@ -673,6 +675,7 @@ impl PartitionConsumer {
             counted_before[*index] = *seen;
         }
 
+        let prefetched_round_trips = prefetched.round_trips;
         let mut batch = BatchAggregate::new(
             position.watermark_ms,
             prefetched.sessions,
@@ -696,13 +699,14 @@ impl PartitionConsumer {
             dead_lettered: dead_counts.into_iter().collect(),
             now_ms: now.timestamp_millis(),
         };
-        let commands =
+        let committed =
             commit::commit(redis, &self.keys, &batch, &meta, &settings.commit, mirror).await?;
         position.stored = Some(next_offset);
         position.watermark_ms = batch.watermark_ms;
 
         let stats = &self.stats;
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let count_usize = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         stats.records.fetch_add(
             count(i64::try_from(chunk.len()).unwrap_or(0)),
             Ordering::Relaxed,
@@ -719,7 +723,11 @@ impl PartitionConsumer {
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats
             .redis_commands
-            .fetch_add(u64::try_from(commands).unwrap_or(0), Ordering::Relaxed);
+            .fetch_add(count_usize(committed.commands), Ordering::Relaxed);
+        stats.redis_round_trips.fetch_add(
+            count_usize(prefetched_round_trips + committed.round_trips),
+            Ordering::Relaxed,
+        );
 
         if batch.applied > 0 {
             let delta = batch.delta(partition, first.offset, next_offset);

@@ -185,6 +185,8 @@ pub struct Prefetched {
     pub seen: Vec<bool>,
     /// The stored state of the sessions asked about (missing when none).
     pub sessions: HashMap<SessionKey, SessionState>,
+    /// Round trips made: 0 when there was nothing to ask, else 1.
+    pub round_trips: usize,
 }
 
 /// One round trip: which of `ids` (grouped by event minute) were already
@@ -222,7 +224,10 @@ pub async fn prefetch(
     let mut replies: Vec<redis::Value> = pipe.query_async(connection).await?;
     let rest = replies.split_off(buckets.len() * REPLIES_PER_BUCKET);
     mirror.absorb(keys, buckets, std::mem::replace(&mut replies, rest))?;
-    let mut prefetched = Prefetched::default();
+    let mut prefetched = Prefetched {
+        round_trips: 1,
+        ..Prefetched::default()
+    };
     let session_replies = if fields.is_empty() {
         Vec::new()
     } else {
@@ -273,10 +278,19 @@ pub struct CommitSettings {
     pub session_ttl_ms: i64,
 }
 
+/// What a commit cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Redis commands sent, the offset check's included.
+    pub commands: usize,
+    /// Round trips: the offset check and the transaction, and one more when
+    /// the mirror lacked values.
+    pub round_trips: usize,
+}
+
 /// Applies `batch` and `meta` atomically (see the module's notes on the
 /// connection), reading first the values of the buckets it writes that
-/// `mirror` does not know; returns the number of Redis commands sent. Any
-/// failure empties `mirror`.
+/// `mirror` does not know. Any failure empties `mirror`.
 pub async fn commit(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
@@ -284,18 +298,24 @@ pub async fn commit(
     meta: &CommitMeta,
     settings: &CommitSettings,
     mirror: &mut Mirror,
-) -> Result<usize, StoreError> {
+) -> Result<Committed, StoreError> {
     let prepared = async {
         let missing = mirror.missing(batch.touched_buckets(), meta.now_ms.div_euclid(1000));
         mirror.load(connection, keys, &missing).await?;
         // Built before the watch, to keep the watched window short.
         let transaction = Transaction::new(keys, batch, meta, settings, mirror)?;
         fence(connection, keys, meta.expected_offset).await?;
-        Ok(transaction)
+        Ok((transaction, usize::from(!missing.is_empty())))
     }
     .await;
     match prepared {
-        Ok(transaction) => transaction.execute(connection, keys, mirror).await,
+        Ok((transaction, reads)) => {
+            let commands = transaction.execute(connection, keys, mirror).await?;
+            Ok(Committed {
+                commands,
+                round_trips: reads + 2,
+            })
+        }
         Err(error) => {
             mirror.clear();
             Err(error)
@@ -483,14 +503,13 @@ impl Transaction {
                     });
                 }
                 let expiry = || Expiry::At(settings.retention.expires_at(bucket));
-                let counters: Vec<(String, i64)> = changes
+                let counters: Vec<(Counter, i64)> = changes
                     .counters
                     .iter()
                     .map(|(counter, by)| {
-                        let field = counter.field();
-                        let value = mirror.counter(bucket, &field).saturating_add(*by);
-                        self.written.counter(bucket, field.clone(), value);
-                        (field, value)
+                        let value = mirror.counter(bucket, *counter).saturating_add(*by);
+                        self.written.counter(bucket, *counter, value);
+                        (*counter, value)
                     })
                     .collect();
                 self.set_pairs("HSET", &keys.counters(bucket), &counters, expiry());

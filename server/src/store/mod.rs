@@ -231,30 +231,94 @@ pub enum Counter {
 }
 
 impl Counter {
-    /// The field of the bucket's counter hash.
+    /// The field of the bucket's counter hash (see its [`Display`]).
+    ///
+    /// [`Display`]: std::fmt::Display
     pub fn field(&self) -> String {
+        self.to_string()
+    }
+
+    /// The counter a field of a counter hash stands for; `None` for a field
+    /// this version does not write.
+    pub fn parse(field: &str) -> Option<Self> {
+        let parts: Vec<&str> = field.split(':').collect();
+        let int = |i: usize| parts.get(i)?.parse::<i32>().ok();
+        let long = |i: usize| parts.get(i)?.parse::<i64>().ok();
+        let counter = match parts[0] {
+            "e" => Self::Events {
+                event_type: int(1)?,
+                source: int(2)?,
+            },
+            "pe" => Self::ProductEvents {
+                event_type: int(1)?,
+                source: int(2)?,
+                product: long(3)?,
+            },
+            "q" => Self::Quantity {
+                event_type: int(1)?,
+                source: int(2)?,
+                product: long(3)?,
+            },
+            "dw" => Self::Dwell {
+                source: int(1)?,
+                product: long(2)?,
+            },
+            "tdw" => Self::TotalDwell { source: int(1)? },
+            "r" => Self::Revenue { source: int(1)? },
+            "pr" => Self::ProductRevenue {
+                source: int(1)?,
+                product: long(2)?,
+            },
+            "late" => Self::Late,
+            "s" => Self::Sessions { source: int(1)? },
+            "sl" => Self::SessionLength { source: int(1)? },
+            "se" => Self::SessionEvents { source: int(1)? },
+            "f" => Self::Funnel {
+                stage: FunnelStage::ALL
+                    .into_iter()
+                    .find(|stage| parts.get(1) == Some(&stage.code()))?,
+                source: int(2)?,
+            },
+            _ => return None,
+        };
+        // Round trip: rejects extra parts and non-canonical numbers.
+        (counter.to_string() == field).then_some(counter)
+    }
+}
+
+/// The field of the bucket's counter hash.
+impl std::fmt::Display for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
-            Self::Events { event_type, source } => format!("e:{event_type}:{source}"),
+            Self::Events { event_type, source } => write!(f, "e:{event_type}:{source}"),
             Self::ProductEvents {
                 event_type,
                 source,
                 product,
-            } => format!("pe:{event_type}:{source}:{product}"),
+            } => write!(f, "pe:{event_type}:{source}:{product}"),
             Self::Quantity {
                 event_type,
                 source,
                 product,
-            } => format!("q:{event_type}:{source}:{product}"),
-            Self::Dwell { source, product } => format!("dw:{source}:{product}"),
-            Self::TotalDwell { source } => format!("tdw:{source}"),
-            Self::Revenue { source } => format!("r:{source}"),
-            Self::ProductRevenue { source, product } => format!("pr:{source}:{product}"),
-            Self::Late => "late".to_owned(),
-            Self::Sessions { source } => format!("s:{source}"),
-            Self::SessionLength { source } => format!("sl:{source}"),
-            Self::SessionEvents { source } => format!("se:{source}"),
-            Self::Funnel { stage, source } => format!("f:{}:{source}", stage.code()),
+            } => write!(f, "q:{event_type}:{source}:{product}"),
+            Self::Dwell { source, product } => write!(f, "dw:{source}:{product}"),
+            Self::TotalDwell { source } => write!(f, "tdw:{source}"),
+            Self::Revenue { source } => write!(f, "r:{source}"),
+            Self::ProductRevenue { source, product } => write!(f, "pr:{source}:{product}"),
+            Self::Late => f.write_str("late"),
+            Self::Sessions { source } => write!(f, "s:{source}"),
+            Self::SessionLength { source } => write!(f, "sl:{source}"),
+            Self::SessionEvents { source } => write!(f, "se:{source}"),
+            Self::Funnel { stage, source } => write!(f, "f:{}:{source}", stage.code()),
         }
+    }
+}
+
+/// A counter is sent to Redis as its field, written straight into the
+/// command.
+impl redis::ToRedisArgs for Counter {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
     }
 }
 
@@ -385,6 +449,63 @@ mod tests {
             }
         }
         assert_eq!(session_epoch(-1, ttl), -1);
+    }
+
+    #[test]
+    fn every_counter_field_parses_back_and_nothing_else_does() {
+        let counters = [
+            Counter::Events {
+                event_type: 1,
+                source: 2,
+            },
+            Counter::ProductEvents {
+                event_type: 3,
+                source: 4,
+                product: 5_000_000_000,
+            },
+            Counter::Quantity {
+                event_type: 4,
+                source: 1,
+                product: 7,
+            },
+            Counter::Dwell {
+                source: 2,
+                product: 8,
+            },
+            Counter::TotalDwell { source: 3 },
+            Counter::Revenue { source: 1 },
+            Counter::ProductRevenue {
+                source: 1,
+                product: 9,
+            },
+            Counter::Late,
+            Counter::Sessions { source: 2 },
+            Counter::SessionLength { source: 2 },
+            Counter::SessionEvents { source: 2 },
+            Counter::Funnel {
+                stage: FunnelStage::AddToCart,
+                source: 4,
+            },
+        ];
+        for counter in counters {
+            assert_eq!(Counter::parse(&counter.field()), Some(counter), "{counter}");
+        }
+        for field in [
+            "",
+            "e",
+            "e:1",
+            "e:1:2:3",
+            "e:01:2",
+            "pe:1:2",
+            "x:1",
+            "late:1",
+            "f:z:1",
+            "f:v:1:2",
+            "s:99999999999",
+            "dw:1:2:",
+        ] {
+            assert_eq!(Counter::parse(field), None, "{field}");
+        }
     }
 
     #[test]
