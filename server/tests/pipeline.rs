@@ -30,6 +30,7 @@ use rtap_server::{
     store::{
         Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, StoreError, UserSet,
         commit::{self, CommitMeta, CommitSettings, PartitionState},
+        hll,
         keys::PartitionKeys,
         mirror::Mirror,
         read::MetricReader,
@@ -1018,4 +1019,58 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
         assert_eq!(scores, [(7, 2.0), (42, 2000.0)], "{granularity:?}");
     }
     common::delete_redis_namespace(&redis_url(), &namespace, 1).await
+}
+
+/// A user set written whole by the consumer (`store::hll`) is the
+/// HyperLogLog Redis builds with `PFADD` of the same users: same registers,
+/// same count, and Redis goes on adding to it.
+#[tokio::test]
+async fn a_user_set_written_whole_equals_the_one_pfadd_builds() -> anyhow::Result<()> {
+    let mut connection = redis().await?;
+    let prefix = format!("rtap-test-hll-{}", common::unique_suffix());
+    let (ours, theirs) = (format!("{prefix}:ours"), format!("{prefix}:theirs"));
+    let mut random = rand::rng();
+    for size in [1_usize, 2, 10, 100, 600] {
+        let users: Vec<i64> = (0..size)
+            .map(|_| random.random_range(1..i64::MAX))
+            .collect();
+        let whole = hll::sparse(users.iter().copied()).context("a small set fits")?;
+        let more: Vec<i64> = (0..50).map(|_| random.random_range(1..1_000_000)).collect();
+        let (written, _, count, theirs_count): (bool, i64, u64, u64) = redis::pipe()
+            .cmd("SET")
+            .arg(&ours)
+            .arg(&whole)
+            .arg("NX")
+            .arg("EX")
+            .arg(60)
+            .cmd("PFADD")
+            .arg(&theirs)
+            .arg(&users)
+            .cmd("PFCOUNT")
+            .arg(&ours)
+            .cmd("PFCOUNT")
+            .arg(&theirs)
+            .query_async(&mut connection)
+            .await?;
+        assert!(written);
+        assert_eq!(count, theirs_count, "{size} users");
+        for key in [&ours, &theirs] {
+            redis::cmd("PFADD")
+                .arg(key)
+                .arg(&more)
+                .query_async::<i64>(&mut connection)
+                .await?;
+        }
+        let registers = |key: &String| redis::cmd("PFDEBUG").arg("GETREG").arg(key).clone();
+        let ours_registers: Vec<i64> = registers(&ours).query_async(&mut connection).await?;
+        let theirs_registers: Vec<i64> = registers(&theirs).query_async(&mut connection).await?;
+        assert_eq!(ours_registers.len(), 16_384);
+        assert_eq!(ours_registers, theirs_registers, "{size} users");
+        redis::cmd("DEL")
+            .arg(&ours)
+            .arg(&theirs)
+            .query_async::<i64>(&mut connection)
+            .await?;
+    }
+    Ok(())
 }

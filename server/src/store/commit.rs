@@ -26,12 +26,12 @@
 //! not a `ConnectionManager`), so that a transaction never runs unwatched on a
 //! new connection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use redis::{Pipeline, Script, aio::ConnectionLike};
 
 use super::{
-    Bucket, Counter, Granularity, Retention, StoreError,
+    Bucket, Counter, Granularity, Retention, StoreError, UserSet, hll,
     keys::{PartitionKeys, session_field, state_field},
     mirror::{Mirror, REPLIES_PER_BUCKET, Written},
     settled,
@@ -473,6 +473,41 @@ impl Transaction {
         }
     }
 
+    /// Adds `users` to a user set: a set that does not exist yet is written
+    /// whole, with its expiry, by one `SET` ([`hll`]); else `PFADD`. `NX`:
+    /// should the set exist after all, this batch's users of it are lost
+    /// rather than its earlier ones.
+    fn add_users(
+        &mut self,
+        keys: &PartitionKeys,
+        bucket: Bucket,
+        set: UserSet,
+        users: &HashSet<i64>,
+        mirror: &Mirror,
+        settings: &CommitSettings,
+    ) {
+        self.written.user_set(bucket, set);
+        let key = keys.users(bucket, set);
+        let expires_at = settings.retention.expires_at(bucket);
+        let whole = (!mirror.has_users(bucket, set) && expires_at > 0)
+            .then(|| hll::sparse(users.iter().copied()))
+            .flatten();
+        match whole {
+            Some(hyperloglog) => {
+                self.command("SET")
+                    .arg(&key)
+                    .arg(hyperloglog)
+                    .arg("NX")
+                    .arg("EXAT")
+                    .arg(expires_at);
+            }
+            None => {
+                let users: Vec<i64> = users.iter().copied().collect();
+                self.add_members("PFADD", &key, &users, Expiry::At(expires_at));
+            }
+        }
+    }
+
     fn encode(
         &mut self,
         keys: &PartitionKeys,
@@ -516,8 +551,7 @@ impl Transaction {
                 let mut user_sets: Vec<_> = changes.users.iter().collect();
                 user_sets.sort_unstable_by_key(|(set, _)| **set);
                 for (set, users) in user_sets {
-                    let users: Vec<i64> = users.iter().copied().collect();
-                    self.add_members("PFADD", &keys.users(bucket, *set), &users, expiry());
+                    self.add_users(keys, bucket, *set, users, mirror, settings);
                 }
                 let mut rankings: Vec<_> = changes.rankings.iter().collect();
                 rankings.sort_unstable_by_key(|(ranking, _)| **ranking);

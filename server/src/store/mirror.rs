@@ -2,7 +2,12 @@
 //! so that a commit sets their new values (`HSET key field value …`,
 //! `ZADD key score member …`: one command a key) instead of sending one
 //! `HINCRBY` or `ZINCRBY` per field, which cost Redis about three times as
-//! much CPU and the consumer as many replies to parse.
+//! much CPU and the consumer as many replies to parse. It also tells which
+//! user sets (HyperLogLogs) exist: every event that adds a user to a set
+//! counts an event in the same transaction (`All` and `Source`: an `Events`
+//! counter of that source; `Product`: a `ProductEvents` counter of that
+//! product), so a set exists exactly when such a counter does, and a new one
+//! is written whole ([`super::hll`]).
 //!
 //! The copy is exact because the consumer that holds a partition's lease is
 //! the only writer of its keys, and every commit is fenced on the stored
@@ -13,11 +18,11 @@
 //! again when it nears its expiry (Redis may have dropped it) or after it was
 //! evicted to bound the memory ([`MAX_VALUES`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use redis::{Pipeline, Value, aio::ConnectionLike};
 
-use super::{Bucket, Counter, Ranking, Retention, StoreError, keys::PartitionKeys};
+use super::{Bucket, Counter, Ranking, Retention, StoreError, UserSet, keys::PartitionKeys};
 
 /// Values (counter fields and ranked products) kept per partition; past it
 /// the least recently written buckets are dropped, to be read again when a
@@ -40,13 +45,17 @@ struct Known {
     counters: HashMap<Counter, i64>,
     /// Per ranking (in [`Ranking::ALL`] order): product → score.
     rankings: [HashMap<i64, i64>; Ranking::ALL.len()],
+    /// The user sets that exist.
+    user_sets: HashSet<UserSet>,
     /// The commit that last wrote the bucket, for eviction.
     used: u64,
 }
 
 impl Known {
     fn len(&self) -> usize {
-        self.counters.len() + self.rankings.iter().map(HashMap::len).sum::<usize>()
+        self.counters.len()
+            + self.rankings.iter().map(HashMap::len).sum::<usize>()
+            + self.user_sets.len()
     }
 }
 
@@ -56,6 +65,7 @@ impl Known {
 pub struct Written {
     counters: Vec<(Bucket, Counter, i64)>,
     scores: Vec<(Bucket, Ranking, i64, i64)>,
+    user_sets: Vec<(Bucket, UserSet)>,
 }
 
 /// The current values of the counter hashes and rankings of one partition's
@@ -150,6 +160,7 @@ impl Mirror {
                     detail: format!("field {field} is not an integer: {value:?}"),
                 })?;
                 known.counters.insert(counter, value);
+                known.user_sets.extend(user_sets_counted_by(counter));
             }
             for (index, ranking) in Ranking::ALL.into_iter().enumerate() {
                 let scores: Vec<(String, f64)> = from_reply(replies.next())?;
@@ -201,6 +212,13 @@ impl Mirror {
             .unwrap_or(0)
     }
 
+    /// Whether the user set exists; `bucket` must be known.
+    pub fn has_users(&self, bucket: Bucket, set: UserSet) -> bool {
+        self.buckets
+            .get(&bucket)
+            .is_some_and(|known| known.user_sets.contains(&set))
+    }
+
     /// A product's score (0 when not ranked); `bucket` must be known.
     pub fn score(&self, bucket: Bucket, ranking: Ranking, product: i64) -> i64 {
         self.buckets
@@ -229,6 +247,13 @@ impl Mirror {
                 .insert(product, score)
                 .is_none()
             {
+                self.values += 1;
+            }
+        }
+        for (bucket, set) in written.user_sets {
+            let known = self.buckets.entry(bucket).or_default();
+            known.used = commit;
+            if known.user_sets.insert(set) {
                 self.values += 1;
             }
         }
@@ -273,10 +298,25 @@ impl Written {
         self.counters.push((bucket, counter, value));
     }
 
+    /// Records that a user set was written.
+    pub fn user_set(&mut self, bucket: Bucket, set: UserSet) {
+        self.user_sets.push((bucket, set));
+    }
+
     /// Records a product's new score.
     pub fn score(&mut self, bucket: Bucket, ranking: Ranking, product: i64, score: i64) {
         self.scores.push((bucket, ranking, product, score));
     }
+}
+
+/// The user sets whose users a counter's events added.
+fn user_sets_counted_by(counter: Counter) -> impl Iterator<Item = UserSet> {
+    let (first, second) = match counter {
+        Counter::Events { source, .. } => (Some(UserSet::All), Some(UserSet::Source(source))),
+        Counter::ProductEvents { product, .. } => (Some(UserSet::Product(product)), None),
+        _ => (None, None),
+    };
+    first.into_iter().chain(second)
 }
 
 fn index(ranking: Ranking) -> usize {

@@ -10,6 +10,7 @@
 //! land on one partition and the partitions' user sets are disjoint.
 
 pub mod commit;
+pub mod hll;
 pub mod keys;
 pub mod mirror;
 pub mod read;
