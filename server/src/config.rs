@@ -224,12 +224,12 @@ pub struct Config {
 
     /// Most records applied by one Redis commit (a commit never spans two
     /// fetches, so `--fetch-max-bytes` caps it too). A commit holds Redis for
-    /// about 4 µs per record while it runs: smaller keeps queries fast while
+    /// about 3 µs per record while it runs: smaller keeps queries fast while
     /// ingest catches up, larger ingests faster, as a batch's events share
-    /// more of its hour and day fields. Measured by the ingest bench while
-    /// catching up: 2000 gives 3.0 Redis commands per event and queries
-    /// waiting up to about 60 ms behind commits; 20,000 gives 1.4 commands
-    /// per event, twice the throughput, and waits up to about 190 ms.
+    /// more of its keys. Measured by the ingest bench while catching up:
+    /// 2000 gives 0.9 Redis commands per event and queries waiting up to
+    /// about 40 ms behind commits; 20,000 gives 0.3 commands per event,
+    /// twice the throughput, and waits up to about 110 ms.
     #[arg(
         long,
         env = "RTAP_COMMIT_MAX_EVENTS",

@@ -26,8 +26,8 @@ use super::{Bucket, Counter, Ranking, Retention, StoreError, UserSet, keys::Part
 
 /// Values (counter fields and ranked products) kept per partition; past it
 /// the least recently written buckets are dropped, to be read again when a
-/// batch touches them. 30 to 60 bytes a value: at most about 15 MB per
-/// partition.
+/// batch touches them. Under 80 bytes a value, hash tables included: at
+/// most 20 MB per partition.
 pub const MAX_VALUES: usize = 250_000;
 
 /// A bucket whose keys expire within this many seconds is read again before
