@@ -771,6 +771,19 @@ fn commit_settings(session_ttl_ms: i64) -> CommitSettings {
     }
 }
 
+/// Commits `batch` as a consumer that just started: with an empty mirror,
+/// so the values it adds to are read from Redis.
+async fn commit_afresh(
+    connection: &mut redis::aio::MultiplexedConnection,
+    keys: &PartitionKeys,
+    batch: &BatchAggregate,
+    meta: &CommitMeta,
+    settings: &CommitSettings,
+) -> Result<commit::Committed, StoreError> {
+    let mut mirror = Mirror::new(settings.retention);
+    commit::commit(connection, keys, batch, meta, settings, &mut mirror).await
+}
+
 /// Session states go to their epoch's hash, one command a commit, and are
 /// read from the current and the previous epoch's; the later write wins.
 #[tokio::test]
@@ -793,18 +806,7 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
             now_ms,
         };
         let (mut connection, keys) = (connection.clone(), keys.clone());
-        let mut mirror = Mirror::new(settings.retention);
-        async move {
-            commit::commit(
-                &mut connection,
-                &keys,
-                &batch,
-                &meta,
-                &settings,
-                &mut mirror,
-            )
-            .await
-        }
+        async move { commit_afresh(&mut connection, &keys, &batch, &meta, &settings).await }
     };
     let read = |epoch| {
         let (mut connection, keys, session) = (connection.clone(), keys.clone(), session.clone());
@@ -968,10 +970,9 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
         source: 1,
     };
     let two_to_52 = 1_i64 << 52;
-    // Each commit with a mirror of its own, as after a restart: the second
-    // adds to what the first wrote, read from Redis.
+    // Each commit as after a restart: the second adds to what the first
+    // wrote, read from Redis.
     for (offset, near_by) in [(0, two_to_52 + 3), (1, two_to_52)] {
-        let mut mirror = Mirror::new(settings.retention);
         let mut batch = BatchAggregate::new(None, HashMap::new(), 300_000);
         batch.minutes.insert(
             minute,
@@ -988,15 +989,7 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
             dead_lettered: Vec::new(),
             now_ms: now.timestamp_millis(),
         };
-        commit::commit(
-            &mut connection,
-            &keys,
-            &batch,
-            &meta,
-            &settings,
-            &mut mirror,
-        )
-        .await?;
+        commit_afresh(&mut connection, &keys, &batch, &meta, &settings).await?;
     }
     for granularity in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
         let bucket = Bucket::containing(granularity, minute);

@@ -454,40 +454,7 @@ mod tests {
 
     #[test]
     fn every_counter_field_parses_back_and_nothing_else_does() {
-        let counters = [
-            Counter::Events {
-                event_type: 1,
-                source: 2,
-            },
-            Counter::ProductEvents {
-                event_type: 3,
-                source: 4,
-                product: 5_000_000_000,
-            },
-            Counter::Quantity {
-                event_type: 4,
-                source: 1,
-                product: 7,
-            },
-            Counter::Dwell {
-                source: 2,
-                product: 8,
-            },
-            Counter::TotalDwell { source: 3 },
-            Counter::Revenue { source: 1 },
-            Counter::ProductRevenue {
-                source: 1,
-                product: 9,
-            },
-            Counter::Late,
-            Counter::Sessions { source: 2 },
-            Counter::SessionLength { source: 2 },
-            Counter::SessionEvents { source: 2 },
-            Counter::Funnel {
-                stage: FunnelStage::AddToCart,
-                source: 4,
-            },
-        ];
+        let counters = one_counter_of_each_kind();
         for counter in counters {
             assert_eq!(Counter::parse(&counter.field()), Some(counter), "{counter}");
         }
@@ -545,7 +512,13 @@ mod tests {
 
     #[test]
     fn counter_fields_are_distinct() {
-        let counters = [
+        let counters = one_counter_of_each_kind();
+        let fields: std::collections::HashSet<_> = counters.iter().map(Counter::field).collect();
+        assert_eq!(fields.len(), counters.len());
+    }
+
+    fn one_counter_of_each_kind() -> Vec<Counter> {
+        vec![
             Counter::Events {
                 event_type: 1,
                 source: 2,
@@ -553,7 +526,7 @@ mod tests {
             Counter::ProductEvents {
                 event_type: 1,
                 source: 2,
-                product: 3,
+                product: 5_000_000_000,
             },
             Counter::Quantity {
                 event_type: 1,
@@ -582,8 +555,6 @@ mod tests {
                 stage: FunnelStage::Purchase,
                 source: 1,
             },
-        ];
-        let fields: std::collections::HashSet<_> = counters.iter().map(Counter::field).collect();
-        assert_eq!(fields.len(), counters.len());
+        ]
     }
 }
