@@ -6,11 +6,13 @@
 //! `--fetch-max-bytes` are in memory per partition), and for every chunk of at
 //! most `--commit-max-events` records:
 //! 1. decodes and validates each record; rejects go to the dead-letter topic;
-//! 2. reads, in one round trip, which event ids were counted already and the
-//!    state of the sessions concerned;
+//! 2. reads, in one round trip, which event ids were counted already, the
+//!    state of the sessions concerned, and the current values of the buckets
+//!    the events fall in that the partition's [`Mirror`] lacks;
 //! 3. folds the new events in memory ([`BatchAggregate`]);
-//! 4. commits aggregates, dedupe ids, sessions, counters and the next offset
-//!    in one transaction, fenced on the stored offset ([`store::commit`]);
+//! 4. commits aggregates (counters and rankings as their new values, from
+//!    the mirror), dedupe ids, sessions, counters and the next offset in one
+//!    transaction, fenced on the stored offset ([`store::commit`]);
 //! 5. hands a [`CommitDelta`](rtap::v1::CommitDelta) to the publisher, which
 //!    can drop it but never delays the partition.
 //!
