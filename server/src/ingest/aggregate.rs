@@ -286,9 +286,9 @@ impl BatchAggregate {
     /// Every bucket the batch writes: the minutes it changes, and their
     /// hours and days.
     pub fn touched_buckets(&self) -> impl Iterator<Item = Bucket> + '_ {
-        self.minutes.keys().flat_map(|minute| {
-            Granularity::ALL.map(|granularity| Bucket::containing(granularity, *minute))
-        })
+        self.minutes
+            .keys()
+            .flat_map(|minute| Bucket::of_minute(*minute))
     }
 
     /// The changes per bucket of `granularity`: minute buckets as they are

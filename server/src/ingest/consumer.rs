@@ -658,9 +658,9 @@ impl PartitionConsumer {
         // The values of the buckets the events fall in, unless known (those
         // of sessions' earlier minutes are read by the commit if needed).
         let unknown = mirror.missing(
-            by_minute.keys().flat_map(|minute| {
-                Granularity::ALL.map(|granularity| Bucket::containing(granularity, *minute))
-            }),
+            by_minute
+                .keys()
+                .flat_map(|minute| Bucket::of_minute(*minute)),
             now.timestamp(),
         );
         let prefetched = commit::prefetch(

@@ -489,6 +489,7 @@ impl Transaction {
         self.written.user_set(bucket, set);
         let key = keys.users(bucket, set);
         let expires_at = settings.retention.expires_at(bucket);
+        // `EXAT` must be positive (`PFADD` and `EXPIREAT` take any time).
         let whole = (!mirror.has_users(bucket, set) && expires_at > 0)
             .then(|| hll::sparse(users.iter().copied()))
             .flatten();

@@ -1,8 +1,9 @@
 //! A partition consumer's copy of the counter hashes and rankings it writes,
 //! so that a commit sets their new values (`HSET key field value …`,
 //! `ZADD key score member …`: one command a key) instead of sending one
-//! `HINCRBY` or `ZINCRBY` per field, which cost Redis about three times as
-//! much CPU and the consumer as many replies to parse. It also tells which
+//! `HINCRBY` or `ZINCRBY` per field, each of which Redis parses, queues,
+//! runs and answers on its own (in the ingest bench: 1.37 → 0.36 commands
+//! and 4.1 → 3.3 µs of Redis CPU per event). It also tells which
 //! user sets (HyperLogLogs) exist: every event that adds a user to a set
 //! counts an event in the same transaction (`All` and `Source`: an `Events`
 //! counter of that source; `Product`: a `ProductEvents` counter of that

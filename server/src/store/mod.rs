@@ -74,6 +74,11 @@ impl Bucket {
             start: granularity.bucket_start(unix_seconds),
         }
     }
+
+    /// The minute, hour and day buckets an event of `minute_start` counts in.
+    pub fn of_minute(minute_start: i64) -> [Self; 3] {
+        Granularity::ALL.map(|granularity| Self::containing(granularity, minute_start))
+    }
 }
 
 /// How long buckets of each granularity are kept after they end.
