@@ -3,11 +3,13 @@
 //! Sessions arrive as a Poisson process in simulated time. Each session
 //! belongs to one user (drawn with Zipf-skewed activity, so a few users are
 //! heavy), on one source (web or mobile app, by a configurable mix), and
-//! follows a plan decided when it starts: a landing page, maybe a search,
-//! then — with the configured funnel rates — product views (products drawn
-//! with Zipf popularity), an add to cart (sometimes removed and replaced), and
-//! a purchase. Gaps inside a session stay below the session inactivity gap,
-//! and a user's next session starts more than a gap later, so a consumer that
+//! goes through the funnel one step at a time: a landing page, maybe a
+//! search, then — with the configured funnel rates — product views (products
+//! drawn with Zipf popularity), an add to cart (sometimes removed and
+//! replaced), and a purchase. Each step is drawn when the session reaches
+//! it, so a session under way is a few bytes of state rather than a plan.
+//! Gaps inside a session stay below the session inactivity gap, and a
+//! user's next session starts more than a gap later, so a consumer that
 //! splits sessions on inactivity sees the sessions the model made.
 //!
 //! Everything is drawn from one seeded ChaCha generator, in one order, so a
@@ -254,11 +256,9 @@ impl MalformedKind {
     }
 }
 
-/// One step of a session's plan. Small and `Copy`: tens of thousands of
-/// sessions are under way, and each event reads one step of a random one, so
-/// the fewer cache lines a plan takes, the faster the generator.
+/// One event of a session, as drawn at its step.
 #[derive(Debug, Clone, Copy)]
-struct PlannedEvent {
+struct SessionEvent {
     event_type: EventType,
     product: Option<ProductInfo>,
     /// Time until the session's next event (dwell time on this page).
@@ -289,7 +289,7 @@ impl SearchQuery {
     }
 }
 
-/// Who a planned event belongs to.
+/// Who a drawn event belongs to.
 #[derive(Debug, Clone, Copy)]
 struct SessionInfo {
     user_id: i64,
@@ -297,12 +297,54 @@ struct SessionInfo {
     session_id: Uuid,
 }
 
-#[derive(Debug)]
+/// A session under way: whose it is and where it stands in the funnel.
+/// Tens of thousands are under way and each event reads a random one, so it
+/// is kept to 40 bytes, one cache line: the generator's time went mostly to
+/// cache misses while sessions carried their whole plan.
+#[derive(Debug, Clone, Copy)]
 struct Session {
-    user_index: usize,
-    info: SessionInfo,
-    plan: Vec<PlannedEvent>,
-    next: usize,
+    id: Uuid,
+    user_id: i64,
+    /// Position in `Generator::users`, to free the user at the end.
+    user: u32,
+    /// Position in `Generator::products` of the product in the cart, or to
+    /// be added to it: the first one viewed.
+    cart_item: u32,
+    /// Position of the product that replaces a removed cart item: one of the
+    /// products viewed, each as likely (reservoir sampling).
+    replacement: u32,
+    step: Step,
+    mobile: bool,
+    /// Products viewed so far.
+    views: u8,
+    /// Quantity in the cart.
+    quantity: u8,
+}
+
+// The size the `Session` docs promise, with the slot's `Option` in the
+// niche of `Step`.
+const _: () = assert!(std::mem::size_of::<Option<Session>>() == 40);
+
+/// The next event of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Landing,
+    Search,
+    ProductView,
+    /// A page view after a product view.
+    Browse,
+    AddToCart,
+    RemoveFromCart,
+    /// The add to cart of the replacement of a removed item.
+    AddReplacement,
+    Purchase,
+}
+
+/// A user of the population, and when they may start a session.
+#[derive(Debug, Clone, Copy)]
+struct User {
+    id: i64,
+    free_at: i64,
 }
 
 #[derive(Debug)]
@@ -332,11 +374,14 @@ impl Ord for HeldBack {
 /// Generates the records of a run, one at a time.
 pub struct Generator {
     params: ModelParams,
-    population: Population,
+    /// The population's users, heaviest first, side by side with when each
+    /// may start a session: a new session reads both, at a random position.
+    users: Vec<User>,
+    products: Vec<ProductInfo>,
     rng: ChaCha8Rng,
-    /// Zipf-weighted positions in `population.products`.
+    /// Zipf-weighted positions in `products`.
     product_rank: ZipfRank,
-    /// Zipf-weighted positions in `population.users`.
+    /// Zipf-weighted positions in `users`.
     user_rank: ZipfRank,
     /// Mean simulated time between session arrivals.
     interarrival: Exp<f64>,
@@ -347,17 +392,9 @@ pub struct Generator {
     /// Sessions under way, by slot; `free_slots` lists the empty ones.
     sessions: Vec<Option<Session>>,
     free_slots: Vec<usize>,
-    /// When each user may start a new session.
-    /// When each user (by position in the population) may start a session.
-    user_free_at: Vec<i64>,
     held_back: BinaryHeap<Reverse<HeldBack>>,
     ready: VecDeque<Emission>,
     sequence: u64,
-    /// Plans of ended sessions, emptied and reused: allocating and growing
-    /// a plan for every session cost more than planning it.
-    spare_plans: Vec<Vec<PlannedEvent>>,
-    /// Scratch list of a session's viewed products, while it is planned.
-    viewed: Vec<ProductInfo>,
 }
 
 impl Generator {
@@ -373,6 +410,12 @@ impl Generator {
         validate(&params)?;
         if population.users.is_empty() || population.products.is_empty() {
             return Err(ModelError::EmptyPopulation);
+        }
+        // Sessions hold positions in the population as `u32`.
+        if u32::try_from(population.users.len().max(population.products.len())).is_err() {
+            return Err(ModelError::Params(
+                "at most 4,294,967,295 users and as many products".into(),
+            ));
         }
         if !(events_per_second.is_finite() && events_per_second > 0.0) {
             return Err(ModelError::Params("the event rate must be positive".into()));
@@ -400,10 +443,18 @@ impl Generator {
         let interarrival = Exp::new(sessions_per_micro)
             .map_err(|e| ModelError::Params(format!("session arrival rate: {e}")))?;
         let start_micros = start.timestamp_micros();
-        let user_count = population.users.len();
+        let users = population
+            .users
+            .iter()
+            .map(|&id| User {
+                id,
+                free_at: i64::MIN,
+            })
+            .collect();
         let mut generator = Self {
             params,
-            population,
+            users,
+            products: population.products,
             rng: ChaCha8Rng::seed_from_u64(seed),
             product_rank,
             user_rank,
@@ -413,12 +464,9 @@ impl Generator {
             agenda: Agenda::starting_at(start_micros - WARM_UP_MICROS),
             sessions: Vec::new(),
             free_slots: Vec::new(),
-            user_free_at: vec![i64::MIN; user_count],
             held_back: BinaryHeap::new(),
             ready: VecDeque::new(),
             sequence: 0,
-            spare_plans: Vec::new(),
-            viewed: Vec::new(),
         };
         generator.warm_up(start_micros);
         Ok(generator)
@@ -475,35 +523,35 @@ impl Generator {
 
     /// The next valid event in event-time order, and its time.
     fn next_event(&mut self) -> (InteractionEvent, i64) {
-        let (time, session, planned) = self.advance();
+        let (time, session, drawn) = self.advance();
         let event = InteractionEvent {
             event_id: uuid_string(random_uuid(&mut self.rng)),
             occurred_at: Some(timestamp(time)),
             user_id: session.user_id,
-            product_id: planned.product.map_or(0, |p| p.id),
+            product_id: drawn.product.map_or(0, |p| p.id),
             source: session.source as i32,
-            r#type: planned.event_type as i32,
+            r#type: drawn.event_type as i32,
             session_id: uuid_string(session.session_id),
             dwell_time: matches!(
-                planned.event_type,
+                drawn.event_type,
                 EventType::PageView | EventType::ProductView
             )
-            .then(|| duration(planned.gap_micros)),
-            amount_micros: if planned.event_type == EventType::Purchase {
-                planned.product.map_or(0, |p| p.price_micros) * i64::from(planned.quantity)
+            .then(|| duration(drawn.gap_micros)),
+            amount_micros: if drawn.event_type == EventType::Purchase {
+                drawn.product.map_or(0, |p| p.price_micros) * i64::from(drawn.quantity)
             } else {
                 0
             },
-            quantity: planned.quantity,
-            search_query: planned.search.text(),
+            quantity: drawn.quantity,
+            search_query: drawn.search.text(),
         };
         (event, time)
     }
 
     /// Moves the simulation to its next event: starts the sessions that
-    /// arrive first, then takes the earliest planned event. Returns its time,
-    /// its session (user, source, id) and the plan entry.
-    fn advance(&mut self) -> (i64, SessionInfo, PlannedEvent) {
+    /// arrive first, then takes the step of the session due first. Returns its time,
+    /// its session (user, source, id) and the event drawn.
+    fn advance(&mut self) -> (i64, SessionInfo, SessionEvent) {
         loop {
             let next_session_event = self.agenda.peek();
             if next_session_event.is_none_or(|time| self.next_arrival_micros <= time) {
@@ -516,24 +564,36 @@ impl Generator {
             let Some((time, key)) = self.agenda.pop() else {
                 continue;
             };
-            let Some(Some(session)) = self.sessions.get_mut(key) else {
+            let Some(Some(mut session)) = self.sessions.get(key).copied() else {
                 continue;
             };
             self.clock_micros = self.clock_micros.max(time);
-            let planned = session.plan[session.next];
-            session.next += 1;
-            let info = session.info;
-            if session.next < session.plan.len() {
-                self.agenda.push(time + planned.gap_micros, key);
-            } else {
-                let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
-                self.user_free_at[session.user_index] = free_at;
-                if let Some(ended) = self.sessions[key].take() {
-                    self.spare_plans.push(ended.plan);
+            let (drawn, next) = self.take_step(&mut session);
+            let info = SessionInfo {
+                user_id: session.user_id,
+                source: if session.mobile {
+                    Source::MobileApp
+                } else {
+                    Source::Web
+                },
+                session_id: session.id,
+            };
+            match next {
+                Some(step) => {
+                    session.step = step;
+                    self.sessions[key] = Some(session);
+                    self.agenda.push(time + drawn.gap_micros, key);
                 }
-                self.free_slots.push(key);
+                None => {
+                    let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
+                    if let Some(user) = self.users.get_mut(session.user as usize) {
+                        user.free_at = free_at;
+                    }
+                    self.sessions[key] = None;
+                    self.free_slots.push(key);
+                }
             }
-            return (time, info, planned);
+            return (time, info, drawn);
         }
     }
 
@@ -550,8 +610,8 @@ impl Generator {
     }
 
     fn peek_time(&mut self) -> Option<i64> {
-        let planned = self.agenda.peek();
-        Some(planned.map_or(self.next_arrival_micros, |t| {
+        let drawn = self.agenda.peek();
+        Some(drawn.map_or(self.next_arrival_micros, |t| {
             t.min(self.next_arrival_micros)
         }))
     }
@@ -564,35 +624,29 @@ impl Generator {
             let index = if draw < USER_REDRAWS / 4 {
                 self.user_rank.sample(&mut self.rng)
             } else {
-                self.rng.random_range(0..self.population.users.len())
+                self.rng.random_range(0..self.users.len())
             };
-            if self.user_free_at[index] <= at {
+            if self.users[index].free_at <= at {
                 user = Some(index);
                 break;
             }
         }
-        let Some(user_index) = user else {
+        let Some(user) = user else {
             return; // every user drawn is mid-session: this arrival is skipped
         };
         // Busy until the session ends (updated then).
-        self.user_free_at[user_index] = i64::MAX;
-        let user_id = self.population.users[user_index];
-        let source = if self.rng.random_bool(self.params.mobile_share) {
-            Source::MobileApp
-        } else {
-            Source::Web
-        };
-        let session_id = random_uuid(&mut self.rng);
-        let plan = self.plan_session();
+        self.users[user].free_at = i64::MAX;
         let session = Some(Session {
-            user_index,
-            info: SessionInfo {
-                user_id,
-                source,
-                session_id,
-            },
-            plan,
-            next: 0,
+            id: random_uuid(&mut self.rng),
+            user_id: self.users[user].id,
+            // `new` checked that positions fit a u32.
+            user: user as u32,
+            cart_item: 0,
+            replacement: 0,
+            step: Step::Landing,
+            mobile: self.rng.random_bool(self.params.mobile_share),
+            views: 0,
+            quantity: 0,
         });
         let key = match self.free_slots.pop() {
             Some(slot) => {
@@ -607,77 +661,113 @@ impl Generator {
         self.agenda.push(at, key);
     }
 
-    fn plan_session(&mut self) -> Vec<PlannedEvent> {
-        let p = &self.params;
-        let (view_rate, cart_rate, purchase_rate, search_rate, remove_rate) = (
-            p.view_rate,
-            p.cart_rate,
-            p.purchase_rate,
-            p.search_rate,
-            p.remove_rate,
-        );
-        let views = self.rng.random_bool(view_rate);
-        let carts = views && self.rng.random_bool(cart_rate);
-        let buys = carts && self.rng.random_bool(purchase_rate);
-        let mut plan = self.spare_plans.pop().unwrap_or_default();
-        plan.clear();
-        plan.push(self.page(EventType::PageView));
-        if self.rng.random_bool(search_rate) {
-            let mut search = SearchQuery {
-                len: self.rng.random_range(1..=2),
-                ..SearchQuery::default()
-            };
-            for word in 0..usize::from(search.len) {
-                // SEARCH_WORDS has fewer than 256 words.
-                search.words[word] = self.rng.random_range(0..SEARCH_WORDS.len()) as u8;
+    /// Draws the event of `session`'s step, and the step after it (`None`:
+    /// that was the session's last event). Each decision is drawn when the
+    /// session reaches it, with the rate of the funnel stage it decides.
+    fn take_step(&mut self, session: &mut Session) -> (SessionEvent, Option<Step>) {
+        match session.step {
+            Step::Landing => {
+                let event = self.page(EventType::PageView);
+                let next = if self.rng.random_bool(self.params.search_rate) {
+                    Some(Step::Search)
+                } else {
+                    self.first_view()
+                };
+                (event, next)
             }
-            plan.push(PlannedEvent {
-                search,
-                ..self.page(EventType::Search)
-            });
-        }
-        let mut viewed = std::mem::take(&mut self.viewed);
-        viewed.clear();
-        if views {
-            let count = 1
-                + (0..MAX_VIEWS_PER_SESSION - 1)
-                    .take_while(|_| self.rng.random_bool(0.6))
-                    .count();
-            for _ in 0..count {
-                let product = self.product();
-                viewed.push(product);
-                let dwell = self.dwell();
-                plan.push(PlannedEvent {
-                    product: Some(product),
-                    gap_micros: dwell,
-                    ..self.page(EventType::ProductView)
-                });
-                if self.rng.random_bool(0.3) {
-                    plan.push(self.page(EventType::PageView));
+            Step::Search => {
+                let mut search = SearchQuery {
+                    len: self.rng.random_range(1..=2),
+                    ..SearchQuery::default()
+                };
+                for word in 0..usize::from(search.len) {
+                    // SEARCH_WORDS has fewer than 256 words.
+                    search.words[word] = self.rng.random_range(0..SEARCH_WORDS.len()) as u8;
                 }
+                let event = SessionEvent {
+                    search,
+                    ..self.page(EventType::Search)
+                };
+                (event, self.first_view())
             }
+            Step::ProductView => {
+                let position = self.product_rank.sample(&mut self.rng) as u32;
+                session.views += 1;
+                if session.views == 1 {
+                    session.cart_item = position;
+                }
+                if self.rng.random_range(0..session.views) == 0 {
+                    session.replacement = position;
+                }
+                let event = SessionEvent {
+                    product: Some(self.products[position as usize]),
+                    gap_micros: self.dwell(),
+                    ..self.page(EventType::ProductView)
+                };
+                let next = if self.rng.random_bool(0.3) {
+                    Some(Step::Browse)
+                } else {
+                    self.after_views(session)
+                };
+                (event, next)
+            }
+            Step::Browse => {
+                let event = self.page(EventType::PageView);
+                (event, self.after_views(session))
+            }
+            Step::AddToCart => {
+                session.quantity = self.quantity();
+                let event = self.cart(EventType::AddToCart, session);
+                let next = if self.rng.random_bool(self.params.remove_rate) {
+                    Some(Step::RemoveFromCart)
+                } else {
+                    self.purchase()
+                };
+                (event, next)
+            }
+            Step::RemoveFromCart => {
+                let event = self.cart(EventType::RemoveFromCart, session);
+                session.cart_item = session.replacement;
+                (event, Some(Step::AddReplacement))
+            }
+            Step::AddReplacement => {
+                session.quantity = self.quantity();
+                let event = self.cart(EventType::AddToCart, session);
+                (event, self.purchase())
+            }
+            Step::Purchase => (self.cart(EventType::Purchase, session), None),
         }
-        if carts {
-            let mut item = viewed[0];
-            let quantity = self.quantity();
-            plan.push(self.cart(EventType::AddToCart, item, quantity));
-            let mut final_quantity = quantity;
-            if self.rng.random_bool(remove_rate) {
-                plan.push(self.cart(EventType::RemoveFromCart, item, quantity));
-                item = viewed[self.rng.random_range(0..viewed.len())];
-                final_quantity = self.quantity();
-                plan.push(self.cart(EventType::AddToCart, item, final_quantity));
-            }
-            if buys {
-                plan.push(self.cart(EventType::Purchase, item, final_quantity));
-            }
-        }
-        self.viewed = viewed;
-        plan
     }
 
-    fn page(&mut self, event_type: EventType) -> PlannedEvent {
-        PlannedEvent {
+    /// After the landing page (and search): a product view, or leaving.
+    fn first_view(&mut self) -> Option<Step> {
+        self.rng
+            .random_bool(self.params.view_rate)
+            .then_some(Step::ProductView)
+    }
+
+    /// After a product view (and the page view that may follow it): another
+    /// view (the number of views is geometric, at most
+    /// `MAX_VIEWS_PER_SESSION`), an add to cart, or leaving.
+    fn after_views(&mut self, session: &Session) -> Option<Step> {
+        if u32::from(session.views) < MAX_VIEWS_PER_SESSION && self.rng.random_bool(0.6) {
+            Some(Step::ProductView)
+        } else {
+            self.rng
+                .random_bool(self.params.cart_rate)
+                .then_some(Step::AddToCart)
+        }
+    }
+
+    /// After the cart is settled: a purchase, or leaving.
+    fn purchase(&mut self) -> Option<Step> {
+        self.rng
+            .random_bool(self.params.purchase_rate)
+            .then_some(Step::Purchase)
+    }
+
+    fn page(&mut self, event_type: EventType) -> SessionEvent {
+        SessionEvent {
             event_type,
             product: None,
             gap_micros: self
@@ -688,19 +778,16 @@ impl Generator {
         }
     }
 
-    fn cart(&mut self, event_type: EventType, product: ProductInfo, quantity: u32) -> PlannedEvent {
-        PlannedEvent {
-            product: Some(product),
-            quantity,
+    /// A cart event of `session`'s cart item and quantity.
+    fn cart(&mut self, event_type: EventType, session: &Session) -> SessionEvent {
+        SessionEvent {
+            product: Some(self.products[session.cart_item as usize]),
+            quantity: u32::from(session.quantity),
             ..self.page(event_type)
         }
     }
 
-    fn product(&mut self) -> ProductInfo {
-        self.population.products[self.product_rank.sample(&mut self.rng)]
-    }
-
-    fn quantity(&mut self) -> u32 {
+    fn quantity(&mut self) -> u8 {
         match self.rng.random_range(0..10) {
             0..=6 => 1,
             7..=8 => 2,
@@ -1082,6 +1169,68 @@ mod tests {
                 "{name}: observed {observed:.3}, configured {expected}"
             );
         }
+    }
+
+    #[test]
+    fn carts_hold_products_the_session_viewed() {
+        let params = ModelParams {
+            cart_rate: 1.0,
+            remove_rate: 1.0,
+            late_share: 0.0,
+            ..ModelParams::default()
+        };
+        // About 14 hours of events. Sessions under way at the start were
+        // partly produced during the warm-up; a session lasts less than
+        // four hours, so those first seen later are seen whole.
+        let events = events(&take(&mut generator(params, 5, 2.0), 100_000));
+        let whole_after = start().timestamp() + 4 * 3600;
+        #[derive(Default)]
+        struct Cart {
+            whole: bool,
+            viewed: Vec<i64>,
+            item: Option<(i64, u32)>,
+            removed: bool,
+        }
+        let mut sessions: HashMap<&str, Cart> = HashMap::new();
+        // For sessions of two views that swap their item: how often the
+        // replacement is the first product viewed.
+        let (mut swaps_of_two, mut first_chosen) = (0, 0);
+        for event in &events {
+            let cart = sessions
+                .entry(event.session_id.as_str())
+                .or_insert_with(|| Cart {
+                    whole: event.occurred_at.is_some_and(|t| t.seconds > whole_after),
+                    ..Cart::default()
+                });
+            if !cart.whole {
+                continue;
+            }
+            let item = (event.product_id, event.quantity);
+            match event.r#type() {
+                EventType::ProductView => cart.viewed.push(event.product_id),
+                EventType::AddToCart if cart.removed => {
+                    assert!(cart.viewed.contains(&event.product_id), "{event:?}");
+                    if cart.viewed.len() == 2 && cart.viewed[0] != cart.viewed[1] {
+                        swaps_of_two += 1;
+                        first_chosen += i32::from(event.product_id == cart.viewed[0]);
+                    }
+                    cart.item = Some(item);
+                }
+                EventType::AddToCart => {
+                    assert_eq!(event.product_id, cart.viewed[0], "{event:?}");
+                    cart.item = Some(item);
+                }
+                EventType::RemoveFromCart => {
+                    assert_eq!(cart.item, Some(item));
+                    cart.removed = true;
+                }
+                EventType::Purchase => assert_eq!(cart.item, Some(item)),
+                _ => {}
+            }
+        }
+        assert!(swaps_of_two > 1000, "{swaps_of_two} swaps");
+        let share = f64::from(first_chosen) / f64::from(swaps_of_two);
+        assert!((share - 0.5).abs() < 0.05, "first viewed chosen {share}");
     }
 
     #[test]
