@@ -9,7 +9,7 @@
 
 /// The record key of an event by `user_id`.
 pub fn record_key(user_id: i64) -> Vec<u8> {
-    user_id.to_string().into_bytes()
+    itoa::Buffer::new().format(user_id).as_bytes().to_vec()
 }
 
 /// The partition of a record with `key` in a topic of `partitions`
@@ -175,5 +175,12 @@ mod tests {
             assert_eq!(partition, partition_for_key(&key, 7));
         }
         assert_eq!(partition_for_key(b"1", 0), 0);
+    }
+
+    #[test]
+    fn the_record_key_is_the_decimal_user_id() {
+        for user in [0, 7, 1_000_000, -42, i64::MAX, i64::MIN] {
+            assert_eq!(record_key(user), user.to_string().into_bytes());
+        }
     }
 }

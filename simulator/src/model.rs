@@ -955,7 +955,9 @@ fn event_time(event: &InteractionEvent) -> DateTime<Utc> {
 }
 
 fn random_uuid(rng: &mut ChaCha8Rng) -> Uuid {
-    uuid::Builder::from_random_bytes(rng.random()).into_uuid()
+    // One u128, not `[u8; 16]`: rand draws an array element by element, a
+    // word of the generator per byte.
+    uuid::Builder::from_random_bytes(rng.random::<u128>().to_le_bytes()).into_uuid()
 }
 
 /// The hyphenated lower-case form, without `Display`'s formatting machinery.
