@@ -25,7 +25,7 @@ use rskafka::{
 use rtap::kafka::admin::ensure_topic;
 use rtap_simulator::{
     config::SimulatorConfig,
-    model::{Generator, ModelParams, Population},
+    model::{Emission, Generator, ModelParams, Population},
     run,
 };
 use tokio_util::sync::CancellationToken;
@@ -91,12 +91,18 @@ fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Erro
     let started = Instant::now();
     let records: Vec<Record> = (0..count)
         .map(|_| {
-            let emission = generator.next_emission();
+            let Emission {
+                key,
+                value,
+                occurred_at,
+                kind,
+            } = generator.next_emission();
+            generator.recycle(kind);
             Record {
-                key: Some(emission.key),
-                value: Some(emission.value),
+                key: Some(key),
+                value: Some(value),
                 headers: Default::default(),
-                timestamp: emission.occurred_at,
+                timestamp: occurred_at,
             }
         })
         .collect();

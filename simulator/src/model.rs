@@ -40,6 +40,8 @@ const MICROS_PER_SECOND: i64 = 1_000_000;
 /// Longest time on one page: dwell times are drawn from an exponential
 /// distribution and cut here.
 const MAX_DWELL_MICROS: i64 = 10 * 60 * MICROS_PER_SECOND;
+/// Most events kept for reuse: a few are in use at any time.
+const MAX_SPARE_EVENTS: usize = 64;
 /// Most product views in one session.
 const MAX_VIEWS_PER_SESSION: u32 = 8;
 /// How often a new session's user is redrawn when the one drawn is still in
@@ -276,9 +278,11 @@ struct SearchQuery {
 }
 
 impl SearchQuery {
-    fn text(self) -> String {
+    /// The query spelled out, in `text` (emptied first: its capacity is
+    /// reused).
+    fn write_into(self, mut text: String) -> String {
+        text.clear();
         let words = &self.words[..usize::from(self.len)];
-        let mut text = String::new();
         for (i, &word) in words.iter().enumerate() {
             if i > 0 {
                 text.push(' ');
@@ -395,6 +399,12 @@ pub struct Generator {
     held_back: BinaryHeap<Reverse<HeldBack>>,
     ready: VecDeque<Emission>,
     sequence: u64,
+    /// Events handed back by [`Generator::recycle`].
+    #[expect(
+        clippy::vec_box,
+        reason = "emissions hold boxed events: the boxes are what is reused"
+    )]
+    spare_events: Vec<Box<InteractionEvent>>,
 }
 
 impl Generator {
@@ -467,6 +477,7 @@ impl Generator {
             held_back: BinaryHeap::new(),
             ready: VecDeque::new(),
             sequence: 0,
+            spare_events: Vec::new(),
         };
         generator.warm_up(start_micros);
         Ok(generator)
@@ -521,17 +532,34 @@ impl Generator {
         }
     }
 
+    /// Hands back what an emission of [`Generator::next_emission`] holds
+    /// once it has been used, so the next event reuses its memory: the
+    /// allocations of an event cost as much as drawing it.
+    pub fn recycle(&mut self, kind: EmissionKind) {
+        if let EmissionKind::Event { event, .. } = kind
+            && self.spare_events.len() < MAX_SPARE_EVENTS
+        {
+            self.spare_events.push(event);
+        }
+    }
+
     /// The next valid event in event-time order, and its time.
-    fn next_event(&mut self) -> (InteractionEvent, i64) {
+    fn next_event(&mut self) -> (Box<InteractionEvent>, i64) {
         let (time, session, drawn) = self.advance();
-        let event = InteractionEvent {
-            event_id: uuid_string(random_uuid(&mut self.rng)),
+        let mut event = self.spare_events.pop().unwrap_or_default();
+        let (event_id, session_id, search_query) = (
+            std::mem::take(&mut event.event_id),
+            std::mem::take(&mut event.session_id),
+            std::mem::take(&mut event.search_query),
+        );
+        *event = InteractionEvent {
+            event_id: write_uuid(event_id, random_uuid(&mut self.rng)),
             occurred_at: Some(timestamp(time)),
             user_id: session.user_id,
             product_id: drawn.product.map_or(0, |p| p.id),
             source: session.source as i32,
             r#type: drawn.event_type as i32,
-            session_id: uuid_string(session.session_id),
+            session_id: write_uuid(session_id, session.session_id),
             dwell_time: matches!(
                 drawn.event_type,
                 EventType::PageView | EventType::ProductView
@@ -543,7 +571,7 @@ impl Generator {
                 0
             },
             quantity: drawn.quantity,
-            search_query: drawn.search.text(),
+            search_query: drawn.search.write_into(search_query),
         };
         (event, time)
     }
@@ -805,7 +833,7 @@ impl Generator {
     fn malformed(&mut self, event: &InteractionEvent) -> Emission {
         let kind = MalformedKind::ALL[self.rng.random_range(0..MalformedKind::ALL.len())];
         let mut broken = event.clone();
-        broken.event_id = uuid_string(random_uuid(&mut self.rng));
+        broken.event_id = write_uuid(String::new(), random_uuid(&mut self.rng));
         let value = match kind {
             MalformedKind::Garbage => {
                 // 0x0f: field 1 with wire type 7, which does not exist.
@@ -935,15 +963,12 @@ fn expected_events_per_session(p: &ModelParams) -> f64 {
         + carts * p.purchase_rate
 }
 
-fn emission_of(event: InteractionEvent, late: bool) -> Emission {
+fn emission_of(event: Box<InteractionEvent>, late: bool) -> Emission {
     Emission {
         key: rtap::kafka::record_key(event.user_id),
         value: event.encode_to_vec(),
         occurred_at: event_time(&event),
-        kind: EmissionKind::Event {
-            event: Box::new(event),
-            late,
-        },
+        kind: EmissionKind::Event { event, late },
     }
 }
 
@@ -960,10 +985,13 @@ fn random_uuid(rng: &mut ChaCha8Rng) -> Uuid {
     uuid::Builder::from_random_bytes(rng.random::<u128>().to_le_bytes()).into_uuid()
 }
 
-/// The hyphenated lower-case form, without `Display`'s formatting machinery.
-fn uuid_string(uuid: Uuid) -> String {
+/// The hyphenated lower-case form, in `text` (emptied first: its capacity
+/// is reused), without `Display`'s formatting machinery.
+fn write_uuid(mut text: String, uuid: Uuid) -> String {
     let mut buffer = [0; uuid::fmt::Hyphenated::LENGTH];
-    uuid.hyphenated().encode_lower(&mut buffer).to_owned()
+    text.clear();
+    text.push_str(uuid.hyphenated().encode_lower(&mut buffer));
+    text
 }
 
 fn micros(duration: Duration) -> i64 {
@@ -1170,6 +1198,22 @@ mod tests {
                 (observed - expected).abs() < tolerance,
                 "{name}: observed {observed:.3}, configured {expected}"
             );
+        }
+    }
+
+    #[test]
+    fn recycled_events_come_out_as_fresh_ones() {
+        let params = ModelParams {
+            duplicate_share: 0.05,
+            malformed_share: 0.05,
+            ..ModelParams::default()
+        };
+        let mut fresh = generator(params.clone(), 3, 100.0);
+        let mut recycling = generator(params, 3, 100.0);
+        for _ in 0..20_000 {
+            let emission = recycling.next_emission();
+            assert_eq!(emission, fresh.next_emission());
+            recycling.recycle(emission.kind);
         }
     }
 
