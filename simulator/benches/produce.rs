@@ -5,6 +5,12 @@
 //! 3. raw rskafka produce of the same records (same sizes, same batch size,
 //!    one request in flight per partition, partitions in parallel).
 //!
+//! Next to each rate it prints the CPU time per record of this process
+//! (Linux), which the broker's share does not blur: on a machine whose
+//! cores the broker shares, the CPU the simulator spends generating is what
+//! it loses against the raw rate. The simulator's includes its start-up,
+//! mostly the model's warm-up (printed first), which its rate excludes.
+//!
 //! `cargo bench -p rtap-simulator` with the broker of `scripts/services.sh up`
 //! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
 //! (default 1,000,000: shorter rounds measure start-up more than
@@ -57,12 +63,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut simulator_rates = Vec::new();
     let mut raw_rates = Vec::new();
+    let (mut simulator_cpu, mut raw_cpu) = (Vec::new(), Vec::new());
     if rounds == 0 {
         return Ok(());
     }
     for round in 0..rounds {
+        let cpu = CpuClock::start();
         let raw = runtime.block_on(raw_produce(&brokers, &generated, round))?;
+        raw_cpu.push(cpu.micros_per(records));
+        let cpu = CpuClock::start();
         let simulator = runtime.block_on(simulator_produce(&brokers, records, round))?;
+        simulator_cpu.push(cpu.micros_per(records));
         println!(
             "round {round}: raw rskafka {raw:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s"
         );
@@ -71,8 +82,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let raw = median(&mut raw_rates);
     let simulator = median(&mut simulator_rates);
-    println!("raw rskafka produce:   {raw:>12.0} records/s (median of {rounds})");
-    println!("rtap-simulator:        {simulator:>12.0} records/s (median of {rounds})");
+    println!(
+        "raw rskafka produce:   {raw:>12.0} records/s (median of {rounds}), {} CPU/record",
+        cpu_figure(&raw_cpu)
+    );
+    println!(
+        "rtap-simulator:        {simulator:>12.0} records/s (median of {rounds}), {} CPU/record with the warm-up",
+        cpu_figure(&simulator_cpu)
+    );
     println!(
         "ratio simulator / raw: {:>12.2} (target >= 0.80)",
         simulator / raw
@@ -81,6 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Error>> {
+    let warm_up = Instant::now();
     let mut generator = Generator::new(
         ModelParams::default(),
         Population::synthetic(1_000_000, 1_000),
@@ -88,6 +106,10 @@ fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Erro
         Utc::now(),
         1000.0,
     )?;
+    println!(
+        "model warm-up:         {:>12.2} s (15 simulated minutes before the first record)",
+        warm_up.elapsed().as_secs_f64()
+    );
     let started = Instant::now();
     let records: Vec<Record> = (0..count)
         .map(|_| {
@@ -195,6 +217,40 @@ async fn simulator_produce(
     let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
     delete_topic(&client, &topic).await?;
     Ok(records as f64 / report.elapsed.max(Duration::from_nanos(1)).as_secs_f64())
+}
+
+/// CPU time of this process, all threads, from `/proc/self/stat` (Linux).
+struct CpuClock(Option<f64>);
+
+impl CpuClock {
+    fn start() -> Self {
+        Self(process_cpu_seconds())
+    }
+
+    /// Microseconds of CPU per record since `start`, if known.
+    fn micros_per(&self, records: usize) -> Option<f64> {
+        let (start, now) = (self.0?, process_cpu_seconds()?);
+        Some((now - start) * 1e6 / records as f64)
+    }
+}
+
+/// User and system time of this process, in seconds. The kernel reports
+/// them in ticks of `USER_HZ`, 100 on every Linux architecture's ABI.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may hold spaces: state is the
+    // first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+fn cpu_figure(values: &[Option<f64>]) -> String {
+    let mut known: Vec<f64> = values.iter().flatten().copied().collect();
+    if known.is_empty() {
+        return "unknown".into();
+    }
+    format!("{:.2} µs", median(&mut known))
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -520,15 +520,17 @@ impl Generator {
             let duplicate = chance(self.params.duplicate_share);
             let malformed = chance(self.params.malformed_share).then(|| self.malformed(&event));
             let emission = emission_of(event, false);
-            let repeat = duplicate.then(|| Emission {
-                key: emission.key.clone(),
-                value: emission.value.clone(),
-                occurred_at: emission.occurred_at,
-                kind: EmissionKind::Duplicate,
-            });
-            self.ready.push_back(emission);
-            self.ready.extend(repeat);
+            // `ready` is empty: what follows this emission waits there.
+            if duplicate {
+                self.ready.push_back(Emission {
+                    key: emission.key.clone(),
+                    value: emission.value.clone(),
+                    occurred_at: emission.occurred_at,
+                    kind: EmissionKind::Duplicate,
+                });
+            }
             self.ready.extend(malformed);
+            return emission;
         }
     }
 
