@@ -303,8 +303,8 @@ struct SessionInfo {
 
 /// A session under way: whose it is and where it stands in the funnel.
 /// Tens of thousands are under way and each event reads a random one, so it
-/// is kept to 40 bytes, one cache line: the generator's time went mostly to
-/// cache misses while sessions carried their whole plan.
+/// is kept to 40 bytes, mostly within one cache line: the generator's time
+/// went mostly to cache misses while sessions carried their whole plan.
 #[derive(Debug, Clone, Copy)]
 struct Session {
     id: Uuid,
@@ -579,8 +579,8 @@ impl Generator {
     }
 
     /// Moves the simulation to its next event: starts the sessions that
-    /// arrive first, then takes the step of the session due first. Returns its time,
-    /// its session (user, source, id) and the event drawn.
+    /// arrive first, then takes the step of the session due first. Returns
+    /// its time, its session (user, source, id) and the event drawn.
     fn advance(&mut self) -> (i64, SessionInfo, SessionEvent) {
         loop {
             let next_session_event = self.agenda.peek();
@@ -640,8 +640,8 @@ impl Generator {
     }
 
     fn peek_time(&mut self) -> Option<i64> {
-        let drawn = self.agenda.peek();
-        Some(drawn.map_or(self.next_arrival_micros, |t| {
+        let next_step = self.agenda.peek();
+        Some(next_step.map_or(self.next_arrival_micros, |t| {
             t.min(self.next_arrival_micros)
         }))
     }
@@ -698,11 +698,9 @@ impl Generator {
         match session.step {
             Step::Landing => {
                 let event = self.page(EventType::PageView);
-                let next = if self.rng.random_bool(self.params.search_rate) {
-                    Some(Step::Search)
-                } else {
-                    self.first_view()
-                };
+                let next = self
+                    .maybe(self.params.search_rate, Step::Search)
+                    .or_else(|| self.first_view());
                 (event, next)
             }
             Step::Search => {
@@ -734,11 +732,9 @@ impl Generator {
                     gap_micros: self.dwell(),
                     ..self.page(EventType::ProductView)
                 };
-                let next = if self.rng.random_bool(0.3) {
-                    Some(Step::Browse)
-                } else {
-                    self.after_views(session)
-                };
+                let next = self
+                    .maybe(0.3, Step::Browse)
+                    .or_else(|| self.after_views(session));
                 (event, next)
             }
             Step::Browse => {
@@ -748,11 +744,9 @@ impl Generator {
             Step::AddToCart => {
                 session.quantity = self.quantity();
                 let event = self.cart(EventType::AddToCart, session);
-                let next = if self.rng.random_bool(self.params.remove_rate) {
-                    Some(Step::RemoveFromCart)
-                } else {
-                    self.purchase()
-                };
+                let next = self
+                    .maybe(self.params.remove_rate, Step::RemoveFromCart)
+                    .or_else(|| self.purchase());
                 (event, next)
             }
             Step::RemoveFromCart => {
@@ -769,31 +763,29 @@ impl Generator {
         }
     }
 
+    /// `step` with probability `share`.
+    fn maybe(&mut self, share: f64, step: Step) -> Option<Step> {
+        self.rng.random_bool(share).then_some(step)
+    }
+
     /// After the landing page (and search): a product view, or leaving.
     fn first_view(&mut self) -> Option<Step> {
-        self.rng
-            .random_bool(self.params.view_rate)
-            .then_some(Step::ProductView)
+        self.maybe(self.params.view_rate, Step::ProductView)
     }
 
     /// After a product view (and the page view that may follow it): another
     /// view (the number of views is geometric, at most
     /// `MAX_VIEWS_PER_SESSION`), an add to cart, or leaving.
     fn after_views(&mut self, session: &Session) -> Option<Step> {
-        if u32::from(session.views) < MAX_VIEWS_PER_SESSION && self.rng.random_bool(0.6) {
-            Some(Step::ProductView)
-        } else {
-            self.rng
-                .random_bool(self.params.cart_rate)
-                .then_some(Step::AddToCart)
-        }
+        let another = (u32::from(session.views) < MAX_VIEWS_PER_SESSION)
+            .then(|| self.maybe(0.6, Step::ProductView))
+            .flatten();
+        another.or_else(|| self.maybe(self.params.cart_rate, Step::AddToCart))
     }
 
     /// After the cart is settled: a purchase, or leaving.
     fn purchase(&mut self) -> Option<Step> {
-        self.rng
-            .random_bool(self.params.purchase_rate)
-            .then_some(Step::Purchase)
+        self.maybe(self.params.purchase_rate, Step::Purchase)
     }
 
     fn page(&mut self, event_type: EventType) -> SessionEvent {
