@@ -381,6 +381,19 @@ pub fn nisshi() -> std::path::PathBuf {
         .unwrap_or_else(|| std::path::PathBuf::from("nisshi"))
 }
 
+/// A connection for the tests' own reads and clean-up. Its response
+/// timeout is longer than redis-rs's default of 500 ms: a pipeline's commit
+/// holds Redis for its whole transaction, and with debug builds and tests
+/// running side by side on two cores, a read queued behind one has waited
+/// longer than that.
+pub async fn redis_connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
 /// Deletes the Redis keys of `partitions` of `namespace`, so test runs do not
 /// fill Redis.
 pub async fn delete_redis_namespace(
@@ -388,9 +401,7 @@ pub async fn delete_redis_namespace(
     namespace: &str,
     partitions: i32,
 ) -> anyhow::Result<()> {
-    let mut connection = redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut connection = redis_connection(url).await?;
     for partition in 0..partitions {
         let pattern = rtap_server::store::keys::PartitionKeys::new(namespace, partition).pattern();
         let keys: Vec<String> = redis::cmd("KEYS")

@@ -30,9 +30,7 @@ pub fn redis_url() -> String {
 }
 
 pub async fn redis() -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    Ok(redis::Client::open(redis_url())?
-        .get_multiplexed_async_connection()
-        .await?)
+    super::redis_connection(&redis_url()).await
 }
 
 /// A pipeline configuration of its own (namespace, topics), consuming only.
