@@ -4,6 +4,8 @@
 //! Redis namespace, in the same run against the same broker and Redis.
 //! Meanwhile it pings Redis every 2 ms: the round trips show how long a query
 //! waits behind a commit while ingest catches up (`--commit-max-events`).
+//! It also prints where Redis spent its time, per command (`INFO
+//! commandstats`, counted before and after).
 //!
 //! `cargo bench -p rtap-server --bench ingest` after `scripts/services.sh up`.
 //! `RTAP_BENCH_EVENTS` (default 1,000,000) and `RTAP_BENCH_PARTITIONS`
@@ -13,6 +15,7 @@
 mod common;
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -117,6 +120,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     let probing = CancellationToken::new();
     let probe = tokio::spawn(probe_redis(redis.clone(), probing.clone()));
     let redis_cpu_before = redis_cpu_seconds(&mut connection).await?;
+    let commands_before = command_stats(&mut connection).await?;
     let ingest_started = Instant::now();
     let pipeline = tokio::spawn(consumer::run(
         PipelineSettings::from_config(&config),
@@ -141,6 +145,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     }
     let ingest_seconds = ingest_started.elapsed().as_secs_f64();
     let redis_cpu = redis_cpu_seconds(&mut connection).await? - redis_cpu_before;
+    let commands_after = command_stats(&mut connection).await?;
     // The offsets are in Redis before each commit's reply reaches the
     // consumer, which then counts it: let the last replies be counted.
     let counted = Instant::now();
@@ -182,6 +187,10 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
          (Redis runs commands on one thread)",
         redis_cpu * 1e6 / records.max(1) as f64,
         redis_cpu * 100.0 / ingest_seconds,
+    );
+    println!(
+        "redis time per event by command (commandstats; exec includes the commands it runs): {}",
+        command_breakdown(&commands_before, &commands_after, records)
     );
     pings.sort_unstable();
     let percentile = |p: f64| {
@@ -226,6 +235,67 @@ async fn redis_cpu_seconds(
         }
     }
     Ok(total)
+}
+
+/// Calls and microseconds spent per command since Redis started, from
+/// `INFO commandstats` (`cmdstat_hset:calls=…,usec=…,…`).
+async fn command_stats(
+    connection: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(connection)
+        .await?;
+    let mut stats = BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, fields)) = line.trim().split_once(':') else {
+            continue;
+        };
+        let Some(command) = name.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let field = |key: &str| {
+            fields
+                .split(',')
+                .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|value| value.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        stats.insert(command.to_owned(), (field("calls"), field("usec")));
+    }
+    Ok(stats)
+}
+
+/// The commands that took Redis time between two [`command_stats`], most
+/// first, as microseconds per event, with their calls.
+fn command_breakdown(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    events: u64,
+) -> String {
+    let mut spent: Vec<(&str, u64, u64)> = after
+        .iter()
+        .map(|(command, (calls, usec))| {
+            let (calls_before, usec_before) = before.get(command).copied().unwrap_or_default();
+            (
+                command.as_str(),
+                calls.saturating_sub(calls_before),
+                usec.saturating_sub(usec_before),
+            )
+        })
+        .filter(|(_, calls, _)| *calls > 0)
+        .collect();
+    spent.sort_by_key(|(_, _, usec)| std::cmp::Reverse(*usec));
+    spent
+        .iter()
+        .map(|(command, calls, usec)| {
+            format!(
+                "{command} {:.3} us ({calls} calls)",
+                *usec as f64 / events.max(1) as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Round trips of a `PING` every 2 ms on a connection of its own, until
