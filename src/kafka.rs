@@ -9,7 +9,15 @@
 
 /// The record key of an event by `user_id`.
 pub fn record_key(user_id: i64) -> Vec<u8> {
-    itoa::Buffer::new().format(user_id).as_bytes().to_vec()
+    let mut key = Vec::new();
+    write_record_key(&mut key, user_id);
+    key
+}
+
+/// [`record_key`] into `key` (emptied first), reusing its memory.
+pub fn write_record_key(key: &mut Vec<u8>, user_id: i64) {
+    key.clear();
+    key.extend_from_slice(itoa::Buffer::new().format(user_id).as_bytes());
 }
 
 /// The partition of a record with `key` in a topic of `partitions`
@@ -179,8 +187,11 @@ mod tests {
 
     #[test]
     fn the_record_key_is_the_decimal_user_id() {
+        let mut reused = b"a longer key".to_vec();
         for user in [0, 7, 1_000_000, -42, i64::MAX, i64::MIN] {
             assert_eq!(record_key(user), user.to_string().into_bytes());
+            write_record_key(&mut reused, user);
+            assert_eq!(reused, user.to_string().into_bytes());
         }
     }
 }

@@ -31,7 +31,7 @@ use rskafka::{
 use rtap::kafka::admin::ensure_topic;
 use rtap_simulator::{
     config::SimulatorConfig,
-    model::{Emission, Generator, ModelParams, Population},
+    model::{Generator, ModelParams, Population},
     run,
 };
 use tokio_util::sync::CancellationToken;
@@ -113,19 +113,15 @@ fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Erro
     let started = Instant::now();
     let records: Vec<Record> = (0..count)
         .map(|_| {
-            let Emission {
-                key,
-                value,
-                occurred_at,
-                kind,
-            } = generator.next_emission();
-            generator.recycle(kind);
-            Record {
-                key: Some(key),
-                value: Some(value),
+            let mut emission = generator.next_emission();
+            let record = Record {
+                key: Some(std::mem::take(&mut emission.key)),
+                value: Some(std::mem::take(&mut emission.value)),
                 headers: Default::default(),
-                timestamp: occurred_at,
-            }
+                timestamp: emission.occurred_at,
+            };
+            generator.recycle(emission);
+            record
         })
         .collect();
     let rate = count as f64 / started.elapsed().as_secs_f64();

@@ -42,6 +42,8 @@ const MICROS_PER_SECOND: i64 = 1_000_000;
 const MAX_DWELL_MICROS: i64 = 10 * 60 * MICROS_PER_SECOND;
 /// Most events kept for reuse: a few are in use at any time.
 const MAX_SPARE_EVENTS: usize = 64;
+/// Most key and value buffers kept for reuse, two an event.
+const MAX_SPARE_BUFFERS: usize = 2 * MAX_SPARE_EVENTS;
 /// Most product views in one session.
 const MAX_VIEWS_PER_SESSION: u32 = 8;
 /// How often a new session's user is redrawn when the one drawn is still in
@@ -405,6 +407,8 @@ pub struct Generator {
         reason = "emissions hold boxed events: the boxes are what is reused"
     )]
     spare_events: Vec<Box<InteractionEvent>>,
+    /// Key and value buffers handed back by [`Generator::recycle`].
+    spare_buffers: Vec<Vec<u8>>,
 }
 
 impl Generator {
@@ -478,6 +482,7 @@ impl Generator {
             ready: VecDeque::new(),
             sequence: 0,
             spare_events: Vec::new(),
+            spare_buffers: Vec::new(),
         };
         generator.warm_up(start_micros);
         Ok(generator)
@@ -510,16 +515,17 @@ impl Generator {
                 let max_hold = micros(self.params.max_lateness).max(MICROS_PER_SECOND + 1);
                 let hold = self.rng.random_range(MICROS_PER_SECOND..max_hold);
                 self.sequence += 1;
+                let emission = self.emission_of(event, true);
                 self.held_back.push(Reverse(HeldBack {
                     release_micros: time_micros + hold,
                     sequence: self.sequence,
-                    emission: emission_of(event, true),
+                    emission,
                 }));
                 continue;
             }
             let duplicate = chance(self.params.duplicate_share);
             let malformed = chance(self.params.malformed_share).then(|| self.malformed(&event));
-            let emission = emission_of(event, false);
+            let emission = self.emission_of(event, false);
             // `ready` is empty: what follows this emission waits there.
             if duplicate {
                 self.ready.push_back(Emission {
@@ -534,14 +540,43 @@ impl Generator {
         }
     }
 
-    /// Hands back what an emission of [`Generator::next_emission`] holds
-    /// once it has been used, so the next event reuses its memory: the
-    /// allocations of an event cost as much as drawing it.
-    pub fn recycle(&mut self, kind: EmissionKind) {
+    /// Hands back an emission of [`Generator::next_emission`] once it has
+    /// been used (its key and value copied out, or taken: an empty buffer is
+    /// not kept), so the next event reuses its memory. The allocations of an
+    /// event cost as much as drawing it, and more when another thread frees
+    /// them.
+    pub fn recycle(&mut self, emission: Emission) {
+        let Emission {
+            key, value, kind, ..
+        } = emission;
+        for buffer in [key, value] {
+            if buffer.capacity() > 0 && self.spare_buffers.len() < MAX_SPARE_BUFFERS {
+                self.spare_buffers.push(buffer);
+            }
+        }
         if let EmissionKind::Event { event, .. } = kind
             && self.spare_events.len() < MAX_SPARE_EVENTS
         {
             self.spare_events.push(event);
+        }
+    }
+
+    /// The record of a valid event, in recycled buffers.
+    fn emission_of(&mut self, event: Box<InteractionEvent>, late: bool) -> Emission {
+        let mut key = self.spare_buffers.pop().unwrap_or_default();
+        rtap::kafka::write_record_key(&mut key, event.user_id);
+        let mut value = self.spare_buffers.pop().unwrap_or_default();
+        value.clear();
+        // A `Vec` grows as needed, so encoding into one does not fail; were
+        // it to, a fresh buffer is encoded instead.
+        if event.encode(&mut value).is_err() {
+            value = event.encode_to_vec();
+        }
+        Emission {
+            key,
+            value,
+            occurred_at: event_time(&event),
+            kind: EmissionKind::Event { event, late },
         }
     }
 
@@ -961,15 +996,6 @@ fn expected_events_per_session(p: &ModelParams) -> f64 {
         + carts * p.purchase_rate
 }
 
-fn emission_of(event: Box<InteractionEvent>, late: bool) -> Emission {
-    Emission {
-        key: rtap::kafka::record_key(event.user_id),
-        value: event.encode_to_vec(),
-        occurred_at: event_time(&event),
-        kind: EmissionKind::Event { event, late },
-    }
-}
-
 fn event_time(event: &InteractionEvent) -> DateTime<Utc> {
     event
         .occurred_at
@@ -1211,7 +1237,7 @@ mod tests {
         for _ in 0..20_000 {
             let emission = recycling.next_emission();
             assert_eq!(emission, fresh.next_emission());
-            recycling.recycle(emission.kind);
+            recycling.recycle(emission);
         }
     }
 

@@ -6,15 +6,18 @@
 //! flight per partition keeps each user's events in order; the bounded
 //! channel in front of each worker bounds the data buffered.
 //!
+//! A batch holds its records' keys and values in one buffer, which the
+//! generator appends to. rskafka takes the records it sends, as a `Vec` each
+//! for key and value: the worker builds them from the buffer for each
+//! attempt, so they are allocated and freed by the same task. (Allocated by
+//! the generator and freed by the worker, they cost the generator twice as
+//! much: the allocator's slow path reclaims memory freed by another thread.)
+//!
 //! A broker that goes away is waited for: the failed batch is retried with
 //! backoff, on a freshly built client, until it is stored or the simulator
-//! gives up at shutdown. rskafka takes the records it sends, so each batch's
-//! bytes are first copied into a buffer the worker reuses, from which a
-//! retry rebuilds them: cheaper than cloning every record, two allocations
-//! each, that another thread frees.
+//! gives up at shutdown.
 
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -101,7 +104,7 @@ pub struct ProducerStats {
 /// A running producer.
 pub struct Producer {
     /// The workers' channels, by partition; open until `close`.
-    senders: Vec<mpsc::Sender<Vec<Record>>>,
+    senders: Vec<mpsc::Sender<Batch>>,
     batch_size: usize,
     workers: JoinSet<()>,
     stats: Arc<ProducerStats>,
@@ -111,9 +114,9 @@ pub struct Producer {
 /// Feeds records to the partition workers, a batch at a time. Each generator
 /// has its own (see [`Producer::sender`]).
 pub struct RecordSender {
-    senders: Vec<mpsc::Sender<Vec<Record>>>,
+    senders: Vec<mpsc::Sender<Batch>>,
     /// Records not yet handed to their partition's worker, by partition.
-    pending: Vec<Vec<Record>>,
+    pending: Vec<Batch>,
     batch_size: usize,
 }
 
@@ -156,7 +159,6 @@ impl Producer {
                     client: first_client,
                     receiver,
                     carried: None,
-                    retained: RetainedBatch::default(),
                     batch_size,
                     compression: config.compression,
                     stats: stats.clone(),
@@ -213,7 +215,7 @@ impl Producer {
                 let stranded: usize = senders
                     .iter()
                     .flat_map(|sender| &sender.pending)
-                    .map(Vec::len)
+                    .map(Batch::len)
                     .sum();
                 self.stats
                     .undelivered
@@ -231,9 +233,9 @@ impl Producer {
 }
 
 impl RecordSender {
-    fn new(senders: Vec<mpsc::Sender<Vec<Record>>>, batch_size: usize) -> Self {
+    fn new(senders: Vec<mpsc::Sender<Batch>>, batch_size: usize) -> Self {
         Self {
-            pending: senders.iter().map(|_| Vec::new()).collect(),
+            pending: senders.iter().map(|_| Batch::default()).collect(),
             senders,
             batch_size,
         }
@@ -244,27 +246,20 @@ impl RecordSender {
         i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
     }
 
-    /// Queues a record on its key's partition. A full batch goes to the
-    /// partition's worker, waiting while that worker's buffer is full; a
-    /// partial one waits for more records or for [`RecordSender::flush`].
+    /// Queues a copy of a record on its key's partition. A full batch goes
+    /// to the partition's worker, waiting while that worker's buffer is
+    /// full; a partial one waits for more records or for
+    /// [`RecordSender::flush`].
     pub async fn send(
         &mut self,
-        key: Vec<u8>,
-        value: Vec<u8>,
+        key: &[u8],
+        value: &[u8],
         timestamp: DateTime<Utc>,
     ) -> Result<(), ProduceError> {
-        let partition = rtap::kafka::partition_for_key(&key, self.partitions());
+        let partition = rtap::kafka::partition_for_key(key, self.partitions());
         let index = usize::try_from(partition).unwrap_or(0);
         let pending = &mut self.pending[index];
-        if pending.capacity() == 0 {
-            pending.reserve_exact(self.batch_size);
-        }
-        pending.push(Record {
-            key: Some(key),
-            value: Some(value),
-            headers: Default::default(),
-            timestamp,
-        });
+        pending.push(key, value, timestamp);
         if pending.len() >= self.batch_size {
             self.hand_over(index).await?;
         }
@@ -290,7 +285,10 @@ impl RecordSender {
             .reserve()
             .await
             .map_err(|_| ProduceError::WorkerGone(i32::try_from(index).unwrap_or(i32::MAX)))?;
-        permit.send(std::mem::take(&mut self.pending[index]));
+        let pending = &mut self.pending[index];
+        // The next batch is likely the size of this one.
+        let next = Batch::with_capacity(self.batch_size, pending.bytes.len());
+        permit.send(std::mem::replace(pending, next));
         Ok(())
     }
 }
@@ -358,11 +356,9 @@ struct PartitionWorker {
     connector: Arc<Connector>,
     partition: i32,
     client: Option<PartitionClient>,
-    receiver: mpsc::Receiver<Vec<Record>>,
+    receiver: mpsc::Receiver<Batch>,
     /// A batch received that did not fit in the previous request.
-    carried: Option<Vec<Record>>,
-    /// The batch being delivered, for retries.
-    retained: RetainedBatch,
+    carried: Option<Batch>,
     batch_size: usize,
     compression: Compression,
     stats: Arc<ProducerStats>,
@@ -371,8 +367,8 @@ struct PartitionWorker {
 
 impl PartitionWorker {
     async fn run(mut self) {
-        while let Some(mut batch) = self.next_batch().await {
-            if !self.deliver(&mut batch).await {
+        while let Some(batch) = self.next_batch().await {
+            if !self.deliver(&batch).await {
                 let mut lost = batch.len() as u64;
                 lost += self
                     .carried
@@ -391,7 +387,7 @@ impl PartitionWorker {
     /// The next batch to produce: the oldest one waiting, merged with those
     /// behind it while they fit in a batch (partial batches, flushed while
     /// the previous request was in flight, go out together).
-    async fn next_batch(&mut self) -> Option<Vec<Record>> {
+    async fn next_batch(&mut self) -> Option<Batch> {
         let mut batch = match self.carried.take() {
             Some(batch) => batch,
             None => self.receiver.recv().await?,
@@ -404,19 +400,17 @@ impl PartitionWorker {
                 self.carried = Some(next);
                 break;
             }
-            batch.extend(next);
+            batch.append(&next);
         }
         Some(batch)
     }
 
-    /// Produces `batch` (and empties it), retrying until it is stored;
-    /// `false` if stopped first.
-    async fn deliver(&mut self, batch: &mut Vec<Record>) -> bool {
+    /// Produces `batch`, retrying until it is stored; `false` if stopped
+    /// first.
+    async fn deliver(&mut self, batch: &Batch) -> bool {
         let mut delay = INITIAL_RETRY_DELAY;
         let count = batch.len();
-        let bytes: usize = batch.iter().map(Record::approximate_size).sum();
-        self.retained.copy(batch);
-        let mut first = Some(std::mem::take(batch));
+        let bytes = batch.bytes.len();
         loop {
             if self.client.is_none() {
                 match self.connector.partition_client(self.partition).await {
@@ -427,8 +421,7 @@ impl PartitionWorker {
                 }
             }
             if let Some(client) = &self.client {
-                let records = first.take().unwrap_or_else(|| self.retained.records());
-                match client.produce(records, self.compression).await {
+                match client.produce(batch.records(), self.compression).await {
                     Ok(_) => {
                         self.stats
                             .acknowledged
@@ -444,10 +437,7 @@ impl PartitionWorker {
                 }
             }
             tokio::select! {
-                () = self.stop.cancelled() => {
-                    *batch = first.unwrap_or_else(|| self.retained.records());
-                    return false;
-                }
+                () = self.stop.cancelled() => return false,
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(MAX_RETRY_DELAY);
@@ -455,60 +445,68 @@ impl PartitionWorker {
     }
 }
 
-/// A copy of a batch of records: their keys and values in one buffer, kept
-/// (and its memory reused) from batch to batch.
-#[derive(Default)]
-struct RetainedBatch {
+/// Records of one partition, their keys and values in one buffer.
+#[derive(Debug, Default)]
+struct Batch {
     bytes: Vec<u8>,
-    records: Vec<RetainedRecord>,
+    records: Vec<BatchRecord>,
 }
 
-/// A record of a [`RetainedBatch`], by the lengths of its key and value.
-struct RetainedRecord {
-    key: Option<usize>,
-    value: Option<usize>,
-    headers: BTreeMap<String, Vec<u8>>,
+/// A record of a [`Batch`]: the lengths of its key and value, which follow
+/// those of the records before it in the buffer.
+#[derive(Debug, Clone, Copy)]
+struct BatchRecord {
+    key: usize,
+    value: usize,
     timestamp: DateTime<Utc>,
 }
 
-impl RetainedBatch {
-    /// Replaces the copy with one of `batch`.
-    fn copy(&mut self, batch: &[Record]) {
-        self.bytes.clear();
-        self.records.clear();
-        for record in batch {
-            let mut keep = |part: &Option<Vec<u8>>| {
-                part.as_ref().map(|bytes| {
-                    self.bytes.extend_from_slice(bytes);
-                    bytes.len()
-                })
-            };
-            let (key, value) = (keep(&record.key), keep(&record.value));
-            self.records.push(RetainedRecord {
-                key,
-                value,
-                headers: record.headers.clone(),
-                timestamp: record.timestamp,
-            });
+impl Batch {
+    fn with_capacity(records: usize, bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            records: Vec::with_capacity(records),
         }
     }
 
-    /// The records copied, rebuilt.
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn push(&mut self, key: &[u8], value: &[u8], timestamp: DateTime<Utc>) {
+        self.bytes.extend_from_slice(key);
+        self.bytes.extend_from_slice(value);
+        self.records.push(BatchRecord {
+            key: key.len(),
+            value: value.len(),
+            timestamp,
+        });
+    }
+
+    /// Adds `other`'s records after these.
+    fn append(&mut self, other: &Self) {
+        self.bytes.extend_from_slice(&other.bytes);
+        self.records.extend_from_slice(&other.records);
+    }
+
+    /// The records, built for rskafka (which takes them).
     fn records(&self) -> Vec<Record> {
         let mut rest = self.bytes.as_slice();
-        let mut take = |len: Option<usize>| {
-            len.map(|len| {
-                let (part, tail) = rest.split_at(len);
-                rest = tail;
-                part.to_vec()
-            })
+        let mut take = |len: usize| {
+            let (part, tail) = rest.split_at(len);
+            rest = tail;
+            part.to_vec()
         };
         self.records
             .iter()
             .map(|record| Record {
-                key: take(record.key),
-                value: take(record.value),
-                headers: record.headers.clone(),
+                key: Some(take(record.key)),
+                value: Some(take(record.value)),
+                headers: Default::default(),
                 timestamp: record.timestamp,
             })
             .collect()
@@ -520,32 +518,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_retained_batch_rebuilds_its_records() {
+    fn a_batch_rebuilds_its_records_as_often_as_needed() {
         let at = |seconds| DateTime::from_timestamp(seconds, 0).unwrap_or_default();
-        let batch = vec![
-            Record {
-                key: Some(b"42".to_vec()),
-                value: Some(b"an event".to_vec()),
-                headers: BTreeMap::new(),
-                timestamp: at(1),
-            },
-            Record {
-                key: None,
-                value: Some(Vec::new()),
-                headers: BTreeMap::from([("reason".to_owned(), b"bad".to_vec())]),
-                timestamp: at(2),
-            },
-            Record {
-                key: Some(b"7".to_vec()),
-                value: None,
-                headers: BTreeMap::new(),
-                timestamp: at(3),
-            },
+        let record = |key: &[u8], value: &[u8], seconds| Record {
+            key: Some(key.to_vec()),
+            value: Some(value.to_vec()),
+            headers: Default::default(),
+            timestamp: at(seconds),
+        };
+        let mut batch = Batch::with_capacity(1, 0);
+        batch.push(b"42", b"an event", at(1));
+        batch.push(b"", b"", at(2));
+        let mut later = Batch::default();
+        later.push(b"7", b"another event", at(3));
+        batch.append(&later);
+        let expected = vec![
+            record(b"42", b"an event", 1),
+            record(b"", b"", 2),
+            record(b"7", b"another event", 3),
         ];
-        let mut retained = RetainedBatch::default();
-        retained.copy(&[batch[2].clone()]);
-        retained.copy(&batch);
-        assert_eq!(retained.records(), batch);
-        assert_eq!(retained.records(), batch, "rebuilt as often as needed");
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.records(), expected);
+        assert_eq!(batch.records(), expected, "rebuilt for a retry");
     }
 }

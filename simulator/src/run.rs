@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     catalog::{self, CatalogError},
     config::{ProgressArg, SimulatorConfig},
-    model::{self, Emission, Generator, ModelError, Population},
+    model::{self, Generator, ModelError, Population},
     producer::{ProduceError, Producer, ProducerConfig, ProducerStats, RecordSender},
     truth::GroundTruth,
 };
@@ -271,14 +271,10 @@ impl Shard {
                 }
             }
             self.truth.record(&emission);
-            let Emission {
-                key,
-                value,
-                occurred_at,
-                kind,
-            } = emission;
-            self.generator.recycle(kind);
-            self.sender.send(key, value, occurred_at).await?;
+            self.sender
+                .send(&emission.key, &emission.value, emission.occurred_at)
+                .await?;
+            self.generator.recycle(emission);
             count += 1;
         }
         self.sent
