@@ -26,13 +26,15 @@ use clap::Args;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Exp, Zipf, weighted::WeightedAliasIndex};
+use rand_distr::{Distribution, Exp, Zipf};
 use rtap::v1::{EventType, InteractionEvent, Source};
 use uuid::Uuid;
 
 mod agenda;
+mod alias;
 
 use agenda::Agenda;
+use alias::AliasTable;
 
 use crate::config::{parse_positive, parse_share};
 
@@ -912,14 +914,12 @@ impl Generator {
 
 /// Draws positions `0..n` with Zipf weights `1 / (position + 1)^exponent`.
 enum ZipfRank {
-    /// Alias method: two look-ups per draw, in a table of 8 bytes per
-    /// position that stays in the cache while it is small. `f32` odds: a
-    /// smaller table misses the cache less, and a weight's error of 1e-7 is
-    /// far below what a simulated shop can show.
-    Table(WeightedAliasIndex<f32>),
+    /// Alias method: one look-up per draw, in a table of 8 bytes per
+    /// position.
+    Table(AliasTable),
     /// Rejection-inversion: a few `powf` per draw and no table, faster than
-    /// a table too big for the cache (a million users: 8 MB, two cache
-    /// misses per draw). The second field is the last position.
+    /// a table far too big for the cache (a million users: 8 MB). The
+    /// second field is the last position.
     Formula(Zipf<f64>, usize),
 }
 
@@ -938,10 +938,8 @@ impl ZipfRank {
     }
 
     fn table(n: usize, exponent: f64) -> Result<Self, ModelError> {
-        let weights = (1..=n)
-            .map(|rank| (rank as f64).powf(-exponent) as f32)
-            .collect();
-        WeightedAliasIndex::new(weights)
+        let weights: Vec<f64> = (1..=n).map(|rank| (rank as f64).powf(-exponent)).collect();
+        AliasTable::new(&weights)
             .map(Self::Table)
             .map_err(|e| ModelError::Params(format!("Zipf ranks: {e}")))
     }
