@@ -796,7 +796,7 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
     let session = (7, "s-7".to_owned());
     let now_ms = Utc::now().timestamp_millis();
     let write = |offset: i64, now_ms, state| {
-        let mut batch = BatchAggregate::new(None, HashMap::new(), ttl_ms / 2);
+        let mut batch = BatchAggregate::new(None, Default::default(), ttl_ms / 2);
         batch.sessions.insert(session.clone(), state);
         let meta = CommitMeta {
             expected_offset: (offset > 0).then_some(offset),
@@ -855,11 +855,11 @@ async fn a_commit_is_fenced_when_the_offset_moves_before_or_during_it() -> anyho
     let minute = Granularity::Minute.bucket_start(now.timestamp());
     let counter = Counter::Revenue { source: 1 };
     let batch = || {
-        let mut batch = BatchAggregate::new(None, HashMap::new(), 300_000);
+        let mut batch = BatchAggregate::new(None, Default::default(), 300_000);
         batch.minutes.insert(
             minute,
             BucketChanges {
-                counters: HashMap::from([(counter, 1)]),
+                counters: [(counter, 1)].into_iter().collect(),
                 ..BucketChanges::default()
             },
         );
@@ -973,13 +973,17 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
     // Each commit as after a restart: the second adds to what the first
     // wrote, read from Redis.
     for (offset, near_by) in [(0, two_to_52 + 3), (1, two_to_52)] {
-        let mut batch = BatchAggregate::new(None, HashMap::new(), 300_000);
+        let mut batch = BatchAggregate::new(None, Default::default(), 300_000);
         batch.minutes.insert(
             minute,
             BucketChanges {
-                counters: HashMap::from([(near, near_by), (above, 2 * two_to_52 + 1), (events, 5)]),
-                users: HashMap::new(),
-                rankings: HashMap::from([(Ranking::Revenue, HashMap::from([(42, 1000), (7, 1)]))]),
+                counters: [(near, near_by), (above, 2 * two_to_52 + 1), (events, 5)]
+                    .into_iter()
+                    .collect(),
+                users: Default::default(),
+                rankings: [(Ranking::Revenue, [(42, 1000), (7, 1)].into_iter().collect())]
+                    .into_iter()
+                    .collect(),
             },
         );
         let meta = CommitMeta {

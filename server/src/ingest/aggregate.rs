@@ -9,10 +9,9 @@
 //! time) all accumulate in the anchor's buckets, so they stay additive. An
 //! event further than the gap from a session's events starts a new session.
 
-use std::{
-    borrow::Cow,
-    collections::{BTreeMap, HashMap, HashSet},
-};
+use std::{borrow::Cow, collections::BTreeMap};
+
+use foldhash::{HashMap, HashSet};
 
 use rtap::v1::{
     CommitDelta, CountChange, EventType, InteractionEvent, MinuteChange, SessionChange,
@@ -437,6 +436,7 @@ pub fn dwell_micros(event: &InteractionEvent) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use foldhash::HashMapExt;
     use rtap::v1::Source;
 
     use super::*;
@@ -549,7 +549,7 @@ mod tests {
             stages: FunnelStage::ProductView.bit(),
             source: WEB,
         };
-        let sessions = HashMap::from([((1, "a".to_owned()), stored)]);
+        let sessions = [((1, "a".to_owned()), stored)].into_iter().collect();
         let mut batch = BatchAggregate::new(Some(700_000), sessions, GAP_MS);
         batch.add(&event(1, "a", 800, EventType::ProductView), [1; 16]);
         let day = Granularity::Day;

@@ -21,7 +21,7 @@
 //! backoff: simple, and exactly once by construction.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -30,6 +30,7 @@ use std::{
 };
 
 use chrono::Utc;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use prost::Message;
 use redis::{
     AsyncConnectionConfig,

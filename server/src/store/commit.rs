@@ -26,7 +26,9 @@
 //! not a `ConnectionManager`), so that a transaction never runs unwatched on a
 //! new connection.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+
+use foldhash::HashSet;
 
 use redis::{Pipeline, Script, aio::ConnectionLike};
 
@@ -184,7 +186,7 @@ pub struct Prefetched {
     /// For each id asked about, whether it was seen already (same order).
     pub seen: Vec<bool>,
     /// The stored state of the sessions asked about (missing when none).
-    pub sessions: HashMap<SessionKey, SessionState>,
+    pub sessions: foldhash::HashMap<SessionKey, SessionState>,
     /// Round trips made: 0 when there was nothing to ask, else 1.
     pub round_trips: usize,
 }

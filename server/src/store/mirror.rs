@@ -19,7 +19,7 @@
 //! again when it nears its expiry (Redis may have dropped it) or after it was
 //! evicted to bound the memory ([`MAX_VALUES`]).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use redis::{Pipeline, Value, aio::ConnectionLike};
 
