@@ -7,8 +7,9 @@
 //! most `--commit-max-events` records:
 //! 1. decodes and validates each record; rejects go to the dead-letter topic;
 //! 2. reads, in one round trip, which event ids were counted already, the
-//!    state of the sessions concerned, and the current values of the buckets
-//!    the events fall in that the partition's [`Mirror`] lacks;
+//!    state of the sessions concerned that the partition's [`SessionMirror`]
+//!    lacks, and the current values of the buckets the events fall in that
+//!    its [`Mirror`] lacks;
 //! 3. folds the new events in memory ([`BatchAggregate`]);
 //! 4. commits aggregates (counters and rankings as their new values, from
 //!    the mirror), dedupe ids, sessions, counters and the next offset in one
@@ -62,6 +63,7 @@ use crate::{
         keys::{PartitionKeys, deltas_channel},
         mirror::Mirror,
         session_epoch,
+        session_mirror::SessionMirror,
     },
 };
 
@@ -537,6 +539,7 @@ impl PartitionConsumer {
         // Known values of what this attempt writes; a new attempt reads them
         // again.
         let mut mirror = Mirror::new(settings.commit.retention);
+        let mut sessions = SessionMirror::default();
 
         let (sender, mut fetched) = mpsc::channel(1);
         let _fetcher = AbortOnDropHandle::new(tokio::spawn(fetch(
@@ -552,7 +555,8 @@ impl PartitionConsumer {
             tokio::select! {
                 batch = fetched.recv() => {
                     let Some(batch) = batch else { break };
-                    self.apply(batch?, &mut redis, &dead_letters, &mut position, &mut mirror)
+                    let mirrors = (&mut mirror, &mut sessions);
+                    self.apply(batch?, &mut redis, &dead_letters, &mut position, mirrors)
                         .await?;
                     backoff.reset();
                 }
@@ -573,7 +577,7 @@ impl PartitionConsumer {
         redis: &mut MultiplexedConnection,
         dead_letters: &DeadLetterSink,
         position: &mut Position,
-        mirror: &mut Mirror,
+        (mirror, sessions): (&mut Mirror, &mut SessionMirror),
     ) -> Result<(), ConsumeError> {
         if let Some(earliest) = fetched.skipped_to {
             let meta = CommitMeta {
@@ -589,7 +593,7 @@ impl PartitionConsumer {
             position.stored = Some(earliest);
         }
         for chunk in fetched.records.chunks(self.settings.commit_max_events) {
-            self.apply_chunk(chunk, redis, dead_letters, position, mirror)
+            self.apply_chunk(chunk, redis, dead_letters, position, (mirror, sessions))
                 .await?;
         }
         Ok(())
@@ -601,7 +605,7 @@ impl PartitionConsumer {
         redis: &mut MultiplexedConnection,
         dead_letters: &DeadLetterSink,
         position: &mut Position,
-        mirror: &mut Mirror,
+        (mirror, session_mirror): (&mut Mirror, &mut SessionMirror),
     ) -> Result<(), ConsumeError> {
         let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
             return Ok(());
@@ -664,12 +668,24 @@ impl PartitionConsumer {
                 .flat_map(|minute| Bucket::of_minute(*minute)),
             now.timestamp(),
         );
+        // The sessions this consumer wrote are known; the others are read.
+        let epoch = session_epoch(now.timestamp_millis(), settings.commit.session_ttl_ms);
+        let mut known_sessions = HashMap::with_capacity(session_keys.len());
+        let mut unknown_sessions = Vec::new();
+        for session in session_keys {
+            match session_mirror.get(&session, epoch) {
+                Some(state) => {
+                    known_sessions.insert(session, state);
+                }
+                None => unknown_sessions.push(session),
+            }
+        }
         let prefetched = commit::prefetch(
             redis,
             &self.keys,
             &ids_by_minute,
-            session_keys.into_iter().collect(),
-            session_epoch(now.timestamp_millis(), settings.commit.session_ttl_ms),
+            unknown_sessions,
+            epoch,
             (&mut *mirror, &unknown),
         )
         .await?;
@@ -679,11 +695,10 @@ impl PartitionConsumer {
         }
 
         let prefetched_round_trips = prefetched.round_trips;
-        let mut batch = BatchAggregate::new(
-            position.watermark_ms,
-            prefetched.sessions,
-            settings.session_gap_ms,
-        );
+        let mut sessions = prefetched.sessions;
+        sessions.extend(known_sessions);
+        let mut batch =
+            BatchAggregate::new(position.watermark_ms, sessions, settings.session_gap_ms);
         let mut in_batch = HashSet::with_capacity(valid.len());
         let mut duplicates = 0;
         for ((id, event), counted) in valid.iter().zip(counted_before) {
@@ -704,6 +719,7 @@ impl PartitionConsumer {
         };
         let committed =
             commit::commit(redis, &self.keys, &batch, &meta, &settings.commit, mirror).await?;
+        session_mirror.applied(&batch.sessions, epoch);
         position.stored = Some(next_offset);
         position.watermark_ms = batch.watermark_ms;
 

@@ -14,6 +14,7 @@ pub mod hll;
 pub mod keys;
 pub mod mirror;
 pub mod read;
+pub mod session_mirror;
 pub mod settled;
 
 use std::time::Duration;
