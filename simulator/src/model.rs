@@ -306,9 +306,9 @@ struct SessionInfo {
 }
 
 /// A session under way: whose it is and where it stands in the funnel.
-/// Tens of thousands are under way and each event reads a random one, so it
-/// is kept to 40 bytes, mostly within one cache line: the generator's time
-/// went mostly to cache misses while sessions carried their whole plan.
+/// Tens of thousands are under way, each in the agenda, which moves them
+/// from bucket to bucket: it is kept to 40 bytes (the generator's time went
+/// mostly to cache misses while sessions carried their whole plan).
 #[derive(Debug, Clone, Copy)]
 struct Session {
     id: Uuid,
@@ -329,9 +329,8 @@ struct Session {
     quantity: u8,
 }
 
-// The size the `Session` docs promise, with the slot's `Option` in the
-// niche of `Step`.
-const _: () = assert!(std::mem::size_of::<Option<Session>>() == 40);
+// The size the `Session` docs promise.
+const _: () = assert!(std::mem::size_of::<Session>() == 40);
 
 /// The next event of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,11 +394,8 @@ pub struct Generator {
     interarrival: Exp<f64>,
     clock_micros: i64,
     next_arrival_micros: i64,
-    /// Sessions by the time of their next event.
-    agenda: Agenda,
-    /// Sessions under way, by slot; `free_slots` lists the empty ones.
-    sessions: Vec<Option<Session>>,
-    free_slots: Vec<usize>,
+    /// Sessions under way, by the time of their next event.
+    agenda: Agenda<Session>,
     held_back: BinaryHeap<Reverse<HeldBack>>,
     ready: VecDeque<Emission>,
     sequence: u64,
@@ -478,8 +474,6 @@ impl Generator {
             clock_micros: start_micros,
             next_arrival_micros: start_micros,
             agenda: Agenda::starting_at(start_micros - WARM_UP_MICROS),
-            sessions: Vec::new(),
-            free_slots: Vec::new(),
             held_back: BinaryHeap::new(),
             ready: VecDeque::new(),
             sequence: 0,
@@ -628,10 +622,7 @@ impl Generator {
                 self.start_session(at);
                 continue;
             }
-            let Some((time, key)) = self.agenda.pop() else {
-                continue;
-            };
-            let Some(Some(mut session)) = self.sessions.get(key).copied() else {
+            let Some((time, mut session)) = self.agenda.pop() else {
                 continue;
             };
             self.clock_micros = self.clock_micros.max(time);
@@ -648,16 +639,13 @@ impl Generator {
             match next {
                 Some(step) => {
                     session.step = step;
-                    self.sessions[key] = Some(session);
-                    self.agenda.push(time + drawn.gap_micros, key);
+                    self.agenda.push(time + drawn.gap_micros, session);
                 }
                 None => {
                     let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
                     if let Some(user) = self.users.get_mut(session.user as usize) {
                         user.free_at = free_at;
                     }
-                    self.sessions[key] = None;
-                    self.free_slots.push(key);
                 }
             }
             return (time, info, drawn);
@@ -703,7 +691,7 @@ impl Generator {
         };
         // Busy until the session ends (updated then).
         self.users[user].free_at = i64::MAX;
-        let session = Some(Session {
+        let session = Session {
             id: random_uuid(&mut self.rng),
             user_id: self.users[user].id,
             // `new` checked that positions fit a u32.
@@ -714,18 +702,8 @@ impl Generator {
             mobile: self.rng.random_bool(self.params.mobile_share),
             views: 0,
             quantity: 0,
-        });
-        let key = match self.free_slots.pop() {
-            Some(slot) => {
-                self.sessions[slot] = session;
-                slot
-            }
-            None => {
-                self.sessions.push(session);
-                self.sessions.len() - 1
-            }
         };
-        self.agenda.push(at, key);
+        self.agenda.push(at, session);
     }
 
     /// Draws the event of `session`'s step, and the step after it (`None`:
