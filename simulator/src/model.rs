@@ -979,6 +979,7 @@ fn event_time(event: &InteractionEvent) -> DateTime<Utc> {
         .unwrap_or_default()
 }
 
+/// A version 4 (random) UUID.
 fn random_uuid(rng: &mut ChaCha8Rng) -> Uuid {
     // One u128, not `[u8; 16]`: rand draws an array element by element, a
     // word of the generator per byte.
@@ -1199,6 +1200,22 @@ mod tests {
                 "{name}: observed {observed:.3}, configured {expected}"
             );
         }
+    }
+
+    #[test]
+    fn ids_are_random_version_4_uuids() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let ids: Vec<Uuid> = (0..1000).map(|_| random_uuid(&mut rng)).collect();
+        for id in &ids {
+            assert_eq!(id.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+        // The other 122 bits vary: every bit position takes both values.
+        let (ones, zeros) = ids.iter().fold((0u128, 0u128), |(ones, zeros), id| {
+            (ones | id.as_u128(), zeros | !id.as_u128())
+        });
+        let fixed = (0xf << 76) | (0b11 << 62);
+        assert_eq!(ones & zeros, !fixed);
     }
 
     #[test]
