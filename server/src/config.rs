@@ -228,7 +228,7 @@ pub struct Config {
     /// ingest catches up, larger ingests faster, as a batch's events share
     /// more of its keys. Measured by the ingest bench while catching up:
     /// 2000 gives 0.9 Redis commands per event and queries waiting up to
-    /// about 40 ms behind commits; 20,000 gives 0.3 commands per event,
+    /// about 40 ms behind commits; 20,000 gives 0.2 commands per event,
     /// twice the throughput, and waits up to about 110 ms.
     #[arg(
         long,

@@ -1026,6 +1026,8 @@ async fn a_user_set_written_whole_equals_the_one_pfadd_builds() -> anyhow::Resul
     let mut connection = redis().await?;
     let prefix = format!("rtap-test-hll-{}", common::unique_suffix());
     let (ours, theirs) = (format!("{prefix}:ours"), format!("{prefix}:theirs"));
+    // Written whole again, as the union, as a later batch does.
+    let rewritten = format!("{prefix}:rewritten");
     let mut random = rand::rng();
     for size in [1_usize, 2, 10, 100, 600] {
         let users: Vec<i64> = (0..size)
@@ -1058,14 +1060,41 @@ async fn a_user_set_written_whole_equals_the_one_pfadd_builds() -> anyhow::Resul
                 .query_async::<i64>(&mut connection)
                 .await?;
         }
+        let union = hll::union(
+            &hll::registers(users.iter().copied()),
+            &hll::registers(more.iter().copied()),
+        );
+        let union = hll::encode_sparse(&union).context("the union fits")?;
+        redis::cmd("SET")
+            .arg(&rewritten)
+            .arg(union)
+            .arg("EX")
+            .arg(60)
+            .query_async::<()>(&mut connection)
+            .await?;
         let registers = |key: &String| redis::cmd("PFDEBUG").arg("GETREG").arg(key).clone();
         let ours_registers: Vec<i64> = registers(&ours).query_async(&mut connection).await?;
         let theirs_registers: Vec<i64> = registers(&theirs).query_async(&mut connection).await?;
+        let rewritten_registers: Vec<i64> =
+            registers(&rewritten).query_async(&mut connection).await?;
         assert_eq!(ours_registers.len(), 16_384);
         assert_eq!(ours_registers, theirs_registers, "{size} users");
+        assert_eq!(
+            rewritten_registers, theirs_registers,
+            "{size} users, rewritten"
+        );
+        let counts: (u64, u64) = redis::pipe()
+            .cmd("PFCOUNT")
+            .arg(&rewritten)
+            .cmd("PFCOUNT")
+            .arg(&theirs)
+            .query_async(&mut connection)
+            .await?;
+        assert_eq!(counts.0, counts.1, "{size} users, rewritten");
         redis::cmd("DEL")
             .arg(&ours)
             .arg(&theirs)
+            .arg(&rewritten)
             .query_async::<i64>(&mut connection)
             .await?;
     }

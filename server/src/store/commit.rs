@@ -475,10 +475,11 @@ impl Transaction {
         }
     }
 
-    /// Adds `users` to a user set: a set that does not exist yet is written
-    /// whole, with its expiry, by one `SET` ([`hll`]); else `PFADD`. `NX`:
-    /// should the set exist after all, this batch's users of it are lost
-    /// rather than its earlier ones.
+    /// Adds `users` to a user set. A set that does not exist yet is written
+    /// whole, with its expiry, by one `SET` ([`hll`]); so is one the mirror
+    /// knows the registers of (it wrote it whole), as the union; else
+    /// `PFADD`. `NX` for a new set: should it exist after all, this batch's
+    /// users of it are lost rather than its earlier ones.
     fn add_users(
         &mut self,
         keys: &PartitionKeys,
@@ -488,25 +489,36 @@ impl Transaction {
         mirror: &Mirror,
         settings: &CommitSettings,
     ) {
-        self.written.user_set(bucket, set);
         let key = keys.users(bucket, set);
         let expires_at = settings.retention.expires_at(bucket);
+        let added = hll::registers(users.iter().copied());
+        let exists = mirror.has_users(bucket, set);
         // `EXAT` must be positive (`PFADD` and `EXPIREAT` take any time).
-        let whole = (!mirror.has_users(bucket, set) && expires_at > 0)
-            .then(|| hll::sparse(users.iter().copied()))
-            .flatten();
-        match whole {
-            Some(hyperloglog) => {
-                self.command("SET")
-                    .arg(&key)
-                    .arg(hyperloglog)
-                    .arg("NX")
-                    .arg("EXAT")
-                    .arg(expires_at);
+        let whole = if expires_at <= 0 {
+            None
+        } else if !exists {
+            Some(added)
+        } else {
+            mirror
+                .user_registers(bucket, set)
+                .map(|known| hll::union(known, &added))
+        };
+        let encoded = whole.and_then(|registers| {
+            hll::encode_sparse(&registers).map(|hyperloglog| (registers, hyperloglog))
+        });
+        match encoded {
+            Some((registers, hyperloglog)) => {
+                let command = self.command("SET").arg(&key).arg(hyperloglog);
+                if !exists {
+                    command.arg("NX");
+                }
+                command.arg("EXAT").arg(expires_at);
+                self.written.user_set(bucket, set, Some(registers));
             }
             None => {
                 let users: Vec<i64> = users.iter().copied().collect();
                 self.add_members("PFADD", &key, &users, Expiry::At(expires_at));
+                self.written.user_set(bucket, set, None);
             }
         }
     }

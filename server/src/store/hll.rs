@@ -31,10 +31,20 @@ const HEADER: [u8; 16] = [
     b'H', b'Y', b'L', b'L', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80,
 ];
 
+/// A set's registers that are not empty, with their values, sorted by
+/// register.
+pub type Registers = Vec<(u16, u8)>;
+
 /// The sparse HyperLogLog of `users` (each added as its decimal text, as
 /// `PFADD key user` adds it), or `None` when the sparse encoding cannot hold
 /// it or would be over [`MAX_SPARSE_BYTES`] (then `PFADD` builds it).
 pub fn sparse(users: impl IntoIterator<Item = i64>) -> Option<Vec<u8>> {
+    encode_sparse(&registers(users))
+}
+
+/// The registers `users` set, with their values: sorted by register, the
+/// largest value of each.
+pub fn registers(users: impl IntoIterator<Item = i64>) -> Registers {
     let mut registers: Vec<(u16, u8)> = users
         .into_iter()
         .map(|user| {
@@ -46,21 +56,55 @@ pub fn sparse(users: impl IntoIterator<Item = i64>) -> Option<Vec<u8>> {
             register_and_value(&text[..written])
         })
         .collect();
+    // Per register, the largest value: last after sorting.
+    registers.sort_unstable();
+    registers.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            earlier.1 = later.1;
+        }
+        same
+    });
+    registers
+}
+
+/// The registers of the union of two sets, each as [`registers`] gives them.
+pub fn union(first: &[(u16, u8)], second: &[(u16, u8)]) -> Registers {
+    let mut union = Vec::with_capacity(first.len() + second.len());
+    let (mut i, mut j) = (0, 0);
+    while i < first.len() && j < second.len() {
+        let (x, y) = (first[i], second[j]);
+        match x.0.cmp(&y.0) {
+            std::cmp::Ordering::Less => {
+                union.push(x);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                union.push(y);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                union.push((x.0, x.1.max(y.1)));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    union.extend_from_slice(&first[i..]);
+    union.extend_from_slice(&second[j..]);
+    union
+}
+
+/// Redis's sparse encoding of `registers` (as [`registers`] gives them), or
+/// `None` when it cannot hold them or would be over [`MAX_SPARSE_BYTES`].
+pub fn encode_sparse(registers: &[(u16, u8)]) -> Option<Vec<u8>> {
     if registers.iter().any(|(_, value)| *value > MAX_SPARSE_VALUE) {
         return None;
     }
-    // Per register, the largest value: last after sorting.
-    registers.sort_unstable();
     let mut out = Vec::with_capacity(HEADER.len() + 4 * registers.len() + 2);
     out.extend_from_slice(&HEADER);
     let mut next = 0;
-    for (index, &(register, value)) in registers.iter().enumerate() {
-        if registers
-            .get(index + 1)
-            .is_some_and(|(following, _)| *following == register)
-        {
-            continue;
-        }
+    for &(register, value) in registers {
         let register = usize::from(register);
         push_zeros(&mut out, register - next);
         // VAL, a run of one register.
@@ -131,7 +175,7 @@ mod tests {
 
     /// Decodes a sparse HyperLogLog into its registers, checking that the
     /// opcodes cover exactly every register.
-    fn registers(sparse: &[u8]) -> Vec<u8> {
+    fn decode(sparse: &[u8]) -> Vec<u8> {
         assert_eq!(&sparse[..16], &HEADER);
         let mut registers = Vec::new();
         let mut bytes = sparse[16..].iter();
@@ -154,10 +198,29 @@ mod tests {
     }
 
     #[test]
+    fn the_union_of_two_sets_has_the_registers_of_all_their_users() {
+        let first: Vec<i64> = (1..=400).collect();
+        let second: Vec<i64> = (300..=900).chain([-5, i64::MIN]).collect();
+        let union = union(
+            &registers(first.iter().copied()),
+            &registers(second.iter().copied()),
+        );
+        let all = registers(first.iter().chain(&second).copied());
+        assert_eq!(union, all);
+        assert!(union.windows(2).all(|pair| pair[0].0 < pair[1].0));
+        assert_eq!(
+            encode_sparse(&union),
+            sparse(first.into_iter().chain(second))
+        );
+        assert_eq!(super::union(&all, &[]), all);
+        assert_eq!(super::union(&[], &all), all);
+    }
+
+    #[test]
     fn an_empty_set_is_all_zero_registers_in_two_opcodes() {
         let empty = sparse([]).expect("empty fits");
         assert_eq!(empty.len(), 16 + 2);
-        assert!(registers(&empty).iter().all(|r| *r == 0));
+        assert!(decode(&empty).iter().all(|r| *r == 0));
     }
 
     #[test]
@@ -170,7 +233,7 @@ mod tests {
             let slot = &mut expected[usize::from(register)];
             *slot = (*slot).max(value);
         }
-        assert_eq!(registers(&encoded), expected);
+        assert_eq!(decode(&encoded), expected);
         // Repeats change nothing.
         let twice = sparse(users.iter().chain(&users).copied()).expect("fits");
         assert_eq!(twice, encoded);
