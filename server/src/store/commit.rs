@@ -491,17 +491,17 @@ impl Transaction {
     ) {
         let key = keys.users(bucket, set);
         let expires_at = settings.retention.expires_at(bucket);
-        let added = hll::registers(users.iter().copied());
+        let added = || hll::registers(users.iter().copied());
         let exists = mirror.has_users(bucket, set);
         // `EXAT` must be positive (`PFADD` and `EXPIREAT` take any time).
         let whole = if expires_at <= 0 {
             None
         } else if !exists {
-            Some(added)
+            Some(added())
         } else {
             mirror
                 .user_registers(bucket, set)
-                .map(|known| hll::union(known, &added))
+                .map(|known| hll::union(known, &added()))
         };
         let encoded = whole.and_then(|registers| {
             hll::encode_sparse(&registers).map(|hyperloglog| (registers, hyperloglog))

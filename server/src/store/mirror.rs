@@ -66,12 +66,13 @@ impl Known {
     fn len(&self) -> usize {
         self.counters.len()
             + self.rankings.iter().map(HashMap::len).sum::<usize>()
-            + self
-                .user_sets
-                .values()
-                .map(|registers| 1 + registers.as_ref().map_or(0, Vec::len) / REGISTERS_PER_VALUE)
-                .sum::<usize>()
+            + self.user_sets.values().map(user_set_weight).sum::<usize>()
     }
+}
+
+/// What a user set counts for against [`MAX_VALUES`].
+fn user_set_weight(registers: &Option<Registers>) -> usize {
+    1 + registers.as_ref().map_or(0, Vec::len) / REGISTERS_PER_VALUE
 }
 
 /// What a commit writes to the mirrored keys, applied to the mirror once the
@@ -276,9 +277,13 @@ impl Mirror {
         for (bucket, set, registers) in written.user_sets {
             let known = self.buckets.entry(bucket).or_default();
             known.used = commit;
-            let before = known.len();
-            known.user_sets.insert(set, registers);
-            self.values = (self.values + known.len()).saturating_sub(before);
+            // Only this set's weight changes: no walk over the bucket's sets.
+            let added = user_set_weight(&registers);
+            let replaced = known
+                .user_sets
+                .insert(set, registers)
+                .map_or(0, |old| user_set_weight(&old));
+            self.values = (self.values + added).saturating_sub(replaced);
         }
         if self.values > MAX_VALUES {
             self.evict(MAX_VALUES * 3 / 4);
