@@ -1042,17 +1042,22 @@ mod tests {
             .collect()
     }
 
+    /// Defaults, with every kind of record: duplicates and malformed ones.
+    fn with_duplicates_and_malformed() -> ModelParams {
+        ModelParams {
+            duplicate_share: 0.05,
+            malformed_share: 0.05,
+            ..ModelParams::default()
+        }
+    }
+
     fn take(generator: &mut Generator, n: usize) -> Vec<Emission> {
         (0..n).map(|_| generator.next_emission()).collect()
     }
 
     #[test]
     fn the_same_seed_gives_the_same_records_and_another_seed_does_not() {
-        let params = ModelParams {
-            duplicate_share: 0.05,
-            malformed_share: 0.05,
-            ..ModelParams::default()
-        };
+        let params = with_duplicates_and_malformed();
         let a = take(&mut generator(params.clone(), 42, 500.0), 5000);
         let b = take(&mut generator(params.clone(), 42, 500.0), 5000);
         let c = take(&mut generator(params, 43, 500.0), 5000);
@@ -1220,11 +1225,7 @@ mod tests {
 
     #[test]
     fn recycled_events_come_out_as_fresh_ones() {
-        let params = ModelParams {
-            duplicate_share: 0.05,
-            malformed_share: 0.05,
-            ..ModelParams::default()
-        };
+        let params = with_duplicates_and_malformed();
         let mut fresh = generator(params.clone(), 3, 100.0);
         let mut recycling = generator(params, 3, 100.0);
         for _ in 0..20_000 {
