@@ -32,9 +32,11 @@ use uuid::Uuid;
 
 mod agenda;
 mod alias;
+mod availability;
 
 use agenda::Agenda;
 use alias::AliasTable;
+use availability::Availability;
 
 use crate::config::{parse_positive, parse_share};
 
@@ -347,13 +349,6 @@ enum Step {
     Purchase,
 }
 
-/// A user of the population, and when they may start a session.
-#[derive(Debug, Clone, Copy)]
-struct User {
-    id: i64,
-    free_at: i64,
-}
-
 #[derive(Debug)]
 struct HeldBack {
     release_micros: i64,
@@ -381,9 +376,10 @@ impl Ord for HeldBack {
 /// Generates the records of a run, one at a time.
 pub struct Generator {
     params: ModelParams,
-    /// The population's users, heaviest first, side by side with when each
-    /// may start a session: a new session reads both, at a random position.
-    users: Vec<User>,
+    /// The population's user ids, heaviest first.
+    users: Vec<i64>,
+    /// Which of `users` may start a session.
+    availability: Availability,
     products: Vec<ProductInfo>,
     rng: ChaCha8Rng,
     /// Zipf-weighted positions in `products`.
@@ -455,17 +451,10 @@ impl Generator {
         let interarrival = Exp::new(sessions_per_micro)
             .map_err(|e| ModelError::Params(format!("session arrival rate: {e}")))?;
         let start_micros = start.timestamp_micros();
-        let users = population
-            .users
-            .iter()
-            .map(|&id| User {
-                id,
-                free_at: i64::MIN,
-            })
-            .collect();
         let mut generator = Self {
             params,
-            users,
+            availability: Availability::new(population.users.len()),
+            users: population.users,
             products: population.products,
             rng: ChaCha8Rng::seed_from_u64(seed),
             product_rank,
@@ -643,9 +632,7 @@ impl Generator {
                 }
                 None => {
                     let free_at = time + micros(self.params.session_gap) + MICROS_PER_SECOND;
-                    if let Some(user) = self.users.get_mut(session.user as usize) {
-                        user.free_at = free_at;
-                    }
+                    self.availability.cool_down(session.user, free_at);
                 }
             }
             return (time, info, drawn);
@@ -672,6 +659,7 @@ impl Generator {
     }
 
     fn start_session(&mut self, at: i64) {
+        self.availability.release_until(at);
         let mut user = None;
         for draw in 0..USER_REDRAWS {
             // Heavy users are often mid-session: after a few Zipf draws, any
@@ -681,7 +669,7 @@ impl Generator {
             } else {
                 self.rng.random_range(0..self.users.len())
             };
-            if self.users[index].free_at <= at {
+            if self.availability.is_free(index) {
                 user = Some(index);
                 break;
             }
@@ -689,11 +677,10 @@ impl Generator {
         let Some(user) = user else {
             return; // every user drawn is mid-session: this arrival is skipped
         };
-        // Busy until the session ends (updated then).
-        self.users[user].free_at = i64::MAX;
+        self.availability.occupy(user);
         let session = Session {
             id: random_uuid(&mut self.rng),
-            user_id: self.users[user].id,
+            user_id: self.users[user],
             // `new` checked that positions fit a u32.
             user: user as u32,
             cart_item: 0,
