@@ -9,15 +9,34 @@
 
 /// The record key of an event by `user_id`.
 pub fn record_key(user_id: i64) -> Vec<u8> {
-    let mut key = Vec::new();
-    write_record_key(&mut key, user_id);
-    key
+    RecordKey::new(user_id).as_bytes().to_vec()
 }
 
-/// [`record_key`] into `key` (emptied first), reusing its memory.
-pub fn write_record_key(key: &mut Vec<u8>, user_id: i64) {
-    key.clear();
-    key.extend_from_slice(itoa::Buffer::new().format(user_id).as_bytes());
+/// [`record_key`] without allocating, for producers that copy the key into
+/// a buffer of their own.
+pub struct RecordKey {
+    /// The longest i64, `-9223372036854775808`, has 20 characters.
+    digits: [u8; 20],
+    len: usize,
+}
+
+impl RecordKey {
+    /// The key of an event by `user_id`.
+    pub fn new(user_id: i64) -> Self {
+        let mut buffer = itoa::Buffer::new();
+        let formatted = buffer.format(user_id).as_bytes();
+        let mut digits = [0; 20];
+        digits[..formatted.len()].copy_from_slice(formatted);
+        Self {
+            digits,
+            len: formatted.len(),
+        }
+    }
+
+    /// The key: the decimal user id.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.digits[..self.len]
+    }
 }
 
 /// The partition of a record with `key` in a topic of `partitions`
@@ -187,11 +206,9 @@ mod tests {
 
     #[test]
     fn the_record_key_is_the_decimal_user_id() {
-        let mut reused = b"a longer key".to_vec();
         for user in [0, 7, 1_000_000, -42, i64::MAX, i64::MIN] {
             assert_eq!(record_key(user), user.to_string().into_bytes());
-            write_record_key(&mut reused, user);
-            assert_eq!(reused, user.to_string().into_bytes());
+            assert_eq!(RecordKey::new(user).as_bytes(), user.to_string().as_bytes());
         }
     }
 }

@@ -113,10 +113,10 @@ fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Erro
     let started = Instant::now();
     let records: Vec<Record> = (0..count)
         .map(|_| {
-            let mut emission = generator.next_emission();
+            let emission = generator.next_emission();
             let record = Record {
-                key: Some(std::mem::take(&mut emission.key)),
-                value: Some(std::mem::take(&mut emission.value)),
+                key: Some(emission.key()),
+                value: Some(emission.value()),
                 headers: Default::default(),
                 timestamp: emission.occurred_at,
             };

@@ -48,8 +48,6 @@ const MICROS_PER_SECOND: i64 = 1_000_000;
 const MAX_DWELL_MICROS: i64 = 10 * 60 * MICROS_PER_SECOND;
 /// Most events kept for reuse: a few are in use at any time.
 const MAX_SPARE_EVENTS: usize = 64;
-/// Most key and value buffers kept for reuse, two an event.
-const MAX_SPARE_BUFFERS: usize = 2 * MAX_SPARE_EVENTS;
 /// Most product views in one session.
 const MAX_VIEWS_PER_SESSION: u32 = 8;
 /// How often a new session's user is redrawn when the one drawn is still in
@@ -197,20 +195,21 @@ impl Population {
     }
 }
 
-/// One record for Kafka.
+/// One record for Kafka. Its value is encoded where the producer asks for
+/// it ([`Emission::write_value`]), straight into the batch it joins: an
+/// encoded copy per record, moved from buffer to buffer, cost more than
+/// encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Emission {
-    /// Record key: the decimal user id.
-    pub key: Vec<u8>,
-    /// Record value: the encoded event (or a malformed payload).
-    pub value: Vec<u8>,
+    /// The user the record is keyed by (see [`rtap::kafka::record_key`]).
+    pub user_id: i64,
     /// Event time, used as the record timestamp.
     pub occurred_at: DateTime<Utc>,
     /// What the record is.
     pub kind: EmissionKind,
 }
 
-/// What a record is, for the ground truth.
+/// What a record is, for the ground truth, and what its value is made of.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EmissionKind {
     /// A valid event produced for the first time.
@@ -220,10 +219,44 @@ pub enum EmissionKind {
         /// It was held back and produced after newer events.
         late: bool,
     },
-    /// A repeat of an event already produced (same `event_id`).
-    Duplicate,
+    /// A repeat of an event already produced (same `event_id`, same value).
+    Duplicate(Box<InteractionEvent>),
     /// A payload a consumer must reject.
-    Malformed(MalformedKind),
+    Malformed {
+        /// How it is broken.
+        kind: MalformedKind,
+        /// The record value.
+        payload: Vec<u8>,
+    },
+}
+
+impl Emission {
+    /// The record key.
+    pub fn key(&self) -> Vec<u8> {
+        rtap::kafka::record_key(self.user_id)
+    }
+
+    /// The record value: the encoded event, or the malformed payload.
+    pub fn value(&self) -> Vec<u8> {
+        let mut value = Vec::new();
+        self.write_value(&mut value);
+        value
+    }
+
+    /// Appends the record value to `buffer`.
+    pub fn write_value(&self, buffer: &mut Vec<u8>) {
+        match &self.kind {
+            EmissionKind::Event { event, .. } | EmissionKind::Duplicate(event) => {
+                // A `Vec` grows as needed, so encoding into one does not
+                // fail (nothing is written if it does); were it to, the
+                // event is encoded into a buffer of its own.
+                if event.encode(buffer).is_err() {
+                    buffer.extend_from_slice(&event.encode_to_vec());
+                }
+            }
+            EmissionKind::Malformed { payload, .. } => buffer.extend_from_slice(payload),
+        }
+    }
 }
 
 /// The kinds of malformed payload the simulator injects.
@@ -403,8 +436,6 @@ pub struct Generator {
         reason = "emissions hold boxed events: the boxes are what is reused"
     )]
     spare_events: Vec<Box<InteractionEvent>>,
-    /// Key and value buffers handed back by [`Generator::recycle`].
-    spare_buffers: Vec<Vec<u8>>,
 }
 
 impl Generator {
@@ -469,7 +500,6 @@ impl Generator {
             ready: VecDeque::new(),
             sequence: 0,
             spare_events: Vec::new(),
-            spare_buffers: Vec::new(),
         };
         generator.warm_up(start_micros);
         Ok(generator)
@@ -502,7 +532,7 @@ impl Generator {
                 let max_hold = micros(self.params.max_lateness).max(MICROS_PER_SECOND + 1);
                 let hold = self.rng.random_range(MICROS_PER_SECOND..max_hold);
                 self.sequence += 1;
-                let emission = self.emission_of(event, true);
+                let emission = Self::emission_of(event, true);
                 self.held_back.push(Reverse(HeldBack {
                     release_micros: time_micros + hold,
                     sequence: self.sequence,
@@ -512,14 +542,12 @@ impl Generator {
             }
             let duplicate = chance(self.params.duplicate_share);
             let malformed = chance(self.params.malformed_share).then(|| self.malformed(&event));
-            let emission = self.emission_of(event, false);
+            let emission = Self::emission_of(event, false);
             // `ready` is empty: what follows this emission waits there.
-            if duplicate {
+            if duplicate && let EmissionKind::Event { event, .. } = &emission.kind {
                 self.ready.push_back(Emission {
-                    key: emission.key.clone(),
-                    value: emission.value.clone(),
-                    occurred_at: emission.occurred_at,
-                    kind: EmissionKind::Duplicate,
+                    kind: EmissionKind::Duplicate(event.clone()),
+                    ..emission
                 });
             }
             self.ready.extend(malformed);
@@ -528,40 +556,20 @@ impl Generator {
     }
 
     /// Hands back an emission of [`Generator::next_emission`] once it has
-    /// been used (its key and value copied out, or taken: an empty buffer is
-    /// not kept), so the next event reuses its memory. The allocations of an
-    /// event cost as much as drawing it, and more when another thread frees
-    /// them.
+    /// been used, so the next event reuses its memory: the allocations of an
+    /// event (its box and strings) cost as much as drawing it.
     pub fn recycle(&mut self, emission: Emission) {
-        let Emission {
-            key, value, kind, ..
-        } = emission;
-        for buffer in [key, value] {
-            if buffer.capacity() > 0 && self.spare_buffers.len() < MAX_SPARE_BUFFERS {
-                self.spare_buffers.push(buffer);
-            }
-        }
-        if let EmissionKind::Event { event, .. } = kind
+        if let EmissionKind::Event { event, .. } | EmissionKind::Duplicate(event) = emission.kind
             && self.spare_events.len() < MAX_SPARE_EVENTS
         {
             self.spare_events.push(event);
         }
     }
 
-    /// The record of a valid event, in recycled buffers.
-    fn emission_of(&mut self, event: Box<InteractionEvent>, late: bool) -> Emission {
-        let mut key = self.spare_buffers.pop().unwrap_or_default();
-        rtap::kafka::write_record_key(&mut key, event.user_id);
-        let mut value = self.spare_buffers.pop().unwrap_or_default();
-        value.clear();
-        // A `Vec` grows as needed, so encoding into one does not fail; were
-        // it to, a fresh buffer is encoded instead.
-        if event.encode(&mut value).is_err() {
-            value = event.encode_to_vec();
-        }
+    /// The record of a valid event.
+    fn emission_of(event: Box<InteractionEvent>, late: bool) -> Emission {
         Emission {
-            key,
-            value,
+            user_id: event.user_id,
             occurred_at: event_time(&event),
             kind: EmissionKind::Event { event, late },
         }
@@ -871,10 +879,12 @@ impl Generator {
             }
         };
         Emission {
-            key: rtap::kafka::record_key(event.user_id),
-            value,
+            user_id: event.user_id,
             occurred_at: event_time(event),
-            kind: EmissionKind::Malformed(kind),
+            kind: EmissionKind::Malformed {
+                kind,
+                payload: value,
+            },
         }
     }
 }
@@ -1027,7 +1037,7 @@ mod tests {
         emissions
             .iter()
             .filter(|e| matches!(e.kind, EmissionKind::Event { .. }))
-            .map(|e| InteractionEvent::decode(e.value.as_slice()).expect("valid events decode"))
+            .map(|e| InteractionEvent::decode(e.value().as_slice()).expect("valid events decode"))
             .collect()
     }
 
@@ -1061,9 +1071,9 @@ mod tests {
             let EmissionKind::Event { event, .. } = &emission.kind else {
                 panic!("only events without injection shares");
             };
-            let decoded = InteractionEvent::decode(emission.value.as_slice()).expect("decodes");
+            let decoded = InteractionEvent::decode(emission.value().as_slice()).expect("decodes");
             assert_eq!(&decoded, event.as_ref());
-            assert_eq!(emission.key, decoded.user_id.to_string().into_bytes());
+            assert_eq!(emission.key(), decoded.user_id.to_string().into_bytes());
             assert_eq!(decoded.event_id.len(), 36);
             assert!(decoded.user_id > 0);
             assert_ne!(decoded.r#type(), EventType::Unspecified);
@@ -1301,17 +1311,17 @@ mod tests {
         for (i, emission) in emissions.iter().enumerate() {
             match &emission.kind {
                 EmissionKind::Event { .. } => originals += 1.0,
-                EmissionKind::Duplicate => {
+                EmissionKind::Duplicate(_) => {
                     duplicates += 1.0;
                     assert_eq!(
-                        emission.value,
-                        emissions[i - 1].value,
+                        emission.value(),
+                        emissions[i - 1].value(),
                         "same payload, same event_id"
                     );
                 }
-                EmissionKind::Malformed(kind) => {
+                EmissionKind::Malformed { kind, .. } => {
                     *malformed.entry(*kind).or_default() += 1.0;
-                    let decoded = InteractionEvent::decode(emission.value.as_slice());
+                    let decoded = InteractionEvent::decode(emission.value().as_slice());
                     match kind {
                         MalformedKind::Garbage | MalformedKind::Truncated => {
                             assert!(decoded.is_err())

@@ -7,9 +7,9 @@
 //! channel in front of each worker bounds the data buffered.
 //!
 //! A batch holds its records' keys and values in one buffer, which the
-//! generator appends to. rskafka takes the records it sends, as a `Vec` each
-//! for key and value: the worker builds them from the buffer for each
-//! attempt, so they are allocated and freed by the same task. (Allocated by
+//! generator encodes its records into. rskafka takes the records it sends,
+//! as a `Vec` each for key and value: the worker builds them from the buffer
+//! for each attempt, so they are allocated and freed by the same task. (Allocated by
 //! the generator and freed by the worker, they cost the generator twice as
 //! much: the allocator's slow path reclaims memory freed by another thread.)
 //!
@@ -246,20 +246,21 @@ impl RecordSender {
         i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
     }
 
-    /// Queues a copy of a record on its key's partition. A full batch goes
-    /// to the partition's worker, waiting while that worker's buffer is
+    /// Queues a record on its key's partition: a copy of `key`, and the
+    /// value `write_value` appends to the buffer it is given. A full batch
+    /// goes to the partition's worker, waiting while that worker's buffer is
     /// full; a partial one waits for more records or for
     /// [`RecordSender::flush`].
     pub async fn send(
         &mut self,
         key: &[u8],
-        value: &[u8],
         timestamp: DateTime<Utc>,
+        write_value: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), ProduceError> {
         let partition = rtap::kafka::partition_for_key(key, self.partitions());
         let index = usize::try_from(partition).unwrap_or(0);
         let pending = &mut self.pending[index];
-        pending.push(key, value, timestamp);
+        pending.push(key, timestamp, write_value);
         if pending.len() >= self.batch_size {
             self.hand_over(index).await?;
         }
@@ -286,8 +287,11 @@ impl RecordSender {
             .await
             .map_err(|_| ProduceError::WorkerGone(i32::try_from(index).unwrap_or(i32::MAX)))?;
         let pending = &mut self.pending[index];
-        // The next batch is likely the size of this one.
-        let next = Batch::with_capacity(self.batch_size, pending.bytes.len());
+        // The next batch is likely the size of this one: room for that and
+        // an eighth more, so that a slightly larger one is not copied as it
+        // outgrows its buffer.
+        let bytes = pending.bytes.len();
+        let next = Batch::with_capacity(self.batch_size, bytes + bytes / 8);
         permit.send(std::mem::replace(pending, next));
         Ok(())
     }
@@ -477,12 +481,18 @@ impl Batch {
         self.records.is_empty()
     }
 
-    fn push(&mut self, key: &[u8], value: &[u8], timestamp: DateTime<Utc>) {
+    fn push(
+        &mut self,
+        key: &[u8],
+        timestamp: DateTime<Utc>,
+        write_value: impl FnOnce(&mut Vec<u8>),
+    ) {
         self.bytes.extend_from_slice(key);
-        self.bytes.extend_from_slice(value);
+        let value_start = self.bytes.len();
+        write_value(&mut self.bytes);
         self.records.push(BatchRecord {
             key: key.len(),
-            value: value.len(),
+            value: self.bytes.len() - value_start,
             timestamp,
         });
     }
@@ -526,11 +536,12 @@ mod tests {
             headers: Default::default(),
             timestamp: at(seconds),
         };
+        let value = |bytes: &'static [u8]| move |buffer: &mut Vec<u8>| buffer.extend(bytes);
         let mut batch = Batch::with_capacity(1, 0);
-        batch.push(b"42", b"an event", at(1));
-        batch.push(b"", b"", at(2));
+        batch.push(b"42", at(1), value(b"an event"));
+        batch.push(b"", at(2), value(b""));
         let mut later = Batch::default();
-        later.push(b"7", b"another event", at(3));
+        later.push(b"7", at(3), value(b"another event"));
         batch.append(&later);
         let expected = vec![
             record(b"42", b"an event", 1),

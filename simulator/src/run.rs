@@ -271,8 +271,11 @@ impl Shard {
                 }
             }
             self.truth.record(&emission);
+            let key = rtap::kafka::RecordKey::new(emission.user_id);
             self.sender
-                .send(&emission.key, &emission.value, emission.occurred_at)
+                .send(key.as_bytes(), emission.occurred_at, |value| {
+                    emission.write_value(value)
+                })
                 .await?;
             self.generator.recycle(emission);
             count += 1;

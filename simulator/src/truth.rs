@@ -131,8 +131,8 @@ impl GroundTruth {
     pub fn record(&mut self, emission: &Emission) {
         self.records += 1;
         match &emission.kind {
-            EmissionKind::Duplicate => self.duplicates += 1,
-            EmissionKind::Malformed(kind) => {
+            EmissionKind::Duplicate(_) => self.duplicates += 1,
+            EmissionKind::Malformed { kind, .. } => {
                 *self.malformed_by_kind.entry(kind.as_str()).or_default() += 1;
             }
             EmissionKind::Event { event, late } => {
@@ -348,7 +348,7 @@ mod tests {
             // Split by user (the last digit of the key), as the generators
             // of a run are.
             let part = emission
-                .key
+                .key()
                 .last()
                 .map_or(0, |digit| usize::from(digit % 2));
             parts[part].record(&emission);

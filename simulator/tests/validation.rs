@@ -20,12 +20,12 @@ fn valid_events_pass_and_malformed_payloads_are_rejected_for_their_reason() {
     let now = generator.clock() + TimeDelta::minutes(1);
     let mut rejected_kinds = std::collections::BTreeSet::new();
     for emission in &emissions {
-        let verdict = decode(&emission.value, now, TimeBounds::default());
+        let verdict = decode(&emission.value(), now, TimeBounds::default());
         match &emission.kind {
-            EmissionKind::Event { .. } | EmissionKind::Duplicate => {
+            EmissionKind::Event { .. } | EmissionKind::Duplicate(_) => {
                 assert!(verdict.is_ok(), "{verdict:?}");
             }
-            EmissionKind::Malformed(kind) => {
+            EmissionKind::Malformed { kind, .. } => {
                 let reason = verdict.expect_err("malformed payloads are rejected").reason;
                 let expected = match kind {
                     MalformedKind::Garbage | MalformedKind::Truncated => Reason::DecodeError,
