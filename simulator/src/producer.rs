@@ -154,15 +154,19 @@ impl Producer {
                 .ok();
             workers.spawn(
                 PartitionWorker {
-                    connector: connector.clone(),
-                    partition,
-                    client: first_client,
-                    receiver,
-                    carried: None,
-                    batch_size,
-                    compression: config.compression,
-                    stats: stats.clone(),
-                    stop: stop.clone(),
+                    intake: Intake {
+                        receiver,
+                        carried: None,
+                        batch_size,
+                    },
+                    delivery: Delivery {
+                        connector: connector.clone(),
+                        partition,
+                        client: first_client,
+                        compression: config.compression,
+                        stats: stats.clone(),
+                        stop: stop.clone(),
+                    },
                 }
                 .run(),
             );
@@ -357,45 +361,100 @@ impl Connector {
 }
 
 struct PartitionWorker {
-    connector: Arc<Connector>,
-    partition: i32,
-    client: Option<PartitionClient>,
+    intake: Intake,
+    delivery: Delivery,
+}
+
+/// The batches waiting for a partition's worker.
+struct Intake {
     receiver: mpsc::Receiver<Batch>,
     /// A batch received that did not fit in the previous request.
     carried: Option<Batch>,
     batch_size: usize,
+}
+
+/// Produces a partition's requests.
+struct Delivery {
+    connector: Arc<Connector>,
+    partition: i32,
+    client: Option<PartitionClient>,
     compression: Compression,
     stats: Arc<ProducerStats>,
     stop: CancellationToken,
 }
 
+/// A batch, and its records built for its first produce request.
+struct Prepared {
+    batch: Batch,
+    records: Vec<Record>,
+}
+
+impl Prepared {
+    fn new(batch: Batch) -> Self {
+        let records = batch.records();
+        Self { batch, records }
+    }
+}
+
 impl PartitionWorker {
-    async fn run(mut self) {
-        while let Some(batch) = self.next_batch().await {
-            if !self.deliver(&batch).await {
+    /// Produces batches until the channel closes. While a request is in
+    /// flight, the batch after it is prepared if it is already waiting, so
+    /// building its records does not delay the next request.
+    async fn run(self) {
+        let Self {
+            mut intake,
+            mut delivery,
+        } = self;
+        let mut prepared = None;
+        loop {
+            let Prepared { batch, records } = match prepared.take() {
+                Some(prepared) => prepared,
+                None => match intake.next_batch().await {
+                    Some(batch) => Prepared::new(batch),
+                    None => return,
+                },
+            };
+            let (delivered, next) = tokio::join!(delivery.deliver(&batch, records), async {
+                intake.waiting_batch().map(Prepared::new)
+            });
+            prepared = next;
+            if !delivered {
                 let mut lost = batch.len() as u64;
-                lost += self
-                    .carried
-                    .take()
-                    .map_or(0, |carried| carried.len() as u64);
-                self.receiver.close();
-                while let Some(batch) = self.receiver.recv().await {
-                    lost += batch.len() as u64;
-                }
-                self.stats.undelivered.fetch_add(lost, Ordering::Relaxed);
+                lost += prepared.map_or(0, |next| next.batch.len() as u64);
+                lost += intake.discard().await;
+                delivery
+                    .stats
+                    .undelivered
+                    .fetch_add(lost, Ordering::Relaxed);
                 return;
             }
         }
     }
+}
 
-    /// The next batch to produce: the oldest one waiting, merged with those
-    /// behind it while they fit in a batch (partial batches, flushed while
-    /// the previous request was in flight, go out together).
+impl Intake {
+    /// The next batch to produce, waiting for one.
     async fn next_batch(&mut self) -> Option<Batch> {
-        let mut batch = match self.carried.take() {
+        let first = match self.carried.take() {
             Some(batch) => batch,
             None => self.receiver.recv().await?,
         };
+        Some(self.merge_waiting(first))
+    }
+
+    /// The next batch to produce, if one is waiting.
+    fn waiting_batch(&mut self) -> Option<Batch> {
+        let first = match self.carried.take() {
+            Some(batch) => batch,
+            None => self.receiver.try_recv().ok()?,
+        };
+        Some(self.merge_waiting(first))
+    }
+
+    /// `batch`, merged with the batches waiting behind it while they fit in
+    /// a batch (partial batches, flushed while the previous request was in
+    /// flight, go out together).
+    fn merge_waiting(&mut self, mut batch: Batch) -> Batch {
         while batch.len() < self.batch_size {
             let Ok(next) = self.receiver.try_recv() else {
                 break;
@@ -406,15 +465,31 @@ impl PartitionWorker {
             }
             batch.append(&next);
         }
-        Some(batch)
+        batch
     }
 
-    /// Produces `batch`, retrying until it is stored; `false` if stopped
-    /// first.
-    async fn deliver(&mut self, batch: &Batch) -> bool {
+    /// Closes the channel; returns how many records were left in it.
+    async fn discard(&mut self) -> u64 {
+        let mut lost = self
+            .carried
+            .take()
+            .map_or(0, |carried| carried.len() as u64);
+        self.receiver.close();
+        while let Some(batch) = self.receiver.recv().await {
+            lost += batch.len() as u64;
+        }
+        lost
+    }
+}
+
+impl Delivery {
+    /// Produces `batch`, whose records for the first attempt are `records`,
+    /// retrying until it is stored; `false` if stopped first.
+    async fn deliver(&mut self, batch: &Batch, records: Vec<Record>) -> bool {
         let mut delay = INITIAL_RETRY_DELAY;
         let count = batch.len();
         let bytes = batch.bytes.len();
+        let mut first_attempt = Some(records);
         loop {
             if self.client.is_none() {
                 match self.connector.partition_client(self.partition).await {
@@ -425,7 +500,8 @@ impl PartitionWorker {
                 }
             }
             if let Some(client) = &self.client {
-                match client.produce(batch.records(), self.compression).await {
+                let records = first_attempt.take().unwrap_or_else(|| batch.records());
+                match client.produce(records, self.compression).await {
                     Ok(_) => {
                         self.stats
                             .acknowledged
