@@ -75,7 +75,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let simulator = runtime.block_on(simulator_produce(&brokers, records, round))?;
         simulator_cpu.push(cpu.micros_per(records));
         println!(
-            "round {round}: raw rskafka {raw:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s"
+            "round {round}: raw rskafka {raw:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s, ratio {:.2}",
+            simulator / raw
         );
         raw_rates.push(raw);
         simulator_rates.push(simulator);

@@ -50,9 +50,12 @@ const MAX_DWELL_MICROS: i64 = 10 * 60 * MICROS_PER_SECOND;
 const MAX_SPARE_EVENTS: usize = 64;
 /// Most product views in one session.
 const MAX_VIEWS_PER_SESSION: u32 = 8;
-/// How often a new session's user is redrawn when the one drawn is still in
-/// a session, before the arrival is skipped.
-const USER_REDRAWS: usize = 16;
+/// Users a new session draws by activity (Zipf) before it takes any user:
+/// heavy users are often mid-session.
+const ACTIVITY_DRAWS: usize = 4;
+/// Users drawn uniformly after those, before the arrival is skipped when
+/// every user drawn is in a session or just out of one.
+const ANY_USER_DRAWS: usize = 12;
 /// A rough session length, for the capacity warning.
 const TYPICAL_SESSION_SECONDS: f64 = 180.0;
 /// How far before the start time the model starts running (silently), so
@@ -670,20 +673,15 @@ impl Generator {
 
     fn start_session(&mut self, at: i64) {
         self.availability.release_until(at);
-        let mut user = None;
-        for draw in 0..USER_REDRAWS {
-            // Heavy users are often mid-session: after a few Zipf draws, any
-            // user will do.
-            let index = if draw < USER_REDRAWS / 4 {
-                self.user_rank.sample(&mut self.rng)
-            } else {
-                self.rng.random_range(0..self.users.len())
-            };
-            if self.availability.is_free(index) {
-                user = Some(index);
-                break;
-            }
-        }
+        let by_activity: [usize; ACTIVITY_DRAWS] = self.user_rank.sample_array(&mut self.rng);
+        let user = by_activity
+            .into_iter()
+            .find(|&user| self.availability.is_free(user))
+            .or_else(|| {
+                (0..ANY_USER_DRAWS)
+                    .map(|_| self.rng.random_range(0..self.users.len()))
+                    .find(|&user| self.availability.is_free(user))
+            });
         let Some(user) = user else {
             return; // every user drawn is mid-session: this arrival is skipped
         };
@@ -930,8 +928,21 @@ impl ZipfRank {
     fn sample(&self, rng: &mut Xoshiro256PlusPlus) -> usize {
         match self {
             Self::Table(table) => table.sample(rng),
+            Self::Formula(..) => {
+                let [position] = self.sample_array(rng);
+                position
+            }
+        }
+    }
+
+    /// `N` independent draws (see [`AliasTable::sample_array`]).
+    fn sample_array<const N: usize>(&self, rng: &mut Xoshiro256PlusPlus) -> [usize; N] {
+        match self {
+            Self::Table(table) => table.sample_array(rng),
             // Ranks 1..=n, as whole numbers in an f64.
-            Self::Formula(zipf, last) => (zipf.sample(rng) as usize).saturating_sub(1).min(*last),
+            Self::Formula(zipf, last) => {
+                std::array::from_fn(|_| (zipf.sample(rng) as usize).saturating_sub(1).min(*last))
+            }
         }
     }
 }

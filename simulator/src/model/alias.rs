@@ -68,13 +68,24 @@ impl AliasTable {
     }
 
     pub(super) fn sample<R: Rng>(&self, rng: &mut R) -> usize {
-        let position = rng.random_range(0..self.entries.len());
-        let entry = self.entries[position];
-        if rng.random::<f32>() < entry.odds {
-            position
-        } else {
-            entry.alias as usize
-        }
+        let [position] = self.sample_array(rng);
+        position
+    }
+
+    /// `N` independent draws. Every position is drawn before any entry is
+    /// read, so that the reads, each likely a cache miss in a large table,
+    /// overlap instead of waiting for one another.
+    pub(super) fn sample_array<R: Rng, const N: usize>(&self, rng: &mut R) -> [usize; N] {
+        let draws: [(usize, f32); N] =
+            std::array::from_fn(|_| (rng.random_range(0..self.entries.len()), rng.random::<f32>()));
+        draws.map(|(position, coin)| {
+            let entry = self.entries[position];
+            if coin < entry.odds {
+                position
+            } else {
+                entry.alias as usize
+            }
+        })
     }
 }
 
@@ -92,8 +103,14 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let draws = 1_000_000;
         let mut counts = [0u32; 7];
-        for _ in 0..draws {
+        // Half one at a time, half four at a time.
+        for _ in 0..draws / 2 {
             counts[table.sample(&mut rng)] += 1;
+        }
+        for _ in 0..draws / 8 {
+            for position in table.sample_array::<_, 4>(&mut rng) {
+                counts[position] += 1;
+            }
         }
         let total: f64 = weights.iter().sum();
         for (position, (&count, weight)) in counts.iter().zip(weights).enumerate() {
