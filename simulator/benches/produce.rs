@@ -63,6 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut simulator_rates = Vec::new();
     let mut raw_rates = Vec::new();
+    let mut round_ratios = Vec::new();
     let (mut simulator_cpu, mut raw_cpu) = (Vec::new(), Vec::new());
     if rounds == 0 {
         return Ok(());
@@ -80,6 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         raw_rates.push(raw);
         simulator_rates.push(simulator);
+        round_ratios.push(simulator / raw);
     }
     let raw = median(&mut raw_rates);
     let simulator = median(&mut simulator_rates);
@@ -94,6 +96,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "ratio simulator / raw: {:>12.2} (target >= 0.80)",
         simulator / raw
+    );
+    println!(
+        "median round ratio:    {:>12.2} (each round's pair ran back to back)",
+        median(&mut round_ratios)
     );
     Ok(())
 }
