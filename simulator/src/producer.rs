@@ -9,9 +9,11 @@
 //! A batch holds its records' keys and values in one buffer, which the
 //! generator encodes its records into. rskafka takes the records it sends,
 //! as a `Vec` each for key and value: the worker builds them from the buffer
-//! for each attempt, so they are allocated and freed by the same task. (Allocated by
-//! the generator and freed by the worker, they cost the generator twice as
-//! much: the allocator's slow path reclaims memory freed by another thread.)
+//! for each attempt, so they are allocated and freed by the same task.
+//! (Allocated by the generator and freed by the worker, they cost the
+//! generator twice as much: the allocator's slow path reclaims memory freed
+//! by another thread.) The first attempt's are built while the request
+//! before it is in flight.
 //!
 //! A broker that goes away is waited for: the failed batch is retried with
 //! backoff, on a freshly built client, until it is stored or the simulator
