@@ -926,13 +926,8 @@ impl ZipfRank {
     }
 
     fn sample(&self, rng: &mut Xoshiro256PlusPlus) -> usize {
-        match self {
-            Self::Table(table) => table.sample(rng),
-            Self::Formula(..) => {
-                let [position] = self.sample_array(rng);
-                position
-            }
-        }
+        let [position] = self.sample_array(rng);
+        position
     }
 
     /// `N` independent draws (see [`AliasTable::sample_array`]).

@@ -67,11 +67,6 @@ impl AliasTable {
         Ok(Self { entries })
     }
 
-    pub(super) fn sample<R: Rng>(&self, rng: &mut R) -> usize {
-        let [position] = self.sample_array(rng);
-        position
-    }
-
     /// `N` independent draws. Every position is drawn before any entry is
     /// read, so that the reads, each likely a cache miss in a large table,
     /// overlap instead of waiting for one another.
@@ -105,7 +100,8 @@ mod tests {
         let mut counts = [0u32; 7];
         // Half one at a time, half four at a time.
         for _ in 0..draws / 2 {
-            counts[table.sample(&mut rng)] += 1;
+            let [position] = table.sample_array(&mut rng);
+            counts[position] += 1;
         }
         for _ in 0..draws / 8 {
             for position in table.sample_array::<_, 4>(&mut rng) {
@@ -134,6 +130,6 @@ mod tests {
         assert!(AliasTable::new(&[1.0, f64::NAN]).is_err());
         assert!(AliasTable::new(&[f64::INFINITY]).is_err());
         let single = AliasTable::new(&[3.0]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(single.sample(&mut ChaCha8Rng::seed_from_u64(1)), 0);
+        assert_eq!(single.sample_array(&mut ChaCha8Rng::seed_from_u64(1)), [0]);
     }
 }
