@@ -5,7 +5,9 @@
 //! Meanwhile it pings Redis every 2 ms: the round trips show how long a query
 //! waits behind a commit while ingest catches up (`--commit-max-events`).
 //! It also prints where Redis spent its time, per command (`INFO
-//! commandstats`, counted before and after).
+//! commandstats`, counted before and after), the CPU per event of the whole
+//! machine in each phase, and the consumer's work that needs no Redis timed
+//! alone: with them, the highest ratio the machine's cores allow.
 //!
 //! `cargo bench -p rtap-server --bench ingest` after `scripts/services.sh up`.
 //! `RTAP_BENCH_EVENTS` (default 1,000,000) and `RTAP_BENCH_PARTITIONS`
@@ -24,7 +26,11 @@ use clap::Parser;
 use common::{TestDatabase, env_or, test_config};
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap_server::{
-    ingest::consumer::{self, PipelineSettings, PipelineStats},
+    ingest::{
+        aggregate::BatchAggregate,
+        consumer::{self, PipelineSettings, PipelineStats},
+        validate::{self, TimeBounds},
+    },
     store::{commit::load_state, keys::PartitionKeys},
 };
 use rtap_simulator::config::SimulatorConfig;
@@ -80,6 +86,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
 
     // Raw fetch: every partition from 0 to its high watermark, concurrently.
     let client = Arc::new(ClientBuilder::new(brokers.clone()).build().await?);
+    let cpu_before_raw = CpuTimes::now()?;
     let raw_started = Instant::now();
     let mut readers = Vec::new();
     for partition in 0..partitions {
@@ -91,6 +98,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
                 .partition_client(&topic, partition, UnknownTopicHandling::Retry)
                 .await?;
             let (mut offset, mut records, mut high_watermark) = (0, 0u64, 1);
+            let mut sample = Vec::new();
             while offset < high_watermark {
                 let (batch, mark) = reader.fetch_records(offset, 1..max_bytes, 100).await?;
                 high_watermark = mark;
@@ -98,18 +106,28 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
                     offset = last.offset + 1;
                 }
                 records += batch.len() as u64;
+                let wanted = SAMPLE_PER_PARTITION.saturating_sub(sample.len());
+                sample.extend(
+                    batch
+                        .into_iter()
+                        .take(wanted)
+                        .filter_map(|record| record.record.value),
+                );
             }
-            Ok::<_, anyhow::Error>((partition, offset, records))
+            Ok::<_, anyhow::Error>((partition, offset, records, sample))
         }));
     }
     let mut high_watermarks = Vec::new();
     let mut raw_records = 0;
+    let mut sample = Vec::new();
     for reader in readers {
-        let (partition, end, records) = reader.await??;
+        let (partition, end, records, values) = reader.await??;
         high_watermarks.push((partition, end));
         raw_records += records;
+        sample.extend(values);
     }
     let raw_seconds = raw_started.elapsed().as_secs_f64();
+    let raw_cpu = cpu_before_raw.until_now()?;
     let raw_rate = raw_records as f64 / raw_seconds;
 
     // The pipeline, from offset 0 into a fresh namespace.
@@ -121,6 +139,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     let probe = tokio::spawn(probe_redis(redis.clone(), probing.clone()));
     let redis_cpu_before = redis_cpu_seconds(&mut connection).await?;
     let commands_before = command_stats(&mut connection).await?;
+    let cpu_before_ingest = CpuTimes::now()?;
     let ingest_started = Instant::now();
     let pipeline = tokio::spawn(consumer::run(
         PipelineSettings::from_config(&config),
@@ -144,6 +163,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ingest_seconds = ingest_started.elapsed().as_secs_f64();
+    let ingest_cpu = cpu_before_ingest.until_now()?;
     let redis_cpu = redis_cpu_seconds(&mut connection).await? - redis_cpu_before;
     let commands_after = command_stats(&mut connection).await?;
     // The offsets are in Redis before each commit's reply reaches the
@@ -209,6 +229,38 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         "ratio ingest / raw fetch: {:.2} (target >= 0.8)",
         ingest_rate / raw_rate
     );
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get()) as f64;
+    let per_event = |seconds: f64, events: u64| seconds * 1e6 / events.max(1) as f64;
+    println!(
+        "CPU per event, every process on the machine (/proc/stat; broker, Redis and this \
+         bench): raw fetch {:.2} us with {:.1} of {cores} cores busy; ingest {:.2} us with \
+         {:.1} cores busy, of which the consumer (this process) {:.2} us and Redis {:.2} us",
+        per_event(raw_cpu.machine, raw_records),
+        raw_cpu.machine / raw_seconds,
+        per_event(ingest_cpu.machine, records),
+        ingest_cpu.machine / ingest_seconds,
+        per_event(ingest_cpu.bench, records),
+        per_event(redis_cpu, records),
+    );
+    let work = in_process_work(&sample, &config)?;
+    // With every core busy, a rate is at most the cores over the CPU each
+    // event costs; ingest costs at least the raw fetch's CPU plus its own.
+    let ceiling = |extra_us: f64| {
+        cores / ((per_event(raw_cpu.machine, raw_records) + extra_us) * 1e-6) / raw_rate
+    };
+    println!(
+        "consumer work needing no Redis, one thread over {} sampled records (best of {} \
+         passes): decode and validate {:.2} us per event, and with folding into the batch \
+         aggregate {:.2} us; so on this machine, with every core busy, ingest / raw fetch \
+         is at most {:.2} for decoding and validating alone and {:.2} with folding, before \
+         any Redis write",
+        sample.len(),
+        WORK_PASSES,
+        work.decode_us,
+        work.fold_us,
+        ceiling(work.decode_us),
+        ceiling(work.fold_us),
+    );
     // A broker with memory storage (the test broker) would keep the
     // million events until restarted.
     client
@@ -216,6 +268,119 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         .delete_topic(config.events_topic.as_str(), 10_000)
         .await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+}
+
+/// Records per partition the raw fetch keeps, to time the consumer's work
+/// that needs no Redis.
+const SAMPLE_PER_PARTITION: usize = 50_000;
+/// Passes over the sample: the fastest counts, as the machine may preempt a
+/// pass.
+const WORK_PASSES: usize = 3;
+
+/// CPU time in use, in seconds: on the whole machine (every process, from
+/// the aggregate line of `/proc/stat`) and by this bench (`/proc/self/stat`).
+/// Linux reports both in ticks of `USER_HZ`, 100 on every architecture's ABI.
+#[derive(Debug, Clone, Copy)]
+struct CpuTimes {
+    machine: f64,
+    bench: f64,
+}
+
+impl CpuTimes {
+    const TICKS_PER_SECOND: f64 = 100.0;
+
+    fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        // `cpu  user nice system idle iowait irq softirq steal guest
+        // guest_nice`: busy is user, nice, system, irq and softirq (guest
+        // time is inside user; steal went to other machines).
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .ok_or_else(|| anyhow::anyhow!("/proc/stat has no aggregate cpu line"))?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        let busy: u64 = [0, 1, 2, 5, 6]
+            .iter()
+            .map(|&field| ticks.get(field).copied().unwrap_or(0))
+            .sum();
+        let own = std::fs::read_to_string("/proc/self/stat")?;
+        // Fields after the command name, which may hold spaces: state is the
+        // first, utime the 12th, stime the 13th.
+        let fields: Vec<&str> = own
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |index: usize| -> anyhow::Result<u64> {
+            Ok(fields
+                .get(index)
+                .ok_or_else(|| anyhow::anyhow!("/proc/self/stat is short"))?
+                .parse()?)
+        };
+        Ok(Self {
+            machine: busy as f64 / Self::TICKS_PER_SECOND,
+            bench: (field(11)? + field(12)?) as f64 / Self::TICKS_PER_SECOND,
+        })
+    }
+
+    /// The CPU time used since `self` was read.
+    fn until_now(self) -> anyhow::Result<Self> {
+        let now = Self::now()?;
+        Ok(Self {
+            machine: now.machine - self.machine,
+            bench: now.bench - self.bench,
+        })
+    }
+}
+
+/// Microseconds per event of the consumer's work that needs no Redis.
+struct InProcessWork {
+    /// Decoding and validating (`validate::decode`), and parsing the id.
+    decode_us: f64,
+    /// That, then folding the valid events into a [`BatchAggregate`] per
+    /// commit-sized chunk, as the consumer does after its Redis reads.
+    fold_us: f64,
+}
+
+/// Times the consumer's in-memory steps over `sample`, on this thread.
+fn in_process_work(
+    sample: &[Vec<u8>],
+    config: &rtap_server::Config,
+) -> anyhow::Result<InProcessWork> {
+    let bounds = TimeBounds::from_config(config);
+    let session_gap_ms = i64::try_from(config.session_gap.as_millis())?;
+    let chunk_size = usize::try_from(config.commit_max_events)?.max(1);
+    let decode = |bytes: &[u8], now| {
+        let event = validate::decode(bytes, now, bounds).ok()?;
+        let id = uuid::Uuid::try_parse(&event.event_id).ok()?.into_bytes();
+        Some((id, event))
+    };
+    let mut best = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..WORK_PASSES {
+        let now = chrono::Utc::now();
+        let started = Instant::now();
+        let decoded = sample.iter().filter_map(|bytes| decode(bytes, now)).count();
+        let decoding = started.elapsed().as_secs_f64();
+        std::hint::black_box(decoded);
+
+        let started = Instant::now();
+        for chunk in sample.chunks(chunk_size) {
+            let mut batch = BatchAggregate::new(None, Default::default(), session_gap_ms);
+            for (id, event) in chunk.iter().filter_map(|bytes| decode(bytes, now)) {
+                batch.add(&event, id);
+            }
+            std::hint::black_box(&batch);
+        }
+        let folding = started.elapsed().as_secs_f64();
+        best = (best.0.min(decoding), best.1.min(folding));
+    }
+    let per_event = |seconds: f64| seconds * 1e6 / sample.len().max(1) as f64;
+    Ok(InProcessWork {
+        decode_us: per_event(best.0),
+        fold_us: per_event(best.1),
+    })
 }
 
 /// CPU time Redis has used since it started (user and system), seconds.
