@@ -46,16 +46,27 @@ pub struct SessionState {
     pub source: i32,
 }
 
-impl SessionState {
-    /// The stored text form.
-    pub fn encode(&self) -> String {
-        format!(
+/// The stored text form, which [`SessionState::decode`] parses.
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
             "{} {} {} {} {} {}",
             self.anchor_ms, self.first_ms, self.last_ms, self.events, self.stages, self.source
         )
     }
+}
 
-    /// Parses [`SessionState::encode`]'s output.
+/// Written into a command as its stored text form, without an intermediate
+/// `String` (a commit writes thousands).
+impl redis::ToRedisArgs for SessionState {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
+}
+
+impl SessionState {
+    /// Parses the stored text form (`Display`'s output).
     pub fn decode(text: &str) -> Option<Self> {
         let mut parts = text.split(' ');
         let mut next = || parts.next()?.parse::<i64>().ok();
@@ -630,7 +641,7 @@ mod tests {
             stages: 5,
             source: 6,
         };
-        assert_eq!(SessionState::decode(&state.encode()), Some(state));
+        assert_eq!(SessionState::decode(&state.to_string()), Some(state));
         assert_eq!(SessionState::decode("1 2 3"), None);
         assert_eq!(SessionState::decode("1 2 3 4 5 6 7"), None);
     }

@@ -34,7 +34,7 @@ use redis::{Pipeline, Script, aio::ConnectionLike};
 
 use super::{
     Bucket, Counter, Granularity, Retention, StoreError, UserSet, hll,
-    keys::{PartitionKeys, session_field, state_field},
+    keys::{PartitionKeys, SessionField, state_field},
     mirror::{Mirror, REPLIES_PER_BUCKET, Written},
     settled,
 };
@@ -211,9 +211,12 @@ pub async fn prefetch(
             command.arg(&id[..]);
         }
     }
-    let fields: Vec<String> = sessions
+    let fields: Vec<SessionField> = sessions
         .iter()
-        .map(|(user, session)| session_field(*user, session))
+        .map(|(user_id, session_id)| SessionField {
+            user_id: *user_id,
+            session_id,
+        })
         .collect();
     if !fields.is_empty() {
         for epoch in [epoch - 1, epoch] {
@@ -624,10 +627,16 @@ impl Transaction {
             );
         }
         let epoch = super::session_epoch(meta.now_ms, settings.session_ttl_ms);
-        let sessions: Vec<(String, String)> = batch
+        let sessions: Vec<(SessionField, &SessionState)> = batch
             .sessions
             .iter()
-            .map(|((user, session), state)| (session_field(*user, session), state.encode()))
+            .map(|((user_id, session_id), state)| {
+                let field = SessionField {
+                    user_id: *user_id,
+                    session_id,
+                };
+                (field, state)
+            })
             .collect();
         self.set_pairs(
             "HSET",

@@ -56,9 +56,25 @@ pub fn partitions(namespace: &str) -> String {
     format!("{namespace}:partitions")
 }
 
-/// A session's field in its epoch's hash ([`PartitionKeys::sessions`]).
-pub fn session_field(user_id: i64, session_id: &str) -> String {
-    format!("{user_id}:{session_id}")
+/// A session's field in its epoch's hash ([`PartitionKeys::sessions`]):
+/// `{user_id}:{session_id}`. A command takes it as an argument without an
+/// intermediate `String` (a commit writes thousands).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionField<'a> {
+    pub user_id: i64,
+    pub session_id: &'a str,
+}
+
+impl std::fmt::Display for SessionField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.user_id, self.session_id)
+    }
+}
+
+impl redis::ToRedisArgs for SessionField<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
 }
 
 /// Name of the pub/sub channel that carries commit deltas.
