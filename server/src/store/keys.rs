@@ -61,7 +61,9 @@ pub fn partitions(namespace: &str) -> String {
 /// intermediate `String` (a commit writes thousands).
 #[derive(Debug, Clone, Copy)]
 pub struct SessionField<'a> {
+    /// The session's user.
     pub user_id: i64,
+    /// The client's session id.
     pub session_id: &'a str,
 }
 
