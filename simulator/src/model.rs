@@ -1124,6 +1124,28 @@ mod tests {
     }
 
     #[test]
+    fn a_few_heavy_users_open_many_sessions_and_most_users_few() {
+        // Users are heaviest first: with the default exponent (0.8) over a
+        // million users, a draw by activity falls in the first 1 % about a
+        // third of the time and in the second half about an eighth. At 20
+        // events/s the heavy users are not all mid-session or in their gap
+        // (at 1,000 they are, and new sessions go to lighter users).
+        let emissions = take(&mut generator(ModelParams::default(), 11, 20.0), 200_000);
+        let sessions: HashSet<(i64, String)> = events(&emissions)
+            .into_iter()
+            .map(|event| (event.user_id, event.session_id))
+            .collect();
+        let share = |range: std::ops::RangeInclusive<i64>| {
+            let within = sessions.iter().filter(|(user, _)| range.contains(user)).count();
+            within as f64 / sessions.len() as f64
+        };
+        let (top, bottom_half) = (share(1..=10_000), share(500_001..=1_000_000));
+        assert!(sessions.len() > 20_000, "{} sessions", sessions.len());
+        assert!(top > 0.10, "the heaviest 1 % of users hold {top:.3} of sessions");
+        assert!(bottom_half < 0.30, "the lighter half holds {bottom_half:.3} of sessions");
+    }
+
+    #[test]
     fn zipf_ranks_from_the_table_and_the_formula_agree() {
         let (n, exponent, draws) = (50_000, 0.8, 400_000);
         let harmonic = |n: u32| (1..=n).map(|k| f64::from(k).powf(-exponent)).sum::<f64>();
