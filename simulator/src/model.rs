@@ -53,6 +53,9 @@ const MAX_VIEWS_PER_SESSION: u32 = 8;
 /// Users a new session draws by activity (Zipf) before it takes any user:
 /// heavy users are often mid-session.
 const ACTIVITY_DRAWS: usize = 4;
+/// Activity-weighted users drawn ahead at once (see
+/// [`Generator::activity_draw`]).
+const ACTIVITY_BLOCK: usize = 32;
 /// Users drawn uniformly after those, before the arrival is skipped when
 /// every user drawn is in a session or just out of one.
 const ANY_USER_DRAWS: usize = 12;
@@ -424,6 +427,9 @@ pub struct Generator {
     product_rank: ZipfRank,
     /// Zipf-weighted positions in `users`.
     user_rank: ZipfRank,
+    /// Positions drawn from `user_rank` ahead of need, with their user ids;
+    /// the next is last.
+    activity_draws: Vec<(usize, i64)>,
     /// Mean simulated time between session arrivals.
     interarrival: Exp<f64>,
     clock_micros: i64,
@@ -495,6 +501,7 @@ impl Generator {
             rng: Xoshiro256PlusPlus::seed_from_u64(seed),
             product_rank,
             user_rank,
+            activity_draws: Vec::with_capacity(ACTIVITY_BLOCK),
             interarrival,
             clock_micros: start_micros,
             next_arrival_micros: start_micros,
@@ -673,22 +680,27 @@ impl Generator {
 
     fn start_session(&mut self, at: i64) {
         self.availability.release_until(at);
-        let by_activity: [usize; ACTIVITY_DRAWS] = self.user_rank.sample_array(&mut self.rng);
-        let user = by_activity
-            .into_iter()
-            .find(|&user| self.availability.is_free(user))
-            .or_else(|| {
-                (0..ANY_USER_DRAWS)
-                    .map(|_| self.rng.random_range(0..self.users.len()))
-                    .find(|&user| self.availability.is_free(user))
-            });
-        let Some(user) = user else {
+        let mut by_activity = None;
+        for _ in 0..ACTIVITY_DRAWS {
+            let (user, user_id) = self.activity_draw();
+            if self.availability.is_free(user) {
+                by_activity = Some((user, user_id));
+                break;
+            }
+        }
+        let user = by_activity.or_else(|| {
+            (0..ANY_USER_DRAWS)
+                .map(|_| self.rng.random_range(0..self.users.len()))
+                .find(|&user| self.availability.is_free(user))
+                .map(|user| (user, self.users[user]))
+        });
+        let Some((user, user_id)) = user else {
             return; // every user drawn is mid-session: this arrival is skipped
         };
         self.availability.occupy(user);
         let session = Session {
             id: random_uuid(&mut self.rng),
-            user_id: self.users[user],
+            user_id,
             // `new` checked that positions fit a u32.
             user: user as u32,
             cart_item: 0,
@@ -699,6 +711,23 @@ impl Generator {
             quantity: 0,
         };
         self.agenda.push(at, session);
+    }
+
+    /// The next activity-weighted user: position and id. They are drawn a
+    /// block at a time, so that the reads of the block's table entries and
+    /// ids (each likely a cache miss in a shard's megabytes) overlap instead
+    /// of waiting for one another at every session start. The draws are
+    /// independent, so drawing them ahead draws the same distribution.
+    fn activity_draw(&mut self) -> (usize, i64) {
+        loop {
+            if let Some(draw) = self.activity_draws.pop() {
+                return draw;
+            }
+            let positions: [usize; ACTIVITY_BLOCK] = self.user_rank.sample_array(&mut self.rng);
+            let users = &self.users;
+            self.activity_draws
+                .extend(positions.iter().rev().map(|&user| (user, users[user])));
+        }
     }
 
     /// Draws the event of `session`'s step, and the step after it (`None`:
