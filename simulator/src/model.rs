@@ -1165,13 +1165,22 @@ mod tests {
             .map(|event| (event.user_id, event.session_id))
             .collect();
         let share = |range: std::ops::RangeInclusive<i64>| {
-            let within = sessions.iter().filter(|(user, _)| range.contains(user)).count();
+            let within = sessions
+                .iter()
+                .filter(|(user, _)| range.contains(user))
+                .count();
             within as f64 / sessions.len() as f64
         };
         let (top, bottom_half) = (share(1..=10_000), share(500_001..=1_000_000));
         assert!(sessions.len() > 20_000, "{} sessions", sessions.len());
-        assert!(top > 0.10, "the heaviest 1 % of users hold {top:.3} of sessions");
-        assert!(bottom_half < 0.30, "the lighter half holds {bottom_half:.3} of sessions");
+        assert!(
+            top > 0.10,
+            "the heaviest 1 % of users hold {top:.3} of sessions"
+        );
+        assert!(
+            bottom_half < 0.30,
+            "the lighter half holds {bottom_half:.3} of sessions"
+        );
     }
 
     #[test]
