@@ -55,7 +55,7 @@ const MAX_VIEWS_PER_SESSION: u32 = 8;
 const ACTIVITY_DRAWS: usize = 4;
 /// Activity-weighted users drawn ahead at once (see
 /// [`Generator::activity_draw`]).
-const ACTIVITY_BLOCK: usize = 32;
+const ACTIVITY_BLOCK: usize = 128;
 /// Users drawn uniformly after those, before the arrival is skipped when
 /// every user drawn is in a session or just out of one.
 const ANY_USER_DRAWS: usize = 12;
