@@ -86,7 +86,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
 
     // Raw fetch: every partition from 0 to its high watermark, concurrently.
     let client = Arc::new(ClientBuilder::new(brokers.clone()).build().await?);
-    let cpu_before_raw = CpuTimes::now()?;
+    let cpu_before_raw = CpuTimes::now();
     let raw_started = Instant::now();
     let mut readers = Vec::new();
     for partition in 0..partitions {
@@ -127,7 +127,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         sample.extend(values);
     }
     let raw_seconds = raw_started.elapsed().as_secs_f64();
-    let raw_cpu = cpu_before_raw.until_now()?;
+    let raw_cpu = cpu_before_raw.and_then(CpuTimes::until_now);
     let raw_rate = raw_records as f64 / raw_seconds;
 
     // The pipeline, from offset 0 into a fresh namespace.
@@ -139,7 +139,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     let probe = tokio::spawn(probe_redis(redis.clone(), probing.clone()));
     let redis_cpu_before = redis_cpu_seconds(&mut connection).await?;
     let commands_before = command_stats(&mut connection).await?;
-    let cpu_before_ingest = CpuTimes::now()?;
+    let cpu_before_ingest = CpuTimes::now();
     let ingest_started = Instant::now();
     let pipeline = tokio::spawn(consumer::run(
         PipelineSettings::from_config(&config),
@@ -163,7 +163,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ingest_seconds = ingest_started.elapsed().as_secs_f64();
-    let ingest_cpu = cpu_before_ingest.until_now()?;
+    let ingest_cpu = cpu_before_ingest.and_then(CpuTimes::until_now);
     let redis_cpu = redis_cpu_seconds(&mut connection).await? - redis_cpu_before;
     let commands_after = command_stats(&mut connection).await?;
     // The offsets are in Redis before each commit's reply reaches the
@@ -229,6 +229,44 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         "ratio ingest / raw fetch: {:.2} (target >= 0.8)",
         ingest_rate / raw_rate
     );
+    let work = in_process_work(&sample, &config)?;
+    println!(
+        "consumer work needing no Redis, one thread over {} sampled records (best of {} \
+         passes): decode and validate {:.2} us per event, and with folding into the batch \
+         aggregate {:.2} us",
+        sample.len(),
+        WORK_PASSES,
+        work.decode_us,
+        work.fold_us,
+    );
+    if let (Some(raw_cpu), Some(ingest_cpu)) = (raw_cpu, ingest_cpu) {
+        print_machine_cpu(
+            (raw_cpu, raw_records, raw_seconds),
+            (ingest_cpu, records, ingest_seconds),
+            redis_cpu,
+            &work,
+        );
+    } else {
+        println!("CPU per event and the ratio ceiling: unknown (read from /proc: Linux only)");
+    }
+    // A broker with memory storage (the test broker) would keep the
+    // million events until restarted.
+    client
+        .controller_client()?
+        .delete_topic(config.events_topic.as_str(), 10_000)
+        .await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+}
+
+/// The machine's CPU per event in the raw fetch and in ingest (each given as
+/// its CPU times, records and seconds), and the highest ratio they and the
+/// consumer's `work` allow with every core busy.
+fn print_machine_cpu(
+    (raw_cpu, raw_records, raw_seconds): (CpuTimes, u64, f64),
+    (ingest_cpu, records, ingest_seconds): (CpuTimes, u64, f64),
+    redis_cpu: f64,
+    work: &InProcessWork,
+) {
     let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get()) as f64;
     let per_event = |seconds: f64, events: u64| seconds * 1e6 / events.max(1) as f64;
     println!(
@@ -242,32 +280,18 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         per_event(ingest_cpu.bench, records),
         per_event(redis_cpu, records),
     );
-    let work = in_process_work(&sample, &config)?;
     // With every core busy, a rate is at most the cores over the CPU each
     // event costs; ingest costs at least the raw fetch's CPU plus its own.
+    let raw_rate = raw_records as f64 / raw_seconds;
     let ceiling = |extra_us: f64| {
         cores / ((per_event(raw_cpu.machine, raw_records) + extra_us) * 1e-6) / raw_rate
     };
     println!(
-        "consumer work needing no Redis, one thread over {} sampled records (best of {} \
-         passes): decode and validate {:.2} us per event, and with folding into the batch \
-         aggregate {:.2} us; so on this machine, with every core busy, ingest / raw fetch \
-         is at most {:.2} for decoding and validating alone and {:.2} with folding, before \
-         any Redis write",
-        sample.len(),
-        WORK_PASSES,
-        work.decode_us,
-        work.fold_us,
+        "so on this machine, with every core busy, ingest / raw fetch is at most {:.2} for \
+         decoding and validating alone and {:.2} with folding, before any Redis write",
         ceiling(work.decode_us),
         ceiling(work.fold_us),
     );
-    // A broker with memory storage (the test broker) would keep the
-    // million events until restarted.
-    client
-        .controller_client()?
-        .delete_topic(config.events_topic.as_str(), 10_000)
-        .await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
 }
 
 /// Records per partition the raw fetch keeps, to time the consumer's work
@@ -289,46 +313,38 @@ struct CpuTimes {
 impl CpuTimes {
     const TICKS_PER_SECOND: f64 = 100.0;
 
-    fn now() -> anyhow::Result<Self> {
-        let stat = std::fs::read_to_string("/proc/stat")?;
+    /// `None` where `/proc` is missing or unreadable (not Linux).
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
         // `cpu  user nice system idle iowait irq softirq steal guest
         // guest_nice`: busy is user, nice, system, irq and softirq (guest
         // time is inside user; steal went to other machines).
         let ticks: Vec<u64> = stat
             .lines()
-            .next()
-            .and_then(|line| line.strip_prefix("cpu "))
-            .ok_or_else(|| anyhow::anyhow!("/proc/stat has no aggregate cpu line"))?
+            .next()?
+            .strip_prefix("cpu ")?
             .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
+            .map(|field| field.parse().ok())
+            .collect::<Option<_>>()?;
         let busy: u64 = [0, 1, 2, 5, 6]
             .iter()
             .map(|&field| ticks.get(field).copied().unwrap_or(0))
             .sum();
-        let own = std::fs::read_to_string("/proc/self/stat")?;
+        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
         // Fields after the command name, which may hold spaces: state is the
         // first, utime the 12th, stime the 13th.
-        let fields: Vec<&str> = own
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let field = |index: usize| -> anyhow::Result<u64> {
-            Ok(fields
-                .get(index)
-                .ok_or_else(|| anyhow::anyhow!("/proc/self/stat is short"))?
-                .parse()?)
-        };
-        Ok(Self {
+        let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |index: usize| fields.get(index)?.parse::<u64>().ok();
+        Some(Self {
             machine: busy as f64 / Self::TICKS_PER_SECOND,
             bench: (field(11)? + field(12)?) as f64 / Self::TICKS_PER_SECOND,
         })
     }
 
     /// The CPU time used since `self` was read.
-    fn until_now(self) -> anyhow::Result<Self> {
+    fn until_now(self) -> Option<Self> {
         let now = Self::now()?;
-        Ok(Self {
+        Some(Self {
             machine: now.machine - self.machine,
             bench: now.bench - self.bench,
         })
