@@ -15,6 +15,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../../simulator/benches/support/cpu_times.rs"]
+mod cpu_times;
 
 use std::{
     collections::BTreeMap,
@@ -24,6 +26,7 @@ use std::{
 
 use clap::Parser;
 use common::{TestDatabase, env_or, test_config};
+use cpu_times::CpuTimes;
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap_server::{
     ingest::{
@@ -300,56 +303,6 @@ const SAMPLE_PER_PARTITION: usize = 50_000;
 /// Passes over the sample: the fastest counts, as the machine may preempt a
 /// pass.
 const WORK_PASSES: usize = 3;
-
-/// CPU time in use, in seconds: on the whole machine (every process, from
-/// the aggregate line of `/proc/stat`) and by this bench (`/proc/self/stat`).
-/// Linux reports both in ticks of `USER_HZ`, 100 on every architecture's ABI.
-#[derive(Debug, Clone, Copy)]
-struct CpuTimes {
-    machine: f64,
-    bench: f64,
-}
-
-impl CpuTimes {
-    const TICKS_PER_SECOND: f64 = 100.0;
-
-    /// `None` where `/proc` is missing or unreadable (not Linux).
-    fn now() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        // `cpu  user nice system idle iowait irq softirq steal guest
-        // guest_nice`: busy is user, nice, system, irq and softirq (guest
-        // time is inside user; steal went to other machines).
-        let ticks: Vec<u64> = stat
-            .lines()
-            .next()?
-            .strip_prefix("cpu ")?
-            .split_whitespace()
-            .map(|field| field.parse().ok())
-            .collect::<Option<_>>()?;
-        let busy: u64 = [0, 1, 2, 5, 6]
-            .iter()
-            .map(|&field| ticks.get(field).copied().unwrap_or(0))
-            .sum();
-        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name, which may hold spaces: state is the
-        // first, utime the 12th, stime the 13th.
-        let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
-        let field = |index: usize| fields.get(index)?.parse::<u64>().ok();
-        Some(Self {
-            machine: busy as f64 / Self::TICKS_PER_SECOND,
-            bench: (field(11)? + field(12)?) as f64 / Self::TICKS_PER_SECOND,
-        })
-    }
-
-    /// The CPU time used since `self` was read.
-    fn until_now(self) -> Option<Self> {
-        let now = Self::now()?;
-        Some(Self {
-            machine: now.machine - self.machine,
-            bench: now.bench - self.bench,
-        })
-    }
-}
 
 /// Microseconds per event of the consumer's work that needs no Redis.
 struct InProcessWork {
