@@ -11,16 +11,30 @@
 //! it loses against the raw rate. The simulator's includes its start-up,
 //! mostly the model's warm-up (printed first), which its rate excludes.
 //!
+//! It also prints the ratio the machine's CPU predicts. The simulator does
+//! all the raw produce does (records built from bytes, the same requests)
+//! and generates the records besides; so with every core busy, its rate is
+//! about the cores over the whole machine's CPU per record in the raw
+//! produce (`/proc/stat`: broker, kernel and bench) plus the CPU generation
+//! takes per record, timed alone on one thread as the simulator's shards
+//! generate. An estimate, not a bound: generation spread over two cores'
+//! caches costs less than on one, and a round's pair does not meet the
+//! same broker state.
+//!
 //! `cargo bench -p rtap-simulator` with the broker of `scripts/services.sh up`
 //! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
 //! (default 1,000,000: shorter rounds measure start-up more than
 //! throughput), `RTAP_BENCH_ROUNDS` the produce rounds (default 3; 0
 //! measures generation alone, for profiling). Target: simulator ≥ 0.8 × raw.
 
+#[path = "support/cpu_times.rs"]
+mod cpu_times;
+
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use clap::Parser;
+use cpu_times::CpuTimes;
 use rskafka::{
     client::{
         ClientBuilder,
@@ -43,6 +57,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const PARTITIONS: i32 = 4;
 const BATCH: usize = 1000;
+/// The simulator's default population.
+const USERS: u32 = 1_000_000;
+const PRODUCTS: u32 = 1_000;
+/// The simulator's model rate when it is not paced (`run::run`).
+const UNPACED_MODEL_RATE: f64 = 1000.0;
+/// Records a shard generates before the next shard's turn, as the
+/// simulator's shards take turns on its threads.
+const SHARD_TURN: usize = 64;
+/// Passes of generation alone: the fastest counts, as the machine may
+/// preempt a pass.
+const GENERATION_PASSES: usize = 3;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let records: usize = std::env::var("RTAP_BENCH_RECORDS")
@@ -58,36 +83,58 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
 
-    let (generated, generation_rate) = generate(records)?;
-    println!("generation alone:      {generation_rate:>12.0} events/s ({records} events)");
+    let generated = generate(records)?;
+    let generation_us = generation_alone(records)?;
+    println!(
+        "generation alone:      {:>12.0} events/s ({generation_us:.2} µs per event, one thread, \
+         {PARTITIONS} shards of {} users taking turns)",
+        1e6 / generation_us,
+        USERS / PARTITIONS as u32,
+    );
 
     let mut simulator_rates = Vec::new();
     let mut raw_rates = Vec::new();
     let mut round_ratios = Vec::new();
-    let (mut simulator_cpu, mut raw_cpu) = (Vec::new(), Vec::new());
+    let mut predictions = Vec::new();
+    let (mut simulator_cpu, mut raw_cpu, mut raw_machine_cpu) =
+        (Vec::new(), Vec::new(), Vec::new());
     if rounds == 0 {
         return Ok(());
     }
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get()) as f64;
     for round in 0..rounds {
-        let cpu = CpuClock::start();
         let raw = runtime.block_on(raw_produce(&brokers, &generated, round))?;
-        raw_cpu.push(cpu.micros_per(records));
-        let cpu = CpuClock::start();
+        let raw_machine_us = raw.cpu.map(|cpu| micros_per(cpu.machine, records));
+        raw_cpu.push(raw.cpu.map(|cpu| micros_per(cpu.bench, records)));
+        raw_machine_cpu.push(raw_machine_us);
+        let cpu = CpuTimes::now();
         let simulator = runtime.block_on(simulator_produce(&brokers, records, round))?;
-        simulator_cpu.push(cpu.micros_per(records));
-        println!(
-            "round {round}: raw rskafka {raw:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s, ratio {:.2}",
-            simulator / raw
+        simulator_cpu.push(
+            cpu.and_then(CpuTimes::until_now)
+                .map(|cpu| micros_per(cpu.bench, records)),
         );
-        raw_rates.push(raw);
+        // With every core busy, a rate is the cores over the CPU a record
+        // costs the whole machine.
+        let predicted =
+            raw_machine_us.map(|raw_us| cores / ((raw_us + generation_us) * 1e-6) / raw.rate);
+        predictions.push(predicted);
+        println!(
+            "round {round}: raw rskafka {:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s, ratio {:.2} (CPU predicts {})",
+            raw.rate,
+            simulator / raw.rate,
+            figure(predicted, 2),
+        );
+        raw_rates.push(raw.rate);
         simulator_rates.push(simulator);
-        round_ratios.push(simulator / raw);
+        round_ratios.push(simulator / raw.rate);
     }
     let raw = median(&mut raw_rates);
     let simulator = median(&mut simulator_rates);
     println!(
-        "raw rskafka produce:   {raw:>12.0} records/s (median of {rounds}), {} CPU/record",
-        cpu_figure(&raw_cpu)
+        "raw rskafka produce:   {raw:>12.0} records/s (median of {rounds}), {} CPU/record; \
+         the whole machine's {} (broker, kernel and bench)",
+        cpu_figure(&raw_cpu),
+        cpu_figure(&raw_machine_cpu),
     );
     println!(
         "rtap-simulator:        {simulator:>12.0} records/s (median of {rounds}), {} CPU/record with the warm-up",
@@ -101,24 +148,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "median round ratio:    {:>12.2} (each round's pair ran back to back)",
         median(&mut round_ratios)
     );
+    let mut predictions: Vec<f64> = predictions.into_iter().flatten().collect();
+    let predicted = (!predictions.is_empty()).then(|| median(&mut predictions));
+    println!(
+        "ratio CPU predicts:    {:>12} (median of the rounds': all {cores} cores busy, a record \
+         costing raw produce's machine CPU plus generation's)",
+        figure(predicted, 2),
+    );
     Ok(())
 }
 
-fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Error>> {
+/// Records for the raw produce, from one generator of the simulator's
+/// population.
+fn generate(count: usize) -> Result<Vec<Record>, Box<dyn std::error::Error>> {
     let warm_up = Instant::now();
     let mut generator = Generator::new(
         ModelParams::default(),
-        Population::synthetic(1_000_000, 1_000),
+        Population::synthetic(USERS, PRODUCTS),
         1,
         Utc::now(),
-        1000.0,
+        UNPACED_MODEL_RATE,
     )?;
     println!(
         "model warm-up:         {:>12.2} s (15 simulated minutes before the first record)",
         warm_up.elapsed().as_secs_f64()
     );
-    let started = Instant::now();
-    let records: Vec<Record> = (0..count)
+    Ok((0..count)
         .map(|_| {
             let emission = generator.next_emission();
             let record = Record {
@@ -130,16 +185,56 @@ fn generate(count: usize) -> Result<(Vec<Record>, f64), Box<dyn std::error::Erro
             generator.recycle(emission);
             record
         })
-        .collect();
-    let rate = count as f64 / started.elapsed().as_secs_f64();
-    Ok((records, rate))
+        .collect())
+}
+
+/// Microseconds per record of generation as the simulator does it, without
+/// producing: its shards (of its population, at its model rate) take turns,
+/// each record's key and value written into a batch's buffer. The fastest
+/// of a few passes over `count` records.
+fn generation_alone(count: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let shards = PARTITIONS as usize;
+    let mut generators = (1..=shards as u64)
+        .map(|seed| {
+            Generator::new(
+                ModelParams::default(),
+                Population::synthetic(USERS / PARTITIONS as u32, PRODUCTS),
+                seed,
+                Utc::now(),
+                UNPACED_MODEL_RATE / shards as f64,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut batch = Vec::new();
+    let mut best = f64::INFINITY;
+    for _ in 0..GENERATION_PASSES {
+        let started = Instant::now();
+        for record in 0..count {
+            let generator = &mut generators[record / SHARD_TURN % shards];
+            let emission = generator.next_emission();
+            batch.extend_from_slice(rtap::kafka::RecordKey::new(emission.user_id).as_bytes());
+            emission.write_value(&mut batch);
+            generator.recycle(emission);
+            if record % BATCH == BATCH - 1 {
+                batch.clear();
+            }
+        }
+        best = best.min(micros_per(started.elapsed().as_secs_f64(), count));
+    }
+    Ok(best)
+}
+
+/// A raw produce's rate, and the CPU time it took.
+struct RawProduce {
+    rate: f64,
+    cpu: Option<CpuTimes>,
 }
 
 async fn raw_produce(
     brokers: &str,
     records: &[Record],
     round: usize,
-) -> Result<f64, Box<dyn std::error::Error>> {
+) -> Result<RawProduce, Box<dyn std::error::Error>> {
     let topic = format!("rtap-bench-raw-{}-{round}", uuid::Uuid::new_v4().simple());
     let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
     ensure_topic(&client, &topic, PARTITIONS).await?;
@@ -157,6 +252,7 @@ async fn raw_produce(
                 .await?,
         );
     }
+    let cpu = CpuTimes::now();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (client, records) in partition_clients.into_iter().zip(per_partition) {
@@ -173,8 +269,9 @@ async fn raw_produce(
         result??;
     }
     let rate = records.len() as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu.and_then(CpuTimes::until_now);
     delete_topic(&client, &topic).await?;
-    Ok(rate)
+    Ok(RawProduce { rate, cpu })
 }
 
 /// A broker with memory storage (the test broker) would keep every round's
@@ -222,38 +319,25 @@ async fn simulator_produce(
     Ok(records as f64 / report.elapsed.max(Duration::from_nanos(1)).as_secs_f64())
 }
 
-/// CPU time of this process, all threads, from `/proc/self/stat` (Linux).
-struct CpuClock(Option<f64>);
-
-impl CpuClock {
-    fn start() -> Self {
-        Self(process_cpu_seconds())
-    }
-
-    /// Microseconds of CPU per record since `start`, if known.
-    fn micros_per(&self, records: usize) -> Option<f64> {
-        let (start, now) = (self.0?, process_cpu_seconds()?);
-        Some((now - start) * 1e6 / records as f64)
-    }
+fn micros_per(seconds: f64, records: usize) -> f64 {
+    seconds * 1e6 / records.max(1) as f64
 }
 
-/// User and system time of this process, in seconds. The kernel reports
-/// them in ticks of `USER_HZ`, 100 on every Linux architecture's ABI.
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which may hold spaces: state is the
-    // first, utime the 12th, stime the 13th.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
-}
-
+/// The median of the known `values`, in microseconds.
 fn cpu_figure(values: &[Option<f64>]) -> String {
     let mut known: Vec<f64> = values.iter().flatten().copied().collect();
     if known.is_empty() {
         return "unknown".into();
     }
     format!("{:.2} µs", median(&mut known))
+}
+
+/// `value` to `decimals`, or why it is missing.
+fn figure(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(
+        || "unknown (read from /proc: Linux only)".into(),
+        |value| format!("{value:.decimals$}"),
+    )
 }
 
 fn median(values: &mut [f64]) -> f64 {
