@@ -24,7 +24,7 @@
 //! `cargo bench -p rtap-simulator` with the broker of `scripts/services.sh up`
 //! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
 //! (default 1,000,000: shorter rounds measure start-up more than
-//! throughput), `RTAP_BENCH_ROUNDS` the produce rounds (default 3; 0
+//! throughput), `RTAP_BENCH_ROUNDS` the produce rounds (default 5; 0
 //! measures generation alone, for profiling). Target: simulator ≥ 0.8 × raw.
 
 #[path = "support/cpu_times.rs"]
@@ -77,7 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds: usize = std::env::var("RTAP_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -103,16 +103,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get()) as f64;
     for round in 0..rounds {
-        let raw = runtime.block_on(raw_produce(&brokers, &generated, round))?;
+        let raw_produce = || runtime.block_on(raw_produce(&brokers, &generated, round));
+        let simulator_produce = || {
+            let cpu = CpuTimes::now();
+            let rate = runtime.block_on(simulator_produce(&brokers, records, round))?;
+            let cpu = cpu.and_then(CpuTimes::until_now);
+            Ok::<_, Box<dyn std::error::Error>>((rate, cpu))
+        };
+        // Which runs first alternates: the second of a pair meets a broker
+        // holding the first's records (deleted topics are not always freed
+        // at once), and neither side should always be the one that does.
+        let (raw, (simulator, cpu)) = if round % 2 == 0 {
+            let raw = raw_produce()?;
+            (raw, simulator_produce()?)
+        } else {
+            let simulator = simulator_produce()?;
+            (raw_produce()?, simulator)
+        };
         let raw_machine_us = raw.cpu.map(|cpu| micros_per(cpu.machine, records));
         raw_cpu.push(raw.cpu.map(|cpu| micros_per(cpu.bench, records)));
         raw_machine_cpu.push(raw_machine_us);
-        let cpu = CpuTimes::now();
-        let simulator = runtime.block_on(simulator_produce(&brokers, records, round))?;
-        simulator_cpu.push(
-            cpu.and_then(CpuTimes::until_now)
-                .map(|cpu| micros_per(cpu.bench, records)),
-        );
+        simulator_cpu.push(cpu.map(|cpu| micros_per(cpu.bench, records)));
         // With every core busy, a rate is the cores over the CPU a record
         // costs the whole machine.
         let predicted =
@@ -145,7 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         simulator / raw
     );
     println!(
-        "median round ratio:    {:>12.2} (each round's pair ran back to back)",
+        "median round ratio:    {:>12.2} (each round's pair ran back to back, raw first in even rounds)",
         median(&mut round_ratios)
     );
     let mut predictions: Vec<f64> = predictions.into_iter().flatten().collect();
