@@ -18,8 +18,7 @@
 //! produce (`/proc/stat`: broker, kernel and bench) plus the CPU generation
 //! takes per record, timed alone on one thread as the simulator's shards
 //! generate. An estimate, not a bound: generation spread over two cores'
-//! caches costs less than on one, and a round's pair does not meet the
-//! same broker state.
+//! caches costs less than on one.
 //!
 //! `cargo bench -p rtap-simulator` with the broker of `scripts/services.sh up`
 //! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
@@ -57,11 +56,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const PARTITIONS: i32 = 4;
 const BATCH: usize = 1000;
-/// The simulator's default population.
-const USERS: u32 = 1_000_000;
-const PRODUCTS: u32 = 1_000;
-/// The simulator's model rate when it is not paced (`run::run`).
-const UNPACED_MODEL_RATE: f64 = 1000.0;
 /// Records a shard generates before the next shard's turn, as the
 /// simulator's shards take turns on its threads.
 const SHARD_TURN: usize = 64;
@@ -83,13 +77,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
 
-    let generated = generate(records)?;
-    let generation_us = generation_alone(records)?;
+    // The simulator's default population, as the simulator runs here.
+    let defaults = SimulatorConfig::try_parse_from(["rtap-simulator"])?;
+    let generated = generate(records, &defaults)?;
+    let generation_us = generation_alone(records, &defaults)?;
     println!(
         "generation alone:      {:>12.0} events/s ({generation_us:.2} µs per event, one thread, \
          {PARTITIONS} shards of {} users taking turns)",
         1e6 / generation_us,
-        USERS / PARTITIONS as u32,
+        defaults.users / PARTITIONS as u32,
     );
 
     let mut simulator_rates = Vec::new();
@@ -110,9 +106,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let cpu = cpu.and_then(CpuTimes::until_now);
             Ok::<_, Box<dyn std::error::Error>>((rate, cpu))
         };
-        // Which runs first alternates: the second of a pair meets a broker
-        // holding the first's records (deleted topics are not always freed
-        // at once), and neither side should always be the one that does.
+        // Which runs first alternates: a run was often faster as the second
+        // of its pair, and neither side should always be the one that is.
         let (raw, (simulator, cpu)) = if round % 2 == 0 {
             let raw = raw_produce()?;
             (raw, simulator_produce()?)
@@ -133,7 +128,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "round {round}: raw rskafka {:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s, ratio {:.2} (CPU predicts {})",
             raw.rate,
             simulator / raw.rate,
-            figure(predicted, 2),
+            ratio_figure(predicted),
         );
         raw_rates.push(raw.rate);
         simulator_rates.push(simulator);
@@ -164,21 +159,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "ratio CPU predicts:    {:>12} (median of the rounds': all {cores} cores busy, a record \
          costing raw produce's machine CPU plus generation's)",
-        figure(predicted, 2),
+        ratio_figure(predicted),
     );
     Ok(())
 }
 
 /// Records for the raw produce, from one generator of the simulator's
 /// population.
-fn generate(count: usize) -> Result<Vec<Record>, Box<dyn std::error::Error>> {
+fn generate(
+    count: usize,
+    defaults: &SimulatorConfig,
+) -> Result<Vec<Record>, Box<dyn std::error::Error>> {
     let warm_up = Instant::now();
     let mut generator = Generator::new(
         ModelParams::default(),
-        Population::synthetic(USERS, PRODUCTS),
+        Population::synthetic(defaults.users, defaults.products),
         1,
         Utc::now(),
-        UNPACED_MODEL_RATE,
+        run::UNPACED_MODEL_RATE,
     )?;
     println!(
         "model warm-up:         {:>12.2} s (15 simulated minutes before the first record)",
@@ -203,16 +201,19 @@ fn generate(count: usize) -> Result<Vec<Record>, Box<dyn std::error::Error>> {
 /// producing: its shards (of its population, at its model rate) take turns,
 /// each record's key and value written into a batch's buffer. The fastest
 /// of a few passes over `count` records.
-fn generation_alone(count: usize) -> Result<f64, Box<dyn std::error::Error>> {
+fn generation_alone(
+    count: usize,
+    defaults: &SimulatorConfig,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let shards = PARTITIONS as usize;
     let mut generators = (1..=shards as u64)
         .map(|seed| {
             Generator::new(
                 ModelParams::default(),
-                Population::synthetic(USERS / PARTITIONS as u32, PRODUCTS),
+                Population::synthetic(defaults.users / PARTITIONS as u32, defaults.products),
                 seed,
                 Utc::now(),
-                UNPACED_MODEL_RATE / shards as f64,
+                run::UNPACED_MODEL_RATE / shards as f64,
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -343,11 +344,11 @@ fn cpu_figure(values: &[Option<f64>]) -> String {
     format!("{:.2} µs", median(&mut known))
 }
 
-/// `value` to `decimals`, or why it is missing.
-fn figure(value: Option<f64>, decimals: usize) -> String {
-    value.map_or_else(
+/// A ratio, or why it is missing.
+fn ratio_figure(ratio: Option<f64>) -> String {
+    ratio.map_or_else(
         || "unknown (read from /proc: Linux only)".into(),
-        |value| format!("{value:.decimals$}"),
+        |ratio| format!("{ratio:.2}"),
     )
 }
 

@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// Event rate the session model assumes when production is unpaced.
-const UNPACED_MODEL_RATE: f64 = 1000.0;
+pub const UNPACED_MODEL_RATE: f64 = 1000.0;
 /// Pacing sleeps only when this far ahead, so a high rate is not a sleep per
 /// event.
 const PACING_SLACK: Duration = Duration::from_millis(2);
