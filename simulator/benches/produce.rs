@@ -64,14 +64,12 @@ const SHARD_TURN: usize = 64;
 const GENERATION_PASSES: usize = 3;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let records: usize = std::env::var("RTAP_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let rounds: usize = std::env::var("RTAP_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let records = env_count("RTAP_BENCH_RECORDS", 1_000_000)?;
+    if records == 0 {
+        return Err("RTAP_BENCH_RECORDS must be at least 1".into());
+    }
+    let rounds = env_count("RTAP_BENCH_ROUNDS", 5)?;
+    println!("{records} records per round, {rounds} rounds");
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -329,6 +327,19 @@ async fn simulator_produce(
     let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
     delete_topic(&client, &topic).await?;
     Ok(records as f64 / report.elapsed.max(Duration::from_nanos(1)).as_secs_f64())
+}
+
+/// The count in environment variable `name`, or `default` when it is unset;
+/// an error naming the variable when it is not a count.
+fn env_count(name: &str, default: usize) -> Result<usize, Box<dyn std::error::Error>> {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Ok(value) => value
+            .trim()
+            .parse()
+            .map_err(|error| format!("{name}={value:?} is not a count: {error}").into()),
+        Err(error) => Err(format!("{name}: {error}").into()),
+    }
 }
 
 fn micros_per(seconds: f64, records: usize) -> f64 {
