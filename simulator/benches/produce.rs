@@ -189,7 +189,6 @@ fn generate(
                 headers: Default::default(),
                 timestamp: emission.occurred_at,
             };
-            generator.recycle(emission);
             record
         })
         .collect())
@@ -224,7 +223,6 @@ fn generation_alone(
             let emission = generator.next_emission();
             batch.extend_from_slice(rtap::kafka::RecordKey::new(emission.user_id).as_bytes());
             emission.write_value(&mut batch);
-            generator.recycle(emission);
             if record % BATCH == BATCH - 1 {
                 batch.clear();
             }

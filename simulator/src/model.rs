@@ -29,16 +29,19 @@ use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, Zipf};
 use rand_xoshiro::Xoshiro256PlusPlus;
-use rtap::v1::{EventType, InteractionEvent, Source};
+use rtap::v1::{EventType, Source};
 use uuid::Uuid;
 
 mod agenda;
 mod alias;
 mod availability;
+mod event;
 
 use agenda::Agenda;
 use alias::AliasTable;
 use availability::Availability;
+pub use event::Event;
+use event::{SEARCH_WORDS, SearchQuery};
 
 use crate::config::{parse_positive, parse_share};
 
@@ -46,8 +49,6 @@ const MICROS_PER_SECOND: i64 = 1_000_000;
 /// Longest time on one page: dwell times are drawn from an exponential
 /// distribution and cut here.
 const MAX_DWELL_MICROS: i64 = 10 * 60 * MICROS_PER_SECOND;
-/// Most events kept for reuse: a few are in use at any time.
-const MAX_SPARE_EVENTS: usize = 64;
 /// Most product views in one session.
 const MAX_VIEWS_PER_SESSION: u32 = 8;
 /// Users a new session draws by activity (Zipf) before it takes any user:
@@ -64,26 +65,6 @@ const TYPICAL_SESSION_SECONDS: f64 = 180.0;
 /// How far before the start time the model starts running (silently), so
 /// that sessions are already under way when the first event is produced.
 const WARM_UP_MICROS: i64 = 15 * 60 * MICROS_PER_SECOND;
-const SEARCH_WORDS: &[&str] = &[
-    "shoes",
-    "jacket",
-    "lamp",
-    "kettle",
-    "headphones",
-    "backpack",
-    "desk",
-    "mug",
-    "watch",
-    "camera",
-    "sofa",
-    "blender",
-    "jeans",
-    "scarf",
-    "monitor",
-    "chair",
-    "tent",
-    "bike",
-];
 
 /// Behaviour of the simulated users.
 #[derive(Debug, Clone, Args)]
@@ -221,12 +202,12 @@ pub enum EmissionKind {
     /// A valid event produced for the first time.
     Event {
         /// The event.
-        event: Box<InteractionEvent>,
+        event: Event,
         /// It was held back and produced after newer events.
         late: bool,
     },
     /// A repeat of an event already produced (same `event_id`, same value).
-    Duplicate(Box<InteractionEvent>),
+    Duplicate(Event),
     /// A payload a consumer must reject.
     Malformed {
         /// How it is broken.
@@ -253,12 +234,7 @@ impl Emission {
     pub fn write_value(&self, buffer: &mut Vec<u8>) {
         match &self.kind {
             EmissionKind::Event { event, .. } | EmissionKind::Duplicate(event) => {
-                // A `Vec` grows as needed, so encoding into one does not
-                // fail (nothing is written if it does); were it to, the
-                // event is encoded into a buffer of its own.
-                if event.encode(buffer).is_err() {
-                    buffer.extend_from_slice(&event.encode_to_vec());
-                }
+                event.encode(buffer);
             }
             EmissionKind::Malformed { payload, .. } => buffer.extend_from_slice(payload),
         }
@@ -314,30 +290,6 @@ struct SessionEvent {
     gap_micros: i64,
     quantity: u32,
     search: SearchQuery,
-}
-
-/// A search query as positions in `SEARCH_WORDS`, spelled out only when its
-/// event is encoded.
-#[derive(Debug, Clone, Copy, Default)]
-struct SearchQuery {
-    words: [u8; 2],
-    len: u8,
-}
-
-impl SearchQuery {
-    /// The query spelled out, in `text` (emptied first: its capacity is
-    /// reused).
-    fn write_into(self, mut text: String) -> String {
-        text.clear();
-        let words = &self.words[..usize::from(self.len)];
-        for (i, &word) in words.iter().enumerate() {
-            if i > 0 {
-                text.push(' ');
-            }
-            text.push_str(SEARCH_WORDS[usize::from(word)]);
-        }
-        text
-    }
 }
 
 /// Who a drawn event belongs to.
@@ -439,12 +391,6 @@ pub struct Generator {
     held_back: BinaryHeap<Reverse<HeldBack>>,
     ready: VecDeque<Emission>,
     sequence: u64,
-    /// Events handed back by [`Generator::recycle`].
-    #[expect(
-        clippy::vec_box,
-        reason = "emissions hold boxed events: the boxes are what is reused"
-    )]
-    spare_events: Vec<Box<InteractionEvent>>,
 }
 
 impl Generator {
@@ -509,7 +455,6 @@ impl Generator {
             held_back: BinaryHeap::new(),
             ready: VecDeque::new(),
             sequence: 0,
-            spare_events: Vec::new(),
         };
         generator.warm_up(start_micros);
         Ok(generator)
@@ -534,7 +479,7 @@ impl Generator {
             {
                 return held.emission;
             }
-            let (event, time_micros) = self.next_event();
+            let event = self.next_event();
             // Shares are often zero: no draw then (`random_bool` draws even
             // for a probability of zero).
             let mut chance = |share: f64| share > 0.0 && self.rng.random_bool(share);
@@ -544,7 +489,7 @@ impl Generator {
                 self.sequence += 1;
                 let emission = Self::emission_of(event, true);
                 self.held_back.push(Reverse(HeldBack {
-                    release_micros: time_micros + hold,
+                    release_micros: event.occurred_at_micros + hold,
                     sequence: self.sequence,
                     emission,
                 }));
@@ -554,10 +499,10 @@ impl Generator {
             let malformed = chance(self.params.malformed_share).then(|| self.malformed(&event));
             let emission = Self::emission_of(event, false);
             // `ready` is empty: what follows this emission waits there.
-            if duplicate && let EmissionKind::Event { event, .. } = &emission.kind {
+            if duplicate {
                 self.ready.push_back(Emission {
-                    kind: EmissionKind::Duplicate(event.clone()),
-                    ..emission
+                    kind: EmissionKind::Duplicate(event),
+                    ..emission.clone()
                 });
             }
             self.ready.extend(malformed);
@@ -565,57 +510,39 @@ impl Generator {
         }
     }
 
-    /// Hands back an emission of [`Generator::next_emission`] once it has
-    /// been used, so the next event reuses its memory: the allocations of an
-    /// event (its box and strings) cost as much as drawing it.
-    pub fn recycle(&mut self, emission: Emission) {
-        if let EmissionKind::Event { event, .. } | EmissionKind::Duplicate(event) = emission.kind
-            && self.spare_events.len() < MAX_SPARE_EVENTS
-        {
-            self.spare_events.push(event);
-        }
-    }
-
     /// The record of a valid event.
-    fn emission_of(event: Box<InteractionEvent>, late: bool) -> Emission {
+    fn emission_of(event: Event, late: bool) -> Emission {
         Emission {
             user_id: event.user_id,
-            occurred_at: event_time(&event),
+            occurred_at: event.occurred_at(),
             kind: EmissionKind::Event { event, late },
         }
     }
 
-    /// The next valid event in event-time order, and its time.
-    fn next_event(&mut self) -> (Box<InteractionEvent>, i64) {
+    /// The next valid event, in event-time order.
+    fn next_event(&mut self) -> Event {
         let (time, session, drawn) = self.advance();
-        let mut event = self.spare_events.pop().unwrap_or_default();
-        let (event_id, session_id, search_query) = (
-            std::mem::take(&mut event.event_id),
-            std::mem::take(&mut event.session_id),
-            std::mem::take(&mut event.search_query),
-        );
-        *event = InteractionEvent {
-            event_id: write_uuid(event_id, random_uuid(&mut self.rng)),
-            occurred_at: Some(timestamp(time)),
+        Event {
+            event_id: random_uuid(&mut self.rng),
+            occurred_at_micros: time,
             user_id: session.user_id,
             product_id: drawn.product.map_or(0, |p| p.id),
-            source: session.source as i32,
-            r#type: drawn.event_type as i32,
-            session_id: write_uuid(session_id, session.session_id),
-            dwell_time: matches!(
+            source: session.source,
+            event_type: drawn.event_type,
+            session_id: session.session_id,
+            dwell_micros: matches!(
                 drawn.event_type,
                 EventType::PageView | EventType::ProductView
             )
-            .then(|| duration(drawn.gap_micros)),
+            .then_some(drawn.gap_micros),
             amount_micros: if drawn.event_type == EventType::Purchase {
                 drawn.product.map_or(0, |p| p.price_micros) * i64::from(drawn.quantity)
             } else {
                 0
             },
             quantity: drawn.quantity,
-            search_query: drawn.search.write_into(search_query),
-        };
-        (event, time)
+            search: drawn.search,
+        }
     }
 
     /// Moves the simulation to its next event: starts the sessions that
@@ -863,10 +790,10 @@ impl Generator {
         (drawn as i64).clamp(MICROS_PER_SECOND, cap)
     }
 
-    fn malformed(&mut self, event: &InteractionEvent) -> Emission {
+    fn malformed(&mut self, event: &Event) -> Emission {
         let kind = MalformedKind::ALL[self.rng.random_range(0..MalformedKind::ALL.len())];
-        let mut broken = event.clone();
-        broken.event_id = write_uuid(String::new(), random_uuid(&mut self.rng));
+        let mut broken = event.to_message();
+        broken.event_id = random_uuid(&mut self.rng).hyphenated().to_string();
         let value = match kind {
             MalformedKind::Garbage => {
                 // 0x0f: field 1 with wire type 7, which does not exist.
@@ -907,7 +834,7 @@ impl Generator {
         };
         Emission {
             user_id: event.user_id,
-            occurred_at: event_time(event),
+            occurred_at: event.occurred_at(),
             kind: EmissionKind::Malformed {
                 kind,
                 payload: value,
@@ -1006,13 +933,6 @@ fn expected_events_per_session(p: &ModelParams) -> f64 {
         + carts * p.purchase_rate
 }
 
-fn event_time(event: &InteractionEvent) -> DateTime<Utc> {
-    event
-        .occurred_at
-        .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
-        .unwrap_or_default()
-}
-
 /// A version 4 (random) UUID.
 fn random_uuid(rng: &mut Xoshiro256PlusPlus) -> Uuid {
     // One u128, not `[u8; 16]`: rand draws an array element by element, a
@@ -1020,36 +940,15 @@ fn random_uuid(rng: &mut Xoshiro256PlusPlus) -> Uuid {
     uuid::Builder::from_random_bytes(rng.random::<u128>().to_le_bytes()).into_uuid()
 }
 
-/// The hyphenated lower-case form, in `text` (emptied first: its capacity
-/// is reused), without `Display`'s formatting machinery.
-fn write_uuid(mut text: String, uuid: Uuid) -> String {
-    let mut buffer = [0; uuid::fmt::Hyphenated::LENGTH];
-    text.clear();
-    text.push_str(uuid.hyphenated().encode_lower(&mut buffer));
-    text
-}
-
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
-}
-
-fn timestamp(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: micros.div_euclid(MICROS_PER_SECOND),
-        nanos: i32::try_from(micros.rem_euclid(MICROS_PER_SECOND) * 1000).unwrap_or(0),
-    }
-}
-
-fn duration(micros: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: micros / MICROS_PER_SECOND,
-        nanos: i32::try_from((micros % MICROS_PER_SECOND) * 1000).unwrap_or(0),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::{HashMap, HashSet};
+
+    use rtap::v1::InteractionEvent;
 
     use super::*;
 
@@ -1107,7 +1006,7 @@ mod tests {
                 panic!("only events without injection shares");
             };
             let decoded = InteractionEvent::decode(emission.value().as_slice()).expect("decodes");
-            assert_eq!(&decoded, event.as_ref());
+            assert_eq!(decoded, event.to_message());
             assert_eq!(emission.key(), decoded.user_id.to_string().into_bytes());
             assert_eq!(decoded.event_id.len(), 36);
             assert!(decoded.user_id > 0);
@@ -1289,18 +1188,6 @@ mod tests {
     }
 
     #[test]
-    fn recycled_events_come_out_as_fresh_ones() {
-        let params = with_duplicates_and_malformed();
-        let mut fresh = generator(params.clone(), 3, 100.0);
-        let mut recycling = generator(params, 3, 100.0);
-        for _ in 0..20_000 {
-            let emission = recycling.next_emission();
-            assert_eq!(emission, fresh.next_emission());
-            recycling.recycle(emission);
-        }
-    }
-
-    #[test]
     fn carts_hold_products_the_session_viewed() {
         let params = ModelParams {
             cart_rate: 1.0,
@@ -1435,7 +1322,7 @@ mod tests {
         let mut newest = i64::MIN;
         let mut late = 0;
         // user -> (session, last event time)
-        let mut current: HashMap<i64, (String, i64)> = HashMap::new();
+        let mut current: HashMap<i64, (Uuid, i64)> = HashMap::new();
         for emission in &emissions {
             let EmissionKind::Event {
                 event,
@@ -1462,7 +1349,7 @@ mod tests {
                     "a new session starts after the gap"
                 );
             }
-            current.insert(event.user_id, (event.session_id.clone(), time));
+            current.insert(event.user_id, (event.session_id, time));
         }
         assert!(late > 900, "{late} late events");
     }

@@ -277,7 +277,6 @@ impl Shard {
                     emission.write_value(value)
                 })
                 .await?;
-            self.generator.recycle(emission);
             count += 1;
         }
         self.sent

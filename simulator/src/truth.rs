@@ -13,10 +13,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use rtap::v1::{EventType, InteractionEvent, Source};
+use rtap::v1::{EventType, Source};
 use serde::Serialize;
 
-use crate::model::{Emission, EmissionKind};
+use uuid::Uuid;
+
+use crate::model::{Emission, EmissionKind, Event};
 
 /// Per-product totals.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -103,7 +105,7 @@ pub struct GroundTruth {
     #[serde(skip)]
     product_users: HashMap<i64, HashSet<i64>>,
     #[serde(skip)]
-    sessions: HashMap<String, (Source, SessionStages)>,
+    sessions: HashMap<Uuid, (Source, SessionStages)>,
 }
 
 /// Enum values counted in arrays (values past the last slot share it).
@@ -139,7 +141,8 @@ impl GroundTruth {
                 self.events += 1;
                 self.late_events += u64::from(*late);
                 let slot = |value: i32| usize::try_from(value).unwrap_or(0).min(ENUM_SLOTS - 1);
-                self.by_source_and_type[slot(event.source)][slot(event.r#type)] += 1;
+                self.by_source_and_type[slot(event.source as i32)]
+                    [slot(event.event_type as i32)] += 1;
                 if self.detailed {
                     self.detail(event, emission.occurred_at);
                 }
@@ -147,7 +150,7 @@ impl GroundTruth {
         }
     }
 
-    fn detail(&mut self, event: &InteractionEvent, time: DateTime<Utc>) {
+    fn detail(&mut self, event: &Event, time: DateTime<Utc>) {
         *self
             .per_minute
             .entry(time.timestamp().div_euclid(60))
@@ -156,17 +159,11 @@ impl GroundTruth {
         self.last_event_time = Some(self.last_event_time.map_or(time, |t| t.max(time)));
         self.users.insert(event.user_id);
 
-        let stages = match self.sessions.get_mut(&event.session_id) {
-            Some((_, stages)) => stages,
-            None => {
-                let entry = self
-                    .sessions
-                    .entry(event.session_id.clone())
-                    .or_insert((event.source(), SessionStages::default()));
-                &mut entry.1
-            }
-        };
-        match event.r#type() {
+        let (_, stages) = self
+            .sessions
+            .entry(event.session_id)
+            .or_insert((event.source, SessionStages::default()));
+        match event.event_type {
             EventType::ProductView => stages.viewed = true,
             EventType::AddToCart => stages.carted = true,
             EventType::Purchase => stages.bought = true,
@@ -181,12 +178,10 @@ impl GroundTruth {
             .or_default()
             .insert(event.user_id);
         let product = self.products.entry(event.product_id).or_default();
-        match event.r#type() {
+        match event.event_type {
             EventType::ProductView => {
                 product.views += 1;
-                product.dwell_micros += event
-                    .dwell_time
-                    .map_or(0, |d| d.seconds * 1_000_000 + i64::from(d.nanos) / 1000);
+                product.dwell_micros += event.dwell_micros.unwrap_or(0);
             }
             EventType::AddToCart => {
                 product.add_to_carts += 1;
