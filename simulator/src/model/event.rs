@@ -121,29 +121,40 @@ impl Event {
     /// value, as prost writes them.
     pub fn encode(&self, buffer: &mut Vec<u8>) {
         use field::*;
-        write_uuid(buffer, EVENT_ID, self.event_id);
+        // Written into room made for the longest event, then cut to size:
+        // a byte pushed at a time, each push checking the `Vec`'s capacity,
+        // took twice as long.
+        let start = buffer.len();
+        buffer.resize(start + MAX_ENCODED_LEN, 0);
+        let mut out = WireWriter {
+            bytes: &mut buffer[start..],
+            len: 0,
+        };
+        out.uuid(EVENT_ID, self.event_id);
         let time = timestamp(self.occurred_at_micros);
-        write_seconds_and_nanos(buffer, OCCURRED_AT, time.seconds, time.nanos);
-        write_int64(buffer, USER_ID, self.user_id);
-        write_int64(buffer, PRODUCT_ID, self.product_id);
-        write_int64(buffer, SOURCE, i64::from(self.source as i32));
-        write_int64(buffer, TYPE, i64::from(self.event_type as i32));
-        write_uuid(buffer, SESSION_ID, self.session_id);
+        out.seconds_and_nanos(OCCURRED_AT, time.seconds, time.nanos);
+        out.int64(USER_ID, self.user_id);
+        out.int64(PRODUCT_ID, self.product_id);
+        out.int64(SOURCE, i64::from(self.source as i32));
+        out.int64(TYPE, i64::from(self.event_type as i32));
+        out.uuid(SESSION_ID, self.session_id);
         if let Some(dwell) = self.dwell_micros.map(duration) {
-            write_seconds_and_nanos(buffer, DWELL_TIME, dwell.seconds, dwell.nanos);
+            out.seconds_and_nanos(DWELL_TIME, dwell.seconds, dwell.nanos);
         }
-        write_int64(buffer, AMOUNT_MICROS, self.amount_micros);
-        write_int64(buffer, QUANTITY, i64::from(self.quantity));
+        out.int64(AMOUNT_MICROS, self.amount_micros);
+        out.int64(QUANTITY, i64::from(self.quantity));
         if self.search.len > 0 {
-            write_key(buffer, SEARCH_QUERY, LENGTH_DELIMITED);
-            write_varint(buffer, self.search.text_len() as u64);
+            out.key(SEARCH_QUERY, LENGTH_DELIMITED);
+            out.varint(self.search.text_len() as u64);
             for (i, word) in self.search.words().enumerate() {
                 if i > 0 {
-                    buffer.push(b' ');
+                    out.bytes(b" ");
                 }
-                buffer.extend_from_slice(word.as_bytes());
+                out.bytes(word.as_bytes());
             }
         }
+        let len = out.len;
+        buffer.truncate(start + len);
     }
 }
 
@@ -171,56 +182,93 @@ const VARINT: u32 = 0;
 const LENGTH_DELIMITED: u32 = 2;
 /// A UUID in its hyphenated text form.
 const UUID_TEXT_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+/// The longest a varint gets (a negative number).
+const MAX_VARINT_LEN: usize = 10;
+/// The longest encoded event: every field at its longest (a one-byte key
+/// each, as every field number is below 16).
+const MAX_ENCODED_LEN: usize = {
+    let int64 = 1 + MAX_VARINT_LEN;
+    let uuid = 2 + UUID_TEXT_LEN;
+    let seconds_and_nanos = 2 + 2 * int64;
+    let mut longest_word = 0;
+    let mut word = 0;
+    while word < SEARCH_WORDS.len() {
+        if SEARCH_WORDS[word].len() > longest_word {
+            longest_word = SEARCH_WORDS[word].len();
+        }
+        word += 1;
+    }
+    // Two words and a space: under 128 bytes, so a one-byte length.
+    let search = 2 + 2 * longest_word + 1;
+    2 * uuid + 2 * seconds_and_nanos + 6 * int64 + search
+};
 
-fn write_key(buffer: &mut Vec<u8>, field: u32, wire_type: u32) {
-    write_varint(buffer, u64::from(field << 3 | wire_type));
+/// Writes protobuf fields into a slice with room for them.
+struct WireWriter<'a> {
+    bytes: &'a mut [u8],
+    len: usize,
 }
 
-fn write_varint(buffer: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        buffer.push((value as u8 & 0x7f) | 0x80);
-        value >>= 7;
+impl WireWriter<'_> {
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
     }
-    buffer.push(value as u8);
+
+    fn varint(&mut self, mut value: u64) {
+        while value >= 0x80 {
+            self.bytes[self.len] = (value as u8 & 0x7f) | 0x80;
+            self.len += 1;
+            value >>= 7;
+        }
+        self.bytes[self.len] = value as u8;
+        self.len += 1;
+    }
+
+    fn key(&mut self, field: u32, wire_type: u32) {
+        self.varint(u64::from(field << 3 | wire_type));
+    }
+
+    /// An `int64`, `int32`, `uint32` or enum field: negative values take
+    /// ten bytes (the two's complement as a 64-bit varint), as protobuf
+    /// requires.
+    fn int64(&mut self, field: u32, value: i64) {
+        if value != 0 {
+            self.key(field, VARINT);
+            self.varint(value as u64);
+        }
+    }
+
+    /// A UUID as a string field, in its hyphenated lower-case form.
+    fn uuid(&mut self, field: u32, id: Uuid) {
+        self.key(field, LENGTH_DELIMITED);
+        self.varint(UUID_TEXT_LEN as u64);
+        let text = &mut self.bytes[self.len..self.len + UUID_TEXT_LEN];
+        id.hyphenated().encode_lower(text);
+        self.len += UUID_TEXT_LEN;
+    }
+
+    /// A `Timestamp` or `Duration` message field (both are seconds and
+    /// nanos).
+    fn seconds_and_nanos(&mut self, field: u32, seconds: i64, nanos: i32) {
+        let nanos = i64::from(nanos);
+        let field_len = |value: i64| {
+            if value == 0 {
+                0
+            } else {
+                1 + varint_len(value as u64)
+            }
+        };
+        self.key(field, LENGTH_DELIMITED);
+        self.varint((field_len(seconds) + field_len(nanos)) as u64);
+        self.int64(field::SECONDS, seconds);
+        self.int64(field::NANOS, nanos);
+    }
 }
 
 fn varint_len(value: u64) -> usize {
     // 7 bits per byte; 0 takes one.
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
-}
-
-/// An `int64`, `int32`, `uint32` or enum field: negative values take ten
-/// bytes (the two's complement as a 64-bit varint), as protobuf requires.
-fn write_int64(buffer: &mut Vec<u8>, field: u32, value: i64) {
-    if value != 0 {
-        write_key(buffer, field, VARINT);
-        write_varint(buffer, value as u64);
-    }
-}
-
-/// A UUID as a string field, written in place.
-fn write_uuid(buffer: &mut Vec<u8>, field: u32, id: Uuid) {
-    write_key(buffer, field, LENGTH_DELIMITED);
-    write_varint(buffer, UUID_TEXT_LEN as u64);
-    let at = buffer.len();
-    buffer.resize(at + UUID_TEXT_LEN, 0);
-    id.hyphenated().encode_lower(&mut buffer[at..]);
-}
-
-/// A `Timestamp` or `Duration` message field (both are seconds and nanos).
-fn write_seconds_and_nanos(buffer: &mut Vec<u8>, field: u32, seconds: i64, nanos: i32) {
-    let nanos = i64::from(nanos);
-    let field_len = |value: i64| {
-        if value == 0 {
-            0
-        } else {
-            1 + varint_len(value as u64)
-        }
-    };
-    write_key(buffer, field, LENGTH_DELIMITED);
-    write_varint(buffer, (field_len(seconds) + field_len(nanos)) as u64);
-    write_int64(buffer, field::SECONDS, seconds);
-    write_int64(buffer, field::NANOS, nanos);
 }
 
 fn timestamp(micros: i64) -> prost_types::Timestamp {
@@ -303,6 +351,35 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_event_fits_the_room_made_for_it() {
+        let longest_word = SEARCH_WORDS
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, word)| word.len())
+            .map_or(0, |(position, _)| position as u8);
+        let event = Event {
+            event_id: Uuid::max(),
+            occurred_at_micros: i64::MIN,
+            user_id: -1,
+            product_id: -1,
+            source: Source::MobileApp,
+            event_type: EventType::Search,
+            session_id: Uuid::max(),
+            dwell_micros: Some(-1),
+            amount_micros: -1,
+            quantity: u32::MAX,
+            search: SearchQuery {
+                words: [longest_word; 2],
+                len: 2,
+            },
+        };
+        let mut encoded = Vec::new();
+        event.encode(&mut encoded);
+        assert_eq!(encoded, event.to_message().encode_to_vec());
+        assert!(encoded.len() <= MAX_ENCODED_LEN);
+    }
+
+    #[test]
     fn varint_lengths_match_the_varints_written() {
         for value in [
             0,
@@ -317,9 +394,13 @@ mod tests {
         .into_iter()
         .chain((0..64).map(|bit| 1 << bit))
         {
-            let mut written = Vec::new();
-            write_varint(&mut written, value);
-            assert_eq!(varint_len(value), written.len(), "{value}");
+            let mut written = [0; MAX_VARINT_LEN];
+            let mut out = WireWriter {
+                bytes: &mut written,
+                len: 0,
+            };
+            out.varint(value);
+            assert_eq!(varint_len(value), out.len, "{value}");
         }
     }
 
