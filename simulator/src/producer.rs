@@ -113,12 +113,18 @@ pub struct Producer {
     stop: CancellationToken,
 }
 
-/// Feeds records to the partition workers, a batch at a time. Each generator
-/// has its own (see [`Producer::sender`]).
+/// Feeds records to one partition's worker, a batch at a time. Each
+/// generator has its own, for the partition its users' keys go to (see
+/// [`Producer::sender`]): it knows the partition, so no record's key is
+/// hashed to find it.
 pub struct RecordSender {
-    senders: Vec<mpsc::Sender<Batch>>,
-    /// Records not yet handed to their partition's worker, by partition.
-    pending: Vec<Batch>,
+    partition: i32,
+    /// Partitions of the topic.
+    partitions: i32,
+    /// The worker's channel; closed (`None`) by `close`.
+    sender: Option<mpsc::Sender<Batch>>,
+    /// Records not yet handed to the worker.
+    pending: Batch,
     batch_size: usize,
 }
 
@@ -192,9 +198,17 @@ impl Producer {
         self.stats.clone()
     }
 
-    /// A new sender, with its own batches, to the same workers.
-    pub fn sender(&self) -> RecordSender {
-        RecordSender::new(self.senders.clone(), self.batch_size)
+    /// A new sender, with its own batches, to `partition`'s worker; `None`
+    /// if the topic has no such partition.
+    pub fn sender(&self, partition: i32) -> Option<RecordSender> {
+        let sender = self.senders.get(usize::try_from(partition).ok()?)?;
+        Some(RecordSender {
+            partition,
+            partitions: self.partitions(),
+            sender: Some(sender.clone()),
+            pending: Batch::default(),
+            batch_size: self.batch_size,
+        })
     }
 
     /// Delivers everything buffered, in `senders` (every sender still
@@ -210,7 +224,7 @@ impl Producer {
             for sender in &mut senders {
                 flushed = flushed.and(sender.flush().await);
             }
-            senders.iter_mut().for_each(|sender| sender.senders.clear());
+            senders.iter_mut().for_each(|sender| sender.sender = None);
             while self.workers.join_next().await.is_some() {}
             flushed
         })
@@ -218,11 +232,7 @@ impl Producer {
         match drained {
             Ok(flushed) => flushed?,
             Err(_) => {
-                let stranded: usize = senders
-                    .iter()
-                    .flat_map(|sender| &sender.pending)
-                    .map(Batch::len)
-                    .sum();
+                let stranded: usize = senders.iter().map(|sender| sender.pending.len()).sum();
                 self.stats
                     .undelivered
                     .fetch_add(stranded as u64, Ordering::Relaxed);
@@ -239,23 +249,10 @@ impl Producer {
 }
 
 impl RecordSender {
-    fn new(senders: Vec<mpsc::Sender<Batch>>, batch_size: usize) -> Self {
-        Self {
-            pending: senders.iter().map(|_| Batch::default()).collect(),
-            senders,
-            batch_size,
-        }
-    }
-
-    /// Partitions of the topic.
-    pub fn partitions(&self) -> i32 {
-        i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
-    }
-
-    /// Queues a record on its key's partition: a copy of `key`, and the
-    /// value `write_value` appends to the buffer it is given. A full batch
-    /// goes to the partition's worker, waiting while that worker's buffer is
-    /// full; a partial one waits for more records or for
+    /// Queues a record, whose key must go to this sender's partition: a
+    /// copy of `key`, and the value `write_value` appends to the buffer it
+    /// is given. A full batch goes to the worker, waiting while the
+    /// worker's buffer is full; a partial one waits for more records or for
     /// [`RecordSender::flush`].
     pub async fn send(
         &mut self,
@@ -263,42 +260,42 @@ impl RecordSender {
         timestamp: DateTime<Utc>,
         write_value: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), ProduceError> {
-        let partition = rtap::kafka::partition_for_key(key, self.partitions());
-        let index = usize::try_from(partition).unwrap_or(0);
-        let pending = &mut self.pending[index];
-        pending.push(key, timestamp, write_value);
-        if pending.len() >= self.batch_size {
-            self.hand_over(index).await?;
+        debug_assert_eq!(
+            rtap::kafka::partition_for_key(key, self.partitions),
+            self.partition,
+            "a record for another partition"
+        );
+        self.pending.push(key, timestamp, write_value);
+        if self.pending.len() >= self.batch_size {
+            self.hand_over().await?;
         }
         Ok(())
     }
 
-    /// Hands every partial batch to its worker: called before the generator
+    /// Hands the partial batch to the worker: called before the generator
     /// pauses, so that nothing waits for a batch to fill.
     pub async fn flush(&mut self) -> Result<(), ProduceError> {
-        for index in 0..self.pending.len() {
-            if !self.pending[index].is_empty() {
-                self.hand_over(index).await?;
-            }
+        if !self.pending.is_empty() {
+            self.hand_over().await?;
         }
         Ok(())
     }
 
-    /// Moves partition `index`'s pending batch to its worker. The batch
-    /// stays pending until the worker has room, so a close that times out
-    /// while waiting still counts it as undelivered.
-    async fn hand_over(&mut self, index: usize) -> Result<(), ProduceError> {
-        let permit = self.senders[index]
-            .reserve()
-            .await
-            .map_err(|_| ProduceError::WorkerGone(i32::try_from(index).unwrap_or(i32::MAX)))?;
-        let pending = &mut self.pending[index];
+    /// Moves the pending batch to the worker. The batch stays pending until
+    /// the worker has room, so a close that times out while waiting still
+    /// counts it as undelivered.
+    async fn hand_over(&mut self) -> Result<(), ProduceError> {
+        let gone = ProduceError::WorkerGone(self.partition);
+        let permit = match &self.sender {
+            Some(sender) => sender.reserve().await.map_err(|_| gone)?,
+            None => return Err(gone),
+        };
         // The next batch is likely the size of this one: room for that and
         // an eighth more, so that a slightly larger one is not copied as it
         // outgrows its buffer.
-        let bytes = pending.bytes.len();
+        let bytes = self.pending.bytes.len();
         let next = Batch::with_capacity(self.batch_size, bytes + bytes / 8);
-        permit.send(std::mem::replace(pending, next));
+        permit.send(std::mem::replace(&mut self.pending, next));
         Ok(())
     }
 }

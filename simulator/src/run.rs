@@ -129,7 +129,9 @@ pub async fn run(
                 start_time,
                 model_rate * share,
             )?,
-            sender: producer.sender(),
+            sender: producer
+                .sender(partition)
+                .ok_or(ProduceError::WorkerGone(partition))?,
             truth: GroundTruth::new(seed, config.truth_file.is_some()),
             limit,
             rate: config.rate.map(|rate| rate * share),
