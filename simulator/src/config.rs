@@ -78,7 +78,8 @@ pub struct SimulatorConfig {
 
     /// Synthetic users (ids 1..=N) when no catalog is used. A user has one
     /// session at a time, and waits a session gap before the next, so high
-    /// rates need many users (about 400 per event/s).
+    /// rates need many users (about 1,000 per event/s with the default
+    /// session gap).
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub users: u32,
 
