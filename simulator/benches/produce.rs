@@ -24,8 +24,7 @@
 //! (or `KAFKA_BROKERS`). `RTAP_BENCH_RECORDS` sets the records per round
 //! (default 1,000,000: shorter rounds measure start-up more than
 //! throughput), `RTAP_BENCH_ROUNDS` the produce rounds (default 5, after a
-//! pair of a tenth the size that is not counted; 0 measures generation
-//! alone, for profiling). Target: simulator ≥ 0.8 × raw.
+//! pair that is not counted; 0 measures generation alone, for profiling). Target: simulator ≥ 0.8 × raw.
 
 #[path = "support/cpu_times.rs"]
 mod cpu_times;
@@ -97,11 +96,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     // A pair not counted: the first produce of a run was the slowest (new
-    // connections, the broker's first topics), which favoured whichever
-    // side ran second in the first round.
-    let warm_up = (records / 10).max(1);
-    runtime.block_on(raw_produce(&brokers, &generated[..warm_up], rounds))?;
-    runtime.block_on(simulator_produce(&brokers, warm_up, rounds))?;
+    // connections, the broker's first topics, and for the raw produce the
+    // allocator's first pages for a round's copies of the records), which
+    // favoured whichever side ran second in the first round.
+    runtime.block_on(raw_produce(&brokers, &generated, rounds))?;
+    runtime.block_on(simulator_produce(&brokers, records, rounds))?;
     let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get()) as f64;
     for round in 0..rounds {
         let raw_produce = || runtime.block_on(raw_produce(&brokers, &generated, round));
