@@ -189,13 +189,12 @@ fn generate(
     Ok((0..count)
         .map(|_| {
             let emission = generator.next_emission();
-            let record = Record {
+            Record {
                 key: Some(emission.key()),
                 value: Some(emission.value()),
                 headers: Default::default(),
                 timestamp: emission.occurred_at,
-            };
-            record
+            }
         })
         .collect())
 }
