@@ -148,9 +148,9 @@ impl Event {
             out.varint(self.search.text_len() as u64);
             for (i, word) in self.search.words().enumerate() {
                 if i > 0 {
-                    out.bytes(b" ");
+                    out.put(b" ");
                 }
-                out.bytes(word.as_bytes());
+                out.put(word.as_bytes());
             }
         }
         let len = out.len;
@@ -210,7 +210,7 @@ struct WireWriter<'a> {
 }
 
 impl WireWriter<'_> {
-    fn bytes(&mut self, bytes: &[u8]) {
+    fn put(&mut self, bytes: &[u8]) {
         self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
         self.len += bytes.len();
     }
