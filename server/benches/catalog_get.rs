@@ -14,13 +14,16 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../../simulator/benches/support/env_count.rs"]
+mod env_count;
 
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::{TestDatabase, TestServer, env_or, test_config};
+use common::{TestDatabase, TestServer, test_config};
+use env_count::env_count;
 use rand::Rng;
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database, EntityTrait};
@@ -31,9 +34,9 @@ const USERS: i64 = 10_000;
 const CONNECTIONS: usize = 2;
 
 fn main() -> anyhow::Result<()> {
-    let concurrency = env_or("RTAP_BENCH_CONCURRENCY", 16);
-    let seconds = env_or("RTAP_BENCH_SECONDS", 10);
-    let rounds = env_or("RTAP_BENCH_ROUNDS", 3).max(1);
+    let concurrency: u64 = env_count("RTAP_BENCH_CONCURRENCY", 16)?;
+    let seconds: u64 = env_count("RTAP_BENCH_SECONDS", 10)?;
+    let rounds: u64 = env_count("RTAP_BENCH_ROUNDS", 3)?.max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -17,6 +17,8 @@
 mod common;
 #[path = "../../simulator/benches/support/cpu_times.rs"]
 mod cpu_times;
+#[path = "../../simulator/benches/support/env_count.rs"]
+mod env_count;
 
 use std::{
     collections::BTreeMap,
@@ -25,8 +27,9 @@ use std::{
 };
 
 use clap::Parser;
-use common::{TestDatabase, env_or, test_config};
+use common::{TestDatabase, test_config};
 use cpu_times::CpuTimes;
+use env_count::env_count;
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap_server::{
     ingest::{
@@ -43,8 +46,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter("rtap_server=warn")
         .init();
-    let events = env_or("RTAP_BENCH_EVENTS", 1_000_000);
-    let partitions = i32::try_from(env_or("RTAP_BENCH_PARTITIONS", 4))?;
+    let events: u64 = env_count("RTAP_BENCH_EVENTS", 1_000_000)?;
+    let partitions = i32::try_from(env_count::<u32>("RTAP_BENCH_PARTITIONS", 4)?)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

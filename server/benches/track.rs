@@ -8,6 +8,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../../simulator/benches/support/env_count.rs"]
+mod env_count;
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,7 @@ const STREAMS: usize = 4;
 const CALLERS: usize = 64;
 
 fn main() -> anyhow::Result<()> {
-    let events = usize::try_from(common::env_or("RTAP_BENCH_EVENTS", 200_000))?;
+    let events: usize = env_count::env_count("RTAP_BENCH_EVENTS", 200_000)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

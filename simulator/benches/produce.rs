@@ -28,12 +28,15 @@
 
 #[path = "support/cpu_times.rs"]
 mod cpu_times;
+#[path = "support/env_count.rs"]
+mod env_count;
 
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use clap::Parser;
 use cpu_times::CpuTimes;
+use env_count::env_count;
 use rskafka::{
     client::{
         ClientBuilder,
@@ -330,19 +333,6 @@ async fn simulator_produce(
     let client = ClientBuilder::new(vec![brokers.to_owned()]).build().await?;
     delete_topic(&client, &topic).await?;
     Ok(records as f64 / report.elapsed.max(Duration::from_nanos(1)).as_secs_f64())
-}
-
-/// The count in environment variable `name`, or `default` when it is unset;
-/// an error naming the variable when it is not a count.
-fn env_count(name: &str, default: usize) -> Result<usize, Box<dyn std::error::Error>> {
-    match std::env::var(name) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Ok(value) => value
-            .trim()
-            .parse()
-            .map_err(|error| format!("{name}={value:?} is not a count: {error}").into()),
-        Err(error) => Err(format!("{name}: {error}").into()),
-    }
 }
 
 fn micros_per(seconds: f64, records: usize) -> f64 {

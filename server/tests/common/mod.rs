@@ -30,15 +30,6 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
 }
 
-/// A number from the environment variable `name`, else `default` (for
-/// benchmark sizes).
-pub fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// A short random id for names that must not collide between tests.
 pub fn unique_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
