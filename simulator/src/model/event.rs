@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use rtap::v1::{EventType, InteractionEvent, Source};
 use uuid::Uuid;
 
-const MICROS_PER_SECOND: i64 = 1_000_000;
+use super::MICROS_PER_SECOND;
 
 /// The words searches are made of.
 pub(super) const SEARCH_WORDS: &[&str] = &[
