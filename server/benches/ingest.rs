@@ -35,6 +35,7 @@ use rtap_server::{
     ingest::{
         aggregate::BatchAggregate,
         consumer::{self, PipelineSettings, PipelineStats},
+        dedupe::Dedupe,
         validate::{self, TimeBounds},
     },
     store::{commit::load_state, keys::PartitionKeys},
@@ -323,6 +324,7 @@ fn in_process_work(
 ) -> anyhow::Result<InProcessWork> {
     let bounds = TimeBounds::from_config(config);
     let session_gap_ms = i64::try_from(config.session_gap.as_millis())?;
+    let dedupe_window_ms = i64::try_from(config.dedupe_window.as_millis())?;
     let chunk_size = usize::try_from(config.commit_max_events)?.max(1);
     let decode = |bytes: &[u8], now| {
         let event = validate::decode(bytes, now, bounds).ok()?;
@@ -340,8 +342,12 @@ fn in_process_work(
         let started = Instant::now();
         for chunk in sample.chunks(chunk_size) {
             let mut batch = BatchAggregate::new(None, Default::default(), session_gap_ms);
+            let mut dedupe = Dedupe::new(dedupe_window_ms, None);
             for (id, event) in chunk.iter().filter_map(|bytes| decode(bytes, now)) {
-                batch.add(&event, id);
+                let at = dedupe.stamp(now.timestamp_millis());
+                if !dedupe.is_duplicate(id, at, None) {
+                    batch.add(&event);
+                }
             }
             std::hint::black_box(&batch);
         }

@@ -22,7 +22,9 @@ use common::{
 use prost::Message;
 use rand::Rng;
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
-use rtap::v1::{EventType, InteractionEvent, Source};
+use rtap::v1::{
+    EventType, InteractionEvent, Source, TrackRequest, ingest_service_client::IngestServiceClient,
+};
 use rtap_server::{
     Config,
     ingest::aggregate::{BatchAggregate, BucketChanges, SessionState},
@@ -421,6 +423,43 @@ async fn duplicates_are_counted_once_across_restarts_and_old_events_are_dead_let
     database.drop().await
 }
 
+#[tokio::test]
+async fn a_retry_restamped_into_another_minute_in_a_later_commit_is_counted_once()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = ingest_config(&database);
+    config.role = rtap_server::config::Role::All;
+    let server = TestServer::start(config.clone()).await?;
+    let mut client = IngestServiceClient::new(server.channel());
+    let now = Utc::now();
+    let originals: Vec<InteractionEvent> = (1..=20)
+        .map(|user| event(user, now - chrono::Duration::minutes(10)))
+        .collect();
+    let track = |event: InteractionEvent| TrackRequest { event: Some(event) };
+    for original in &originals {
+        client.track(track(original.clone())).await?;
+    }
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+    // The client retries with the same ids, its events re-stamped into
+    // another minute (and hour) of event time: a later commit.
+    for original in &originals {
+        let mut retry = original.clone();
+        retry.occurred_at = Some(prost_types::Timestamp {
+            seconds: (now - chrono::Duration::minutes(75)).timestamp(),
+            nanos: 0,
+        });
+        client.track(track(retry)).await?;
+    }
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+    server.stop().await?;
+
+    let states = states(&config.redis_namespace).await?;
+    assert_eq!(states.iter().map(|s| s.applied).sum::<i64>(), 20);
+    assert_eq!(states.iter().map(|s| s.duplicates).sum::<i64>(), 20);
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
 fn first_time(event: &InteractionEvent) -> i64 {
     event.occurred_at.map_or(0, |t| t.seconds)
 }
@@ -525,6 +564,159 @@ async fn a_redis_outage_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()
     server.stop().await?;
     assert_matches_truth(&config, &truth).await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// The loopback address of the test Redis.
+fn redis_addr() -> anyhow::Result<std::net::SocketAddr> {
+    let url = redis_url();
+    let addr = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .replace("localhost", "127.0.0.1");
+    addr.parse().context("REDIS_URL host:port")
+}
+
+#[tokio::test]
+async fn ingest_resumes_within_about_two_seconds_of_a_long_redis_outage() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = ingest_config(&database);
+    let proxy = TcpProxy::start(redis_addr()?).await?;
+    config.redis_url = format!("redis://{}/", proxy.addr);
+    let brokers = config.kafka_brokers[0].clone();
+    let server = TestServer::start(config.clone()).await?;
+    produce(&brokers, &config.events_topic, &[event(1, Utc::now())]).await?;
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+
+    // Long enough for retries that double without a low cap to reach it.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    produce(&brokers, &config.events_topic, &[event(2, Utc::now())]).await?;
+    proxy.restore();
+    let restored = tokio::time::Instant::now();
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+    let resumed_after = restored.elapsed();
+    server.stop().await?;
+    // Generous: this checks the retry cap (1.6 s), not speed.
+    assert!(
+        resumed_after < Duration::from_secs(5),
+        "ingest resumed {resumed_after:?} after Redis came back"
+    );
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// Which process holds each partition's lease (the pid in its owner id).
+async fn lease_holders(namespace: &str) -> anyhow::Result<Vec<Option<u32>>> {
+    let mut connection = redis().await?;
+    let mut holders = Vec::new();
+    for partition in 0..PARTITIONS {
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(PartitionKeys::new(namespace, partition).lease())
+            .query_async(&mut connection)
+            .await?;
+        holders.push(owner.and_then(|o| o.split('/').nth(1)?.parse().ok()));
+    }
+    Ok(holders)
+}
+
+async fn wait_for_holder(namespace: &str, pid: u32, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let holders = lease_holders(namespace).await?;
+        if holders.iter().all(|h| *h == Some(pid)) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "process {pid} does not hold every lease within {within:?}: {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_within_the_lease_after_a_sigkill() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    let lease = Duration::from_secs(3);
+    let spawn = || {
+        server_command(&config, &["--partition-lease", "3s"])
+            .spawn()
+            .context("spawn rtap-server")
+    };
+    let mut active = spawn()?;
+    let active_pid = active.id().context("pid")?;
+    wait_for_holder(&config.redis_namespace, active_pid, Duration::from_secs(30)).await?;
+    let mut standby = spawn()?;
+    let standby_pid = standby.id().context("pid")?;
+    // Standing by long enough for retries that double to have grown.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    active.start_kill()?; // SIGKILL: the lease is never released
+    let killed = tokio::time::Instant::now();
+    active.wait().await?;
+    wait_for_holder(
+        &config.redis_namespace,
+        standby_pid,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let took = killed.elapsed();
+    standby.start_kill()?;
+    standby.wait().await?;
+    // Documented: within the lease plus a tenth of it (at most 1 s).
+    assert!(
+        took <= lease + Duration::from_millis(1300),
+        "took over {took:?} after the kill, lease {lease:?}"
+    );
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn sigterm_with_redis_unreachable_stops_within_the_grace_period() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    // Accepts connections and never answers: every Redis call hangs.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hole = black_hole.local_addr()?;
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let mut unreachable = config.clone();
+    unreachable.redis_url = format!("redis://{hole}/");
+    let mut child = server_command(&unreachable, &[])
+        .args(["--shutdown-grace", "2s"])
+        .args([
+            "--status-log-interval",
+            "200ms",
+            "--health-check-interval",
+            "200ms",
+        ])
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pid = child.id().context("pid")?;
+    let signalled = tokio::time::Instant::now();
+    let status = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    ensure!(status.success(), "kill -TERM failed");
+    let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let took = signalled.elapsed();
+    held.abort();
+    let exit = exited.context("did not exit within 30 s of SIGTERM")??;
+    assert!(exit.success(), "{exit:?}");
+    // The grace period, plus a margin for a loaded machine.
+    assert!(
+        took < Duration::from_secs(4),
+        "stopped {took:?} after SIGTERM"
+    );
     database.drop().await
 }
 
@@ -654,7 +846,8 @@ async fn snapshot_namespace(config: &Config) -> anyhow::Result<BTreeMap<String, 
                     format!("{fields:?}")
                 }
                 "zset" => {
-                    let members: Vec<(String, String)> = redis::cmd("ZRANGE")
+                    // Rankings by product id; the dedupe set by 16-byte id.
+                    let members: Vec<(Vec<u8>, String)> = redis::cmd("ZRANGE")
                         .arg(&key)
                         .arg(0)
                         .arg(-1)
@@ -766,7 +959,6 @@ fn commit_settings(session_ttl_ms: i64) -> CommitSettings {
             hour,
             day: hour,
         },
-        dedupe_window_ms: 60_000,
         session_ttl_ms,
     }
 }
@@ -802,6 +994,7 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
             expected_offset: (offset > 0).then_some(offset),
             next_offset: offset + 1,
             duplicates: 0,
+            dedupe: Default::default(),
             dead_lettered: Vec::new(),
             now_ms,
         };
@@ -869,6 +1062,7 @@ async fn a_commit_is_fenced_when_the_offset_moves_before_or_during_it() -> anyho
         expected_offset,
         next_offset,
         duplicates: 0,
+        dedupe: Default::default(),
         dead_lettered: Vec::new(),
         now_ms: now.timestamp_millis(),
     };
@@ -990,6 +1184,7 @@ async fn committed_counters_stay_exact_integers_past_two_to_the_53() -> anyhow::
             expected_offset: (offset > 0).then_some(offset),
             next_offset: offset + 1,
             duplicates: 0,
+            dedupe: Default::default(),
             dead_lettered: Vec::new(),
             now_ms: now.timestamp_millis(),
         };

@@ -132,8 +132,6 @@ pub struct BatchAggregate {
     pub minutes: BTreeMap<i64, BucketChanges>,
     /// Sessions the batch touched, with their new state.
     pub sessions: HashMap<SessionKey, SessionState>,
-    /// Event ids (16 bytes) per event-time minute, for the dedupe sets.
-    pub seen: BTreeMap<i64, Vec<[u8; 16]>>,
     /// Events counted.
     pub applied: i64,
     /// Of them, events that were late.
@@ -160,11 +158,10 @@ impl BatchAggregate {
     }
 
     /// Counts one valid event (the validator guarantees its time, enums and
-    /// id) whose `event_id` parsed to `id`.
-    pub fn add(&mut self, event: &InteractionEvent, id: [u8; 16]) {
+    /// id).
+    pub fn add(&mut self, event: &InteractionEvent) {
         let time_ms = event_time_ms(event);
         let minute = Granularity::Minute.bucket_start(time_ms.div_euclid(1000));
-        self.seen.entry(minute).or_default().push(id);
         self.applied += 1;
 
         let late = self
@@ -489,9 +486,9 @@ mod tests {
     #[test]
     fn counts_land_in_the_event_time_buckets_and_roll_up() {
         let mut batch = BatchAggregate::new(None, HashMap::new(), GAP_MS);
-        batch.add(&event(1, "a", 3600 + 5, EventType::ProductView), [1; 16]);
-        batch.add(&event(1, "a", 3600 + 65, EventType::Purchase), [2; 16]);
-        batch.add(&event(2, "b", 3600 + 70, EventType::PageView), [3; 16]);
+        batch.add(&event(1, "a", 3600 + 5, EventType::ProductView));
+        batch.add(&event(1, "a", 3600 + 65, EventType::Purchase));
+        batch.add(&event(2, "b", 3600 + 70, EventType::PageView));
         assert_eq!(batch.minutes.len(), 2);
         let hours = batch.buckets(Granularity::Hour);
         assert_eq!(hours.len(), 1);
@@ -520,16 +517,15 @@ mod tests {
         assert_eq!(hour.users[&UserSet::All].len(), 2);
         assert_eq!(hour.users[&UserSet::Product(5)].len(), 1);
         assert_eq!(hour.rankings[&Ranking::Views][&5], 1);
-        assert_eq!(batch.seen[&3600], vec![[1; 16]]);
         assert_eq!(batch.watermark_ms, Some((3600 + 70) * 1000));
     }
 
     #[test]
     fn sessions_are_counted_once_in_their_anchor_minute_with_funnel_and_length() {
         let mut batch = BatchAggregate::new(None, HashMap::new(), GAP_MS);
-        batch.add(&event(1, "a", 600, EventType::ProductView), [1; 16]);
-        batch.add(&event(1, "a", 700, EventType::AddToCart), [2; 16]);
-        batch.add(&event(1, "a", 760, EventType::ProductView), [3; 16]);
+        batch.add(&event(1, "a", 600, EventType::ProductView));
+        batch.add(&event(1, "a", 700, EventType::AddToCart));
+        batch.add(&event(1, "a", 760, EventType::ProductView));
         let day = Granularity::Day;
         assert_eq!(counter(&batch, day, Counter::Sessions { source: WEB }), 1);
         assert_eq!(
@@ -565,7 +561,7 @@ mod tests {
         };
         let sessions = [((1, "a".to_owned()), stored)].into_iter().collect();
         let mut batch = BatchAggregate::new(Some(700_000), sessions, GAP_MS);
-        batch.add(&event(1, "a", 800, EventType::ProductView), [1; 16]);
+        batch.add(&event(1, "a", 800, EventType::ProductView));
         let day = Granularity::Day;
         assert_eq!(counter(&batch, day, Counter::Sessions { source: WEB }), 0);
         assert_eq!(
@@ -577,7 +573,7 @@ mod tests {
             source: WEB,
         };
         assert_eq!(counter(&batch, day, funnel), 0);
-        batch.add(&event(1, "a", 800 + 31 * 60, EventType::PageView), [2; 16]);
+        batch.add(&event(1, "a", 800 + 31 * 60, EventType::PageView));
         assert_eq!(counter(&batch, day, Counter::Sessions { source: WEB }), 1);
         assert_eq!(batch.sessions[&(1, "a".to_owned())].events, 1);
     }
@@ -585,8 +581,8 @@ mod tests {
     #[test]
     fn events_behind_the_watermark_minute_are_late() {
         let mut batch = BatchAggregate::new(Some(120_000), HashMap::new(), GAP_MS);
-        batch.add(&event(1, "a", 125, EventType::PageView), [1; 16]);
-        batch.add(&event(1, "a", 119, EventType::PageView), [2; 16]);
+        batch.add(&event(1, "a", 125, EventType::PageView));
+        batch.add(&event(1, "a", 119, EventType::PageView));
         assert_eq!(batch.late, 1);
         assert_eq!(counter(&batch, Granularity::Minute, Counter::Late), 1);
         assert_eq!(batch.watermark_ms, Some(125_000));
@@ -595,10 +591,10 @@ mod tests {
     #[test]
     fn the_delta_sums_to_the_batch_per_type_source_and_product() {
         let mut batch = BatchAggregate::new(None, HashMap::new(), GAP_MS);
-        batch.add(&event(1, "a", 60, EventType::PageView), [1; 16]);
-        batch.add(&event(1, "a", 61, EventType::ProductView), [2; 16]);
-        batch.add(&event(1, "a", 62, EventType::Purchase), [3; 16]);
-        batch.add(&event(2, "b", 125, EventType::PageView), [4; 16]);
+        batch.add(&event(1, "a", 60, EventType::PageView));
+        batch.add(&event(1, "a", 61, EventType::ProductView));
+        batch.add(&event(1, "a", 62, EventType::Purchase));
+        batch.add(&event(2, "b", 125, EventType::PageView));
         let delta = batch.delta(3, 10, 14);
         assert_eq!((delta.partition, delta.events_applied), (3, 4));
         assert_eq!(delta.minutes.len(), 2);

@@ -22,7 +22,7 @@
 //! backoff: simple, and exactly once by construction.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -51,15 +51,16 @@ use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use super::{
     aggregate::{BatchAggregate, SessionKey, event_time_ms},
     dead_letter::{DeadLetterSink, dead_letter},
+    dedupe::{Dedupe, EventId},
     validate::{self, Reason, Rejection, TimeBounds},
 };
 use crate::{
     config::Config,
     health::kafka_client,
-    retry::Backoff,
+    retry::{Backoff, RECONNECT_MAX},
     store::{
         Bucket, Granularity, Retention, StoreError,
-        commit::{self, CommitMeta, CommitSettings, PartitionState},
+        commit::{self, CommitMeta, CommitSettings, DedupeWrite, PartitionState},
         keys::{PartitionKeys, deltas_channel},
         mirror::Mirror,
         session_epoch,
@@ -95,6 +96,9 @@ pub struct PipelineSettings {
     pub bounds: TimeBounds,
     /// Session inactivity gap, ms.
     pub session_gap_ms: i64,
+    /// How far apart, on the dedupe clock, a repeated `event_id` is a
+    /// duplicate, ms.
+    pub dedupe_window_ms: i64,
     /// Retention and TTLs of what commits write.
     pub commit: CommitSettings,
     /// Deadline of one Kafka or Redis call.
@@ -124,9 +128,9 @@ impl PipelineSettings {
             commit_max_events: usize::try_from(config.commit_max_events).unwrap_or(2000),
             bounds: TimeBounds::from_config(config),
             session_gap_ms,
+            dedupe_window_ms: millis(config.dedupe_window),
             commit: CommitSettings {
                 retention: Retention::from_config(config),
-                dedupe_window_ms: millis(config.dedupe_window),
                 // Twice the gap, so a session's state outlives any event that
                 // could still continue it, even from a consumer catching up.
                 session_ttl_ms: session_gap_ms.saturating_mul(2),
@@ -137,6 +141,12 @@ impl PipelineSettings {
             lease: config.partition_lease,
         }
     }
+}
+
+/// How often a standby asks for a partition's lease: a tenth of the lease,
+/// from 100 ms to 1 s.
+fn lease_poll(lease: Duration) -> Duration {
+    (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 /// A unique id of this process, for partition leases.
@@ -199,7 +209,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let settings = Arc::new(settings);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
     let (events_partitions, dead_letter_partitions) = loop {
         match prepare_topics(&settings).await {
             Ok(partitions) => break partitions,
@@ -296,7 +306,7 @@ async fn publish_deltas(
             () = shutdown.cancelled() => return,
             delta = queued.recv() => match delta { Some(delta) => delta, None => return },
         };
-        let published = async {
+        let publish = async {
             let connection = match &mut connection {
                 Some(connection) => connection,
                 None => connection.insert(ConnectionManager::new(redis.clone()).await?),
@@ -306,8 +316,11 @@ async fn publish_deltas(
                 .arg(delta)
                 .query_async::<i64>(connection)
                 .await
-        }
-        .await;
+        };
+        let published = tokio::select! {
+            () = shutdown.cancelled() => return,
+            published = publish => published,
+        };
         match published {
             Ok(_) if failing => {
                 failing = false;
@@ -341,6 +354,23 @@ async fn log_status(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        // Reading Redis can take long while it is unreachable: never past
+        // shutdown.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = log_status_once(&settings, &redis, &high_watermarks, &mut connection) => {}
+        }
+    }
+}
+
+/// One round of [`log_status`].
+async fn log_status_once(
+    settings: &PipelineSettings,
+    redis: &redis::Client,
+    high_watermarks: &[(i32, Arc<AtomicI64>)],
+    connection: &mut Option<ConnectionManager>,
+) {
+    {
         let connected = match &connection {
             Some(connection) => Ok(connection.clone()),
             None => ConnectionManager::new(redis.clone()).await,
@@ -349,18 +379,18 @@ async fn log_status(
             Ok(redis) => connection.insert(redis).clone(),
             Err(error) => {
                 tracing::warn!(error = %error, "pipeline status: Redis unreachable");
-                continue;
+                return;
             }
         };
         let (mut applied, mut duplicates, mut dead, mut late, mut lag) = (0, 0, 0, 0, 0);
-        for (partition, high_watermark) in &high_watermarks {
+        for (partition, high_watermark) in high_watermarks {
             let keys = PartitionKeys::new(&settings.namespace, *partition);
             let state = match commit::load_state(&mut redis, &keys).await {
                 Ok(state) => state,
                 Err(error) => {
                     tracing::warn!(error = %error, "pipeline status: cannot read partition states");
-                    connection = None;
-                    break;
+                    *connection = None;
+                    return;
                 }
             };
             let high_watermark = high_watermark.load(Ordering::Relaxed);
@@ -416,6 +446,7 @@ struct PartitionConsumer {
 struct Position {
     stored: Option<i64>,
     watermark_ms: Option<i64>,
+    dedupe_clock_ms: Option<i64>,
 }
 
 /// Records of one fetch, and the offset to fetch next.
@@ -429,8 +460,9 @@ struct Fetched {
 impl PartitionConsumer {
     async fn run(self, shutdown: CancellationToken) {
         let partition = self.keys.partition();
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
         let mut redis: Option<MultiplexedConnection> = None;
+        let mut waiting_for_lease = false;
         loop {
             let consumed = tokio::select! {
                 () = shutdown.cancelled() => {
@@ -443,8 +475,20 @@ impl PartitionConsumer {
             if matches!(&error, ConsumeError::Store(StoreError::Redis(_))) {
                 redis = None;
             }
-            let delay = backoff.next_delay();
-            tracing::warn!(partition, error = %error, retry_in = ?delay, "partition consumer restarting from its stored offset");
+            let delay = if let ConsumeError::Leased { .. } = &error {
+                // A standby: ask again soon, so that it takes over within the
+                // lease plus a tenth of it once the holder stops renewing.
+                if !waiting_for_lease {
+                    tracing::info!(partition, error = %error, "standing by");
+                }
+                waiting_for_lease = true;
+                crate::retry::jittered(lease_poll(self.settings.lease))
+            } else {
+                waiting_for_lease = false;
+                let delay = backoff.next_delay();
+                tracing::warn!(partition, error = %error, retry_in = ?delay, "partition consumer restarting from its stored offset");
+                delay
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
@@ -530,11 +574,13 @@ impl PartitionConsumer {
         let PartitionState {
             offset: stored,
             watermark_ms,
+            dedupe_clock_ms,
             ..
         } = state;
         let mut position = Position {
             stored,
             watermark_ms,
+            dedupe_clock_ms,
         };
         // Known values of what this attempt writes; a new attempt reads them
         // again.
@@ -584,6 +630,7 @@ impl PartitionConsumer {
                 expected_offset: position.stored,
                 next_offset: earliest,
                 duplicates: 0,
+                dedupe: DedupeWrite::default(),
                 dead_lettered: Vec::new(),
                 now_ms: Utc::now().timestamp_millis(),
             };
@@ -617,7 +664,9 @@ impl PartitionConsumer {
         let mut valid = Vec::with_capacity(chunk.len());
         let mut rejected = Vec::new();
         let mut dead_counts: BTreeMap<&'static str, i64> = BTreeMap::new();
+        let mut dedupe = Dedupe::new(settings.dedupe_window_ms, position.dedupe_clock_ms);
         for record in chunk {
+            let stamped = dedupe.stamp(record.record.timestamp.timestamp_millis());
             let checked = match record.record.value.as_deref() {
                 Some(bytes) => validate::decode(bytes, now, settings.bounds),
                 None => Err(Rejection {
@@ -631,7 +680,7 @@ impl PartitionConsumer {
                     let id = uuid::Uuid::try_parse(&event.event_id)
                         .map(|id| id.into_bytes())
                         .unwrap_or_default();
-                    valid.push((id, event));
+                    valid.push((id, stamped, event));
                 }
                 Err(rejection) => {
                     *dead_counts.entry(rejection.reason.as_str()).or_default() += 1;
@@ -648,24 +697,19 @@ impl PartitionConsumer {
                 source,
             })?;
 
-        // Which events were counted already, and the sessions they continue.
-        let mut by_minute: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        // When the events' ids were counted last, and the sessions they
+        // continue.
+        let mut minutes: BTreeSet<i64> = BTreeSet::new();
         let mut session_keys: HashSet<SessionKey> = HashSet::new();
-        for (index, (_, event)) in valid.iter().enumerate() {
-            let minute = Granularity::Minute.bucket_start(event_time_ms(event).div_euclid(1000));
-            by_minute.entry(minute).or_default().push(index);
+        for (_, _, event) in &valid {
+            minutes.insert(Granularity::Minute.bucket_start(event_time_ms(event).div_euclid(1000)));
             session_keys.insert((event.user_id, event.session_id.clone()));
         }
-        let ids_by_minute: Vec<(i64, Vec<[u8; 16]>)> = by_minute
-            .iter()
-            .map(|(minute, indexes)| (*minute, indexes.iter().map(|i| valid[*i].0).collect()))
-            .collect();
+        let ids: Vec<EventId> = valid.iter().map(|(id, _, _)| *id).collect();
         // The values of the buckets the events fall in, unless known (those
         // of sessions' earlier minutes are read by the commit if needed).
         let unknown = mirror.missing(
-            by_minute
-                .keys()
-                .flat_map(|minute| Bucket::of_minute(*minute)),
+            minutes.iter().flat_map(|minute| Bucket::of_minute(*minute)),
             now.timestamp(),
         );
         // The sessions this consumer wrote are known; the others are read.
@@ -683,30 +727,24 @@ impl PartitionConsumer {
         let prefetched = commit::prefetch(
             redis,
             &self.keys,
-            &ids_by_minute,
+            &ids,
             unknown_sessions,
             epoch,
             (&mut *mirror, &unknown),
         )
         .await?;
-        let mut counted_before = vec![false; valid.len()];
-        for (index, seen) in by_minute.values().flatten().zip(&prefetched.seen) {
-            counted_before[*index] = *seen;
-        }
-
         let prefetched_round_trips = prefetched.round_trips;
         let mut sessions = prefetched.sessions;
         sessions.extend(known_sessions);
         let mut batch =
             BatchAggregate::new(position.watermark_ms, sessions, settings.session_gap_ms);
-        let mut in_batch = HashSet::with_capacity(valid.len());
         let mut duplicates = 0;
-        for ((id, event), counted) in valid.iter().zip(counted_before) {
-            if counted || !in_batch.insert(*id) {
+        for ((id, stamped, event), stored) in valid.iter().zip(&prefetched.counted_at) {
+            if dedupe.is_duplicate(*id, *stamped, *stored) {
                 duplicates += 1;
                 continue;
             }
-            batch.add(event, *id);
+            batch.add(event);
         }
 
         let next_offset = last.offset + 1;
@@ -714,6 +752,11 @@ impl PartitionConsumer {
             expected_offset: position.stored,
             next_offset,
             duplicates,
+            dedupe: DedupeWrite {
+                clock_ms: dedupe.clock_ms(),
+                horizon_ms: dedupe.horizon_ms(),
+                counted: dedupe.into_counted(),
+            },
             dead_lettered: dead_counts.into_iter().collect(),
             now_ms: now.timestamp_millis(),
         };
@@ -722,6 +765,7 @@ impl PartitionConsumer {
         session_mirror.applied(&batch.sessions, epoch);
         position.stored = Some(next_offset);
         position.watermark_ms = batch.watermark_ms;
+        position.dedupe_clock_ms = meta.dedupe.clock_ms;
 
         let stats = &self.stats;
         let count = |n: i64| u64::try_from(n).unwrap_or(0);

@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod consumer;
 pub mod dead_letter;
+pub mod dedupe;
 pub mod producer;
 pub mod rebuild;
 pub mod validate;

@@ -74,6 +74,8 @@ pub struct PartitionState {
     pub applied: i64,
     /// Duplicates discarded.
     pub duplicates: i64,
+    /// The dedupe clock: the latest Kafka record timestamp read, Unix ms.
+    pub dedupe_clock_ms: Option<i64>,
     /// Late events counted.
     pub late: i64,
     /// Dead-lettered records, per reason.
@@ -103,6 +105,7 @@ pub async fn load_state(
             state_field::WATERMARK_MS => state.watermark_ms = Some(number),
             state_field::APPLIED => state.applied = number,
             state_field::DUPLICATES => state.duplicates = number,
+            state_field::DEDUPE_CLOCK_MS => state.dedupe_clock_ms = Some(number),
             state_field::LATE => state.late = number,
             state_field::LAST_COMMIT_MS => state.last_commit_ms = Some(number),
             other => {
@@ -183,31 +186,31 @@ return 0
 /// What a batch needs to know before it is aggregated.
 #[derive(Debug, Default)]
 pub struct Prefetched {
-    /// For each id asked about, whether it was seen already (same order).
-    pub seen: Vec<bool>,
+    /// For each id asked about, the dedupe clock (Unix ms) when it was last
+    /// counted, if it is still kept (same order).
+    pub counted_at: Vec<Option<i64>>,
     /// The stored state of the sessions asked about (missing when none).
     pub sessions: foldhash::HashMap<SessionKey, SessionState>,
     /// Round trips made: 0 when there was nothing to ask, else 1.
     pub round_trips: usize,
 }
 
-/// One round trip: which of `ids` (grouped by event minute) were already
-/// counted, the state of `sessions` (looked up in session epoch `epoch` and
-/// the one before; the later write wins), and the values of `buckets` for
-/// `mirror`.
+/// One round trip: when each of `ids` was last counted, the state of
+/// `sessions` (looked up in session epoch `epoch` and the one before; the
+/// later write wins), and the values of `buckets` for `mirror`.
 pub async fn prefetch(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
-    ids_by_minute: &[(i64, Vec<[u8; 16]>)],
+    ids: &[[u8; 16]],
     sessions: Vec<SessionKey>,
     epoch: i64,
     (mirror, buckets): (&mut Mirror, &[Bucket]),
 ) -> Result<Prefetched, StoreError> {
     let mut pipe = redis::pipe();
     Mirror::request(&mut pipe, keys, buckets);
-    for (minute, ids) in ids_by_minute {
-        let command = pipe.cmd("SMISMEMBER").arg(keys.seen(*minute));
-        for id in ids {
+    for chunk in ids.chunks(MEMBERS) {
+        let command = pipe.cmd("ZMSCORE").arg(keys.dedupe());
+        for id in chunk {
             command.arg(&id[..]);
         }
     }
@@ -223,7 +226,7 @@ pub async fn prefetch(
             pipe.cmd("HMGET").arg(keys.sessions(epoch)).arg(&fields);
         }
     }
-    if ids_by_minute.is_empty() && fields.is_empty() && buckets.is_empty() {
+    if ids.is_empty() && fields.is_empty() && buckets.is_empty() {
         return Ok(Prefetched::default());
     }
     let mut replies: Vec<redis::Value> = pipe.query_async(connection).await?;
@@ -239,8 +242,13 @@ pub async fn prefetch(
         replies.split_off(replies.len() - 2)
     };
     for reply in replies {
-        let flags: Vec<bool> = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-        prefetched.seen.extend(flags);
+        let scores: Vec<Option<f64>> =
+            redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+        // Scores are Unix ms, exact in a double (below 2^53).
+        #[allow(clippy::cast_possible_truncation)]
+        prefetched
+            .counted_at
+            .extend(scores.into_iter().map(|score| score.map(|ms| ms as i64)));
     }
     for (epoch, reply) in [epoch - 1, epoch].into_iter().zip(session_replies) {
         let values: Vec<Option<String>> =
@@ -266,10 +274,23 @@ pub struct CommitMeta {
     pub next_offset: i64,
     /// Duplicates discarded.
     pub duplicates: i64,
+    /// The dedupe ids the batch counted, and the partition's dedupe clock.
+    pub dedupe: DedupeWrite,
     /// Dead-lettered records, per reason.
     pub dead_lettered: Vec<(&'static str, i64)>,
     /// Commit time, Unix ms.
     pub now_ms: i64,
+}
+
+/// What a commit writes for deduplication (see [`crate::ingest::dedupe`]).
+#[derive(Debug, Clone, Default)]
+pub struct DedupeWrite {
+    /// The ids counted, with the dedupe clock (Unix ms) at their counting.
+    pub counted: Vec<([u8; 16], i64)>,
+    /// The partition's dedupe clock after the batch.
+    pub clock_ms: Option<i64>,
+    /// Ids counted before this (Unix ms) can never match again: dropped.
+    pub horizon_ms: Option<i64>,
 }
 
 /// Settings that shape a commit.
@@ -277,8 +298,6 @@ pub struct CommitMeta {
 pub struct CommitSettings {
     /// Bucket retentions.
     pub retention: Retention,
-    /// How long dedupe ids are kept, ms.
-    pub dedupe_window_ms: i64,
     /// How long a session's state is kept after its last event, ms.
     pub session_ttl_ms: i64,
 }
@@ -427,9 +446,6 @@ impl Transaction {
             Expiry::None => {}
             Expiry::At(at) => {
                 self.command("EXPIREAT").arg(key).arg(at);
-            }
-            Expiry::InMillis(ms) => {
-                self.command("PEXPIRE").arg(key).arg(ms);
             }
         }
     }
@@ -617,14 +633,18 @@ impl Transaction {
             }
             self.expire(&key, Expiry::At(settings.retention.series_expires_at(day)));
         }
-        for (minute, ids) in &batch.seen {
-            let ids: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
-            self.add_members(
-                "SADD",
-                &keys.seen(*minute),
-                &ids,
-                Expiry::InMillis(settings.dedupe_window_ms),
-            );
+        let dedupe = &meta.dedupe;
+        let counted: Vec<(i64, &[u8])> = dedupe
+            .counted
+            .iter()
+            .map(|(id, at)| (*at, &id[..]))
+            .collect();
+        self.set_pairs("ZADD", &keys.dedupe(), &counted, Expiry::None);
+        if let Some(horizon) = dedupe.horizon_ms {
+            self.command("ZREMRANGEBYSCORE")
+                .arg(keys.dedupe())
+                .arg("-inf")
+                .arg(format!("({horizon}"));
         }
         let epoch = super::session_epoch(meta.now_ms, settings.session_ttl_ms);
         let sessions: Vec<(SessionField, &SessionState)> = batch
@@ -672,6 +692,9 @@ impl Transaction {
         if let Some(watermark) = batch.watermark_ms {
             fields.push((state_field::WATERMARK_MS.to_owned(), watermark.to_string()));
         }
+        if let Some(clock) = dedupe.clock_ms {
+            fields.push((state_field::DEDUPE_CLOCK_MS.to_owned(), clock.to_string()));
+        }
         self.set_pairs("HSET", &state, &fields, Expiry::None);
         Ok(())
     }
@@ -680,5 +703,4 @@ impl Transaction {
 enum Expiry {
     None,
     At(i64),
-    InMillis(i64),
 }

@@ -5,9 +5,10 @@
 //!   renewed), so two consumers or a rebuild never run at once;
 //! - `P:state`: hash; the next offset to read and the pipeline's counters
 //!   (see [`state_field`]);
-//! - `P:seen:<minute>`: set of the 16-byte `event_id`s of events whose event
-//!   time is in that minute, for deduplication; expires a dedupe window after
-//!   its last write;
+//! - `P:dedupe`: sorted set of the 16-byte `event_id`s counted within the
+//!   last dedupe window, each scored with the partition's dedupe clock (Unix
+//!   ms) when it was counted (see [`crate::ingest::dedupe`]); every commit
+//!   drops the ids older than a window;
 //! - `P:sess:<epoch>`: hash of the states of the sessions last written in
 //!   that epoch of processing time (a session TTL long), by
 //!   `<user>:<session_id>`; it expires two epochs after its start, so a
@@ -41,6 +42,9 @@ pub mod state_field {
     pub const APPLIED: &str = "applied";
     /// Records discarded as duplicates of an earlier `event_id`.
     pub const DUPLICATES: &str = "duplicates";
+    /// The partition's dedupe clock: the latest Kafka record timestamp read,
+    /// Unix milliseconds (see [`crate::ingest::dedupe`]).
+    pub const DEDUPE_CLOCK_MS: &str = "dedupe_clock_ms";
     /// Events counted that were late.
     pub const LATE: &str = "late";
     /// Prefix of the dead-letter counters, one per reason.
@@ -115,10 +119,10 @@ impl PartitionKeys {
         format!("{}state", self.prefix)
     }
 
-    /// The dedupe set of events whose time is in the minute starting at
-    /// `minute_start`.
-    pub fn seen(&self, minute_start: i64) -> String {
-        format!("{}seen:{minute_start}", self.prefix)
+    /// The event ids counted within the dedupe window, scored with the
+    /// dedupe clock of their counting.
+    pub fn dedupe(&self) -> String {
+        format!("{}dedupe", self.prefix)
     }
 
     /// The session states last written in session epoch `epoch`.
@@ -195,7 +199,7 @@ mod tests {
         let bucket = Bucket::containing(Granularity::Hour, 7300);
         for key in [
             keys.state(),
-            keys.seen(60),
+            keys.dedupe(),
             keys.sessions(7),
             keys.settled_version(),
             keys.counters(bucket),
