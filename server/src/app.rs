@@ -28,6 +28,22 @@ use crate::{
 /// the overflow is reset; the kernel caps this at `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// HTTP/2 receive window of one request stream: the most a client can send
+/// ahead of a handler that reads slower than it sends (a `TrackStream`
+/// waiting on the broker), after which flow control holds the client back.
+///
+/// Small on purpose. h2 charges every small DATA frame a handler has not
+/// read yet against a per-connection budget of half the connection window,
+/// and answers an exhausted budget with `GOAWAY ENHANCE_YOUR_CALM
+/// too_many_data_frames`, killing every call on the connection. With
+/// hyper's default 1 MiB stream window, about 2,400 unread 40-byte messages
+/// were enough; with 64 KiB a stalled stream of the smallest messages
+/// charges at most about 0.5 MiB.
+const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+/// HTTP/2 receive window of a whole connection: the budget above is half of
+/// it, enough for four stalled streams of the smallest messages at once.
+const CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
 /// Binds the configured listen address.
 pub async fn bind(config: &Config) -> Result<TcpListener, Error> {
     let addr = config.listen_addr;
@@ -102,6 +118,8 @@ pub async fn serve(
     tasks.close();
 
     let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -128,18 +146,25 @@ pub async fn serve(
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
     let serving = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    // Everything, RPCs and background tasks alike, gets the grace period
+    // from the signal on and not a moment more, whatever a dependency is
+    // doing: a task still waiting on one is dropped with the runtime.
     let grace = config.shutdown_grace;
     let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(grace).await;
     };
+    let stopped = async {
+        let served = serving.await;
+        tasks.wait().await;
+        served
+    };
     tokio::select! {
-        served = serving => served?,
+        served = stopped => served?,
         () = deadline => {
-            tracing::warn!(grace = ?grace, "in-flight RPCs did not finish within the grace period");
+            tracing::warn!(grace = ?grace, "RPCs or background tasks did not finish within the grace period");
         }
     }
-    tasks.wait().await;
     tracing::info!("rtap-server stopped");
     Ok(())
 }
@@ -148,6 +173,9 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(rtap::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc.Status and the error details (BadRequest), so that
+        // grpcurl prints field violations instead of base64.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
 fn reflection_error(error: tonic_reflection::server::Error) -> Error {

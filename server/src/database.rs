@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     error::{Error, is_connection_error},
-    retry::Backoff,
+    retry::{Backoff, RECONNECT_MAX},
 };
 
 /// Largest number of pooled PostgreSQL connections one server holds.
@@ -74,7 +74,7 @@ impl Database {
     /// Applies pending migrations, retrying with backoff while PostgreSQL is
     /// unreachable, until they succeed or `shutdown` fires.
     pub async fn migrate_until_ready(&self, gate: SchemaGate, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
         loop {
             match Migrator::up(&self.connection, None).await {
                 Ok(()) => {

@@ -9,6 +9,11 @@
 //!   migrated;
 //! - `rtap.v1.AnalyticsService`: Redis reachable;
 //! - `rtap.v1.IngestService`: Kafka reachable.
+//!
+//! A dependency that answered is reported down only after
+//! [`FAILURES_TO_REPORT_DOWN`] checks in a row failed: one slow answer on a
+//! loaded machine is no evidence of an outage, and a load balancer must not
+//! pull a healthy instance for it. One success reports it up again.
 
 use std::time::Duration;
 
@@ -25,6 +30,10 @@ use crate::{
     analytics::AnalyticsServer, catalog::ProductServer, catalog::UserServer, config::Config,
     database::Database, error::Error, ingest::IngestServer,
 };
+
+/// Consecutive failed checks after which a dependency that was up is
+/// reported down (with the default 5 s interval: 10 to 15 s of failures).
+pub const FAILURES_TO_REPORT_DOWN: u32 = 3;
 
 /// Whether each dependency answered its last check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -189,6 +198,40 @@ pub async fn kafka_client(
         .await
 }
 
+/// What is reported of the dependencies, from the checks' outcomes: up at
+/// the first success, down at the start and after
+/// [`FAILURES_TO_REPORT_DOWN`] failures in a row.
+#[derive(Debug, Default)]
+struct Evidence {
+    reported: DependencyStatus,
+    failures: [u32; 3],
+}
+
+impl Evidence {
+    fn observe(&mut self, checked: DependencyStatus) -> DependencyStatus {
+        let reported = [
+            &mut self.reported.postgres,
+            &mut self.reported.redis,
+            &mut self.reported.kafka,
+        ];
+        let answered = [checked.postgres, checked.redis, checked.kafka];
+        for ((reported, answered), failures) in
+            reported.into_iter().zip(answered).zip(&mut self.failures)
+        {
+            if answered {
+                *failures = 0;
+                *reported = true;
+            } else {
+                *failures = failures.saturating_add(1);
+                if *failures >= FAILURES_TO_REPORT_DOWN {
+                    *reported = false;
+                }
+            }
+        }
+        self.reported
+    }
+}
+
 /// Checks the dependencies every `interval` and publishes the statuses until
 /// `shutdown`, then reports NOT_SERVING. Logs only transitions, so a long
 /// outage is one warning, not one per check.
@@ -201,15 +244,22 @@ pub async fn monitor(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut previous: Option<DependencyStatus> = None;
+    let mut evidence = Evidence::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let (status, failures) = tokio::select! {
+        let (checked, failures) = tokio::select! {
             () = shutdown.cancelled() => break,
             checked = probe.check() => checked,
         };
+        if checked != evidence.reported {
+            for (dependency, reason) in &failures {
+                tracing::debug!(dependency, reason = %reason, "dependency check failed");
+            }
+        }
+        let status = evidence.observe(checked);
         if previous != Some(status) {
             for (dependency, reason) in &failures {
                 tracing::warn!(dependency, reason = %reason, "dependency unreachable");
@@ -284,5 +334,36 @@ pub async fn probe_server(config: &Config) -> Result<(), Error> {
             "{addr} reports {}",
             status.as_str_name()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UP: DependencyStatus = DependencyStatus {
+        postgres: true,
+        redis: true,
+        kafka: true,
+    };
+
+    #[test]
+    fn a_dependency_is_reported_down_only_after_failures_in_a_row() {
+        let mut evidence = Evidence::default();
+        assert_eq!(
+            evidence.observe(DependencyStatus::default()),
+            DependencyStatus::default()
+        );
+        assert_eq!(evidence.observe(UP), UP);
+        let redis_failed = DependencyStatus { redis: false, ..UP };
+        for _ in 1..FAILURES_TO_REPORT_DOWN {
+            assert_eq!(evidence.observe(redis_failed), UP);
+        }
+        assert_eq!(evidence.observe(redis_failed), redis_failed);
+        assert_eq!(evidence.observe(UP), UP);
+        // A blip between successes never reports down.
+        assert_eq!(evidence.observe(redis_failed), UP);
+        assert_eq!(evidence.observe(UP), UP);
+        assert_eq!(evidence.observe(redis_failed), UP);
     }
 }

@@ -22,7 +22,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cli.config)) {
+    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cli.config));
+    // `run` kept to its grace period; a blocking call that outlived it (a
+    // name resolution, say) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = %error, "rtap-server failed");

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{TestDatabase, TestServer, health_status, test_config, wait_for_health};
+use common::{TcpProxy, TestDatabase, TestServer, health_status, test_config, wait_for_health};
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database, Statement};
 use tokio_stream::StreamExt;
@@ -102,6 +102,52 @@ async fn health_is_serving_when_every_dependency_is_up() -> anyhow::Result<()> {
         );
     }
 
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn health_ignores_a_blip_and_reports_an_outage_on_evidence() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database);
+    let redis: std::net::SocketAddr = "127.0.0.1:6379".parse()?;
+    let proxy = TcpProxy::start(redis).await?;
+    config.redis_url = format!("redis://{}/", proxy.addr);
+    config.health_check_interval = Duration::from_millis(200);
+    let server = TestServer::start(config).await?;
+    const ANALYTICS: &str = "rtap.v1.AnalyticsService";
+    wait_for_health(server.channel(), ANALYTICS, ServingStatus::Serving, SETTLE).await?;
+
+    // A blip shorter than three checks: one or two failures, no outage.
+    proxy.cut();
+    let blip = tokio::time::Instant::now();
+    while blip.elapsed() < Duration::from_millis(300) {
+        assert_eq!(
+            health_status(server.channel(), ANALYTICS).await?,
+            ServingStatus::Serving,
+            "reported down {:?} into a blip",
+            blip.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        health_status(server.channel(), ANALYTICS).await?,
+        ServingStatus::Serving
+    );
+
+    // An outage is reported, and so is the recovery.
+    proxy.cut();
+    wait_for_health(
+        server.channel(),
+        ANALYTICS,
+        ServingStatus::NotServing,
+        SETTLE,
+    )
+    .await?;
+    proxy.restore();
+    wait_for_health(server.channel(), ANALYTICS, ServingStatus::Serving, SETTLE).await?;
     server.stop().await?;
     database.drop().await
 }
@@ -284,4 +330,21 @@ async fn migrations_go_down_and_up_again() -> anyhow::Result<()> {
     assert_eq!(catalog_tables(&connection).await?, 2);
     connection.close().await?;
     database.drop().await
+}
+
+#[test]
+fn compose_runs_redis_durably() {
+    let compose = include_str!("../../compose.yaml");
+    let redis = compose
+        .split("\n  redis:\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("compose.yaml has a redis service");
+    for setting in [
+        r#""--appendonly", "yes""#,
+        r#""--appendfsync", "everysec""#,
+        "redis-data:/data",
+    ] {
+        assert!(redis.contains(setting), "redis lacks {setting}:\n{redis}");
+    }
 }

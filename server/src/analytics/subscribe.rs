@@ -43,7 +43,7 @@ use super::{
 use crate::{
     error::Error,
     proto_time::{duration_from_micros, duration_micros, timestamp_from_millis},
-    retry::Backoff,
+    retry::{Backoff, RECONNECT_MAX},
     store::{
         Granularity, Retention,
         commit::load_state,
@@ -260,7 +260,7 @@ impl Hub {
 /// Receives every `CommitDelta` of the namespace and passes it on; on
 /// (re)connection, reloads the watermark and tells feeds to recompute.
 async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
     loop {
         let Some(strong) = hub.upgrade() else { return };
         let client = strong.store.client.clone();
