@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestDatabase, TestServer, bad_request_fields, read_topic, test_config};
+use common::{
+    PrivateBroker, TestDatabase, TestServer, bad_request_fields, read_topic, test_config,
+};
 use prost::Message;
 use rtap::v1::{
     EventType, InteractionEvent, Source, TrackRequest, TrackStreamRequest,
@@ -215,6 +217,141 @@ async fn an_unreachable_broker_gives_unavailable_within_the_ack_timeout() -> any
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
     // Bounded, not hanging (generous: this checks for a hang, not speed).
     assert!(started.elapsed() < Duration::from_secs(10));
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn track_fails_fast_while_the_broker_is_known_to_be_down_and_recovers() -> anyhow::Result<()>
+{
+    let mut broker = PrivateBroker::start().await?;
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database);
+    config.kafka_brokers = vec![broker.address()];
+    config.ingest_ack_timeout = Duration::from_secs(5);
+    let server = TestServer::start(config).await?;
+    let mut client = IngestServiceClient::new(server.channel());
+    let track = || TrackRequest {
+        event: Some(event(7)),
+    };
+    client.track(track()).await?;
+
+    broker.kill().await?;
+    // The first call after the outage learns of it (within the ack timeout).
+    let error = client.track(track()).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    // Later calls know: UNAVAILABLE long before the ack timeout, so a client
+    // with a 5 s deadline sees UNAVAILABLE rather than DEADLINE_EXCEEDED.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let error = client.track(track()).await.unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "waited {:?} for a broker known to be down",
+            started.elapsed()
+        );
+    }
+
+    broker.restart().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.track(track()).await {
+            Ok(_) => break,
+            Err(error) if error.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => anyhow::bail!("Track did not recover: {error:?}"),
+        }
+    }
+    server.stop().await?;
+    database.drop().await
+}
+
+/// One gRPC message framed for the wire: a flag byte, the length, the bytes.
+fn grpc_frame(message: &impl Message) -> bytes::Bytes {
+    let encoded = message.encode_to_vec();
+    let mut frame = Vec::with_capacity(5 + encoded.len());
+    frame.push(0);
+    frame.extend_from_slice(
+        &u32::try_from(encoded.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    frame.extend_from_slice(&encoded);
+    frame.into()
+}
+
+/// Sends `messages` on `path` over `client`, each message in a DATA frame of
+/// its own; returns the grpc-status and the reply's bytes.
+async fn call_frame_by_frame(
+    client: h2::client::SendRequest<bytes::Bytes>,
+    addr: std::net::SocketAddr,
+    path: &str,
+    messages: Vec<bytes::Bytes>,
+) -> anyhow::Result<(String, Vec<u8>)> {
+    let request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?;
+    let mut client = client.ready().await?;
+    let (response, mut send) = client.send_request(request, false)?;
+    let count = messages.len();
+    for (index, message) in messages.into_iter().enumerate() {
+        send.send_data(message, index + 1 == count)?;
+    }
+    let mut body = response.await?.into_body();
+    let mut reply = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        body.flow_control().release_capacity(chunk.len())?;
+        reply.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await?.unwrap_or_default();
+    let status = trailers
+        .get("grpc-status")
+        .and_then(|s| s.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    Ok((status, reply))
+}
+
+#[tokio::test]
+async fn a_stream_of_many_small_frames_is_acknowledged_and_keeps_the_connection()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let server = TestServer::start(test_config(&database)).await?;
+    IngestServiceClient::new(server.channel())
+        .track(TrackRequest {
+            event: Some(event(1)),
+        })
+        .await?;
+
+    let tcp = tokio::net::TcpStream::connect(server.addr).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    let driver = tokio::spawn(connection);
+    // As grpc-python sends a stream: a DATA frame per message, as fast as
+    // the window allows, whatever the handler's pace.
+    const EVENTS: i64 = 9_000;
+    let messages = (0..EVENTS)
+        .map(|user| {
+            grpc_frame(&TrackStreamRequest {
+                event: Some(event(user + 1)),
+            })
+        })
+        .collect();
+    let path = "/rtap.v1.IngestService/TrackStream";
+    let (status, reply) = call_frame_by_frame(client.clone(), server.addr, path, messages).await?;
+    assert_eq!(status, "0", "TrackStream ended with grpc-status {status}");
+    let reply = rtap::v1::TrackStreamResponse::decode(reply.get(5..).unwrap_or_default())?;
+    assert_eq!(reply.accepted_count, EVENTS);
+
+    // The connection survived: another call on it is answered.
+    let health = "/grpc.health.v1.Health/Check";
+    let check = grpc_frame(&tonic_health::pb::HealthCheckRequest::default());
+    let (status, _) = call_frame_by_frame(client, server.addr, health, vec![check]).await?;
+    assert_eq!(status, "0");
+    driver.abort();
     server.stop().await?;
     database.drop().await
 }
