@@ -45,6 +45,17 @@ if duplicate=$(grpcurl -plaintext -d "{\"user\": {\"first_name\": \"ada\", \"las
 fi
 grep -q "AlreadyExists" <<<"$duplicate" || die "duplicate: $duplicate"
 
+step "INVALID_ARGUMENT shows its field violations (google.rpc types served by reflection)"
+if invalid=$(grpcurl -plaintext -d '{"page_size": -1, "order_by": "shoe_size"}' \
+  "$addr" rtap.v1.UserService/ListUsers 2>&1); then
+  die "an invalid ListUsers succeeded"
+fi
+grep -q "InvalidArgument" <<<"$invalid" || die "invalid ListUsers: $invalid"
+grep -q '"@type": "type.googleapis.com/google.rpc.BadRequest"' <<<"$invalid" \
+  || die "error details not decoded: $invalid"
+grep -q '"field": "page_size"' <<<"$invalid" || die "page_size violation not shown: $invalid"
+grep -q '"field": "order_by"' <<<"$invalid" || die "order_by violation not shown: $invalid"
+
 step "analytics: GetEventCounts over the last hour"
 for _ in $(seq 60); do
   counts=$(grpcurl -plaintext -d '{"window": {"trailing": "3600s"}}' \

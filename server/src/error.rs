@@ -4,6 +4,42 @@ use sea_orm::DbErr;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+/// Most characters of a client's value quoted in an error message.
+const QUOTED_CHARS: usize = 64;
+/// Most characters of a field path or a description in an error.
+const DESCRIBED_CHARS: usize = 256;
+/// Most field violations reported in one error; the rest are counted. With
+/// the cut above, the message stays under 3 KiB and the details (which
+/// repeat it) under 6 KiB: grpc-core clients refuse trailers over 16 KiB,
+/// and the details go out in base64.
+const REPORTED_VIOLATIONS: usize = 8;
+
+/// A client's value for an error message: in backquotes, at most
+/// [`QUOTED_CHARS`] characters of it, with control characters escaped. An
+/// error never repeats a whole input: trailers over 16 KiB make grpc-core
+/// clients report RESOURCE_EXHAUSTED instead of the error.
+pub fn quote(value: &str) -> String {
+    let chars = value.chars().count();
+    let shown: String = value
+        .chars()
+        .take(QUOTED_CHARS)
+        .flat_map(char::escape_default)
+        .collect();
+    if chars > QUOTED_CHARS {
+        format!("`{shown}`… ({chars} characters)")
+    } else {
+        format!("`{shown}`")
+    }
+}
+
+/// `text` cut to `max` characters, marked when cut.
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 /// One invalid field of a request, reported in `google.rpc.BadRequest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -85,11 +121,26 @@ impl From<crate::store::StoreError> for Error {
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
-    violations
+    let mut described = violations
         .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
+        .take(REPORTED_VIOLATIONS)
+        .map(|v| {
+            format!(
+                "{}: {}",
+                cut(&v.field, DESCRIBED_CHARS),
+                cut(&v.description, DESCRIBED_CHARS)
+            )
+        })
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if let Some(more) = violations
+        .len()
+        .checked_sub(REPORTED_VIOLATIONS)
+        .filter(|n| *n > 0)
+    {
+        described.push_str(&format!("; and {more} more"));
+    }
+    described
 }
 
 /// True when a database error means the database could not be reached, as
@@ -124,10 +175,18 @@ impl From<Error> for Status {
         match error {
             Error::InvalidArgument(violations) => {
                 let message = format!("invalid request: {}", describe(&violations));
+                // Bounded like the message, so the trailers stay small
+                // whatever the request held.
                 let details = ErrorDetails::with_bad_request(
                     violations
                         .into_iter()
-                        .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                        .take(REPORTED_VIOLATIONS)
+                        .map(|v| {
+                            tonic_types::FieldViolation::new(
+                                cut(&v.field, DESCRIBED_CHARS),
+                                cut(&v.description, DESCRIBED_CHARS),
+                            )
+                        })
                         .collect::<Vec<_>>(),
                 );
                 Status::with_error_details(Code::InvalidArgument, message, details)
@@ -173,6 +232,34 @@ mod tests {
             .map(|v| v.field.as_str())
             .collect();
         assert_eq!(fields, ["user.first_name", "user.email"]);
+    }
+
+    #[test]
+    fn an_error_never_repeats_a_whole_input() {
+        let huge = "x".repeat(1 << 20);
+        assert_eq!(quote("name desc"), "`name desc`");
+        assert_eq!(quote("a\0b"), "`a\\u{0}b`");
+        assert!(quote(&huge).len() < 128, "{}", quote(&huge));
+        // A few huge values among many violations.
+        let violations: Vec<FieldViolation> = (0..100_000)
+            .map(|i| {
+                let description = if i < 20 { huge.as_str() } else { "unknown" };
+                FieldViolation::new(format!("update_mask.paths[{i}]"), description)
+            })
+            .collect();
+        let status = Status::from(Error::InvalidArgument(violations));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().len() < 3 * 1024,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().ends_with("and 99992 more"));
+        assert!(
+            status.details().len() < 6 * 1024,
+            "{}",
+            status.details().len()
+        );
     }
 
     #[test]

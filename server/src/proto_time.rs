@@ -2,6 +2,58 @@
 //! milliseconds and microseconds the metric store keeps: one place, shared
 //! by ingest and analytics.
 
+/// Seconds of the earliest valid `Timestamp`, 0001-01-01T00:00:00Z.
+pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// Seconds of the latest valid `Timestamp`, 9999-12-31T23:59:59Z.
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+/// Most seconds of a valid `Duration`, about 10,000 years either way.
+pub const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+const NANOS_PER_SECOND: i32 = 1_000_000_000;
+
+/// Checks `t` as `google.protobuf.Timestamp` defines it: nanos in
+/// `[0, 1e9)`, seconds from 0001-01-01 to 9999-12-31 UTC. The error says
+/// what is wrong, for a field violation.
+pub fn check_timestamp(t: &prost_types::Timestamp) -> Result<(), String> {
+    if !(0..NANOS_PER_SECOND).contains(&t.nanos) {
+        return Err(format!(
+            "is not a valid timestamp: nanos must be in [0, 999999999], got {}",
+            t.nanos
+        ));
+    }
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&t.seconds) {
+        return Err(format!(
+            "is not a valid timestamp: seconds must be within 0001-01-01..9999-12-31 ({MIN_TIMESTAMP_SECONDS}..={MAX_TIMESTAMP_SECONDS}), got {}",
+            t.seconds
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `d` as `google.protobuf.Duration` defines it: at most about
+/// 10,000 years either way, nanos in `(-1e9, 1e9)` with the sign of the
+/// seconds.
+pub fn check_duration(d: &prost_types::Duration) -> Result<(), String> {
+    if !(-MAX_DURATION_SECONDS..=MAX_DURATION_SECONDS).contains(&d.seconds) {
+        return Err(format!(
+            "is not a valid duration: seconds must be within ±{MAX_DURATION_SECONDS}, got {}",
+            d.seconds
+        ));
+    }
+    if d.nanos <= -NANOS_PER_SECOND || d.nanos >= NANOS_PER_SECOND {
+        return Err(format!(
+            "is not a valid duration: nanos must be within ±999999999, got {}",
+            d.nanos
+        ));
+    }
+    if (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0) {
+        return Err(format!(
+            "is not a valid duration: nanos ({}) must have the sign of seconds ({})",
+            d.nanos, d.seconds
+        ));
+    }
+    Ok(())
+}
+
 /// A timestamp from Unix milliseconds.
 pub fn timestamp_from_millis(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -35,6 +87,36 @@ pub fn duration_micros(d: &prost_types::Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_checked_as_the_well_known_type_defines_them() {
+        let at = |seconds, nanos| check_timestamp(&prost_types::Timestamp { seconds, nanos });
+        assert!(at(0, 0).is_ok());
+        assert!(at(MIN_TIMESTAMP_SECONDS, 0).is_ok());
+        assert!(at(MAX_TIMESTAMP_SECONDS, 999_999_999).is_ok());
+        assert!(at(0, 2_000_000_000).is_err());
+        assert!(at(0, 1_000_000_000).is_err());
+        assert!(at(0, -5).is_err());
+        assert!(at(MIN_TIMESTAMP_SECONDS - 1, 0).is_err());
+        assert!(at(MAX_TIMESTAMP_SECONDS + 1, 0).is_err());
+        assert!(at(i64::MIN, 0).is_err());
+        assert!(at(i64::MAX, 0).is_err());
+    }
+
+    #[test]
+    fn durations_are_checked_as_the_well_known_type_defines_them() {
+        let of = |seconds, nanos| check_duration(&prost_types::Duration { seconds, nanos });
+        assert!(of(0, 0).is_ok());
+        assert!(of(-1, -999_999_999).is_ok());
+        assert!(of(0, -5).is_ok());
+        assert!(of(MAX_DURATION_SECONDS, 999_999_999).is_ok());
+        assert!(of(1, -5).is_err());
+        assert!(of(-1, 5).is_err());
+        assert!(of(0, 2_000_000_000).is_err());
+        assert!(of(0, -1_000_000_000).is_err());
+        assert!(of(MAX_DURATION_SECONDS + 1, 0).is_err());
+        assert!(of(i64::MIN, 0).is_err());
+    }
 
     #[test]
     fn conversions_round_trip_including_before_the_epoch() {

@@ -665,6 +665,111 @@ async fn invalid_windows_and_fields_are_invalid_argument_and_a_down_redis_is_una
     database.drop().await
 }
 
+#[tokio::test]
+async fn out_of_range_times_are_invalid_argument_naming_the_field_never_a_panic()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let server = TestServer::start(api_config(&database)).await?;
+    let mut analytics = client(&server);
+    let extreme = || Some(range(i64::MIN, i64::MAX));
+    let start = "window.range.start_time";
+    // Each of the five queries, with the widest window a client can send.
+    let status = analytics
+        .get_event_counts(GetEventCountsRequest {
+            window: extreme(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(common::bad_request_fields(&status), [start], "{status:?}");
+    let status = analytics
+        .get_unique_users(GetUniqueUsersRequest {
+            window: extreme(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(common::bad_request_fields(&status), [start], "{status:?}");
+    let status = analytics
+        .get_engagement(GetEngagementRequest {
+            window: extreme(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(common::bad_request_fields(&status), [start], "{status:?}");
+    let status = analytics
+        .get_top_products(GetTopProductsRequest {
+            window: extreme(),
+            ranking: ProductRanking::Views as i32,
+            limit: 10,
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(common::bad_request_fields(&status), [start], "{status:?}");
+    let status = analytics
+        .get_funnel(GetFunnelRequest {
+            window: extreme(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(common::bad_request_fields(&status), [start], "{status:?}");
+
+    // Nanos outside what the well-known types allow.
+    let now = Utc::now().timestamp();
+    let mut bad_nanos = range(now - 60, now);
+    if let Some(Window::Range(range)) = bad_nanos.window.as_mut() {
+        range.end_time = Some(prost_types::Timestamp {
+            seconds: now,
+            nanos: 2_000_000_000,
+        });
+    }
+    let status = analytics
+        .get_event_counts(GetEventCountsRequest {
+            window: Some(bad_nanos),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(
+        common::bad_request_fields(&status),
+        ["window.range.end_time"]
+    );
+    for nanos in [2_000_000_000, -5] {
+        let window = TimeWindow {
+            window: Some(Window::Trailing(prost_types::Duration {
+                seconds: 60,
+                nanos,
+            })),
+        };
+        let status = analytics
+            .get_event_counts(GetEventCountsRequest {
+                window: Some(window),
+                ..Default::default()
+            })
+            .await
+            .expect_err("invalid");
+        assert_eq!(common::bad_request_fields(&status), ["window.trailing"]);
+        let status = analytics
+            .subscribe(SubscribeRequest {
+                query: Some(subscribe_request::Query::EventCounts(
+                    GetEventCountsRequest {
+                        window: Some(trailing(60)),
+                        ..Default::default()
+                    },
+                )),
+                heartbeat_interval: Some(prost_types::Duration { seconds: 5, nanos }),
+                ..Default::default()
+            })
+            .await
+            .expect_err("invalid");
+        assert_eq!(common::bad_request_fields(&status), ["heartbeat_interval"]);
+    }
+    server.stop().await?;
+    database.drop().await
+}
+
 /// Event counts a client holds: bucket start → (type, source) → count.
 type Held = BTreeMap<i64, HashMap<(i32, i32), i64>>;
 

@@ -712,6 +712,77 @@ async fn bad_list_arguments_are_invalid() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn control_characters_in_filters_are_invalid_argument_not_internal() -> anyhow::Result<()> {
+    let catalog = Catalog::start().await?;
+    let error = catalog
+        .products()
+        .list_products(ListProductsRequest {
+            name_prefix: "a\0b".into(),
+            category: "c\u{7}".into(),
+            ..ListProductsRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert_eq!(bad_request_fields(&error), ["name_prefix", "category"]);
+    let error = catalog
+        .users()
+        .list_users(ListUsersRequest {
+            name_prefix: "\0".into(),
+            ..ListUsersRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&error), ["name_prefix"]);
+    catalog.stop().await
+}
+
+#[tokio::test]
+async fn errors_quote_a_short_prefix_of_huge_values() -> anyhow::Result<()> {
+    let catalog = Catalog::start().await?;
+    let huge = "z".repeat(1 << 20);
+    let error = catalog
+        .users()
+        .list_users(ListUsersRequest {
+            order_by: huge.clone(),
+            ..ListUsersRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Code::InvalidArgument,
+        "{}",
+        error.message().len()
+    );
+    assert!(error.message().len() < 1024, "{}", error.message().len());
+    assert!(
+        error.message().contains("1048576 characters"),
+        "{}",
+        error.message()
+    );
+
+    let created = create_user(&catalog, user("Huge", "Mask")).await?;
+    let error = catalog
+        .users()
+        .update_user(UpdateUserRequest {
+            user: Some(created),
+            update_mask: mask(&[&"p".repeat(640 * 1024)]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Code::InvalidArgument,
+        "{}",
+        error.message().len()
+    );
+    assert!(error.message().len() < 1024, "{}", error.message().len());
+    assert!(error.details().len() < 1024, "{}", error.details().len());
+    catalog.stop().await
+}
+
+#[tokio::test]
 async fn a_get_after_the_database_closed_every_connection_still_succeeds() -> anyhow::Result<()> {
     let catalog = Catalog::start().await?;
     let created = create_user(&catalog, user("Grace", "Hopper")).await?;

@@ -209,6 +209,9 @@ impl AnalyticsService for AnalyticsApi {
             None => DEFAULT_HEARTBEAT,
             Some(d) if d.seconds == 0 && d.nanos == 0 => DEFAULT_HEARTBEAT,
             Some(d) => {
+                crate::proto_time::check_duration(&d).map_err(|error| {
+                    Error::InvalidArgument(vec![FieldViolation::new("heartbeat_interval", error)])
+                })?;
                 let interval = u64::try_from(d.seconds)
                     .ok()
                     .zip(u32::try_from(d.nanos).ok())

@@ -14,6 +14,7 @@ use rtap::v1::{
 
 use crate::{
     error::FieldViolation,
+    proto_time::{check_duration, check_timestamp},
     store::{Bucket, Granularity, Retention},
 };
 
@@ -340,6 +341,13 @@ fn raw_bounds(
                     "needs start_time and end_time",
                 ));
             };
+            // Valid timestamps keep every computation below far from
+            // overflow (about ±2.6e11 seconds).
+            for (name, time) in [("start_time", &start), ("end_time", &end)] {
+                check_timestamp(time).map_err(|error| {
+                    FieldViolation::new(field(&format!("window.range.{name}")), error)
+                })?;
+            }
             // Round outwards to whole seconds.
             let end = end.seconds + i64::from(end.nanos > 0);
             if end <= start.seconds {
@@ -351,6 +359,8 @@ fn raw_bounds(
             (start.seconds, end)
         }
         Some(Window::Trailing(duration)) => {
+            check_duration(duration)
+                .map_err(|error| FieldViolation::new(field("window.trailing"), error))?;
             if duration.seconds < 0
                 || duration.nanos < 0
                 || (duration.seconds == 0 && duration.nanos == 0)

@@ -14,7 +14,7 @@ use sea_orm::{
 };
 
 use super::rules::{self, Violations};
-use crate::error::{Error, FieldViolation};
+use crate::error::{Error, FieldViolation, quote};
 
 const TOKEN_VERSION: &str = "1";
 const SEPARATOR: char = '\u{1f}';
@@ -45,8 +45,9 @@ pub fn parse_order_by(text: &str, allowed: &[&'static str]) -> Result<SortOrder,
         FieldViolation::new(
             "order_by",
             format!(
-                "must be one of {} optionally followed by ` desc` (got `{text}`)",
-                allowed.join(", ")
+                "must be one of {} optionally followed by ` desc` (got {})",
+                allowed.join(", "),
+                quote(text)
             ),
         )
     };

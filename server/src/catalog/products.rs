@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     database::Database,
-    error::{Error, FieldViolation},
+    error::{Error, FieldViolation, quote},
 };
 
 /// The gRPC server type of the product service.
@@ -75,8 +75,11 @@ impl ProductApi {
     }
 
     async fn list(&self, request: ListProductsRequest) -> Result<ListProductsResponse, Error> {
-        let prefix = request.name_prefix.trim().to_lowercase();
-        let category = request.category.trim();
+        let mut violations = Violations::default();
+        let prefix = violations.check(rules::filter("name_prefix", &request.name_prefix));
+        let category = violations.check(rules::filter("category", &request.category));
+        let (prefix, category) = violations.finish(prefix.zip(category))?;
+        let (prefix, category) = (prefix.to_lowercase(), category.as_str());
         let page = PageRequest::parse(
             request.page_size,
             &request.order_by,
@@ -202,7 +205,7 @@ impl ProductChanges {
                 "price" => {
                     changes.price = violations.check(rules::price("product.price", product.price))
                 }
-                other => violations.add("update_mask", format!("unknown field `{other}`")),
+                other => violations.add("update_mask", format!("unknown field {}", quote(other))),
             }
         }
         violations.into_result().map(|()| changes)

@@ -7,7 +7,7 @@
 //! case-insensitively (`lower(...)` unique indexes), on create and update
 //! alike: "Ada Lovelace" and " ada lovelace " are the same user.
 
-use crate::error::{Error, FieldViolation};
+use crate::error::{Error, FieldViolation, quote};
 
 /// Longest name, in characters, as in the original schema (`VARCHAR(256)`).
 pub const MAX_NAME_CHARS: usize = 256;
@@ -60,6 +60,27 @@ impl Violations {
             Err(self.0)
         }
     }
+}
+
+/// The trimmed, lower-cased text of a list filter (`name_prefix`,
+/// `category`), or a violation of `field`: control characters (PostgreSQL
+/// rejects NUL in text) and text longer than any name can never match.
+pub fn filter(field: &str, value: &str) -> Result<String, FieldViolation> {
+    let trimmed = value.trim();
+    if trimmed.chars().any(char::is_control) {
+        return Err(FieldViolation::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    let chars = trimmed.chars().count();
+    if chars > MAX_NAME_CHARS {
+        return Err(FieldViolation::new(
+            field,
+            format!("must be at most {MAX_NAME_CHARS} characters (got {chars})"),
+        ));
+    }
+    Ok(trimmed.to_owned())
 }
 
 /// The trimmed name, or a violation of `field`.
@@ -165,13 +186,14 @@ pub fn update_mask(
         } else if output_only.contains(&path.as_str()) {
             violations.add(
                 field,
-                format!("`{path}` is output only and cannot be updated"),
+                format!("{} is output only and cannot be updated", quote(path)),
             );
         } else {
             violations.add(
                 field,
                 format!(
-                    "unknown field `{path}`; updatable fields: {}",
+                    "unknown field {}; updatable fields: {}",
+                    quote(path),
                     mutable.join(", ")
                 ),
             );

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     database::Database,
-    error::{Error, FieldViolation},
+    error::{Error, FieldViolation, quote},
 };
 
 /// The gRPC server type of the user service.
@@ -72,7 +72,9 @@ impl UserApi {
     }
 
     async fn list(&self, request: ListUsersRequest) -> Result<ListUsersResponse, Error> {
-        let prefix = request.name_prefix.trim().to_lowercase();
+        let prefix = rules::filter("name_prefix", &request.name_prefix)
+            .map_err(invalid)?
+            .to_lowercase();
         let page = PageRequest::parse(
             request.page_size,
             &request.order_by,
@@ -210,7 +212,7 @@ impl UserChanges {
                     changes.email =
                         violations.check(rules::email("user.email", user.email.as_deref()));
                 }
-                other => violations.add("update_mask", format!("unknown field `{other}`")),
+                other => violations.add("update_mask", format!("unknown field {}", quote(other))),
             }
         }
         violations.into_result().map(|()| changes)

@@ -8,7 +8,10 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use rtap::v1::{EventType, InteractionEvent, Source};
 
-use crate::error::FieldViolation;
+use crate::{
+    error::FieldViolation,
+    proto_time::{check_duration, check_timestamp},
+};
 
 /// Longest `session_id`, in characters.
 pub const MAX_SESSION_ID_CHARS: usize = 128;
@@ -159,7 +162,8 @@ pub fn validate(
         );
     }
     if let Some(dwell) = event.dwell_time {
-        let valid = dwell.seconds >= 0
+        let valid = check_duration(&dwell).is_ok()
+            && dwell.seconds >= 0
             && (0..1_000_000_000).contains(&dwell.nanos)
             && dwell.seconds <= i64::try_from(MAX_DWELL.as_secs()).unwrap_or(i64::MAX);
         if !valid {
@@ -185,8 +189,11 @@ pub fn validate(
             format!("must be at most {MAX_SEARCH_QUERY_CHARS} characters"),
         );
     }
+    // chrono takes nanos up to 2e9 (leap seconds): the well-known type's
+    // rules first.
     match event
         .occurred_at
+        .filter(|t| check_timestamp(t).is_ok())
         .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
     {
         None => violate(
@@ -301,6 +308,26 @@ mod tests {
                 "event.occurred_at",
             ]
         );
+    }
+
+    #[test]
+    fn out_of_range_timestamp_and_duration_nanos_are_invalid() {
+        let second = now().timestamp() - 60;
+        for nanos in [1_000_000_000, 2_000_000_000, -5] {
+            let event = InteractionEvent {
+                occurred_at: Some(prost_types::Timestamp {
+                    seconds: second,
+                    nanos,
+                }),
+                ..valid()
+            };
+            assert_eq!(fields(&event), ["event.occurred_at"], "nanos {nanos}");
+            let event = InteractionEvent {
+                dwell_time: Some(prost_types::Duration { seconds: 1, nanos }),
+                ..valid()
+            };
+            assert_eq!(fields(&event), ["event.dwell_time"], "nanos {nanos}");
+        }
     }
 
     #[test]

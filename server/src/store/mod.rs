@@ -43,9 +43,13 @@ impl Granularity {
         }
     }
 
-    /// Start (Unix seconds) of the bucket holding `unix_seconds`.
+    /// Start (Unix seconds) of the bucket holding `unix_seconds`. Times
+    /// come checked (valid protobuf timestamps, about ±2.6e11 s); one near
+    /// `i64::MIN` gives `i64::MIN` rather than overflowing.
     pub fn bucket_start(self, unix_seconds: i64) -> i64 {
-        unix_seconds.div_euclid(self.seconds()) * self.seconds()
+        unix_seconds
+            .div_euclid(self.seconds())
+            .saturating_mul(self.seconds())
     }
 
     /// Key segment.
