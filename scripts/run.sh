@@ -4,9 +4,11 @@
 #   2. a release build of rtap-server and rtap-simulator;
 #   3. rtap-server on RTAP_LISTEN_ADDR (default 127.0.0.1:50051), waiting
 #      until its health is SERVING;
-#   4. rtap-simulator in the background, seeding the catalog (5000 users,
+#   4. rtap-simulator in the background, seeding the catalog (10000 users,
 #      300 products) and producing RTAP_SIM_RATE events/s (default 25; a user
-#      has one session at a time, so higher rates need more users);
+#      has one session at a time, so higher rates need more users: about 400
+#      per event/s with the 5-minute gap below; simulator/tests/produce.rs
+#      checks that these defaults run without a capacity warning);
 #   5. `rtap-server watch`: a live summary of the last 5 minutes, one line a
 #      second, until Ctrl-C.
 # Ctrl-C stops the simulator (after a flush; its totals are printed) and then
@@ -53,7 +55,7 @@ target/release/rtap-server health >/dev/null 2>&1 \
   || die "rtap-server is not SERVING after 60 s; see $LOG_DIR/rtap-server.log"
 echo "run: rtap-server is SERVING on $RTAP_LISTEN_ADDR (log: $LOG_DIR/rtap-server.log)" >&2
 target/release/rtap-simulator --server-addr "http://$RTAP_LISTEN_ADDR" \
-  --seed-users 5000 --seed-products 300 --session-gap 5m --rate "$RATE" --progress none \
+  --seed-users 10000 --seed-products 300 --session-gap 5m --rate "$RATE" --progress none \
   >"$LOG_DIR/rtap-simulator.log" 2>&1 &
 simulator=$!
 stop_all() {

@@ -53,6 +53,40 @@ pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
     i32::try_from(positive % partitions.unsigned_abs()).unwrap_or(0)
 }
 
+/// A bootstrap broker address, `host:port` as rskafka expects it: the one
+/// parser of `--kafka-brokers` for every binary, so a typo is refused at
+/// start-up, not retried forever.
+pub fn parse_broker(text: &str) -> Result<String, String> {
+    let valid = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        let shown: String = text.chars().take(64).collect();
+        Err(format!(
+            "`{shown}` is not a broker address of the form host:port"
+        ))
+    }
+}
+
+/// Kafka's own rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, not `.`
+/// or `..`.
+pub fn parse_topic(text: &str) -> Result<String, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if text.is_empty()
+        || text.len() > 249
+        || !text.chars().all(legal)
+        || text == "."
+        || text == ".."
+    {
+        return Err(
+            "a Kafka topic name is 1 to 249 characters of a-z, A-Z, 0-9, '.', '_', '-'".into(),
+        );
+    }
+    Ok(text.to_owned())
+}
+
 /// Topic administration for RTAP's own producers.
 #[cfg(feature = "kafka-admin")]
 pub mod admin {
@@ -168,6 +202,15 @@ fn murmur2(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_addresses_need_a_host_and_a_port() {
+        assert!(parse_broker("127.0.0.1:9092").is_ok());
+        assert!(parse_broker("kafka-0.kafka:19092").is_ok());
+        for bad in ["nohostport", ":9092", "host:", "host:0", "host:99999", ""] {
+            assert!(parse_broker(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn murmur2_matches_the_java_client() {

@@ -90,7 +90,7 @@ pub struct Config {
         env = "KAFKA_BROKERS",
         default_value = "127.0.0.1:9092",
         value_delimiter = ',',
-        value_parser = parse_broker,
+        value_parser = rtap::kafka::parse_broker,
         global = true
     )]
     pub kafka_brokers: Vec<String>,
@@ -100,7 +100,7 @@ pub struct Config {
         long,
         env = "RTAP_EVENTS_TOPIC",
         default_value = "rtap.interactions",
-        value_parser = parse_topic,
+        value_parser = rtap::kafka::parse_topic,
         global = true
     )]
     pub events_topic: String,
@@ -110,7 +110,7 @@ pub struct Config {
         long,
         env = "RTAP_DEAD_LETTER_TOPIC",
         default_value = "rtap.interactions.dead-letter",
-        value_parser = parse_topic,
+        value_parser = rtap::kafka::parse_topic,
         global = true
     )]
     pub dead_letter_topic: String,
@@ -395,36 +395,6 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(duration)
-}
-
-/// `host:port`, as rskafka expects it.
-fn parse_broker(text: &str) -> Result<String, String> {
-    let valid = text
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if valid {
-        Ok(text.to_owned())
-    } else {
-        Err(format!(
-            "`{text}` is not a broker address of the form host:port"
-        ))
-    }
-}
-
-/// Kafka's own rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`.
-fn parse_topic(text: &str) -> Result<String, String> {
-    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if text.is_empty()
-        || text.len() > 249
-        || !text.chars().all(legal)
-        || text == "."
-        || text == ".."
-    {
-        return Err(
-            "a Kafka topic name is 1 to 249 characters of a-z, A-Z, 0-9, '.', '_', '-'".into(),
-        );
-    }
-    Ok(text.to_owned())
 }
 
 /// Namespaces end up inside Redis Cluster hash tags, so braces and spaces are

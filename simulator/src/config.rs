@@ -20,12 +20,18 @@ pub struct SimulatorConfig {
         long,
         env = "KAFKA_BROKERS",
         default_value = "127.0.0.1:9092",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = rtap::kafka::parse_broker
     )]
     pub kafka_brokers: Vec<String>,
 
     /// Topic to produce to; created if missing.
-    #[arg(long, env = "RTAP_EVENTS_TOPIC", default_value = "rtap.interactions")]
+    #[arg(
+        long,
+        env = "RTAP_EVENTS_TOPIC",
+        default_value = "rtap.interactions",
+        value_parser = rtap::kafka::parse_topic
+    )]
     pub topic: String,
 
     /// Partitions of the topic when the simulator creates it.

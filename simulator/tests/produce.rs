@@ -186,3 +186,59 @@ async fn production_resumes_after_a_broker_restart_without_losing_records() -> a
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
 }
+
+#[tokio::test]
+async fn a_broker_address_without_a_port_is_refused_at_start_up() -> anyhow::Result<()> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        simulator("nohostport", &unique_topic("bad-broker"), &["--count", "1"])
+            .stderr(Stdio::piped())
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("rtap-simulator kept retrying a broker address with no port"))??;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`nohostport` is not a broker address of the form host:port"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// The value after `flag` in `text`.
+fn flag_value<'a>(text: &'a str, flag: &str) -> Option<&'a str> {
+    let mut words = text.split_whitespace();
+    words.find(|word| *word == flag)?;
+    words.next()
+}
+
+#[tokio::test]
+async fn the_demo_of_scripts_run_sh_sustains_its_rate_without_warnings() -> anyhow::Result<()> {
+    let script = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/run.sh"))?;
+    let invocation = script
+        .lines()
+        .find(|line| line.contains("--seed-users"))
+        .ok_or_else(|| anyhow::anyhow!("run.sh starts no simulator with --seed-users"))?;
+    let rate = script
+        .lines()
+        .find_map(|line| line.strip_prefix("RATE=${RTAP_SIM_RATE:-"))
+        .and_then(|rest| rest.strip_suffix('}'))
+        .ok_or_else(|| anyhow::anyhow!("run.sh has no default RATE"))?;
+    let value = |flag| {
+        flag_value(invocation, flag).ok_or_else(|| anyhow::anyhow!("run.sh passes no {flag}"))
+    };
+    // The same population, without a server: ids instead of seeded rows.
+    let output = simulator(&brokers(), &unique_topic("demo"), &[])
+        .args(["--users", value("--seed-users")?])
+        .args(["--products", value("--seed-products")?])
+        .args(["--session-gap", value("--session-gap")?])
+        .args(["--rate", rate, "--count", "1"])
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    Ok(())
+}
