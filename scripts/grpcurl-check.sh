@@ -51,10 +51,10 @@ if invalid=$(grpcurl -plaintext -d '{"page_size": -1, "order_by": "shoe_size"}' 
   die "an invalid ListUsers succeeded"
 fi
 grep -q "InvalidArgument" <<<"$invalid" || die "invalid ListUsers: $invalid"
-grep -q '"@type": "type.googleapis.com/google.rpc.BadRequest"' <<<"$invalid" \
+grep -Eq '"@type": ?"type.googleapis.com/google.rpc.BadRequest"' <<<"$invalid" \
   || die "error details not decoded: $invalid"
-grep -q '"field": "page_size"' <<<"$invalid" || die "page_size violation not shown: $invalid"
-grep -q '"field": "order_by"' <<<"$invalid" || die "order_by violation not shown: $invalid"
+grep -Eq '"field": ?"page_size"' <<<"$invalid" || die "page_size violation not shown: $invalid"
+grep -Eq '"field": ?"order_by"' <<<"$invalid" || die "order_by violation not shown: $invalid"
 
 step "analytics: GetEventCounts over the last hour"
 for _ in $(seq 60); do
