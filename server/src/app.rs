@@ -9,13 +9,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     analytics::{
         AnalyticsApi,
-        subscribe::{Hub, Store},
+        subscribe::{Hub, StoreClient},
     },
     catalog::{ProductApi, UserApi},
     config::Config,
     database::Database,
     error::Error,
-    health::{self, DependencyProbe},
+    health::{self, Dependency, DependencyProbe, Watched},
     ingest::{
         IngestApi,
         consumer::{self, PipelineSettings, PipelineStats},
@@ -43,6 +43,34 @@ const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
 /// HTTP/2 receive window of a whole connection: the budget above is half of
 /// it, enough for four stalled streams of the smallest messages at once.
 const CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
+/// The services health reports on, and what each needs.
+const WATCHED: &[Watched] = {
+    use Dependency::{Kafka, Postgres, Redis};
+    use tonic::server::NamedService;
+    &[
+        Watched {
+            service: "",
+            needs: &[Postgres, Redis, Kafka],
+        },
+        Watched {
+            service: <crate::catalog::UserServer as NamedService>::NAME,
+            needs: &[Postgres],
+        },
+        Watched {
+            service: <crate::catalog::ProductServer as NamedService>::NAME,
+            needs: &[Postgres],
+        },
+        Watched {
+            service: <crate::analytics::AnalyticsServer as NamedService>::NAME,
+            needs: &[Redis],
+        },
+        Watched {
+            service: <crate::ingest::IngestServer as NamedService>::NAME,
+            needs: &[Kafka],
+        },
+    ]
+};
 
 /// Binds the configured listen address.
 pub async fn bind(config: &Config) -> Result<TcpListener, Error> {
@@ -82,7 +110,7 @@ pub async fn serve(
         .map_err(|error| Error::Config(format!("REDIS_URL is invalid: {error}")))?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health::report_not_serving(&health_reporter).await;
+    health::report_not_serving(&health_reporter, WATCHED).await;
 
     let reflection_v1 = reflection_builder().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection_builder()
@@ -104,6 +132,7 @@ pub async fn serve(
     tasks.spawn(health::monitor(
         probe,
         health_reporter,
+        WATCHED,
         config.health_check_interval,
         shutdown.clone(),
     ));
@@ -124,7 +153,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let router = if config.role.serves_api() {
-        let store = Store::new(
+        let store = StoreClient::new(
             redis.clone(),
             config.redis_namespace.clone(),
             Retention::from_config(&config),

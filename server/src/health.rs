@@ -2,38 +2,50 @@
 //! `grpc.health.v1` service. Checks run on a timer, never per request, so a
 //! health probe costs nothing and always answers at once.
 //!
-//! Statuses reported:
-//! - `""` (the whole server): SERVING only while all three dependencies are
-//!   reachable and the schema is migrated;
-//! - `rtap.v1.UserService`, `rtap.v1.ProductService`: PostgreSQL reachable and
-//!   migrated;
-//! - `rtap.v1.AnalyticsService`: Redis reachable;
-//! - `rtap.v1.IngestService`: Kafka reachable.
+//! Each watched service (listed by [`crate::app`]) is SERVING while the
+//! dependencies it needs are up.
 //!
 //! A dependency that answered is reported down only after
 //! [`FAILURES_TO_REPORT_DOWN`] checks in a row failed: one slow answer on a
 //! loaded machine is no evidence of an outage, and a load balancer must not
 //! pull a healthy instance for it. One success reports it up again.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use redis::aio::MultiplexedConnection;
-use rskafka::{
-    BackoffConfig,
-    client::{Client as KafkaClient, ClientBuilder},
-};
+use rskafka::client::Client as KafkaClient;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    analytics::AnalyticsServer, catalog::ProductServer, catalog::UserServer, config::Config,
-    database::Database, error::Error, ingest::IngestServer,
+    database::Database,
+    infra::{kafka, reconnect::Reconnecting},
 };
 
 /// Consecutive failed checks after which a dependency that was up is
 /// reported down (with the default 5 s interval: 10 to 15 s of failures).
 pub const FAILURES_TO_REPORT_DOWN: u32 = 3;
+
+/// A dependency the server checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// PostgreSQL, migrated.
+    Postgres,
+    /// Redis.
+    Redis,
+    /// The Kafka brokers.
+    Kafka,
+}
+
+/// A service whose health status follows the dependencies it needs (the
+/// server's are listed where it is assembled, so health knows no service).
+#[derive(Debug, Clone, Copy)]
+pub struct Watched {
+    /// The service's name in `grpc.health.v1` (`""`: the whole server).
+    pub service: &'static str,
+    /// SERVING while each of these is up.
+    pub needs: &'static [Dependency],
+}
 
 /// Whether each dependency answered its last check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,22 +59,24 @@ pub struct DependencyStatus {
 }
 
 impl DependencyStatus {
-    fn statuses(self) -> [(&'static str, bool); 5] {
-        [
-            ("", self.postgres && self.redis && self.kafka),
-            (UserServer::NAME, self.postgres),
-            (ProductServer::NAME, self.postgres),
-            (AnalyticsServer::NAME, self.redis),
-            (IngestServer::NAME, self.kafka),
-        ]
+    fn is_up(self, dependency: Dependency) -> bool {
+        match dependency {
+            Dependency::Postgres => self.postgres,
+            Dependency::Redis => self.redis,
+            Dependency::Kafka => self.kafka,
+        }
+    }
+
+    fn serves(self, watched: &Watched) -> bool {
+        watched.needs.iter().all(|needed| self.is_up(*needed))
     }
 }
 
 /// Sets every status to NOT_SERVING: before the first check, and at shutdown.
-pub async fn report_not_serving(reporter: &HealthReporter) {
-    for (service, _) in DependencyStatus::default().statuses() {
+pub async fn report_not_serving(reporter: &HealthReporter, watched: &[Watched]) {
+    for service in watched {
         reporter
-            .set_service_status(service, ServingStatus::NotServing)
+            .set_service_status(service.service, ServingStatus::NotServing)
             .await;
     }
 }
@@ -71,10 +85,8 @@ pub async fn report_not_serving(reporter: &HealthReporter) {
 /// one after a failure so the next check reconnects.
 pub struct DependencyProbe {
     database: Database,
-    redis: redis::Client,
-    redis_connection: Option<MultiplexedConnection>,
-    kafka_brokers: Vec<String>,
-    kafka: Option<KafkaClient>,
+    redis: Reconnecting<MultiplexedConnection, redis::RedisError>,
+    kafka: Reconnecting<Arc<KafkaClient>, rskafka::client::error::Error>,
     timeout: Duration,
 }
 
@@ -88,31 +100,48 @@ impl DependencyProbe {
     ) -> Self {
         Self {
             database,
-            redis,
-            redis_connection: None,
-            kafka_brokers,
-            kafka: None,
+            redis: Reconnecting::new(move || {
+                let redis = redis.clone();
+                async move { redis.get_multiplexed_async_connection().await }
+            }),
+            kafka: Reconnecting::new(move || {
+                let brokers = kafka_brokers.clone();
+                async move { kafka::client(&brokers, timeout).await.map(Arc::new) }
+            }),
             timeout,
         }
     }
 
     /// Runs the three checks concurrently.
-    pub async fn check(&mut self) -> (DependencyStatus, Vec<(&'static str, String)>) {
+    pub async fn check(&self) -> (DependencyStatus, Vec<(&'static str, String)>) {
         let timeout = self.timeout;
-        let database = self.database.clone();
-        let postgres = async move {
-            database.ping(timeout).await?;
-            if database.schema_ready() {
+        let postgres = async {
+            self.database.ping(timeout).await?;
+            if self.database.schema_ready() {
                 Ok(())
             } else {
                 Err("schema migrations not applied yet".to_owned())
             }
         };
-        let (postgres, redis, kafka) = tokio::join!(
-            postgres,
-            check_redis(&self.redis, &mut self.redis_connection, timeout),
-            check_kafka(&self.kafka_brokers, &mut self.kafka, timeout),
-        );
+        let redis = bounded(timeout, async {
+            let mut connection = self.redis.get().await?;
+            let pinged = redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await;
+            if pinged.is_err() {
+                self.redis.drop_connection().await;
+            }
+            pinged.map(|_| ())
+        });
+        let kafka = bounded(timeout, async {
+            let client = self.kafka.get().await?;
+            let listed = client.list_topics().await;
+            if listed.is_err() {
+                self.kafka.drop_connection().await;
+            }
+            listed.map(|_| ())
+        });
+        let (postgres, redis, kafka) = tokio::join!(postgres, redis, kafka);
         let mut failures = Vec::new();
         for (name, result) in [
             ("postgres", &postgres),
@@ -132,70 +161,16 @@ impl DependencyProbe {
     }
 }
 
-async fn check_redis(
-    client: &redis::Client,
-    connection: &mut Option<MultiplexedConnection>,
+/// `check` within `timeout`, its error as text.
+async fn bounded<E: std::fmt::Display>(
     timeout: Duration,
+    check: impl Future<Output = Result<(), E>>,
 ) -> Result<(), String> {
-    let result = tokio::time::timeout(timeout, async {
-        let conn = match connection {
-            Some(conn) => conn,
-            None => connection.insert(client.get_multiplexed_async_connection().await?),
-        };
-        redis::cmd("PING").query_async::<String>(conn).await
-    })
-    .await;
-    let outcome = match result {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-    };
-    if outcome.is_err() {
-        *connection = None;
-    }
-    outcome
-}
-
-async fn check_kafka(
-    brokers: &[String],
-    client: &mut Option<KafkaClient>,
-    timeout: Duration,
-) -> Result<(), String> {
-    let result = tokio::time::timeout(timeout, async {
-        let kafka = match client {
-            Some(kafka) => kafka,
-            None => client.insert(kafka_client(brokers, timeout).await?),
-        };
-        kafka.list_topics().await.map(|_| ())
-    })
-    .await;
-    let outcome = match result {
+    match tokio::time::timeout(timeout, check).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!("no answer within {timeout:?}")),
-    };
-    if outcome.is_err() {
-        *client = None;
     }
-    outcome
-}
-
-/// An rskafka client whose retries give up after `deadline`: rskafka retries
-/// forever without one, which would turn a broker outage into a silent hang.
-pub async fn kafka_client(
-    brokers: &[String],
-    deadline: Duration,
-) -> Result<KafkaClient, rskafka::client::error::Error> {
-    ClientBuilder::new(brokers.to_vec())
-        .client_id("rtap-server")
-        .backoff_config(BackoffConfig {
-            init_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(1),
-            base: 2.0,
-            deadline: Some(deadline),
-        })
-        .build()
-        .await
 }
 
 /// What is reported of the dependencies, from the checks' outcomes: up at
@@ -236,8 +211,9 @@ impl Evidence {
 /// `shutdown`, then reports NOT_SERVING. Logs only transitions, so a long
 /// outage is one warning, not one per check.
 pub async fn monitor(
-    mut probe: DependencyProbe,
+    probe: DependencyProbe,
     reporter: HealthReporter,
+    watched: &'static [Watched],
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -270,71 +246,18 @@ pub async fn monitor(
                 kafka = status.kafka,
                 "dependency status changed"
             );
-            for (service, up) in status.statuses() {
-                let serving = if up {
+            for service in watched {
+                let serving = if status.serves(service) {
                     ServingStatus::Serving
                 } else {
                     ServingStatus::NotServing
                 };
-                reporter.set_service_status(service, serving).await;
+                reporter.set_service_status(service.service, serving).await;
             }
             previous = Some(status);
         }
     }
-    report_not_serving(&reporter).await;
-}
-
-/// A channel to the server at `--listen-addr` (loopback when it listens on
-/// every address), each call bounded by `call_timeout` when given.
-pub async fn server_channel(
-    config: &Config,
-    call_timeout: Option<Duration>,
-) -> Result<(tonic::transport::Channel, std::net::SocketAddr), Error> {
-    let mut addr = config.listen_addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Error::Config(format!("invalid listen address {addr}: {e}")))?
-        .connect_timeout(config.dependency_timeout);
-    if let Some(timeout) = call_timeout {
-        endpoint = endpoint.timeout(timeout);
-    }
-    let channel = endpoint.connect().await.map_err(|e| Error::Unavailable {
-        dependency: "rtap-server",
-        reason: format!(
-            "cannot connect to {addr} (is rtap-server running? set --listen-addr): {e}"
-        ),
-    })?;
-    Ok((channel, addr))
-}
-
-/// `rtap-server health`: asks the server at `config.listen_addr` (an
-/// unspecified address means this machine) for its overall health and fails
-/// unless it is SERVING.
-pub async fn probe_server(config: &Config) -> Result<(), Error> {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-    let (channel, addr) = server_channel(config, Some(config.dependency_timeout)).await?;
-    let unavailable = |reason: String| Error::Unavailable {
-        dependency: "rtap-server",
-        reason,
-    };
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
-        .await
-        .map_err(|e| unavailable(format!("health check at {addr} failed: {e}")))?
-        .into_inner()
-        .status();
-    if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
-        tracing::info!(%addr, "SERVING");
-        Ok(())
-    } else {
-        Err(unavailable(format!(
-            "{addr} reports {}",
-            status.as_str_name()
-        )))
-    }
+    report_not_serving(&reporter, watched).await;
 }
 
 #[cfg(test)]

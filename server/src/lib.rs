@@ -5,7 +5,10 @@
 //! - [`ingest`]: events in (Kafka and the ingest RPCs) → aggregates in Redis;
 //! - [`store`]: the metric store in Redis, written by ingest, read by analytics;
 //! - [`analytics`]: queries and subscriptions over those aggregates;
-//! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive.
+//! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive;
+//! - [`infra`]: plumbing every room uses and none owns (Kafka clients,
+//!   reconnecting connections, partition vital signs, protobuf times, the
+//!   client side of this API for `watch` and `health`).
 
 pub mod analytics;
 pub mod app;
@@ -14,8 +17,8 @@ pub mod config;
 pub mod database;
 pub mod error;
 pub mod health;
+pub mod infra;
 pub mod ingest;
-pub mod proto_time;
 pub mod retry;
 pub mod shutdown;
 pub mod store;

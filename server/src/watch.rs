@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::{config::Config, error::Error, health::server_channel};
+use crate::{config::Config, error::Error, infra::client::server_channel};
 
 /// The window summarised.
 const WINDOW: Duration = Duration::from_secs(5 * 60);

@@ -760,7 +760,6 @@ async fn out_of_range_times_are_invalid_argument_naming_the_field_never_a_panic(
                     },
                 )),
                 heartbeat_interval: Some(prost_types::Duration { seconds: 5, nanos }),
-                ..Default::default()
             })
             .await
             .expect_err("invalid");

@@ -22,10 +22,16 @@ use rtap::v1::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use rskafka::client::{error::Error as KafkaError, partition::UnknownTopicHandling};
+
 use crate::{
     error::{Error, FieldViolation},
-    proto_time::timestamp_from_millis,
-    store::{commit::load_state, keys::PartitionKeys, read::MetricReader},
+    infra::{
+        kafka,
+        reconnect::Reconnecting,
+        status::{PartitionVitals, Totals},
+        time::timestamp_from_millis,
+    },
 };
 use query::{Query, QueryResult};
 use subscribe::Hub;
@@ -45,11 +51,10 @@ pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
 pub struct AnalyticsApi {
     hub: Arc<Hub>,
     topic: String,
-    brokers: Vec<String>,
     timeout: Duration,
     /// Kept between status calls (`rtap-server watch` asks every second);
     /// dropped after a failure so the next call reconnects.
-    kafka: Arc<tokio::sync::Mutex<Option<Arc<rskafka::client::Client>>>>,
+    kafka: Arc<Reconnecting<Arc<rskafka::client::Client>, KafkaError>>,
 }
 
 impl AnalyticsApi {
@@ -58,51 +63,40 @@ impl AnalyticsApi {
         Self {
             hub,
             topic: config.events_topic.clone(),
-            brokers: config.kafka_brokers.clone(),
             timeout: config.dependency_timeout,
-            kafka: Arc::default(),
+            kafka: Arc::new(Reconnecting::new({
+                let (brokers, timeout) = (config.kafka_brokers.clone(), config.dependency_timeout);
+                move || {
+                    let brokers = brokers.clone();
+                    async move { kafka::client(&brokers, timeout).await.map(Arc::new) }
+                }
+            })),
         }
     }
 
     /// Every partition's high watermark; empty if Kafka cannot be asked
     /// within the dependency timeout.
     async fn high_watermarks(&self, partitions: &[(i32, i64)]) -> BTreeMap<i32, i64> {
-        let mut slot = self.kafka.lock().await;
         let read = async {
-            let client = match slot.as_ref() {
-                Some(client) => client.clone(),
-                None => {
-                    let client =
-                        Arc::new(crate::health::kafka_client(&self.brokers, self.timeout).await?);
-                    slot.insert(client).clone()
-                }
-            };
+            let client = self.kafka.get().await?;
             let mut marks = BTreeMap::new();
             for (partition, offset) in partitions {
                 let source = client
-                    .partition_client(
-                        &self.topic,
-                        *partition,
-                        rskafka::client::partition::UnknownTopicHandling::Error,
-                    )
+                    .partition_client(&self.topic, *partition, UnknownTopicHandling::Error)
                     .await?;
-                marks.insert(
-                    *partition,
-                    crate::ingest::consumer::high_watermark(&source, *offset).await?,
-                );
+                marks.insert(*partition, kafka::high_watermark(&source, *offset).await?);
             }
-            Ok::<_, rskafka::client::error::Error>(marks)
+            Ok::<_, KafkaError>(marks)
         };
-        let marks = match tokio::time::timeout(self.timeout, read).await {
+        match tokio::time::timeout(self.timeout, read).await {
             Ok(Ok(marks)) => return marks,
             Ok(Err(error)) => {
                 tracing::debug!(error = %error, "no high watermarks for the pipeline status");
-                BTreeMap::new()
             }
-            Err(_) => BTreeMap::new(),
-        };
-        *slot = None;
-        marks
+            Err(_) => {}
+        }
+        self.kafka.drop_connection().await;
+        BTreeMap::new()
     }
 
     /// The service, ready to add to a tonic router.
@@ -209,7 +203,7 @@ impl AnalyticsService for AnalyticsApi {
             None => DEFAULT_HEARTBEAT,
             Some(d) if d.seconds == 0 && d.nanos == 0 => DEFAULT_HEARTBEAT,
             Some(d) => {
-                crate::proto_time::check_duration(&d).map_err(|error| {
+                crate::infra::time::check_duration(&d).map_err(|error| {
                     Error::InvalidArgument(vec![FieldViolation::new("heartbeat_interval", error)])
                 })?;
                 let interval = u64::try_from(d.seconds)
@@ -238,61 +232,31 @@ impl AnalyticsService for AnalyticsApi {
         &self,
         _request: Request<GetPipelineStatusRequest>,
     ) -> Result<Response<GetPipelineStatusResponse>, Status> {
-        let store = self.hub.store();
-        let mut connection = store.connection().await?;
-        let reader = MetricReader::discover(&mut connection, store.namespace())
-            .await
-            .map_err(Error::from)?;
-        let mut partitions = Vec::new();
-        let mut total = PartitionStatus {
-            partition: -1,
-            ..PartitionStatus::default()
-        };
-        let mut dead_total: BTreeMap<String, i64> = BTreeMap::new();
-        let mut states = Vec::new();
-        for partition in reader.partitions() {
-            let state = load_state(
-                &mut connection,
-                &PartitionKeys::new(store.namespace(), partition),
-            )
-            .await
-            .map_err(Error::from)?;
-            states.push((partition, state));
-        }
+        let states = self.hub.store().partition_states().await?;
         let offsets: Vec<(i32, i64)> = states
             .iter()
             .map(|(p, s)| (*p, s.offset.unwrap_or(0)))
             .collect();
         let marks = self.high_watermarks(&offsets).await;
-        for (partition, state) in states {
-            let dead: BTreeMap<String, i64> = state.dead_lettered.into_iter().collect();
-            for (reason, count) in &dead {
-                *dead_total.entry(reason.clone()).or_default() += count;
-            }
-            total.events_applied += state.applied;
-            total.duplicates_skipped += state.duplicates;
-            total.late_events += state.late;
-            let stored_offset = state.offset.unwrap_or(0);
-            let (high_watermark, lag) = match marks.get(&partition) {
-                Some(mark) => (*mark, (mark - stored_offset).max(0)),
-                None => (-1, -1),
-            };
-            if lag > 0 {
-                total.lag += lag;
-            }
-            partitions.push(PartitionStatus {
+        let vitals: Vec<PartitionVitals> = states
+            .into_iter()
+            .map(|(partition, state)| PartitionVitals {
                 partition,
-                stored_offset,
-                high_watermark,
-                lag,
-                events_applied: state.applied,
-                duplicates_skipped: state.duplicates,
-                dead_lettered: dead_counts(dead),
-                late_events: state.late,
-                last_commit_time: state.last_commit_ms.map(timestamp_from_millis),
-            });
-        }
-        total.dead_lettered = dead_counts(dead_total);
+                state,
+                high_watermark: marks.get(&partition).copied(),
+            })
+            .collect();
+        let totals = Totals::of(&vitals);
+        let partitions = vitals.into_iter().map(partition_status).collect();
+        let total = PartitionStatus {
+            partition: -1,
+            events_applied: totals.applied,
+            duplicates_skipped: totals.duplicates,
+            late_events: totals.late,
+            lag: totals.lag,
+            dead_lettered: dead_counts(totals.dead_lettered),
+            ..PartitionStatus::default()
+        };
         let gauges = self.hub.gauges();
         Ok(Response::new(GetPipelineStatusResponse {
             topic: self.topic.clone(),
@@ -301,6 +265,24 @@ impl AnalyticsService for AnalyticsApi {
             active_subscriptions: gauges.streams.load(Ordering::Relaxed),
             active_feeds: gauges.feeds.load(Ordering::Relaxed),
         }))
+    }
+}
+
+/// A partition's vital signs as the API reports them (-1 for an unknown
+/// high watermark and lag).
+fn partition_status(vitals: PartitionVitals) -> PartitionStatus {
+    let (stored_offset, lag) = (vitals.stored_offset(), vitals.lag().unwrap_or(-1));
+    let state = vitals.state;
+    PartitionStatus {
+        partition: vitals.partition,
+        stored_offset,
+        high_watermark: vitals.high_watermark.unwrap_or(-1),
+        lag,
+        events_applied: state.applied,
+        duplicates_skipped: state.duplicates,
+        dead_lettered: dead_counts(state.dead_lettered.into_iter().collect()),
+        late_events: state.late,
+        last_commit_time: state.last_commit_ms.map(timestamp_from_millis),
     }
 }
 

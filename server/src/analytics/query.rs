@@ -17,7 +17,7 @@ use rtap::v1::{
 use super::window::{self, ResolvedWindow, SignedBucket};
 use crate::{
     error::{Error, FieldViolation},
-    proto_time::duration_from_micros,
+    infra::time::duration_from_micros,
     store::{Counter, FunnelStage, Granularity, Ranking, Retention, UserSet, read::MetricReader},
 };
 

@@ -42,12 +42,16 @@ use super::{
 };
 use crate::{
     error::Error,
-    proto_time::{duration_from_micros, duration_micros, timestamp_from_millis},
+    infra::{
+        reconnect::Reconnecting,
+        status::{PartitionVitals, Totals},
+        time::{duration_from_micros, duration_micros, timestamp_from_millis},
+    },
     retry::{Backoff, RECONNECT_MAX},
     store::{
         Granularity, Retention,
-        commit::load_state,
-        keys::{PartitionKeys, deltas_channel},
+        commit::{PartitionState, load_states},
+        keys::deltas_channel,
         read::MetricReader,
         settled::SettledRankings,
     },
@@ -62,18 +66,17 @@ const FEED_IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Shared metric-store access of the analytics service.
 #[derive(Clone)]
-pub struct Store {
+pub struct StoreClient {
     client: redis::Client,
-    connection: Arc<Mutex<Option<ConnectionManager>>>,
+    connection: Arc<Reconnecting<ConnectionManager, Error>>,
     namespace: String,
-    timeout: Duration,
     /// Bucket retentions, for window resolution.
     pub retention: Retention,
     /// Unions of settled ranking buckets, shared by every query.
     settled: Arc<SettledRankings>,
 }
 
-impl Store {
+impl StoreClient {
     /// Access to `namespace` through `client`; calls give up after `timeout`.
     pub fn new(
         client: redis::Client,
@@ -81,11 +84,26 @@ impl Store {
         retention: Retention,
         timeout: Duration,
     ) -> Self {
+        let connect = client.clone();
+        let connection = Reconnecting::new(move || {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1);
+            let client = connect.clone();
+            async move {
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(|e| Error::Unavailable {
+                        dependency: "redis",
+                        reason: e.to_string(),
+                    })
+            }
+        });
         Self {
             client,
-            connection: Arc::new(Mutex::new(None)),
+            connection: Arc::new(connection),
             namespace,
-            timeout,
             retention,
             settled: Arc::new(SettledRankings::new(retention)),
         }
@@ -98,21 +116,13 @@ impl Store {
 
     /// A (shared, multiplexed) connection; UNAVAILABLE if Redis is down.
     pub async fn connection(&self) -> Result<ConnectionManager, Error> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
-        }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_with_config(self.client.clone(), config)
-            .await
-            .map_err(|e| Error::Unavailable {
-                dependency: "redis",
-                reason: e.to_string(),
-            })?;
-        Ok(slot.insert(connection).clone())
+        self.connection.get().await
+    }
+
+    /// Every consumed partition's stored state.
+    pub async fn partition_states(&self) -> Result<Vec<(i32, PartitionState)>, Error> {
+        let mut connection = self.connection().await?;
+        Ok(load_states(&mut connection, &self.namespace).await?)
     }
 
     /// Validates nothing: runs `query` over `window` on every consumed
@@ -130,24 +140,28 @@ impl Store {
     /// The watermark as stored: every partition's next offset and the latest
     /// event time.
     pub async fn watermark(&self) -> Result<Watermark, Error> {
-        let mut connection = self.connection().await?;
-        let reader = MetricReader::discover(&mut connection, &self.namespace).await?;
-        let mut watermark = Watermark::default();
-        let mut latest: Option<i64> = None;
-        for partition in reader.partitions() {
-            let state = load_state(
-                &mut connection,
-                &PartitionKeys::new(&self.namespace, partition),
-            )
-            .await?;
-            watermark.offsets.push(PartitionOffset {
+        let vitals: Vec<PartitionVitals> = self
+            .partition_states()
+            .await?
+            .into_iter()
+            .map(|(partition, state)| PartitionVitals {
                 partition,
-                next_offset: state.offset.unwrap_or(0),
-            });
-            latest = latest.max(state.watermark_ms);
-        }
-        watermark.latest_event_time = latest.map(timestamp_from_millis);
-        Ok(watermark)
+                state,
+                high_watermark: None,
+            })
+            .collect();
+        Ok(Watermark {
+            offsets: vitals
+                .iter()
+                .map(|v| PartitionOffset {
+                    partition: v.partition,
+                    next_offset: v.stored_offset(),
+                })
+                .collect(),
+            latest_event_time: Totals::of(&vitals)
+                .latest_event_ms
+                .map(timestamp_from_millis),
+        })
     }
 }
 
@@ -172,7 +186,7 @@ enum Trigger {
 
 /// The process's fan-out point.
 pub struct Hub {
-    store: Store,
+    store: StoreClient,
     triggers: broadcast::Sender<Trigger>,
     watermark: watch::Sender<Watermark>,
     feeds: StdMutex<HashMap<String, Weak<Feed>>>,
@@ -182,7 +196,7 @@ pub struct Hub {
 
 impl Hub {
     /// Starts listening to `store`'s delta channel until `shutdown`.
-    pub fn start(store: Store, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn start(store: StoreClient, shutdown: CancellationToken) -> Arc<Self> {
         let (triggers, _) = broadcast::channel(HUB_QUEUE);
         let hub = Arc::new(Self {
             store,
@@ -202,7 +216,7 @@ impl Hub {
     }
 
     /// The metric store.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &StoreClient {
         &self.store
     }
 
@@ -361,7 +375,7 @@ impl Feed {
     /// missed or repeated).
     async fn snapshot(
         &self,
-        store: &Store,
+        store: &StoreClient,
     ) -> Result<(u64, QueryResult, broadcast::Receiver<Arc<FeedUpdate>>), Error> {
         let mut state = self.state.lock().await;
         if state.current.is_none() {
@@ -378,7 +392,7 @@ impl Feed {
     }
 
     /// Re-runs the query; publishes the difference if there is one.
-    async fn refresh(&self, store: &Store) -> Result<(), Error> {
+    async fn refresh(&self, store: &StoreClient) -> Result<(), Error> {
         let window = self.query.window(Utc::now(), &store.retention, "")?;
         let result = store.run(&self.query, window).await?;
         let mut state = self.state.lock().await;
@@ -498,7 +512,7 @@ impl Drop for StreamGuard {
 
 struct SubscriptionState {
     feed: Arc<Feed>,
-    hub_store: Store,
+    hub_store: StoreClient,
     version: u64,
     updates: broadcast::Receiver<Arc<FeedUpdate>>,
     first: Option<QueryResult>,

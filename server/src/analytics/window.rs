@@ -14,7 +14,7 @@ use rtap::v1::{
 
 use crate::{
     error::FieldViolation,
-    proto_time::{check_duration, check_timestamp},
+    infra::time::{check_duration, check_timestamp},
     store::{Bucket, Granularity, Retention},
 };
 

@@ -21,7 +21,7 @@ use rtap::v1::{
 };
 
 use crate::{
-    proto_time::{duration_micros, timestamp_from_millis, timestamp_millis},
+    infra::time::{duration_micros, timestamp_from_millis, timestamp_millis},
     store::{Bucket, Counter, FunnelStage, Granularity, Ranking, UserSet},
 };
 

@@ -33,10 +33,7 @@ use std::{
 use chrono::Utc;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use prost::Message;
-use redis::{
-    AsyncConnectionConfig,
-    aio::{ConnectionManager, MultiplexedConnection},
-};
+use redis::{AsyncConnectionConfig, aio::MultiplexedConnection};
 use rskafka::{
     client::{
         error::{Error as KafkaError, ProtocolError},
@@ -52,11 +49,12 @@ use super::{
     aggregate::{BatchAggregate, SessionKey, event_time_ms},
     dead_letter::{DeadLetterSink, dead_letter},
     dedupe::{Dedupe, EventId},
+    publisher, status_log,
     validate::{self, Reason, Rejection, TimeBounds},
 };
 use crate::{
     config::Config,
-    health::kafka_client,
+    infra::kafka::{self, high_watermark},
     retry::{Backoff, RECONNECT_MAX},
     store::{
         Bucket, Granularity, Retention, StoreError,
@@ -239,7 +237,7 @@ pub async fn run(
 
     let (deltas, queued) = mpsc::channel(DELTA_QUEUE);
     let mut tasks = JoinSet::new();
-    tasks.spawn(publish_deltas(
+    tasks.spawn(publisher::publish_deltas(
         redis.clone(),
         deltas_channel(&settings.namespace),
         queued,
@@ -262,7 +260,7 @@ pub async fn run(
         tasks.spawn(consumer.run(shutdown.clone()));
     }
     drop(deltas);
-    tasks.spawn(log_status(
+    tasks.spawn(status_log::log_status(
         settings.clone(),
         redis.clone(),
         high_watermarks,
@@ -273,7 +271,7 @@ pub async fn run(
 }
 
 async fn prepare_topics(settings: &PipelineSettings) -> Result<(Vec<i32>, Vec<i32>), String> {
-    let client = kafka_client(&settings.brokers, settings.dependency_timeout)
+    let client = kafka::client(&settings.brokers, settings.dependency_timeout)
         .await
         .map_err(|e| e.to_string())?;
     let mut events = ensure_topic(&client, &settings.topic, settings.partitions_if_created)
@@ -289,146 +287,6 @@ async fn prepare_topics(settings: &PipelineSettings) -> Result<(Vec<i32>, Vec<i3
     events.sort_unstable();
     dead_letters.sort_unstable();
     Ok((events, dead_letters))
-}
-
-/// Publishes deltas in order; a failed publish is logged and dropped
-/// (subscribers recover with a snapshot).
-async fn publish_deltas(
-    redis: redis::Client,
-    channel: String,
-    mut queued: mpsc::Receiver<Vec<u8>>,
-    shutdown: CancellationToken,
-) {
-    let mut connection: Option<ConnectionManager> = None;
-    let mut failing = false;
-    loop {
-        let delta = tokio::select! {
-            () = shutdown.cancelled() => return,
-            delta = queued.recv() => match delta { Some(delta) => delta, None => return },
-        };
-        let publish = async {
-            let connection = match &mut connection {
-                Some(connection) => connection,
-                None => connection.insert(ConnectionManager::new(redis.clone()).await?),
-            };
-            redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(delta)
-                .query_async::<i64>(connection)
-                .await
-        };
-        let published = tokio::select! {
-            () = shutdown.cancelled() => return,
-            published = publish => published,
-        };
-        match published {
-            Ok(_) if failing => {
-                failing = false;
-                tracing::info!("publishing deltas again");
-            }
-            Ok(_) => {}
-            Err(error) if !failing => {
-                failing = true;
-                tracing::warn!(error = %error, "cannot publish deltas; subscribers will resync");
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// Logs the pipeline's vital signs every `--status-log-interval`: one line
-/// per partition consumed here, and one with the totals, so an operator
-/// without a client sees the pipeline breathing.
-async fn log_status(
-    settings: Arc<PipelineSettings>,
-    redis: redis::Client,
-    high_watermarks: Vec<(i32, Arc<AtomicI64>)>,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(settings.status_log_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    let mut connection: Option<ConnectionManager> = None;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        // Reading Redis can take long while it is unreachable: never past
-        // shutdown.
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = log_status_once(&settings, &redis, &high_watermarks, &mut connection) => {}
-        }
-    }
-}
-
-/// One round of [`log_status`].
-async fn log_status_once(
-    settings: &PipelineSettings,
-    redis: &redis::Client,
-    high_watermarks: &[(i32, Arc<AtomicI64>)],
-    connection: &mut Option<ConnectionManager>,
-) {
-    {
-        let connected = match &connection {
-            Some(connection) => Ok(connection.clone()),
-            None => ConnectionManager::new(redis.clone()).await,
-        };
-        let mut redis = match connected {
-            Ok(redis) => connection.insert(redis).clone(),
-            Err(error) => {
-                tracing::warn!(error = %error, "pipeline status: Redis unreachable");
-                return;
-            }
-        };
-        let (mut applied, mut duplicates, mut dead, mut late, mut lag) = (0, 0, 0, 0, 0);
-        for (partition, high_watermark) in high_watermarks {
-            let keys = PartitionKeys::new(&settings.namespace, *partition);
-            let state = match commit::load_state(&mut redis, &keys).await {
-                Ok(state) => state,
-                Err(error) => {
-                    tracing::warn!(error = %error, "pipeline status: cannot read partition states");
-                    *connection = None;
-                    return;
-                }
-            };
-            let high_watermark = high_watermark.load(Ordering::Relaxed);
-            let offset = state.offset.unwrap_or(0);
-            let partition_lag = if high_watermark >= 0 {
-                (high_watermark - offset).max(0)
-            } else {
-                -1
-            };
-            let partition_dead: i64 = state.dead_lettered.values().sum();
-            tracing::info!(
-                partition,
-                offset,
-                high_watermark,
-                lag = partition_lag,
-                applied = state.applied,
-                duplicates = state.duplicates,
-                dead_lettered = ?state.dead_lettered,
-                late = state.late,
-                last_commit_ms = state.last_commit_ms,
-                "pipeline partition status"
-            );
-            applied += state.applied;
-            duplicates += state.duplicates;
-            dead += partition_dead;
-            late += state.late;
-            lag += partition_lag.max(0);
-        }
-        tracing::info!(
-            partitions = high_watermarks.len(),
-            applied,
-            duplicates,
-            dead_lettered = dead,
-            late,
-            lag,
-            "pipeline status"
-        );
-    }
 }
 
 /// Consumes one partition.
@@ -541,7 +399,7 @@ impl PartitionConsumer {
             .map_err(|holder| ConsumeError::Leased { holder })?;
         let state = commit::load_state(&mut redis, &self.keys).await?;
         commit::register_partition(&mut redis, &settings.namespace, &self.keys).await?;
-        let kafka = kafka_client(&settings.brokers, settings.dependency_timeout).await?;
+        let kafka = kafka::client(&settings.brokers, settings.dependency_timeout).await?;
         let source = kafka
             .partition_client(
                 &settings.topic,
@@ -874,13 +732,4 @@ async fn out_of_range(source: &PartitionClient, offset: i64) -> Result<i64, Cons
         stored: offset,
         high_watermark,
     })
-}
-
-/// The partition's high watermark (the offset after its last record), read
-/// with a small fetch from `offset`: some brokers (Nisshi) answer
-/// `ListOffsets(latest)` wrongly, and answer a fetch with no wait with no
-/// partition at all, hence the short wait.
-pub async fn high_watermark(source: &PartitionClient, offset: i64) -> Result<i64, KafkaError> {
-    let (_, high_watermark) = source.fetch_records(offset, 1..1024, 10).await?;
-    Ok(high_watermark)
 }

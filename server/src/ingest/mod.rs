@@ -9,7 +9,9 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dedupe;
 pub mod producer;
+mod publisher;
 pub mod rebuild;
+mod status_log;
 pub mod validate;
 
 use std::sync::Arc;

@@ -30,7 +30,7 @@ use rtap::{
 };
 use tokio::sync::Mutex;
 
-use crate::{config::Config, error::Error, health::kafka_client};
+use crate::{config::Config, error::Error, infra::kafka};
 
 /// How long a batch waits for more records before it is sent.
 const LINGER: Duration = Duration::from_millis(2);
@@ -161,7 +161,7 @@ impl EventProducer {
             return Ok(connection.clone());
         }
         let connect = async {
-            let client = kafka_client(&self.brokers, self.ack_timeout)
+            let client = kafka::client(&self.brokers, self.ack_timeout)
                 .await
                 .map_err(|e| unavailable(format!("cannot reach Kafka: {e}")))?;
             let mut partitions = ensure_topic(&client, &self.topic, self.partitions_if_created)

@@ -17,11 +17,11 @@ use redis::aio::ConnectionManager;
 use rskafka::client::partition::UnknownTopicHandling;
 use tokio_util::sync::CancellationToken;
 
-use super::consumer::{self, PipelineSettings, PipelineStats, consumer_id, high_watermark};
+use super::consumer::{self, PipelineSettings, PipelineStats, consumer_id};
 use crate::{
     config::Config,
     error::Error,
-    health::kafka_client,
+    infra::kafka::{self, high_watermark},
     store::{
         StoreError,
         commit::{load_state, release_lease, take_lease},
@@ -42,7 +42,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
     let mut redis = ConnectionManager::new(client.clone())
         .await
         .map_err(|e| unavailable("redis", e))?;
-    let kafka = kafka_client(&config.kafka_brokers, config.dependency_timeout)
+    let kafka = kafka::client(&config.kafka_brokers, config.dependency_timeout)
         .await
         .map_err(|e| unavailable("kafka", e))?;
     let mut partitions: Vec<i32> = kafka

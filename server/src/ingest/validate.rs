@@ -10,7 +10,7 @@ use rtap::v1::{EventType, InteractionEvent, Source};
 
 use crate::{
     error::FieldViolation,
-    proto_time::{check_duration, check_timestamp},
+    infra::time::{check_duration, check_timestamp},
 };
 
 /// Longest `session_id`, in characters.

@@ -118,6 +118,22 @@ pub async fn load_state(
     Ok(state)
 }
 
+/// The state of every partition consumed in `namespace`, by partition.
+pub async fn load_states(
+    connection: &mut impl ConnectionLike,
+    namespace: &str,
+) -> Result<Vec<(i32, PartitionState)>, StoreError> {
+    let partitions = super::read::MetricReader::discover(connection, namespace)
+        .await?
+        .partitions();
+    let mut states = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let keys = PartitionKeys::new(namespace, partition);
+        states.push((partition, load_state(connection, &keys).await?));
+    }
+    Ok(states)
+}
+
 /// Records that `keys`' partition is consumed, for readers to merge it.
 pub async fn register_partition(
     connection: &mut impl ConnectionLike,

@@ -1,6 +1,8 @@
-//! Conversions between protobuf `Timestamp`/`Duration` and the integer
-//! milliseconds and microseconds the metric store keeps: one place, shared
-//! by ingest and analytics.
+//! Protobuf `Timestamp` and `Duration`: their validity as the well-known
+//! types define it, and conversions from and to the integer seconds,
+//! milliseconds and microseconds RTAP keeps. The one place that builds them.
+
+use chrono::{DateTime, Utc};
 
 /// Seconds of the earliest valid `Timestamp`, 0001-01-01T00:00:00Z.
 pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
@@ -52,6 +54,19 @@ pub fn check_duration(d: &prost_types::Duration) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A timestamp from whole Unix seconds.
+pub fn timestamp_from_seconds(seconds: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds, nanos: 0 }
+}
+
+/// A timestamp from a time, to the nanosecond.
+pub fn timestamp_from_datetime(time: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }
 }
 
 /// A timestamp from Unix milliseconds.
