@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use chrono::{DateTime, Utc};
 use clap::{Parser, ValueEnum};
 
-use crate::model::ModelParams;
+use crate::model::{ModelParams, params::parse_positive};
 
 /// `rtap-simulator [FLAGS]`.
 #[derive(Debug, Clone, Parser)]
@@ -157,26 +157,12 @@ pub enum ProgressArg {
     None,
 }
 
-pub(crate) fn parse_positive(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
-        _ => Err(format!("`{text}` is not a positive number")),
-    }
-}
-
 fn parse_rate(text: &str) -> Result<f64, String> {
     let rate = parse_positive(text)?;
     if rate > 10_000_000.0 {
         return Err("at most 10000000 events per second".into());
     }
     Ok(rate)
-}
-
-pub(crate) fn parse_share(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
-        _ => Err(format!("`{text}` is not a share between 0 and 1")),
-    }
 }
 
 #[cfg(test)]

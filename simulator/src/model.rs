@@ -24,7 +24,6 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use clap::Args;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, Zipf};
@@ -36,14 +35,14 @@ mod agenda;
 mod alias;
 mod availability;
 mod event;
+pub mod params;
 
 use agenda::Agenda;
 use alias::AliasTable;
 use availability::Availability;
 pub use event::Event;
 use event::{SEARCH_WORDS, SearchQuery};
-
-use crate::config::{parse_positive, parse_share};
+pub use params::{ModelParams, validate};
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
 /// Longest time on one page: dwell times are drawn from an exponential
@@ -65,76 +64,6 @@ const TYPICAL_SESSION_SECONDS: f64 = 180.0;
 /// How far before the start time the model starts running (silently), so
 /// that sessions are already under way when the first event is produced.
 const WARM_UP_MICROS: i64 = 15 * 60 * MICROS_PER_SECOND;
-
-/// Behaviour of the simulated users.
-#[derive(Debug, Clone, Args)]
-pub struct ModelParams {
-    /// Share of sessions on the mobile app; the rest are on the website.
-    #[arg(long, default_value_t = 0.4, value_parser = parse_share)]
-    pub mobile_share: f64,
-    /// Zipf exponent of product popularity (higher: fewer products dominate).
-    #[arg(long, default_value_t = 1.1, value_parser = parse_positive)]
-    pub product_zipf_exponent: f64,
-    /// Zipf exponent of user activity (higher: fewer, heavier users).
-    #[arg(long, default_value_t = 0.8, value_parser = parse_positive)]
-    pub user_zipf_exponent: f64,
-    /// Share of sessions that view at least one product.
-    #[arg(long, default_value_t = 0.7, value_parser = parse_share)]
-    pub view_rate: f64,
-    /// Share of product-viewing sessions that add to cart.
-    #[arg(long, default_value_t = 0.3, value_parser = parse_share)]
-    pub cart_rate: f64,
-    /// Share of sessions with a cart that purchase.
-    #[arg(long, default_value_t = 0.4, value_parser = parse_share)]
-    pub purchase_rate: f64,
-    /// Share of sessions that search.
-    #[arg(long, default_value_t = 0.25, value_parser = parse_share)]
-    pub search_rate: f64,
-    /// Share of sessions with a cart that remove the item and add another.
-    #[arg(long, default_value_t = 0.15, value_parser = parse_share)]
-    pub remove_rate: f64,
-    /// Mean time spent on a product page.
-    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
-    pub mean_dwell: Duration,
-    /// Inactivity that ends a session (at least 2 minutes).
-    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-    pub session_gap: Duration,
-    /// Share of events delivered late: held back, then produced after newer
-    /// events, with their original event time.
-    #[arg(long, default_value_t = 0.01, value_parser = parse_share)]
-    pub late_share: f64,
-    /// Longest hold-back of a late event, in event time.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub max_lateness: Duration,
-    /// Share of events produced a second time with the same `event_id` (as a
-    /// retrying producer would).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
-    pub duplicate_share: f64,
-    /// Share of events followed by a malformed payload of a random kind.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
-    pub malformed_share: f64,
-}
-
-impl Default for ModelParams {
-    fn default() -> Self {
-        Self {
-            mobile_share: 0.4,
-            product_zipf_exponent: 1.1,
-            user_zipf_exponent: 0.8,
-            view_rate: 0.7,
-            cart_rate: 0.3,
-            purchase_rate: 0.4,
-            search_rate: 0.25,
-            remove_rate: 0.15,
-            mean_dwell: Duration::from_secs(40),
-            session_gap: Duration::from_secs(30 * 60),
-            late_share: 0.01,
-            max_lateness: Duration::from_secs(600),
-            duplicate_share: 0.0,
-            malformed_share: 0.0,
-        }
-    }
-}
 
 /// A model that cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -896,26 +825,6 @@ impl ZipfRank {
             }
         }
     }
-}
-
-/// Refuses parameters that contradict each other.
-pub fn validate(params: &ModelParams) -> Result<(), ModelError> {
-    if params.session_gap < Duration::from_secs(120) {
-        return Err(ModelError::Params(
-            "--session-gap must be at least 2m".into(),
-        ));
-    }
-    if params.mean_dwell.is_zero() || params.mean_dwell * 4 > params.session_gap {
-        return Err(ModelError::Params(
-            "--mean-dwell must be positive and at most a quarter of --session-gap".into(),
-        ));
-    }
-    if params.late_share > 0.0 && params.max_lateness < Duration::from_secs(2) {
-        return Err(ModelError::Params(
-            "--max-lateness must be at least 2s".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// Average events in a session, to turn an event rate into a session rate.
