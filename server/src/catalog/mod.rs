@@ -1,21 +1,34 @@
 //! The catalog: user and product CRUD over gRPC, stored in PostgreSQL through
-//! SeaORM. Validation rules live in [`rules`], keyset pagination in
-//! [`pagination`]; the two services only translate between them, the
-//! protobuf messages and the entities.
+//! SeaORM. The standard methods are written once, in `resource.rs`, for
+//! every table that declares itself a resource (`users.rs`, `products.rs`);
+//! validation rules live in [`rules`], keyset pagination in [`pagination`],
+//! coalesced look-ups by id in `lookup.rs`, and the tonic services in
+//! `service.rs`.
 
 mod lookup;
 pub mod pagination;
 mod products;
+mod resource;
 pub mod rules;
+mod service;
 mod users;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::{DbErr, SqlErr};
+use rtap::v1::{
+    product_service_server::ProductServiceServer, user_service_server::UserServiceServer,
+};
 
-pub use products::{ProductApi, ProductServer};
-pub use users::{UserApi, UserServer};
-
+use self::resource::ResourceApi;
 use crate::error::{Error, FieldViolation};
+
+/// Implements `rtap.v1.UserService`.
+pub type UserApi = ResourceApi<entity::user::Entity>;
+/// The gRPC server type of the user service.
+pub type UserServer = UserServiceServer<UserApi>;
+/// Implements `rtap.v1.ProductService`.
+pub type ProductApi = ResourceApi<entity::product::Entity>;
+/// The gRPC server type of the product service.
+pub type ProductServer = ProductServiceServer<ProductApi>;
 
 /// Timestamps the catalog stores: now, at the microsecond precision of
 /// `timestamptz`, so what the API returns round-trips exactly.
@@ -30,22 +43,9 @@ fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-/// A write that failed: a unique-index violation means the resource already
-/// exists (`conflict` says which); anything else is a database error.
-fn write_error(error: DbErr, conflict: impl FnOnce() -> String) -> Error {
-    match error.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => Error::AlreadyExists(conflict()),
-        _ => Error::Database(error),
-    }
-}
-
 fn invalid(violation: FieldViolation) -> Error {
     Error::InvalidArgument(vec![violation])
 }
-
-/// SQL that moves `update_time` to now, and strictly forward even if the
-/// clock stepped back since the last update.
-const NEXT_UPDATE_TIME: &str = "GREATEST($1, \"update_time\" + interval '1 microsecond')";
 
 fn missing(field: &str) -> FieldViolation {
     FieldViolation::new(field, "is required")
