@@ -395,3 +395,180 @@ macro_rules! message_from_row {
     }};
 }
 pub(crate) use message_from_row;
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+    use entity::{product, user};
+    use rtap::v1::{ListProductsRequest, ListUsersRequest, User};
+    use sea_orm::{DbBackend, QueryTrait};
+
+    use super::*;
+    use crate::catalog::pagination::SortValue;
+
+    fn names(columns: &[impl IdenStatic]) -> Vec<&'static str> {
+        columns.iter().map(IdenStatic::as_str).collect()
+    }
+
+    fn a_user() -> user::Model {
+        let time = Utc.timestamp_micros(1_764_000_000_123_456).unwrap();
+        user::Model {
+            id: 7,
+            first_name: "Ada".into(),
+            last_name: "Lovelace".into(),
+            email: None,
+            create_time: time,
+            update_time: time,
+        }
+    }
+
+    fn a_product() -> product::Model {
+        let time = Utc.timestamp_micros(1_764_000_000_123_456).unwrap();
+        product::Model {
+            id: 9,
+            name: "Kettle".into(),
+            category: "kitchen".into(),
+            price: 25.0,
+            create_time: time,
+            update_time: time,
+        }
+    }
+
+    #[test]
+    fn resources_sort_and_update_the_fields_their_api_documents() {
+        assert_eq!(
+            names(&sortable::<user::Entity>()),
+            [
+                "id",
+                "first_name",
+                "last_name",
+                "create_time",
+                "update_time"
+            ]
+        );
+        assert_eq!(
+            mutable_names::<user::Entity>(),
+            ["first_name", "last_name", "email"]
+        );
+        assert_eq!(
+            names(&sortable::<product::Entity>()),
+            [
+                "id",
+                "name",
+                "category",
+                "price",
+                "create_time",
+                "update_time"
+            ]
+        );
+        assert_eq!(
+            mutable_names::<product::Entity>(),
+            ["name", "category", "price"]
+        );
+        assert_eq!(
+            names(&user::Entity::STANDARD.all()),
+            ["id", "create_time", "update_time"]
+        );
+    }
+
+    #[test]
+    fn every_sortable_column_gives_a_page_key_and_rows_their_ids() {
+        let user = a_user();
+        for column in sortable::<user::Entity>() {
+            assert!(SortValue::of(user.get(column)).is_some(), "{column:?}");
+        }
+        assert_eq!(row_id::<user::Entity>(&user), 7);
+        let product = a_product();
+        for column in sortable::<product::Entity>() {
+            assert!(SortValue::of(product.get(column)).is_some(), "{column:?}");
+        }
+        assert_eq!(row_id::<product::Entity>(&product), 9);
+    }
+
+    #[test]
+    fn fields_are_validated_into_column_values_reporting_every_violation() {
+        let bad = User {
+            first_name: " Ada ".into(),
+            email: Some("not-an-address".into()),
+            ..User::default()
+        };
+        let all = mutable_names::<user::Entity>();
+        let violations = Changes::<user::Entity>::validate(&bad, &all).unwrap_err();
+        let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["user.last_name", "user.email"]);
+
+        let good = User {
+            last_name: "Lovelace".into(),
+            email: Some("  ".into()),
+            ..bad
+        };
+        let changes = Changes::<user::Entity>::validate(&good, &all).unwrap();
+        assert_eq!(changes.text(user::Column::FirstName), Some("Ada"));
+        assert_eq!(
+            changes.0[2].1,
+            Value::String(None),
+            "empty clears the email"
+        );
+    }
+
+    #[test]
+    fn conflicts_name_what_the_write_set() {
+        let rename = User {
+            first_name: "Ada".into(),
+            ..User::default()
+        };
+        let changes = Changes::<user::Entity>::validate(&rename, &["first_name"]).unwrap();
+        assert_eq!(
+            user::Entity::conflict(&changes),
+            r#"a user named "Ada" "(unchanged)" (names compare case-insensitively)"#
+        );
+        let reprice = Changes::<product::Entity>(vec![(product::Column::Price, 1.0.into())]);
+        assert_eq!(
+            product::Entity::conflict(&reprice),
+            r#"a product named "" (names compare case-insensitively)"#
+        );
+    }
+
+    #[test]
+    fn rows_become_messages_with_their_timestamps() {
+        let user = user::Entity::to_proto(a_user());
+        assert_eq!((user.id, user.last_name.as_str()), (7, "Lovelace"));
+        let created = user.create_time.unwrap();
+        assert_eq!(
+            (created.seconds, created.nanos),
+            (1_764_000_000, 123_456_000)
+        );
+        assert_eq!(user.update_time, Some(created));
+    }
+
+    #[test]
+    fn filters_select_by_prefix_and_category_and_empty_ones_select_all() {
+        let sql = |filters: Filters| {
+            let mut query = product::Entity::find();
+            if !filters.condition.is_empty() {
+                query = query.filter(filters.condition);
+            }
+            query.build(DbBackend::Postgres).to_string()
+        };
+        let request = ListProductsRequest {
+            name_prefix: " 50%".into(),
+            category: "kitchen".into(),
+            ..ListProductsRequest::default()
+        };
+        let filters = product::Entity::filters(&request).unwrap();
+        assert_eq!(filters.texts, ["50%", "kitchen"]);
+        assert!(sql(filters).ends_with(
+            r#"WHERE LOWER("name") LIKE E'50\\%%' ESCAPE E'\\' AND "products"."category" = 'kitchen'"#
+        ));
+        let filters = product::Entity::filters(&ListProductsRequest::default()).unwrap();
+        assert_eq!(filters.texts, ["", ""]);
+        assert!(!sql(filters).contains("WHERE"));
+
+        let request = ListUsersRequest {
+            name_prefix: "ADA".into(),
+            ..ListUsersRequest::default()
+        };
+        let filters = user::Entity::filters(&request).unwrap();
+        assert_eq!(filters.texts, ["ada"]);
+    }
+}
