@@ -1,15 +1,15 @@
 //! The catalog: user and product CRUD over gRPC, stored in PostgreSQL through
 //! SeaORM. The standard methods are written once, in `resource.rs`, for
 //! every table that declares itself a resource (`users.rs`, `products.rs`);
-//! validation rules live in [`rules`], keyset pagination in [`pagination`],
+//! validation rules live in `rules.rs`, keyset pagination in `pagination.rs`,
 //! coalesced look-ups by id in `lookup.rs`, and the tonic services in
 //! `service.rs`.
 
 mod lookup;
-pub mod pagination;
+mod pagination;
 mod products;
 mod resource;
-pub mod rules;
+mod rules;
 mod service;
 mod users;
 

@@ -27,6 +27,10 @@ use crate::{
 
 /// A catalog table served as an API resource, declared on its entity. The
 /// API names a field as its column is named.
+///
+/// `pub` (as are the types it names) only because the exported `UserApi`
+/// and `ProductApi` are bound by it; this module is private, so nothing
+/// outside the catalog can name or implement it.
 pub trait Resource:
     EntityTrait<Model: IntoActiveModel<Self::ActiveModel> + Clone + Send + Sync, ActiveModel: Send>
 {

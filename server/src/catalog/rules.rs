@@ -29,11 +29,6 @@ impl Violations {
         self.0.push(FieldViolation::new(field, description));
     }
 
-    /// Records a violation found by a rule.
-    pub fn push(&mut self, violation: FieldViolation) {
-        self.0.push(violation);
-    }
-
     /// The value of a rule that passed; `None` (and the violation recorded)
     /// if it failed.
     pub fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
