@@ -33,12 +33,11 @@ use env_count::env_count;
 use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
 use rtap_server::{
     ingest::{
-        aggregate::BatchAggregate,
         consumer::{self, PipelineSettings, PipelineStats},
         dedupe::Dedupe,
         validate::{self, TimeBounds},
     },
-    store::{commit::load_state, keys::PartitionKeys},
+    store::{aggregate::BatchAggregate, commit::load_state, keys::PartitionKeys},
 };
 use rtap_simulator::config::SimulatorConfig;
 use tokio_util::sync::CancellationToken;

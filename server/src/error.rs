@@ -107,19 +107,6 @@ pub enum Error {
     Internal(String),
 }
 
-impl From<crate::store::StoreError> for Error {
-    fn from(error: crate::store::StoreError) -> Self {
-        if error.is_unavailable() {
-            Self::Unavailable {
-                dependency: "redis",
-                reason: error.to_string(),
-            }
-        } else {
-            Self::Internal(error.to_string())
-        }
-    }
-}
-
 fn describe(violations: &[FieldViolation]) -> String {
     let mut described = violations
         .iter()

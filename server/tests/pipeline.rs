@@ -27,10 +27,10 @@ use rtap::v1::{
 };
 use rtap_server::{
     Config,
-    ingest::aggregate::{BatchAggregate, BucketChanges, SessionState},
     ingest::dead_letter::{REASON_HEADER, SOURCE_OFFSET_HEADER},
     store::{
         Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, StoreError, UserSet,
+        aggregate::{BatchAggregate, BucketChanges, SessionState},
         commit::{self, CommitMeta, CommitSettings, PartitionState},
         hll,
         keys::PartitionKeys,

@@ -26,12 +26,8 @@ use rskafka::client::{error::Error as KafkaError, partition::UnknownTopicHandlin
 
 use crate::{
     error::{Error, FieldViolation},
-    infra::{
-        kafka,
-        reconnect::Reconnecting,
-        status::{PartitionVitals, Totals},
-        time::timestamp_from_millis,
-    },
+    infra::{kafka, reconnect::Reconnecting, time::timestamp_from_millis},
+    store::status::{PartitionVitals, Totals},
 };
 use query::{Query, QueryResult};
 use subscribe::Hub;

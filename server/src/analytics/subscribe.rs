@@ -44,7 +44,6 @@ use crate::{
     error::Error,
     infra::{
         reconnect::Reconnecting,
-        status::{PartitionVitals, Totals},
         time::{duration_from_micros, duration_micros, timestamp_from_millis},
     },
     retry::{Backoff, RECONNECT_MAX},
@@ -54,6 +53,7 @@ use crate::{
         keys::deltas_channel,
         read::MetricReader,
         settled::SettledRankings,
+        status::{PartitionVitals, Totals},
     },
 };
 

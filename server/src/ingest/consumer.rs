@@ -6,23 +6,25 @@
 //! `--fetch-max-bytes` are in memory per partition), and for every chunk of at
 //! most `--commit-max-events` records:
 //! 1. decodes and validates each record; rejects go to the dead-letter topic;
-//! 2. reads, in one round trip, which event ids were counted already, the
-//!    state of the sessions concerned that the partition's [`SessionMirror`]
-//!    lacks, and the current values of the buckets the events fall in that
-//!    its [`Mirror`] lacks;
-//! 3. folds the new events in memory ([`BatchAggregate`]);
-//! 4. commits aggregates (counters and rankings as their new values, from
-//!    the mirror), dedupe ids, sessions, counters and the next offset in one
-//!    transaction, fenced on the stored offset ([`store::commit`]);
+//! 2. reads, in one round trip, when the event ids were counted last, the
+//!    state of the sessions concerned that the partition's writer does not
+//!    know, and the current values of the buckets the events fall in that it
+//!    does not know;
+//! 3. folds the new events in memory
+//!    ([`BatchAggregate`](crate::store::aggregate::BatchAggregate));
+//! 4. commits aggregates (counters and rankings as their new values), dedupe
+//!    ids, sessions, counters and the next offset in one transaction, fenced
+//!    on the stored offset ([`PartitionWriter`]);
 //! 5. hands a [`CommitDelta`](rtap::v1::CommitDelta) to the publisher, which
 //!    can drop it but never delays the partition.
 //!
 //! Any failure (Kafka, Redis, a commit fenced by another consumer) drops the
-//! task's clients and state and starts over from the stored offset after a
-//! backoff: simple, and exactly once by construction.
+//! task's clients and its writer and starts over from the stored offset after
+//! a backoff: simple, and exactly once by construction. The steps themselves
+//! live in [`super::partition`]; the partition's writes in
+//! [`crate::store::writer`].
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -31,38 +33,27 @@ use std::{
 };
 
 use chrono::Utc;
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use prost::Message;
 use redis::{AsyncConnectionConfig, aio::MultiplexedConnection};
-use rskafka::{
-    client::{
-        error::{Error as KafkaError, ProtocolError},
-        partition::{OffsetAt, PartitionClient, UnknownTopicHandling},
-    },
-    record::RecordAndOffset,
-};
+use rskafka::client::partition::UnknownTopicHandling;
 use rtap::kafka::admin::ensure_topic;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use super::{
-    aggregate::{BatchAggregate, SessionKey, event_time_ms},
-    dead_letter::{DeadLetterSink, dead_letter},
-    dedupe::{Dedupe, EventId},
+    dead_letter::DeadLetterSink,
+    partition::{self, Applier, ConsumeError},
     publisher, status_log,
-    validate::{self, Reason, Rejection, TimeBounds},
+    validate::TimeBounds,
 };
 use crate::{
     config::Config,
-    infra::kafka::{self, high_watermark},
+    infra::kafka,
     retry::{Backoff, RECONNECT_MAX},
     store::{
-        Bucket, Granularity, Retention, StoreError,
-        commit::{self, CommitMeta, CommitSettings, DedupeWrite, PartitionState},
+        Retention, StoreError,
+        commit::{CommitSettings, Committed},
         keys::{PartitionKeys, deltas_channel},
-        mirror::Mirror,
-        session_epoch,
-        session_mirror::SessionMirror,
+        writer::PartitionWriter,
     },
 };
 
@@ -178,23 +169,33 @@ pub struct PipelineStats {
     pub deltas_dropped: AtomicU64,
 }
 
-/// Why a partition's consumer starts over.
-#[derive(Debug, thiserror::Error)]
-enum ConsumeError {
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error("dead-letter topic {topic}: {source}")]
-    DeadLetter { topic: String, source: KafkaError },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(
-        "stored offset {stored} is past the end of the partition (high watermark {high_watermark}): the topic was recreated or lost data; rebuild this namespace or use another one"
-    )]
-    OffsetBeyondEnd { stored: i64, high_watermark: i64 },
-    #[error("the fetch task stopped unexpectedly")]
-    FetcherStopped,
-    #[error("partition is consumed by another process ({holder}); waiting for its lease to expire")]
-    Leased { holder: String },
+impl PipelineStats {
+    /// Counts one commit of `records` records, of which `applied` events
+    /// were counted, `duplicates` skipped and `dead_lettered` rejected;
+    /// `prefetch_round_trips` were made before it.
+    pub fn counted(
+        &self,
+        (records, applied, duplicates, dead_lettered): (usize, i64, i64, usize),
+        committed: Committed,
+        prefetch_round_trips: usize,
+    ) {
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let count_signed = |n: i64| u64::try_from(n).unwrap_or(0);
+        self.records.fetch_add(count(records), Ordering::Relaxed);
+        self.applied
+            .fetch_add(count_signed(applied), Ordering::Relaxed);
+        self.duplicates
+            .fetch_add(count_signed(duplicates), Ordering::Relaxed);
+        self.dead_lettered
+            .fetch_add(count(dead_lettered), Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.redis_commands
+            .fetch_add(count(committed.commands), Ordering::Relaxed);
+        self.redis_round_trips.fetch_add(
+            count(prefetch_round_trips + committed.round_trips),
+            Ordering::Relaxed,
+        );
+    }
 }
 
 /// Runs the pipeline until `shutdown`: creates the topics if missing, then
@@ -300,21 +301,6 @@ struct PartitionConsumer {
     stats: Arc<PipelineStats>,
 }
 
-/// Where the consumer stands, as last committed.
-struct Position {
-    stored: Option<i64>,
-    watermark_ms: Option<i64>,
-    dedupe_clock_ms: Option<i64>,
-}
-
-/// Records of one fetch, and the offset to fetch next.
-struct Fetched {
-    records: Vec<RecordAndOffset>,
-    /// Set when the stored offset fell out of the topic's retention and the
-    /// consumer moved to the earliest offset still kept.
-    skipped_to: Option<i64>,
-}
-
 impl PartitionConsumer {
     async fn run(self, shutdown: CancellationToken) {
         let partition = self.keys.partition();
@@ -322,12 +308,15 @@ impl PartitionConsumer {
         let mut redis: Option<MultiplexedConnection> = None;
         let mut waiting_for_lease = false;
         loop {
+            let mut writer = None;
             let consumed = tokio::select! {
                 () = shutdown.cancelled() => {
-                    self.release(redis).await;
+                    if let Some(writer) = writer.take() {
+                        self.release(writer).await;
+                    }
                     return;
                 }
-                consumed = self.consume(&mut redis, &mut backoff) => consumed,
+                consumed = self.consume(&mut redis, &mut writer, &mut backoff) => consumed,
             };
             let Err(error) = consumed;
             if matches!(&error, ConsumeError::Store(StoreError::Redis(_))) {
@@ -356,49 +345,57 @@ impl PartitionConsumer {
 
     /// Gives the partition's lease up, so a successor need not wait for it
     /// to expire.
-    async fn release(&self, redis: Option<MultiplexedConnection>) {
-        if let Some(mut redis) = redis {
-            let released = commit::release_lease(&mut redis, &self.keys, &self.settings.owner);
-            if let Ok(Err(error)) =
-                tokio::time::timeout(self.settings.dependency_timeout, released).await
-            {
-                tracing::debug!(error = %error, "cannot release a partition lease");
-            }
+    async fn release(&self, writer: PartitionWriter) {
+        let released = writer.release();
+        if let Ok(Err(error)) =
+            tokio::time::timeout(self.settings.dependency_timeout, released).await
+        {
+            tracing::debug!(error = %error, "cannot release a partition lease");
         }
     }
 
-    /// Consumes until something fails.
+    /// The task's own Redis connection, kept across attempts until a Redis
+    /// error: it never reconnects by itself (see `store::writer`).
+    async fn connection(
+        &self,
+        redis: &mut Option<MultiplexedConnection>,
+    ) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(connection) = redis {
+            return Ok(connection.clone());
+        }
+        let timeout = self.settings.dependency_timeout;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            // A commit can be large: allow it time, the offset fence makes a
+            // late reply harmless anyway.
+            .set_response_timeout(Some(timeout * 4));
+        let connection = self
+            .redis
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(redis.insert(connection).clone())
+    }
+
+    /// Consumes until something fails; `writer` holds the partition's
+    /// writer while it is open, for the lease to be released at shutdown.
     async fn consume(
         &self,
         redis: &mut Option<MultiplexedConnection>,
+        writer: &mut Option<PartitionWriter>,
         backoff: &mut Backoff,
     ) -> Result<std::convert::Infallible, ConsumeError> {
         let settings = &self.settings;
-        // The task's own connection, which never reconnects by itself: the
-        // commit's WATCH must not be lost to a silent reconnection (see
-        // `store::commit`). A Redis error drops it, the next attempt opens a
-        // new one.
-        let mut redis = match redis {
-            Some(connection) => connection.clone(),
-            None => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(settings.dependency_timeout))
-                    // A commit can be large: allow it time, the offset check
-                    // makes a late reply harmless anyway.
-                    .set_response_timeout(Some(settings.dependency_timeout * 4));
-                let connection = self
-                    .redis
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(StoreError::from)?;
-                redis.insert(connection).clone()
-            }
-        };
-        commit::take_lease(&mut redis, &self.keys, &settings.owner, settings.lease)
-            .await?
-            .map_err(|holder| ConsumeError::Leased { holder })?;
-        let state = commit::load_state(&mut redis, &self.keys).await?;
-        commit::register_partition(&mut redis, &settings.namespace, &self.keys).await?;
+        let connection = self.connection(redis).await?;
+        let lease = (settings.owner.clone(), settings.lease);
+        let opened = PartitionWriter::open(
+            connection,
+            self.keys.clone(),
+            &settings.namespace,
+            lease,
+            settings.commit,
+        )
+        .await?;
+        let writer = writer.insert(opened.map_err(|holder| ConsumeError::Leased { holder })?);
         let kafka = kafka::client(&settings.brokers, settings.dependency_timeout).await?;
         let source = kafka
             .partition_client(
@@ -407,65 +404,52 @@ impl PartitionConsumer {
                 UnknownTopicHandling::Retry,
             )
             .await?;
-        let dead_letters = DeadLetterSink::new(
-            kafka
-                .partition_client(
-                    &settings.dead_letter_topic,
-                    self.dead_letter_partition,
-                    UnknownTopicHandling::Retry,
-                )
-                .await
-                .map_err(|source| ConsumeError::DeadLetter {
-                    topic: settings.dead_letter_topic.clone(),
-                    source,
-                })?,
-        );
-        let start = match state.offset {
-            Some(offset) => offset,
-            None => source.get_offset(OffsetAt::Earliest).await?,
-        };
+        let dead_letters = kafka
+            .partition_client(
+                &settings.dead_letter_topic,
+                self.dead_letter_partition,
+                UnknownTopicHandling::Retry,
+            )
+            .await
+            .map(DeadLetterSink::new)
+            .map_err(|source| ConsumeError::DeadLetter {
+                topic: settings.dead_letter_topic.clone(),
+                source,
+            })?;
+        let start = partition::resume_offset(writer.position(), &source).await?;
         tracing::debug!(
             partition = self.keys.partition(),
             offset = start,
             "consuming"
         );
-        let PartitionState {
-            offset: stored,
-            watermark_ms,
-            dedupe_clock_ms,
-            ..
-        } = state;
-        let mut position = Position {
-            stored,
-            watermark_ms,
-            dedupe_clock_ms,
-        };
-        // Known values of what this attempt writes; a new attempt reads them
-        // again.
-        let mut mirror = Mirror::new(settings.commit.retention);
-        let mut sessions = SessionMirror::default();
 
         let (sender, mut fetched) = mpsc::channel(1);
-        let _fetcher = AbortOnDropHandle::new(tokio::spawn(fetch(
+        let _fetcher = AbortOnDropHandle::new(tokio::spawn(partition::fetch(
             source,
             start,
-            settings.clone(),
+            (settings.fetch_max_bytes, settings.fetch_max_wait),
             self.high_watermark.clone(),
             sender,
         )));
+        let applier = Applier {
+            settings,
+            dead_letters: &dead_letters,
+            stats: &self.stats,
+            deltas: &self.deltas,
+            partition: self.keys.partition(),
+        };
         let mut renewal = tokio::time::interval(settings.lease / 3);
         renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 batch = fetched.recv() => {
                     let Some(batch) = batch else { break };
-                    let mirrors = (&mut mirror, &mut sessions);
-                    self.apply(batch?, &mut redis, &dead_letters, &mut position, mirrors)
-                        .await?;
+                    applier.apply(writer, batch?, Utc::now()).await?;
                     backoff.reset();
                 }
                 _ = renewal.tick() => {
-                    commit::take_lease(&mut redis, &self.keys, &settings.owner, settings.lease)
+                    writer
+                        .renew_lease()
                         .await?
                         .map_err(|holder| ConsumeError::Leased { holder })?;
                 }
@@ -474,262 +458,4 @@ impl PartitionConsumer {
         // The fetcher stops by sending an error; it only gets here if it died.
         Err(ConsumeError::FetcherStopped)
     }
-
-    async fn apply(
-        &self,
-        fetched: Fetched,
-        redis: &mut MultiplexedConnection,
-        dead_letters: &DeadLetterSink,
-        position: &mut Position,
-        (mirror, sessions): (&mut Mirror, &mut SessionMirror),
-    ) -> Result<(), ConsumeError> {
-        if let Some(earliest) = fetched.skipped_to {
-            let meta = CommitMeta {
-                expected_offset: position.stored,
-                next_offset: earliest,
-                duplicates: 0,
-                dedupe: DedupeWrite::default(),
-                dead_lettered: Vec::new(),
-                now_ms: Utc::now().timestamp_millis(),
-            };
-            let empty = BatchAggregate::new(position.watermark_ms, HashMap::new(), 0);
-            let settings = &self.settings.commit;
-            commit::commit(redis, &self.keys, &empty, &meta, settings, mirror).await?;
-            position.stored = Some(earliest);
-        }
-        for chunk in fetched.records.chunks(self.settings.commit_max_events) {
-            self.apply_chunk(chunk, redis, dead_letters, position, (mirror, sessions))
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn apply_chunk(
-        &self,
-        chunk: &[RecordAndOffset],
-        redis: &mut MultiplexedConnection,
-        dead_letters: &DeadLetterSink,
-        position: &mut Position,
-        (mirror, session_mirror): (&mut Mirror, &mut SessionMirror),
-    ) -> Result<(), ConsumeError> {
-        let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-            return Ok(());
-        };
-        let settings = &self.settings;
-        let partition = self.keys.partition();
-        let now = Utc::now();
-
-        let mut valid = Vec::with_capacity(chunk.len());
-        let mut rejected = Vec::new();
-        let mut dead_counts: BTreeMap<&'static str, i64> = BTreeMap::new();
-        let mut dedupe = Dedupe::new(settings.dedupe_window_ms, position.dedupe_clock_ms);
-        for record in chunk {
-            let stamped = dedupe.stamp(record.record.timestamp.timestamp_millis());
-            let checked = match record.record.value.as_deref() {
-                Some(bytes) => validate::decode(bytes, now, settings.bounds),
-                None => Err(Rejection {
-                    reason: Reason::DecodeError,
-                    violations: Vec::new(),
-                    detail: "the record has no value".into(),
-                }),
-            };
-            match checked {
-                Ok(event) => {
-                    let id = uuid::Uuid::try_parse(&event.event_id)
-                        .map(|id| id.into_bytes())
-                        .unwrap_or_default();
-                    valid.push((id, stamped, event));
-                }
-                Err(rejection) => {
-                    *dead_counts.entry(rejection.reason.as_str()).or_default() += 1;
-                    rejected.push(dead_letter(record, &settings.topic, partition, &rejection));
-                }
-            }
-        }
-        let dead_lettered = u64::try_from(rejected.len()).unwrap_or(0);
-        dead_letters
-            .send(rejected)
-            .await
-            .map_err(|source| ConsumeError::DeadLetter {
-                topic: settings.dead_letter_topic.clone(),
-                source,
-            })?;
-
-        // When the events' ids were counted last, and the sessions they
-        // continue.
-        let mut minutes: BTreeSet<i64> = BTreeSet::new();
-        let mut session_keys: HashSet<SessionKey> = HashSet::new();
-        for (_, _, event) in &valid {
-            minutes.insert(Granularity::Minute.bucket_start(event_time_ms(event).div_euclid(1000)));
-            session_keys.insert((event.user_id, event.session_id.clone()));
-        }
-        let ids: Vec<EventId> = valid.iter().map(|(id, _, _)| *id).collect();
-        // The values of the buckets the events fall in, unless known (those
-        // of sessions' earlier minutes are read by the commit if needed).
-        let unknown = mirror.missing(
-            minutes.iter().flat_map(|minute| Bucket::of_minute(*minute)),
-            now.timestamp(),
-        );
-        // The sessions this consumer wrote are known; the others are read.
-        let epoch = session_epoch(now.timestamp_millis(), settings.commit.session_ttl_ms);
-        let mut known_sessions = HashMap::with_capacity(session_keys.len());
-        let mut unknown_sessions = Vec::new();
-        for session in session_keys {
-            match session_mirror.get(&session, epoch) {
-                Some(state) => {
-                    known_sessions.insert(session, state);
-                }
-                None => unknown_sessions.push(session),
-            }
-        }
-        let prefetched = commit::prefetch(
-            redis,
-            &self.keys,
-            &ids,
-            unknown_sessions,
-            epoch,
-            (&mut *mirror, &unknown),
-        )
-        .await?;
-        let prefetched_round_trips = prefetched.round_trips;
-        let mut sessions = prefetched.sessions;
-        sessions.extend(known_sessions);
-        let mut batch =
-            BatchAggregate::new(position.watermark_ms, sessions, settings.session_gap_ms);
-        let mut duplicates = 0;
-        for ((id, stamped, event), stored) in valid.iter().zip(&prefetched.counted_at) {
-            if dedupe.is_duplicate(*id, *stamped, *stored) {
-                duplicates += 1;
-                continue;
-            }
-            batch.add(event);
-        }
-
-        let next_offset = last.offset + 1;
-        let meta = CommitMeta {
-            expected_offset: position.stored,
-            next_offset,
-            duplicates,
-            dedupe: DedupeWrite {
-                clock_ms: dedupe.clock_ms(),
-                horizon_ms: dedupe.horizon_ms(),
-                counted: dedupe.into_counted(),
-            },
-            dead_lettered: dead_counts.into_iter().collect(),
-            now_ms: now.timestamp_millis(),
-        };
-        let committed =
-            commit::commit(redis, &self.keys, &batch, &meta, &settings.commit, mirror).await?;
-        session_mirror.applied(&batch.sessions, epoch);
-        position.stored = Some(next_offset);
-        position.watermark_ms = batch.watermark_ms;
-        position.dedupe_clock_ms = meta.dedupe.clock_ms;
-
-        let stats = &self.stats;
-        let count = |n: i64| u64::try_from(n).unwrap_or(0);
-        let count_usize = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        stats.records.fetch_add(
-            count(i64::try_from(chunk.len()).unwrap_or(0)),
-            Ordering::Relaxed,
-        );
-        stats
-            .applied
-            .fetch_add(count(batch.applied), Ordering::Relaxed);
-        stats
-            .duplicates
-            .fetch_add(count(duplicates), Ordering::Relaxed);
-        stats
-            .dead_lettered
-            .fetch_add(dead_lettered, Ordering::Relaxed);
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats
-            .redis_commands
-            .fetch_add(count_usize(committed.commands), Ordering::Relaxed);
-        stats.redis_round_trips.fetch_add(
-            count_usize(prefetched_round_trips + committed.round_trips),
-            Ordering::Relaxed,
-        );
-
-        if batch.applied > 0 {
-            let delta = batch.delta(partition, first.offset, next_offset);
-            if self.deltas.try_send(delta.encode_to_vec()).is_err() {
-                stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Fetches from `offset` on, one batch ahead of the consumer, until the
-/// consumer goes away or a fetch fails (sent as the last item).
-async fn fetch(
-    source: PartitionClient,
-    mut offset: i64,
-    settings: Arc<PipelineSettings>,
-    latest_high_watermark: Arc<AtomicI64>,
-    batches: mpsc::Sender<Result<Fetched, ConsumeError>>,
-) {
-    let max_wait_ms = i32::try_from(settings.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
-    loop {
-        let fetched = source
-            .fetch_records(offset, 1..settings.fetch_max_bytes, max_wait_ms)
-            .await;
-        let batch = match fetched {
-            Ok((mut records, high_watermark)) => {
-                latest_high_watermark.store(high_watermark, Ordering::Relaxed);
-                // A compressed batch can start before the requested offset.
-                records.retain(|r| r.offset >= offset);
-                match records.last() {
-                    Some(last) => offset = last.offset + 1,
-                    None => {
-                        if high_watermark > offset {
-                            // Nothing readable below the high watermark
-                            // (control records): do not spin on it.
-                            tokio::time::sleep(settings.fetch_max_wait).await;
-                        }
-                        continue;
-                    }
-                }
-                Ok(Fetched {
-                    records,
-                    skipped_to: None,
-                })
-            }
-            Err(KafkaError::ServerError {
-                protocol_error: ProtocolError::OffsetOutOfRange,
-                ..
-            }) => out_of_range(&source, offset).await.map(|earliest| {
-                tracing::warn!(
-                    partition = source.partition(),
-                    from = offset,
-                    to = earliest,
-                    "records were deleted by the topic's retention before they were consumed; skipping to the earliest kept"
-                );
-                offset = earliest;
-                Fetched {
-                    records: Vec::new(),
-                    skipped_to: Some(earliest),
-                }
-            }),
-            Err(error) => Err(error.into()),
-        };
-        let failed = batch.is_err();
-        if batches.send(batch).await.is_err() || failed {
-            return;
-        }
-    }
-}
-
-/// Where to go when `offset` is out of the partition's range: the earliest
-/// offset if it fell behind retention, an error if it is past the end.
-async fn out_of_range(source: &PartitionClient, offset: i64) -> Result<i64, ConsumeError> {
-    let earliest = source.get_offset(OffsetAt::Earliest).await?;
-    if offset < earliest {
-        return Ok(earliest);
-    }
-    let high_watermark = high_watermark(source, earliest).await?;
-    Err(ConsumeError::OffsetBeyondEnd {
-        stored: offset,
-        high_watermark,
-    })
 }

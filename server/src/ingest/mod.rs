@@ -4,10 +4,10 @@
 //! produce to Kafka directly. Both validate with [`validate`], the one set of
 //! rules for events.
 
-pub mod aggregate;
 pub mod consumer;
 pub mod dead_letter;
 pub mod dedupe;
+pub mod partition;
 pub mod producer;
 mod publisher;
 pub mod rebuild;

@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::consumer::PipelineSettings;
 use crate::{
-    infra::{
-        reconnect::Reconnecting,
+    infra::reconnect::Reconnecting,
+    store::{
+        StoreError, commit,
+        keys::PartitionKeys,
         status::{PartitionVitals, Totals},
     },
-    store::{StoreError, commit, keys::PartitionKeys},
 };
 
 /// Logs until `shutdown`; `high_watermarks` are the latest each partition's

@@ -33,12 +33,13 @@ use foldhash::HashSet;
 use redis::{Pipeline, Script, aio::ConnectionLike};
 
 use super::{
-    Bucket, Counter, Granularity, Retention, StoreError, UserSet, hll,
+    Bucket, Counter, Granularity, Retention, StoreError, UserSet,
+    aggregate::{BatchAggregate, SessionKey, SessionState},
+    hll,
     keys::{PartitionKeys, SessionField, state_field},
     mirror::{Mirror, REPLIES_PER_BUCKET, Written},
     settled,
 };
-use crate::ingest::aggregate::{BatchAggregate, SessionKey, SessionState};
 
 /// Run first in the transaction: gives the partition a new settled version
 /// when the batch writes a minute before the settlement horizon (by Redis's

@@ -9,6 +9,7 @@
 //! when summed, because events are keyed by user id, so a user's events all
 //! land on one partition and the partitions' user sets are disjoint.
 
+pub mod aggregate;
 pub mod commit;
 pub mod hll;
 pub mod keys;
@@ -16,6 +17,8 @@ pub mod mirror;
 pub mod read;
 pub mod session_mirror;
 pub mod settled;
+pub mod status;
+pub mod writer;
 
 use std::time::Duration;
 
@@ -436,6 +439,21 @@ impl StoreError {
                     || error.is_timeout()
             }
             _ => false,
+        }
+    }
+}
+
+/// A store failure as the API reports it: UNAVAILABLE while Redis cannot
+/// be reached, INTERNAL otherwise.
+impl From<StoreError> for crate::error::Error {
+    fn from(error: StoreError) -> Self {
+        if error.is_unavailable() {
+            crate::error::Error::Unavailable {
+                dependency: "redis",
+                reason: error.to_string(),
+            }
+        } else {
+            crate::error::Error::Internal(error.to_string())
         }
     }
 }

@@ -17,7 +17,7 @@
 
 use foldhash::{HashMap, HashMapExt};
 
-use crate::ingest::aggregate::{SessionKey, SessionState};
+use super::aggregate::{SessionKey, SessionState};
 
 /// Sessions kept per partition; past it the copy is emptied, and sessions
 /// are read from Redis again. About 150 bytes a session (key, state and

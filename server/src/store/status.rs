@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::store::commit::PartitionState;
+use super::commit::PartitionState;
 
 /// What is known of one partition: its stored state, and the broker's high
 /// watermark when it could be asked.
