@@ -10,6 +10,8 @@
 //! them), so consumers cannot tell the two apart.
 
 use chrono::{DateTime, Utc};
+use rand::Rng;
+use rand_xoshiro::Xoshiro256PlusPlus;
 use rtap::v1::{EventType, InteractionEvent, Source};
 use uuid::Uuid;
 
@@ -156,6 +158,13 @@ impl Event {
         let len = out.len;
         buffer.truncate(start + len);
     }
+}
+
+/// A version 4 (random) UUID, as event and session ids are.
+pub(super) fn random_uuid(rng: &mut Xoshiro256PlusPlus) -> Uuid {
+    // One u128, not `[u8; 16]`: rand draws an array element by element, a
+    // word of the generator per byte.
+    uuid::Builder::from_random_bytes(rng.random::<u128>().to_le_bytes()).into_uuid()
 }
 
 /// Field numbers of `rtap.v1.InteractionEvent` (`proto/rtap/v1/events.proto`)
@@ -414,5 +423,21 @@ mod tests {
             let query = query([3, 9], len);
             assert_eq!(query.text_len(), query.text().len());
         }
+    }
+
+    #[test]
+    fn ids_are_random_version_4_uuids() {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(9);
+        let ids: Vec<Uuid> = (0..1000).map(|_| random_uuid(&mut rng)).collect();
+        for id in &ids {
+            assert_eq!(id.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+        // The other 122 bits vary: every bit position takes both values.
+        let (ones, zeros) = ids.iter().fold((0u128, 0u128), |(ones, zeros), id| {
+            (ones | id.as_u128(), zeros | !id.as_u128())
+        });
+        let fixed = (0xf << 76) | (0b11 << 62);
+        assert_eq!(ones & zeros, !fixed);
     }
 }

@@ -210,7 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn contradictory_parameters_are_refused() {
+    fn each_contradiction_between_parameters_is_refused() {
         let short_gap = ModelParams {
             session_gap: Duration::from_secs(60),
             ..ModelParams::default()
