@@ -3,12 +3,17 @@
 //! The rooms, and the one way data flows between them:
 //! - [`catalog`]: user and product CRUD on PostgreSQL ([`database`]);
 //! - [`ingest`]: events in (Kafka and the ingest RPCs) → aggregates in Redis;
-//! - [`store`]: the metric store in Redis, written by ingest, read by analytics;
+//!   a partition's pipeline is [`ingest::partition`];
+//! - [`store`]: the metric store in Redis, written by ingest, read by
+//!   analytics; [`store::writer::PartitionWriter`] is the only code that
+//!   writes a partition's keys (lease, offset fence, mirrors);
 //! - [`analytics`]: queries and subscriptions over those aggregates;
 //! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive;
 //! - [`infra`]: plumbing every room uses and none owns (Kafka clients,
-//!   reconnecting connections, partition vital signs, protobuf times, the
-//!   client side of this API for `watch` and `health`).
+//!   reconnecting connections, protobuf times, the client side of this API
+//!   for `watch` and `health`).
+//!
+//! No two top-level modules import each other.
 
 pub mod analytics;
 pub mod app;

@@ -17,11 +17,12 @@ use rtap::v1::{
 use super::window::{self, ResolvedWindow, SignedBucket};
 use crate::{
     error::{Error, FieldViolation},
-    infra::time::duration_from_micros,
+    infra::time::{duration_from_micros, timestamp_from_seconds},
     store::{Counter, FunnelStage, Granularity, Ranking, Retention, UserSet, read::MetricReader},
 };
 
-/// Default and largest `limit` of GetTopProducts.
+/// `limit` of GetTopProducts when the request gives none (at most
+/// [`MAX_TOP_LIMIT`]).
 pub const DEFAULT_TOP_LIMIT: i32 = 10;
 /// Largest `limit` of GetTopProducts.
 pub const MAX_TOP_LIMIT: i32 = 100;
@@ -268,7 +269,7 @@ async fn event_counts(
                 })
                 .collect();
             EventCountBucket {
-                start_time: Some(window::timestamp(bucket.start)),
+                start_time: Some(timestamp_from_seconds(bucket.start)),
                 total: counts.iter().map(|c| c.count).sum(),
                 counts,
             }

@@ -44,7 +44,9 @@ use crate::{
     error::Error,
     infra::{
         reconnect::Reconnecting,
-        time::{duration_from_micros, duration_micros, timestamp_from_millis},
+        time::{
+            duration_from_micros, duration_micros, timestamp_from_millis, timestamp_from_seconds,
+        },
     },
     retry::{Backoff, RECONNECT_MAX},
     store::{
@@ -563,10 +565,7 @@ async fn next_message(
         };
         let update = match received {
             Err(_) => subscribe_response::Update::Heartbeat(Heartbeat {
-                server_time: Some(prost_types::Timestamp {
-                    seconds: Utc::now().timestamp(),
-                    nanos: 0,
-                }),
+                server_time: Some(timestamp_from_seconds(Utc::now().timestamp())),
             }),
             Ok(Ok(update)) if update.version <= state.version => continue,
             Ok(Ok(update)) => {

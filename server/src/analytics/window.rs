@@ -14,7 +14,7 @@ use rtap::v1::{
 
 use crate::{
     error::FieldViolation,
-    infra::time::{check_duration, check_timestamp},
+    infra::time::{check_duration, check_timestamp, timestamp_from_seconds},
     store::{Bucket, Granularity, Retention},
 };
 
@@ -106,8 +106,8 @@ impl ResolvedWindow {
     /// The window as returned to clients.
     pub fn range(&self) -> TimeRange {
         TimeRange {
-            start_time: Some(timestamp(self.start)),
-            end_time: Some(timestamp(self.end)),
+            start_time: Some(timestamp_from_seconds(self.start)),
+            end_time: Some(timestamp_from_seconds(self.end)),
         }
     }
 
@@ -220,11 +220,6 @@ impl Cover<'_> {
             (None, whole) => whole,
         }
     }
-}
-
-/// A whole-second protobuf timestamp.
-pub fn timestamp(seconds: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds, nanos: 0 }
 }
 
 /// The protobuf form of a granularity.
@@ -419,8 +414,8 @@ mod tests {
     fn range(start: i64, end: i64) -> TimeWindow {
         TimeWindow {
             window: Some(Window::Range(TimeRange {
-                start_time: Some(timestamp(start)),
-                end_time: Some(timestamp(end)),
+                start_time: Some(timestamp_from_seconds(start)),
+                end_time: Some(timestamp_from_seconds(end)),
             })),
         }
     }
@@ -613,7 +608,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!((w.start, w.end), (hour, hour + 7200));
-        assert_eq!(w.range().start_time, Some(timestamp(hour)));
+        assert_eq!(w.range().start_time, Some(timestamp_from_seconds(hour)));
     }
 
     #[test]

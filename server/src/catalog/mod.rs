@@ -37,10 +37,7 @@ fn now() -> DateTime<Utc> {
 }
 
 fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: time.timestamp(),
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or_default(),
-    }
+    crate::infra::time::timestamp_from_datetime(time)
 }
 
 fn invalid(violation: FieldViolation) -> Error {

@@ -114,7 +114,7 @@ impl PipelineSettings {
             partitions: config.ingest_partitions.clone(),
             fetch_max_bytes: config.fetch_max_bytes,
             fetch_max_wait: config.fetch_max_wait,
-            commit_max_events: usize::try_from(config.commit_max_events).unwrap_or(2000),
+            commit_max_events: usize::try_from(config.commit_max_events).unwrap_or(usize::MAX),
             bounds: TimeBounds::from_config(config),
             session_gap_ms,
             dedupe_window_ms: millis(config.dedupe_window),

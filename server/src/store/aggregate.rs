@@ -21,7 +21,9 @@ use rtap::v1::{
 };
 
 use crate::{
-    infra::time::{duration_micros, timestamp_from_millis, timestamp_millis},
+    infra::time::{
+        duration_micros, timestamp_from_millis, timestamp_from_seconds, timestamp_millis,
+    },
     store::{Bucket, Counter, FunnelStage, Granularity, Ranking, UserSet},
 };
 
@@ -418,10 +420,7 @@ fn minute_change(minute: i64, changes: &BucketChanges) -> MinuteChange {
         .collect();
     products_with_users.sort_unstable();
     MinuteChange {
-        minute_start: Some(prost_types::Timestamp {
-            seconds: minute,
-            nanos: 0,
-        }),
+        minute_start: Some(timestamp_from_seconds(minute)),
         counts: counts.into_values().collect(),
         sessions: sessions.into_values().collect(),
         products_with_users,
