@@ -113,15 +113,69 @@ pub async fn run(
     )
     .await?;
 
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = shutdown.child_token();
+    let shards = shards(
+        &config,
+        &population,
+        &producer,
+        seed,
+        start_time,
+        &sent,
+        &stop,
+    )?;
+    let progress = Progress::start(
+        config.progress,
+        config.count,
+        sent.clone(),
+        producer.stats(),
+    );
+    let started = Instant::now();
+    let truth = GroundTruth::new(seed, config.truth_file.is_some());
+    let (mut truth, senders, failure) = run_shards(shards, started, truth, &stop).await;
+
+    let stats = producer.stats();
+    let flushed = producer.close(senders, config.flush_timeout).await;
+    progress.finish();
+    truth.finish();
+    let elapsed = started.elapsed();
+    log_summary(&truth, &stats, elapsed);
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    flushed?;
+    if let Some(path) = &config.truth_file {
+        truth.write(path).map_err(|source| RunError::Truth {
+            path: path.display().to_string(),
+            source,
+        })?;
+        tracing::info!(path = %path.display(), "ground truth written");
+    }
+    Ok(RunReport { truth, elapsed })
+}
+
+/// A shard for each partition with users, with its share of the rate and of
+/// the count.
+#[expect(
+    clippy::result_large_err,
+    reason = "called once a run, and its error is the one `run` returns"
+)]
+fn shards(
+    config: &SimulatorConfig,
+    population: &Population,
+    producer: &Producer,
+    seed: u64,
+    start_time: DateTime<Utc>,
+    sent: &Arc<AtomicU64>,
+    stop: &CancellationToken,
+) -> Result<Vec<Shard>, RunError> {
     let model_rate = config.rate.unwrap_or(UNPACED_MODEL_RATE) / config.speedup;
-    let parts = by_partition(&population, producer.partitions());
+    let parts = by_partition(population, producer.partitions());
     let sizes: Vec<usize> = parts.iter().map(|(_, part)| part.users.len()).collect();
     let limits = match config.count {
         Some(count) => split(count, &sizes).into_iter().map(Some).collect(),
         None => vec![None; sizes.len()],
     };
-    let sent = Arc::new(AtomicU64::new(0));
-    let stop = shutdown.child_token();
     let mut shards = Vec::with_capacity(parts.len());
     for ((partition, part), limit) in parts.into_iter().zip(limits) {
         let share = part.users.len() as f64 / population.users.len() as f64;
@@ -146,19 +200,23 @@ pub async fn run(
             shutdown: stop.clone(),
         });
     }
+    Ok(shards)
+}
 
-    let progress = Progress::start(
-        config.progress,
-        config.count,
-        sent.clone(),
-        producer.stats(),
-    );
-    let started = Instant::now();
+/// Runs the shards in parallel until each is done, and merges their truths
+/// into `truth`. Returns it, every shard's sender (the producer flushes
+/// them at close) and the first failure, after which `stop` stopped the
+/// others.
+async fn run_shards(
+    shards: Vec<Shard>,
+    started: Instant,
+    mut truth: GroundTruth,
+    stop: &CancellationToken,
+) -> (GroundTruth, Vec<RecordSender>, Option<RunError>) {
     let mut tasks = JoinSet::new();
     for shard in shards {
         tasks.spawn(shard.run(started));
     }
-    let mut truth = GroundTruth::new(seed, config.truth_file.is_some());
     let mut senders = Vec::new();
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
@@ -175,12 +233,11 @@ pub async fn run(
             failure.get_or_insert(error);
         }
     }
+    (truth, senders, failure)
+}
 
-    let stats = producer.stats();
-    let flushed = producer.close(senders, config.flush_timeout).await;
-    progress.finish();
-    truth.finish();
-    let elapsed = started.elapsed();
+/// The run's totals, in one log line.
+fn log_summary(truth: &GroundTruth, stats: &ProducerStats, elapsed: Duration) {
     tracing::info!(
         records = truth.records,
         events = truth.events,
@@ -194,18 +251,6 @@ pub async fn run(
         by_type = ?truth.events_by_type,
         "simulation finished"
     );
-    if let Some(error) = failure {
-        return Err(error);
-    }
-    flushed?;
-    if let Some(path) = &config.truth_file {
-        truth.write(path).map_err(|source| RunError::Truth {
-            path: path.display().to_string(),
-            source,
-        })?;
-        tracing::info!(path = %path.display(), "ground truth written");
-    }
-    Ok(RunReport { truth, elapsed })
 }
 
 /// One partition's generator and what it needs to run.
