@@ -11,8 +11,8 @@
 //! as a `Vec` each for key and value: the worker builds them from the buffer
 //! for each attempt, so they are allocated and freed by the same task.
 //! (Allocated by the generator and freed by the worker, they cost the
-//! generator twice as much: the allocator's slow path reclaims memory freed
-//! by another thread.) The first attempt's are built while the request
+//! generator far more: the allocator's slow path reclaims memory freed by
+//! another thread.) The first attempt's are built while the request
 //! before it is in flight.
 //!
 //! A broker that goes away is waited for: the failed batch is retried with

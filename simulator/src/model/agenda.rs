@@ -1,18 +1,17 @@
 //! The generator's agenda: sessions by the time of their next event,
 //! earliest first, ties in the order they were pushed.
 //!
-//! A binary heap of the tens of thousands of sessions under way cost a tenth
-//! of the generator's time: a dozen levels, most of them cache misses, per
-//! pop. Nearly every entry is due within minutes, so this is a calendar
-//! queue of one-second buckets instead: an entry is appended to its bucket,
-//! and a bucket is sorted once, when the clock reaches it. Entries due beyond
-//! the calendar's span wait in a heap until it does. Entries come out in
-//! exactly the order a heap would give.
+//! A binary heap of the tens of thousands of sessions under way costs a
+//! dozen levels, most of them cache misses, per pop. Nearly every entry is
+//! due within minutes, so this is a calendar queue of one-second buckets
+//! instead: an entry is appended to its bucket, and a bucket is sorted once,
+//! when the clock reaches it. Entries due beyond the calendar's span wait in
+//! a heap until it does. Entries come out in exactly the order a heap would
+//! give.
 //!
 //! An entry holds its session itself, not the session's place in a table:
 //! the buckets are read and written in order, where a table of sessions was
-//! read at a random place for every event (a cache miss, a third of the
-//! time the generator spent advancing the model).
+//! read at a random place for every event (a cache miss each time).
 
 use std::{cmp::Reverse, collections::BinaryHeap};
 

@@ -4,9 +4,8 @@
 //! `rand_distr`'s `WeightedAliasIndex` keeps odds and aliases in two
 //! arrays. A draw reads one entry at a uniformly random position, so in a
 //! table larger than the cache (the users of a shard: a quarter of a
-//! million) each array costs a cache miss: in the produce bench the user
-//! draw, mostly those two misses, took a tenth of the generator's time.
-//! One array of 8-byte entries is one miss.
+//! million) each array costs a cache miss, and those two misses were most
+//! of what a user draw cost. One array of 8-byte entries is one miss.
 
 use rand::Rng;
 

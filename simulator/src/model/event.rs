@@ -3,9 +3,9 @@
 //! An event is kept as plain values (its ids as `Uuid`s, its search query as
 //! word positions) and written straight into its record value, in the wire
 //! format of `rtap.v1.InteractionEvent`. Building the prost message first
-//! (its ids and query spelled out into strings) and encoding that took two
-//! fifths of the time the simulator spent generating an event; writing the
-//! fields directly takes a fraction of it. The bytes are the ones prost
+//! (its ids and query spelled out into strings) and encoding that was a
+//! large share of the time spent generating an event; writing the fields
+//! directly takes a fraction of it. The bytes are the ones prost
 //! writes for [`Event::to_message`], field for field (the tests compare
 //! them), so consumers cannot tell the two apart.
 
@@ -123,9 +123,9 @@ impl Event {
     /// value, as prost writes them.
     pub fn encode(&self, buffer: &mut Vec<u8>) {
         use field::*;
-        // Written into room made for the longest event, then cut to size:
-        // with a byte pushed at a time, each push checking the `Vec`'s
-        // capacity, generating an event took 3-5 % longer.
+        // Written into room made for the longest event, then cut to size,
+        // rather than a byte pushed at a time, each push checking the
+        // `Vec`'s capacity (measurably slower per event).
         let start = buffer.len();
         buffer.resize(start + MAX_ENCODED_LEN, 0);
         let mut out = WireWriter {
