@@ -215,7 +215,8 @@ fn flag_value<'a>(text: &'a str, flag: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn the_demo_of_scripts_run_sh_sustains_its_rate_without_warnings() -> anyhow::Result<()> {
-    let script = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/run.sh"))?;
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/run.sh"))?;
     let invocation = script
         .lines()
         .find(|line| line.contains("--seed-users"))
