@@ -1008,7 +1008,7 @@ async fn session_states_are_read_from_the_current_and_the_previous_epoch() -> an
             let prefetched = commit::prefetch(
                 &mut connection,
                 &keys,
-                &[],
+                (&[], &[]),
                 vec![session.clone()],
                 epoch,
                 (&mut mirror, &[]),

@@ -1,11 +1,15 @@
 //! Which records repeat an event already counted.
 //!
-//! A record is a duplicate when an earlier record of the same partition with
-//! the same `event_id` was counted at most `--dedupe-window` before it, both
-//! measured on the partition's *dedupe clock*: the running maximum of the
-//! Kafka record timestamps read so far, in offset order. The clock is a
-//! property of the log, not of the client's event time or of when ingest ran,
-//! so
+//! Time here is the partition's *dedupe clock*: the running maximum of the
+//! Kafka record timestamps read so far, in offset order. It is cut into
+//! *generations* one `--dedupe-window` long (clock ÷ window, rounded down).
+//! A record is a duplicate when the same `event_id` was counted from a record
+//! of its own generation or of the one before. So a repeat at most a window
+//! after the counted record is always a duplicate, and one up to two windows
+//! after it may be.
+//!
+//! The clock is a property of the log, not of the client's event time or of
+//! when ingest ran, so
 //! - a retry that re-stamps `occurred_at` (even into another minute, hour or
 //!   day) is still a duplicate: its record's timestamp is when it was
 //!   produced;
@@ -14,12 +18,18 @@
 //! - a record whose timestamp goes backwards does not reopen the window (the
 //!   clock never goes back).
 //!
-//! The store keeps, per partition, each counted id with the clock of its
-//! counting ([`crate::store::keys::PartitionKeys::dedupe`]); ids counted
-//! before `clock - window` can never match again and are dropped by every
-//! commit.
+//! The store keeps one set of ids per generation
+//! ([`crate::store::keys::PartitionKeys::dedupe`]): only the current
+//! generation's and the one before are ever read, so a commit that moves the
+//! clock into a new generation deletes the sets that fell out. A set costs
+//! Redis less than a sorted set by time would (a `SADD` against a `ZADD`
+//! into a skip list), which is why the window is kept in generations.
+
+use std::collections::BTreeMap;
 
 use foldhash::{HashMap, HashMapExt};
+
+pub use crate::store::commit::DedupeWrite;
 
 /// A 16-byte `event_id`.
 pub type EventId = [u8; 16];
@@ -28,8 +38,10 @@ pub type EventId = [u8; 16];
 #[derive(Debug)]
 pub struct Dedupe {
     window_ms: i64,
+    /// The clock before the batch.
+    clock_before_ms: Option<i64>,
     clock_ms: Option<i64>,
-    /// Ids counted by this batch, with the clock at their counting.
+    /// Ids counted by this batch, with the generation of their counting.
     counted: HashMap<EventId, i64>,
 }
 
@@ -38,10 +50,27 @@ impl Dedupe {
     /// `clock_ms` (`None` before its first record).
     pub fn new(window_ms: i64, clock_ms: Option<i64>) -> Self {
         Self {
-            window_ms,
+            window_ms: window_ms.max(1),
+            clock_before_ms: clock_ms,
             clock_ms,
             counted: HashMap::new(),
         }
+    }
+
+    /// The generation of a time on the clock.
+    pub fn generation(&self, at_ms: i64) -> i64 {
+        at_ms.div_euclid(self.window_ms)
+    }
+
+    /// The generations whose stored sets can hold an id counted before this
+    /// batch: the clock's and the one before. None before the first record.
+    pub fn stored_generations(&self) -> Vec<i64> {
+        self.clock_before_ms
+            .map(|clock| {
+                let current = self.generation(clock);
+                vec![current - 1, current]
+            })
+            .unwrap_or_default()
     }
 
     /// Advances the clock over a record whose Kafka timestamp is
@@ -54,35 +83,49 @@ impl Dedupe {
         clock
     }
 
-    /// Whether the event `id`, stamped `at`, repeats one counted within the
-    /// window; `stored` is when the store last counted it (before this
-    /// batch). An event that is not a duplicate counts as counted at `at`.
+    /// Whether the event `id`, stamped `at`, repeats one counted in its
+    /// generation or the one before; `stored` is the latest stored
+    /// generation that holds it (before this batch). An event that is not a
+    /// duplicate counts as counted in its generation.
     pub fn is_duplicate(&mut self, id: EventId, at: i64, stored: Option<i64>) -> bool {
+        let generation = self.generation(at);
         let last = self.counted.get(&id).copied().or(stored);
-        if last.is_some_and(|last| at.saturating_sub(last) <= self.window_ms) {
+        if last.is_some_and(|last| last >= generation - 1) {
             return true;
         }
-        self.counted.insert(id, at);
+        self.counted.insert(id, generation);
         false
     }
 
-    /// The partition's dedupe clock after the batch.
-    pub fn clock_ms(&self) -> Option<i64> {
-        self.clock_ms
-    }
-
-    /// Ids counted before this time can never be duplicated again.
-    pub fn horizon_ms(&self) -> Option<i64> {
-        self.clock_ms
-            .map(|clock| clock.saturating_sub(self.window_ms))
-    }
-
-    /// The ids this batch counted, with the clock at their counting.
-    pub fn into_counted(self) -> Vec<(EventId, i64)> {
-        let mut counted: Vec<(EventId, i64)> = self.counted.into_iter().collect();
-        // A stable order, so a commit's commands do not depend on hashing.
-        counted.sort_unstable();
-        counted
+    /// The batch's writes: the ids counted in the generations still read
+    /// after it, and the generations that fell out.
+    pub fn into_changes(self) -> DedupeWrite {
+        let Some(clock) = self.clock_ms else {
+            return DedupeWrite::default();
+        };
+        let oldest_read = self.generation(clock) - 1;
+        let mut counted: BTreeMap<i64, Vec<EventId>> = BTreeMap::new();
+        for (id, generation) in self.counted {
+            if generation >= oldest_read {
+                counted.entry(generation).or_default().push(id);
+            }
+        }
+        for ids in counted.values_mut() {
+            // A stable order, so a commit's commands do not depend on hashing.
+            ids.sort_unstable();
+        }
+        let forgotten = self
+            .clock_before_ms
+            .map(|before| {
+                let before = before.div_euclid(self.window_ms);
+                (before - 1..=before).filter(|g| *g < oldest_read).collect()
+            })
+            .unwrap_or_default();
+        DedupeWrite {
+            counted,
+            forgotten,
+            clock_ms: Some(clock),
+        }
     }
 }
 
@@ -95,26 +138,31 @@ mod tests {
     #[test]
     fn a_retry_within_the_window_is_a_duplicate_whatever_its_event_time() {
         // The event time is not even an input: only the record's timestamp.
-        let mut batch = Dedupe::new(WINDOW, Some(1_000));
-        let at = batch.stamp(1_000 + 60_000);
-        assert!(batch.is_duplicate([1; 16], at, Some(1_000)));
-        let at = batch.stamp(1_000 + WINDOW);
-        assert!(batch.is_duplicate([1; 16], at, Some(1_000)));
+        let mut batch = Dedupe::new(WINDOW, Some(WINDOW - 1));
+        let counted_in = Some(batch.generation(WINDOW - 1));
+        let at = batch.stamp(WINDOW - 1 + 60_000);
+        assert!(batch.is_duplicate([1; 16], at, counted_in));
+        let at = batch.stamp(2 * WINDOW - 1);
+        assert!(batch.is_duplicate([1; 16], at, counted_in));
     }
 
     #[test]
-    fn a_retry_after_the_window_counts_again_and_restarts_the_window() {
+    fn a_retry_two_generations_on_counts_again() {
         let mut batch = Dedupe::new(WINDOW, Some(0));
-        let at = batch.stamp(WINDOW + 1);
+        let at = batch.stamp(2 * WINDOW);
         assert!(!batch.is_duplicate([1; 16], at, Some(0)));
-        let again = batch.stamp(WINDOW + 2);
+        let again = batch.stamp(2 * WINDOW + 1);
         assert!(batch.is_duplicate([1; 16], again, Some(0)));
-        assert_eq!(batch.into_counted(), vec![([1; 16], WINDOW + 1)]);
+        let changes = batch.into_changes();
+        assert_eq!(changes.counted, BTreeMap::from([(2, vec![[1; 16]])]));
+        // Generations -1 and 0 were read before; neither is read after.
+        assert_eq!(changes.forgotten, [-1, 0]);
     }
 
     #[test]
     fn repeats_inside_one_batch_are_duplicates() {
         let mut batch = Dedupe::new(WINDOW, None);
+        assert!(batch.stored_generations().is_empty());
         let at = batch.stamp(5);
         assert!(!batch.is_duplicate([2; 16], at, None));
         let at = batch.stamp(6);
@@ -125,11 +173,11 @@ mod tests {
     #[test]
     fn the_clock_never_goes_back() {
         let mut batch = Dedupe::new(WINDOW, Some(10 * WINDOW));
+        assert_eq!(batch.stored_generations(), [9, 10]);
         // A record stamped long ago is placed at the clock, not in the past,
         // so it neither reopens nor escapes the window.
         assert_eq!(batch.stamp(0), 10 * WINDOW);
-        assert_eq!(batch.clock_ms(), Some(10 * WINDOW));
-        assert_eq!(batch.horizon_ms(), Some(9 * WINDOW));
+        assert_eq!(batch.into_changes().forgotten, Vec::<i64>::new());
     }
 
     #[test]
@@ -137,27 +185,37 @@ mod tests {
         // (record timestamp, id) in offset order, with repeats near and far.
         let log: Vec<(i64, u8)> = (0..400)
             .map(|i: i64| {
-                (
-                    i * 7_919 % 3_000_000 + i * 5_000,
-                    u8::try_from(i % 37).unwrap_or(0),
-                )
+                let id = u8::try_from(i % 37).unwrap_or(0);
+                (i * 7_919 % 3_000_000 + i * 5_000, id)
             })
             .collect();
         let decide = |cut: usize| {
-            let mut stored: HashMap<EventId, i64> = HashMap::new();
+            // The store: generation → ids.
+            let mut sets: BTreeMap<i64, Vec<EventId>> = BTreeMap::new();
             let mut clock = None;
             let mut duplicates = Vec::new();
             for chunk in log.chunks(cut) {
                 let mut batch = Dedupe::new(WINDOW, clock);
+                let readable = batch.stored_generations();
                 for (timestamp, id) in chunk {
                     let at = batch.stamp(*timestamp);
                     let id = [*id; 16];
-                    duplicates.push(batch.is_duplicate(id, at, stored.get(&id).copied()));
+                    let stored = readable
+                        .iter()
+                        .rev()
+                        .find(|g| sets.get(g).is_some_and(|ids| ids.contains(&id)))
+                        .copied();
+                    duplicates.push(batch.is_duplicate(id, at, stored));
                 }
-                let horizon = batch.horizon_ms().unwrap_or(i64::MIN);
-                clock = batch.clock_ms();
-                stored.extend(batch.into_counted());
-                stored.retain(|_, at| *at >= horizon);
+                let changes = batch.into_changes();
+                clock = changes.clock_ms;
+                for (generation, ids) in changes.counted {
+                    sets.entry(generation).or_default().extend(ids);
+                }
+                for generation in changes.forgotten {
+                    sets.remove(&generation);
+                }
+                assert!(sets.len() <= 2, "{:?}", sets.keys());
             }
             duplicates
         };

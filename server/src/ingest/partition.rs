@@ -39,7 +39,7 @@ use super::{
 use crate::store::{
     Granularity, StoreError,
     aggregate::{BatchAggregate, event_time_ms},
-    commit::{Committed, DedupeWrite, Prefetched},
+    commit::{Committed, Prefetched},
     writer::{BatchWrite, PartitionWriter, Position, Prefetch},
 };
 
@@ -278,6 +278,7 @@ impl Checked {
         minutes.dedup();
         Prefetch {
             ids: self.valid.iter().map(|(id, _, _)| *id).collect(),
+            dedupe_generations: self.dedupe.stored_generations(),
             sessions,
             minutes,
             now_ms,
@@ -431,8 +432,9 @@ impl<D: DeadLetters> Applier<'_, D> {
         let gap = self.settings.session_gap_ms;
         let mut batch = BatchAggregate::new(position.watermark_ms, prefetched.sessions, gap);
         let mut duplicates = 0;
-        for ((id, stamped, event), stored) in valid.iter().zip(&prefetched.counted_at) {
-            if dedupe.is_duplicate(*id, *stamped, *stored) {
+        for (index, (id, stamped, event)) in valid.iter().enumerate() {
+            let stored = prefetched.counted_in.get(index).copied().flatten();
+            if dedupe.is_duplicate(*id, *stamped, stored) {
                 duplicates += 1;
             } else {
                 batch.add(event);
@@ -441,11 +443,7 @@ impl<D: DeadLetters> Applier<'_, D> {
         let write = BatchWrite {
             next_offset,
             duplicates,
-            dedupe: DedupeWrite {
-                clock_ms: dedupe.clock_ms(),
-                horizon_ms: dedupe.horizon_ms(),
-                counted: dedupe.into_counted(),
-            },
+            dedupe: dedupe.into_changes(),
             dead_lettered: dead_counts.into_iter().collect(),
             now_ms: now.timestamp_millis(),
         };
@@ -510,12 +508,14 @@ mod tests {
 
         async fn prefetch(&mut self, ask: Prefetch) -> Result<Prefetched, StoreError> {
             let stored = self.stored.lock().expect("not poisoned");
+            let counted_in = |id: &EventId| {
+                let generation = stored.counted.get(id).copied()?;
+                ask.dedupe_generations
+                    .contains(&generation)
+                    .then_some(generation)
+            };
             Ok(Prefetched {
-                counted_at: ask
-                    .ids
-                    .iter()
-                    .map(|id| stored.counted.get(id).copied())
-                    .collect(),
+                counted_in: ask.ids.iter().map(counted_in).collect(),
                 sessions: HashMap::new(),
                 round_trips: 1,
             })
@@ -536,10 +536,15 @@ mod tests {
             stored.applied += batch.applied;
             stored.duplicates += write.duplicates;
             stored.dead_lettered += write.dead_lettered.iter().map(|(_, n)| n).sum::<i64>();
-            stored.counted.extend(write.dedupe.counted);
-            if let Some(horizon) = write.dedupe.horizon_ms {
-                stored.counted.retain(|_, at| *at >= horizon);
+            for (generation, ids) in &write.dedupe.counted {
+                stored
+                    .counted
+                    .extend(ids.iter().map(|id| (*id, *generation)));
             }
+            let forgotten = &write.dedupe.forgotten;
+            stored
+                .counted
+                .retain(|_, generation| !forgotten.contains(generation));
             stored.position = Position {
                 stored: Some(write.next_offset),
                 watermark_ms: batch.watermark_ms,

@@ -203,31 +203,32 @@ return 0
 /// What a batch needs to know before it is aggregated.
 #[derive(Debug, Default)]
 pub struct Prefetched {
-    /// For each id asked about, the dedupe clock (Unix ms) when it was last
-    /// counted, if it is still kept (same order).
-    pub counted_at: Vec<Option<i64>>,
+    /// For each id asked about, the latest dedupe generation whose set
+    /// holds it, if any (same order).
+    pub counted_in: Vec<Option<i64>>,
     /// The stored state of the sessions asked about (missing when none).
     pub sessions: foldhash::HashMap<SessionKey, SessionState>,
     /// Round trips made: 0 when there was nothing to ask, else 1.
     pub round_trips: usize,
 }
 
-/// One round trip: when each of `ids` was last counted, the state of
+/// One round trip: which of the dedupe `generations` hold each of `ids`, the state of
 /// `sessions` (looked up in session epoch `epoch` and the one before; the
 /// later write wins), and the values of `buckets` for `mirror`.
 pub async fn prefetch(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
-    ids: &[[u8; 16]],
+    (ids, generations): (&[[u8; 16]], &[i64]),
     sessions: Vec<SessionKey>,
     epoch: i64,
     (mirror, buckets): (&mut Mirror, &[Bucket]),
 ) -> Result<Prefetched, StoreError> {
     let mut pipe = redis::pipe();
     Mirror::request(&mut pipe, keys, buckets);
-    for chunk in ids.chunks(MEMBERS) {
-        let command = pipe.cmd("ZMSCORE").arg(keys.dedupe());
-        for id in chunk {
+    let dedupe_reads = if ids.is_empty() { &[][..] } else { generations };
+    for generation in dedupe_reads {
+        let command = pipe.cmd("SMISMEMBER").arg(keys.dedupe(*generation));
+        for id in ids {
             command.arg(&id[..]);
         }
     }
@@ -243,8 +244,11 @@ pub async fn prefetch(
             pipe.cmd("HMGET").arg(keys.sessions(epoch)).arg(&fields);
         }
     }
-    if ids.is_empty() && fields.is_empty() && buckets.is_empty() {
-        return Ok(Prefetched::default());
+    if dedupe_reads.is_empty() && fields.is_empty() && buckets.is_empty() {
+        return Ok(Prefetched {
+            counted_in: vec![None; ids.len()],
+            ..Prefetched::default()
+        });
     }
     let mut replies: Vec<redis::Value> = pipe.query_async(connection).await?;
     let rest = replies.split_off(buckets.len() * REPLIES_PER_BUCKET);
@@ -258,14 +262,14 @@ pub async fn prefetch(
     } else {
         replies.split_off(replies.len() - 2)
     };
-    for reply in replies {
-        let scores: Vec<Option<f64>> =
-            redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-        // Scores are Unix ms, exact in a double (below 2^53).
-        #[allow(clippy::cast_possible_truncation)]
-        prefetched
-            .counted_at
-            .extend(scores.into_iter().map(|score| score.map(|ms| ms as i64)));
+    prefetched.counted_in = vec![None; ids.len()];
+    for (generation, reply) in dedupe_reads.iter().zip(replies) {
+        let members: Vec<bool> = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+        for (counted_in, member) in prefetched.counted_in.iter_mut().zip(members) {
+            if member {
+                *counted_in = (*counted_in).max(Some(*generation));
+            }
+        }
     }
     for (epoch, reply) in [epoch - 1, epoch].into_iter().zip(session_replies) {
         let values: Vec<Option<String>> =
@@ -300,14 +304,15 @@ pub struct CommitMeta {
 }
 
 /// What a commit writes for deduplication (see [`crate::ingest::dedupe`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DedupeWrite {
-    /// The ids counted, with the dedupe clock (Unix ms) at their counting.
-    pub counted: Vec<([u8; 16], i64)>,
-    /// The partition's dedupe clock after the batch.
+    /// The 16-byte ids counted, by dedupe generation (only generations still
+    /// read).
+    pub counted: BTreeMap<i64, Vec<[u8; 16]>>,
+    /// Generations whose sets are no longer read: deleted.
+    pub forgotten: Vec<i64>,
+    /// The partition's dedupe clock after the batch, Unix ms.
     pub clock_ms: Option<i64>,
-    /// Ids counted before this (Unix ms) can never match again: dropped.
-    pub horizon_ms: Option<i64>,
 }
 
 /// Settings that shape a commit.
@@ -651,17 +656,13 @@ impl Transaction {
             self.expire(&key, Expiry::At(settings.retention.series_expires_at(day)));
         }
         let dedupe = &meta.dedupe;
-        let counted: Vec<(i64, &[u8])> = dedupe
-            .counted
-            .iter()
-            .map(|(id, at)| (*at, &id[..]))
-            .collect();
-        self.set_pairs("ZADD", &keys.dedupe(), &counted, Expiry::None);
-        if let Some(horizon) = dedupe.horizon_ms {
-            self.command("ZREMRANGEBYSCORE")
-                .arg(keys.dedupe())
-                .arg("-inf")
-                .arg(format!("({horizon}"));
+        for generation in &dedupe.forgotten {
+            // UNLINK: a window of ids is freed off Redis's main thread.
+            self.command("UNLINK").arg(keys.dedupe(*generation));
+        }
+        for (generation, ids) in &dedupe.counted {
+            let ids: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
+            self.add_members("SADD", &keys.dedupe(*generation), &ids, Expiry::None);
         }
         let epoch = super::session_epoch(meta.now_ms, settings.session_ttl_ms);
         let sessions: Vec<(SessionField, &SessionState)> = batch

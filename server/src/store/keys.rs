@@ -5,10 +5,10 @@
 //!   renewed), so two consumers or a rebuild never run at once;
 //! - `P:state`: hash; the next offset to read and the pipeline's counters
 //!   (see [`state_field`]);
-//! - `P:dedupe`: sorted set of the 16-byte `event_id`s counted within the
-//!   last dedupe window, each scored with the partition's dedupe clock (Unix
-//!   ms) when it was counted (see [`crate::ingest::dedupe`]); every commit
-//!   drops the ids older than a window;
+//! - `P:dedupe:<generation>`: set of the 16-byte `event_id`s counted in that
+//!   generation of the partition's dedupe clock (see
+//!   [`crate::ingest::dedupe`]); only the current generation's and the one
+//!   before exist, older ones are deleted by the commit that leaves them;
 //! - `P:sess:<epoch>`: hash of the states of the sessions last written in
 //!   that epoch of processing time (a session TTL long), by
 //!   `<user>:<session_id>`; it expires two epochs after its start, so a
@@ -119,10 +119,9 @@ impl PartitionKeys {
         format!("{}state", self.prefix)
     }
 
-    /// The event ids counted within the dedupe window, scored with the
-    /// dedupe clock of their counting.
-    pub fn dedupe(&self) -> String {
-        format!("{}dedupe", self.prefix)
+    /// The event ids counted in dedupe generation `generation`.
+    pub fn dedupe(&self, generation: i64) -> String {
+        format!("{}dedupe:{generation}", self.prefix)
     }
 
     /// The session states last written in session epoch `epoch`.
@@ -199,7 +198,7 @@ mod tests {
         let bucket = Bucket::containing(Granularity::Hour, 7300);
         for key in [
             keys.state(),
-            keys.dedupe(),
+            keys.dedupe(3),
             keys.sessions(7),
             keys.settled_version(),
             keys.counters(bucket),

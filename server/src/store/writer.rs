@@ -59,8 +59,11 @@ impl From<&PartitionState> for Position {
 /// What a batch needs read before it is folded.
 #[derive(Debug, Default)]
 pub struct Prefetch {
-    /// The batch's event ids, in order: when was each counted last?
+    /// The batch's event ids, in order: in which stored dedupe generation
+    /// was each counted?
     pub ids: Vec<[u8; 16]>,
+    /// The dedupe generations whose sets may hold them.
+    pub dedupe_generations: Vec<i64>,
     /// The sessions its events continue.
     pub sessions: HashSet<SessionKey>,
     /// The minutes its events fall in, whose buckets it will write.
@@ -173,7 +176,7 @@ impl PartitionWriter {
         let read = commit::prefetch(
             &mut self.connection,
             &self.keys,
-            &ask.ids,
+            (&ask.ids, &ask.dedupe_generations),
             unknown_sessions,
             epoch,
             (&mut self.mirror, &unknown),
