@@ -12,6 +12,7 @@
 pub mod aggregate;
 pub mod commit;
 pub mod hll;
+pub mod id_mirror;
 pub mod keys;
 pub mod mirror;
 pub mod read;

@@ -7,8 +7,9 @@
 //! - a batch is applied entirely or not at all, and once: a crash before
 //!   `EXEC` leaves the offset where it was, a crash after it moves it, and a
 //!   second writer can only lose the race;
-//! - the two mirrors (the bucket values of [`Mirror`], the session states of
-//!   [`SessionMirror`]) are exact copies of what this writer committed, so
+//! - the three mirrors (the bucket values of [`Mirror`], the session states
+//!   of [`SessionMirror`], the dedupe ids of [`IdMirror`]) are exact copies
+//!   of what this writer committed, so
 //!   their values need not be read again; any failed commit empties them,
 //!   and a writer opened again starts with them empty.
 //!
@@ -28,6 +29,7 @@ use super::{
     commit::{
         self, CommitMeta, CommitSettings, Committed, DedupeWrite, PartitionState, Prefetched,
     },
+    id_mirror::IdMirror,
     keys::PartitionKeys,
     mirror::Mirror,
     session_epoch,
@@ -98,6 +100,7 @@ pub struct PartitionWriter {
     position: Position,
     mirror: Mirror,
     sessions: SessionMirror,
+    ids: IdMirror,
 }
 
 impl PartitionWriter {
@@ -125,6 +128,7 @@ impl PartitionWriter {
             lease,
             mirror: Mirror::new(settings.retention),
             sessions: SessionMirror::default(),
+            ids: IdMirror::default(),
             settings,
         }))
     }
@@ -173,10 +177,11 @@ impl PartitionWriter {
                 None => unknown_sessions.push(session),
             }
         }
+        let generations = self.ids.to_read(&ask.dedupe_generations);
         let read = commit::prefetch(
             &mut self.connection,
             &self.keys,
-            (&ask.ids, &ask.dedupe_generations),
+            (&ask.ids, &generations),
             unknown_sessions,
             epoch,
             (&mut self.mirror, &unknown),
@@ -190,6 +195,10 @@ impl PartitionWriter {
             }
         };
         read.sessions.extend(known);
+        for (counted_in, id) in read.counted_in.iter_mut().zip(&ask.ids) {
+            let mirrored = self.ids.counted_in(id, &ask.dedupe_generations);
+            *counted_in = (*counted_in).max(mirrored);
+        }
         Ok(read)
     }
 
@@ -227,6 +236,8 @@ impl PartitionWriter {
         };
         let epoch = session_epoch(meta.now_ms, self.settings.session_ttl_ms);
         self.sessions.applied(&batch.sessions, epoch);
+        self.ids
+            .applied(&meta.dedupe.counted, &meta.dedupe.forgotten);
         self.position = Position {
             stored: Some(meta.next_offset),
             watermark_ms: batch.watermark_ms,
@@ -238,5 +249,6 @@ impl PartitionWriter {
     fn forget(&mut self) {
         self.mirror.clear();
         self.sessions = SessionMirror::default();
+        self.ids = IdMirror::default();
     }
 }
