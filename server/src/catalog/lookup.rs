@@ -42,6 +42,9 @@ use crate::{
 const MAX_BATCH: usize = 256;
 /// Callers that may wait for a query before `get` waits to enqueue.
 const QUEUE: usize = 4096;
+/// A look-up may take this many `--dependency-timeout`s on a working
+/// connection (see `Batcher::find`).
+const QUERY_TIMEOUTS: u32 = 3;
 /// How long closing the connection at shutdown may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -178,14 +181,18 @@ where
     }
 
     /// The rows with these ids, over the batcher's own connection. The
-    /// query, connecting included, is bounded by the pool's acquire timeout
-    /// (`--dependency-timeout`).
+    /// look-up is bounded by [`QUERY_TIMEOUTS`] times the pool's acquire
+    /// timeout (`--dependency-timeout`): a connection attempt alone gets one
+    /// timeout (a database that is down answers at once), but a query on a
+    /// working connection can be slow on a loaded machine without PostgreSQL
+    /// being down, and failing it made GetUser and GetProduct fail while
+    /// ingest caught up on the same cores.
     async fn find(&mut self, ids: &[i64]) -> Result<Vec<E::Model>, Error> {
         let pool = self.database.connection()?.get_postgres_connection_pool();
         let timeout = pool.options().get_acquire_timeout();
         let found = tokio::time::timeout(
-            timeout,
-            fetch(&mut self.connection, pool, &self.select, ids),
+            timeout.saturating_mul(QUERY_TIMEOUTS),
+            fetch(&mut self.connection, pool, timeout, &self.select, ids),
         )
         .await;
         let rows = match found {
@@ -214,6 +221,7 @@ where
 async fn fetch(
     connection: &mut Option<PgConnection>,
     pool: &PgPool,
+    connect_timeout: Duration,
     select: &SqlStr,
     ids: &[i64],
 ) -> Result<Vec<sqlx::postgres::PgRow>, DbErr> {
@@ -225,9 +233,13 @@ async fn fetch(
     }
     // A new connection, not one from the pool: after a restart, the pool's
     // idle connections are as dead as the one just dropped.
-    let fresh = PgConnection::connect_with(&pool.connect_options())
-        .await
-        .map_err(|error| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(error))))?;
+    let fresh = tokio::time::timeout(
+        connect_timeout,
+        PgConnection::connect_with(&pool.connect_options()),
+    )
+    .await
+    .map_err(|_| DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))?
+    .map_err(|error| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(error))))?;
     run(connection.insert(fresh), select, ids).await
 }
 
