@@ -13,7 +13,7 @@ use crate::{
     },
     catalog::{ProductApi, UserApi},
     config::Config,
-    database::Database,
+    database::{Database, SchemaGate},
     error::Error,
     health::{self, Dependency, DependencyProbe, Watched},
     ingest::{
@@ -117,34 +117,13 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(reflection_error)?;
 
-    let tasks = TaskTracker::new();
-    {
-        let database = database.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move { database.migrate_until_ready(schema_gate, shutdown).await });
-    }
-    let probe = DependencyProbe::new(
-        database.clone(),
-        redis.clone(),
-        config.kafka_brokers.clone(),
-        config.dependency_timeout,
-    );
-    tasks.spawn(health::monitor(
-        probe,
+    let tasks = spawn_background(
+        &config,
+        (&database, schema_gate),
+        &redis,
         health_reporter,
-        WATCHED,
-        config.health_check_interval,
-        shutdown.clone(),
-    ));
-    if config.role.consumes() {
-        tasks.spawn(consumer::run(
-            PipelineSettings::from_config(&config),
-            redis.clone(),
-            Arc::new(PipelineStats::default()),
-            shutdown.clone(),
-        ));
-    }
-    tasks.close();
+        &shutdown,
+    );
 
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
@@ -153,18 +132,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let router = if config.role.serves_api() {
-        let store = StoreClient::new(
-            redis.clone(),
-            config.redis_namespace.clone(),
-            Retention::from_config(&config),
-            config.dependency_timeout,
-        );
-        let hub = Hub::start(store, shutdown.clone());
-        router
-            .add_service(UserApi::new(database.clone()).into_server())
-            .add_service(ProductApi::new(database).into_server())
-            .add_service(AnalyticsApi::new(hub, &config).into_server())
-            .add_service(IngestApi::new(&config).into_server())
+        add_api(router, &config, database, &redis, &shutdown)
     } else {
         router
     };
@@ -196,6 +164,68 @@ pub async fn serve(
     }
     tracing::info!("rtap-server stopped");
     Ok(())
+}
+
+/// Starts what runs beside the RPCs: migrations, the health monitor and,
+/// for roles that consume, the ingest pipeline.
+fn spawn_background(
+    config: &Config,
+    (database, schema_gate): (&Database, SchemaGate),
+    redis: &redis::Client,
+    health_reporter: tonic_health::server::HealthReporter,
+    shutdown: &CancellationToken,
+) -> TaskTracker {
+    let tasks = TaskTracker::new();
+    {
+        let database = database.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { database.migrate_until_ready(schema_gate, shutdown).await });
+    }
+    let probe = DependencyProbe::new(
+        database.clone(),
+        redis.clone(),
+        config.kafka_brokers.clone(),
+        config.dependency_timeout,
+    );
+    tasks.spawn(health::monitor(
+        probe,
+        health_reporter,
+        WATCHED,
+        config.health_check_interval,
+        shutdown.clone(),
+    ));
+    if config.role.consumes() {
+        tasks.spawn(consumer::run(
+            PipelineSettings::from_config(config),
+            redis.clone(),
+            Arc::new(PipelineStats::default()),
+            shutdown.clone(),
+        ));
+    }
+    tasks.close();
+    tasks
+}
+
+/// The API services, for roles that serve it.
+fn add_api(
+    router: tonic::transport::server::Router,
+    config: &Config,
+    database: Database,
+    redis: &redis::Client,
+    shutdown: &CancellationToken,
+) -> tonic::transport::server::Router {
+    let store = StoreClient::new(
+        redis.clone(),
+        config.redis_namespace.clone(),
+        Retention::from_config(config),
+        config.dependency_timeout,
+    );
+    let hub = Hub::start(store, shutdown.clone());
+    router
+        .add_service(UserApi::new(database.clone()).into_server())
+        .add_service(ProductApi::new(database).into_server())
+        .add_service(AnalyticsApi::new(hub, config).into_server())
+        .add_service(IngestApi::new(config).into_server())
 }
 
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {

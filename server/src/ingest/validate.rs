@@ -117,8 +117,33 @@ pub fn validate(
             description,
         ));
     };
-    let mut time_reason = None;
+    let event_type = check_identity_and_kind(event, &mut violate);
+    check_details(event, event_type, &mut violate);
+    let time_reason = check_time(event, now, bounds, &mut violate);
 
+    if violations.is_empty() {
+        return Ok(());
+    }
+    // A field error outranks a time error: the event is malformed whatever
+    // its time.
+    let only_time = violations.len() == 1 && time_reason.is_some();
+    let reason = match time_reason {
+        Some(time) if only_time => time,
+        _ => Reason::InvalidField,
+    };
+    Err(Rejection {
+        reason,
+        violations,
+        detail: String::new(),
+    })
+}
+
+/// The id, user, type, source and product; returns the event type when it
+/// is known.
+fn check_identity_and_kind(
+    event: &InteractionEvent,
+    violate: &mut dyn FnMut(&str, String),
+) -> Option<EventType> {
     if event.event_id.is_empty() {
         violate("event_id", "is required".into());
     } else if uuid::Uuid::try_parse(&event.event_id).is_err() || event.event_id.len() != 36 {
@@ -153,6 +178,15 @@ pub fn validate(
             "must be a positive product id for this event type".into(),
         );
     }
+    event_type
+}
+
+/// The session, dwell time, amount, quantity and search query.
+fn check_details(
+    event: &InteractionEvent,
+    event_type: Option<EventType>,
+    violate: &mut dyn FnMut(&str, String),
+) {
     if event.session_id.trim().is_empty() {
         violate("session_id", "is required".into());
     } else if event.session_id.chars().count() > MAX_SESSION_ID_CHARS {
@@ -189,6 +223,17 @@ pub fn validate(
             format!("must be at most {MAX_SEARCH_QUERY_CHARS} characters"),
         );
     }
+}
+
+/// The event time, against `bounds` around `now`; the reason to give when
+/// it is the only thing wrong.
+fn check_time(
+    event: &InteractionEvent,
+    now: DateTime<Utc>,
+    bounds: TimeBounds,
+    violate: &mut dyn FnMut(&str, String),
+) -> Option<Reason> {
+    let mut time_reason = None;
     // chrono takes nanos up to 2e9 (leap seconds): the well-known type's
     // rules first.
     match event
@@ -219,21 +264,7 @@ pub fn validate(
         }
     }
 
-    if violations.is_empty() {
-        return Ok(());
-    }
-    // A field error outranks a time error: the event is malformed whatever
-    // its time.
-    let only_time = violations.len() == 1 && time_reason.is_some();
-    let reason = match time_reason {
-        Some(time) if only_time => time,
-        _ => Reason::InvalidField,
-    };
-    Err(Rejection {
-        reason,
-        violations,
-        detail: String::new(),
-    })
+    time_reason
 }
 
 #[cfg(test)]

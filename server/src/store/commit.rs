@@ -34,7 +34,7 @@ use redis::{Pipeline, Script, aio::ConnectionLike};
 
 use super::{
     Bucket, Counter, Granularity, Retention, StoreError, UserSet,
-    aggregate::{BatchAggregate, SessionKey, SessionState},
+    aggregate::{BatchAggregate, BucketChanges, SessionKey, SessionState},
     hll,
     keys::{PartitionKeys, SessionField, state_field},
     mirror::{Mirror, REPLIES_PER_BUCKET, Written},
@@ -564,6 +564,9 @@ impl Transaction {
         }
     }
 
+    /// The transaction's commands, in order: the settled version first (its
+    /// script reads Redis's clock at EXEC), then the buckets, the minute
+    /// series, the dedupe ids, the sessions and last the state hash.
     fn encode(
         &mut self,
         keys: &PartitionKeys,
@@ -572,6 +575,28 @@ impl Transaction {
         settings: &CommitSettings,
         mirror: &Mirror,
     ) -> Result<(), StoreError> {
+        self.settle(keys, batch);
+        for granularity in Granularity::ALL {
+            for (bucket, changes) in batch.buckets(granularity) {
+                if !mirror.knows(bucket) {
+                    return Err(StoreError::Corrupt {
+                        key: keys.counters(bucket),
+                        detail: "written before its values were read".into(),
+                    });
+                }
+                self.bucket(keys, bucket, &changes, mirror, settings);
+            }
+        }
+        self.minute_series(keys, batch, settings);
+        self.dedupe_ids(keys, &meta.dedupe);
+        self.sessions(keys, batch, meta.now_ms, settings);
+        self.state(keys, batch, meta);
+        Ok(())
+    }
+
+    /// Gives the partition a new settled version if the batch writes a
+    /// settled minute (see [`SETTLE_SCRIPT`]).
+    fn settle(&mut self, keys: &PartitionKeys, batch: &BatchAggregate) {
         let earliest_minute = batch
             .minutes
             .keys()
@@ -584,49 +609,57 @@ impl Transaction {
             .arg(keys.settled_version())
             .arg(earliest_minute)
             .arg(settled::SETTLEMENT_LAG);
+    }
 
-        for granularity in Granularity::ALL {
-            for (bucket, changes) in batch.buckets(granularity) {
-                if !mirror.knows(bucket) {
-                    return Err(StoreError::Corrupt {
-                        key: keys.counters(bucket),
-                        detail: "written before its values were read".into(),
-                    });
-                }
-                let expiry = || Expiry::At(settings.retention.expires_at(bucket));
-                let counters: Vec<(Counter, i64)> = changes
-                    .counters
-                    .iter()
-                    .map(|(counter, by)| {
-                        let value = mirror.counter(bucket, *counter).saturating_add(*by);
-                        self.written.counter(bucket, *counter, value);
-                        (*counter, value)
-                    })
-                    .collect();
-                self.set_pairs("HSET", &keys.counters(bucket), &counters, expiry());
-                let mut user_sets: Vec<_> = changes.users.iter().collect();
-                user_sets.sort_unstable_by_key(|(set, _)| **set);
-                for (set, users) in user_sets {
-                    self.add_users(keys, bucket, *set, users, mirror, settings);
-                }
-                let mut rankings: Vec<_> = changes.rankings.iter().collect();
-                rankings.sort_unstable_by_key(|(ranking, _)| **ranking);
-                for (ranking, scores) in rankings {
-                    let scores: Vec<(i64, i64)> = scores
-                        .iter()
-                        .map(|(product, by)| {
-                            let score =
-                                mirror.score(bucket, *ranking, *product).saturating_add(*by);
-                            self.written.score(bucket, *ranking, *product, score);
-                            (score, *product)
-                        })
-                        .collect();
-                    self.set_pairs("ZADD", &keys.ranking(bucket, *ranking), &scores, expiry());
-                }
-            }
+    /// A bucket's counters and rankings as their new values (from the
+    /// mirror), and its user sets.
+    fn bucket(
+        &mut self,
+        keys: &PartitionKeys,
+        bucket: Bucket,
+        changes: &BucketChanges,
+        mirror: &Mirror,
+        settings: &CommitSettings,
+    ) {
+        let expiry = || Expiry::At(settings.retention.expires_at(bucket));
+        let counters: Vec<(Counter, i64)> = changes
+            .counters
+            .iter()
+            .map(|(counter, by)| {
+                let value = mirror.counter(bucket, *counter).saturating_add(*by);
+                self.written.counter(bucket, *counter, value);
+                (*counter, value)
+            })
+            .collect();
+        self.set_pairs("HSET", &keys.counters(bucket), &counters, expiry());
+        let mut user_sets: Vec<_> = changes.users.iter().collect();
+        user_sets.sort_unstable_by_key(|(set, _)| **set);
+        for (set, users) in user_sets {
+            self.add_users(keys, bucket, *set, users, mirror, settings);
         }
-        // The dense minute series: per day, type and source, the minutes'
-        // counts, one saturating BITFIELD a series.
+        let mut rankings: Vec<_> = changes.rankings.iter().collect();
+        rankings.sort_unstable_by_key(|(ranking, _)| **ranking);
+        for (ranking, scores) in rankings {
+            let scores: Vec<(i64, i64)> = scores
+                .iter()
+                .map(|(product, by)| {
+                    let score = mirror.score(bucket, *ranking, *product).saturating_add(*by);
+                    self.written.score(bucket, *ranking, *product, score);
+                    (score, *product)
+                })
+                .collect();
+            self.set_pairs("ZADD", &keys.ranking(bucket, *ranking), &scores, expiry());
+        }
+    }
+
+    /// The dense minute series: per day, type and source, the minutes'
+    /// counts, one saturating BITFIELD a series.
+    fn minute_series(
+        &mut self,
+        keys: &PartitionKeys,
+        batch: &BatchAggregate,
+        settings: &CommitSettings,
+    ) {
         let mut series: BTreeMap<(i64, i32, i32), Vec<(i64, i64)>> = BTreeMap::new();
         for (minute, changes) in &batch.minutes {
             let (day, index) = super::series_position(*minute);
@@ -655,7 +688,11 @@ impl Transaction {
             }
             self.expire(&key, Expiry::At(settings.retention.series_expires_at(day)));
         }
-        let dedupe = &meta.dedupe;
+    }
+
+    /// The ids counted, into their generations' sets; the sets of the
+    /// generations left, deleted.
+    fn dedupe_ids(&mut self, keys: &PartitionKeys, dedupe: &DedupeWrite) {
         for generation in &dedupe.forgotten {
             // UNLINK: a window of ids is freed off Redis's main thread.
             self.command("UNLINK").arg(keys.dedupe(*generation));
@@ -664,7 +701,17 @@ impl Transaction {
             let ids: Vec<&[u8]> = ids.iter().map(|id| &id[..]).collect();
             self.add_members("SADD", &keys.dedupe(*generation), &ids, Expiry::None);
         }
-        let epoch = super::session_epoch(meta.now_ms, settings.session_ttl_ms);
+    }
+
+    /// The sessions' new states, into the current session epoch's hash.
+    fn sessions(
+        &mut self,
+        keys: &PartitionKeys,
+        batch: &BatchAggregate,
+        now_ms: i64,
+        settings: &CommitSettings,
+    ) {
+        let epoch = super::session_epoch(now_ms, settings.session_ttl_ms);
         let sessions: Vec<(SessionField, &SessionState)> = batch
             .sessions
             .iter()
@@ -676,16 +723,17 @@ impl Transaction {
                 (field, state)
             })
             .collect();
+        let expires_at = super::session_epoch_expires_at(epoch, settings.session_ttl_ms);
         self.set_pairs(
             "HSET",
             &keys.sessions(epoch),
             &sessions,
-            Expiry::At(super::session_epoch_expires_at(
-                epoch,
-                settings.session_ttl_ms,
-            )),
+            Expiry::At(expires_at),
         );
+    }
 
+    /// The pipeline counters, the next offset and the clocks.
+    fn state(&mut self, keys: &PartitionKeys, batch: &BatchAggregate, meta: &CommitMeta) {
         let mut counters = vec![
             (state_field::APPLIED.to_owned(), batch.applied),
             (state_field::LATE.to_owned(), batch.late),
@@ -710,11 +758,10 @@ impl Transaction {
         if let Some(watermark) = batch.watermark_ms {
             fields.push((state_field::WATERMARK_MS.to_owned(), watermark.to_string()));
         }
-        if let Some(clock) = dedupe.clock_ms {
+        if let Some(clock) = meta.dedupe.clock_ms {
             fields.push((state_field::DEDUPE_CLOCK_MS.to_owned(), clock.to_string()));
         }
         self.set_pairs("HSET", &state, &fields, Expiry::None);
-        Ok(())
     }
 }
 
