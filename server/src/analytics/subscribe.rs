@@ -597,191 +597,222 @@ async fn next_message(
 fn diff(old: &QueryResult, new: &QueryResult) -> Option<Delta> {
     let change = match (old, new) {
         (QueryResult::EventCounts(old), QueryResult::EventCounts(new)) => {
-            let held: HashMap<i64, &EventCountBucket> = old
-                .buckets
-                .iter()
-                .filter_map(|b| Some((b.start_time?.seconds, b)))
-                .collect();
-            let mut buckets = Vec::new();
-            for bucket in &new.buckets {
-                let start = bucket.start_time.map_or(0, |t| t.seconds);
-                match held.get(&start) {
-                    Some(previous) => {
-                        let mut counts = Vec::new();
-                        let before: HashMap<(i32, i32), i64> = previous
-                            .counts
-                            .iter()
-                            .map(|c| ((c.event_type, c.source), c.count))
-                            .collect();
-                        let after: HashMap<(i32, i32), i64> = bucket
-                            .counts
-                            .iter()
-                            .map(|c| ((c.event_type, c.source), c.count))
-                            .collect();
-                        let mut keys: Vec<_> = before.keys().chain(after.keys()).copied().collect();
-                        keys.sort_unstable();
-                        keys.dedup();
-                        for key in keys {
-                            let change =
-                                after.get(&key).unwrap_or(&0) - before.get(&key).unwrap_or(&0);
-                            if change != 0 {
-                                counts.push(rtap::v1::EventCount {
-                                    event_type: key.0,
-                                    source: key.1,
-                                    count: change,
-                                });
-                            }
-                        }
-                        if !counts.is_empty() {
-                            buckets.push(EventCountBucket {
-                                start_time: bucket.start_time,
-                                total: bucket.total - previous.total,
-                                counts,
-                            });
-                        }
-                    }
-                    None => buckets.push(bucket.clone()),
-                }
-            }
-            let kept: std::collections::HashSet<i64> = new
-                .buckets
-                .iter()
-                .filter_map(|b| Some(b.start_time?.seconds))
-                .collect();
-            let removed: Vec<prost_types::Timestamp> = old
-                .buckets
-                .iter()
-                .filter_map(|b| b.start_time)
-                .filter(|t| !kept.contains(&t.seconds))
-                .collect();
-            if buckets.is_empty() && removed.is_empty() && old.range == new.range {
-                return None;
-            }
-            delta::Change::EventCounts(EventCountsDelta {
-                buckets,
-                removed_bucket_start_times: removed,
-                range: new.range,
-            })
+            diff_event_counts(old, new)
         }
         (QueryResult::UniqueUsers(old), QueryResult::UniqueUsers(new)) => {
-            let change = new.unique_users - old.unique_users;
-            if change == 0 && old.range == new.range {
-                return None;
-            }
-            delta::Change::UniqueUsers(UniqueUsersDelta {
-                unique_users_change: change,
-                range: new.range,
-            })
+            diff_unique_users(old, new)
         }
-        (QueryResult::Engagement(old), QueryResult::Engagement(new)) => {
-            let micros_of =
-                |d: Option<prost_types::Duration>| d.as_ref().map_or(0, duration_micros);
-            let sessions = |r: &rtap::v1::GetEngagementResponse| {
-                let s = r.sessions.unwrap_or_default();
-                (s.session_count, micros_of(s.total_length), s.total_events)
-            };
-            let (old_sessions, new_sessions) = (sessions(old), sessions(new));
-            let engagement = EngagementDelta {
-                unique_users_change: new.unique_users - old.unique_users,
-                product_views_change: new.product_views - old.product_views,
-                total_dwell_time_change: Some(duration_from_micros(
-                    micros_of(new.total_dwell_time) - micros_of(old.total_dwell_time),
-                )),
-                session_count_change: new_sessions.0 - old_sessions.0,
-                session_total_length_change: Some(duration_from_micros(
-                    new_sessions.1 - old_sessions.1,
-                )),
-                session_total_events_change: new_sessions.2 - old_sessions.2,
-                range: new.range,
-            };
-            let unchanged = engagement.unique_users_change == 0
-                && engagement.product_views_change == 0
-                && micros_of(new.total_dwell_time) == micros_of(old.total_dwell_time)
-                && old_sessions == new_sessions
-                && old.range == new.range;
-            if unchanged {
-                return None;
-            }
-            delta::Change::Engagement(engagement)
-        }
+        (QueryResult::Engagement(old), QueryResult::Engagement(new)) => diff_engagement(old, new),
         (QueryResult::TopProducts(old), QueryResult::TopProducts(new)) => {
-            let before: HashMap<i64, i64> = old
-                .products
-                .iter()
-                .map(|p| (p.product_id, p.value))
-                .collect();
-            let upserted: Vec<ProductScore> = new
-                .products
-                .iter()
-                .filter(|p| before.get(&p.product_id) != Some(&p.value))
-                .cloned()
-                .collect();
-            let now_listed: std::collections::HashSet<i64> =
-                new.products.iter().map(|p| p.product_id).collect();
-            let removed: Vec<i64> = old
-                .products
-                .iter()
-                .map(|p| p.product_id)
-                .filter(|id| !now_listed.contains(id))
-                .collect();
-            if upserted.is_empty() && removed.is_empty() && old.range == new.range {
-                return None;
-            }
-            delta::Change::TopProducts(TopProductsDelta {
-                upserted,
-                removed_product_ids: removed,
-                range: new.range,
-            })
+            diff_top_products(old, new)
         }
-        (QueryResult::Funnel(old), QueryResult::Funnel(new)) => {
-            let counts = |f: &rtap::v1::Funnel| {
-                [
-                    f.sessions,
-                    f.product_view_sessions,
-                    f.add_to_cart_sessions,
-                    f.purchase_sessions,
-                ]
-            };
-            let before: HashMap<i32, [i64; 4]> =
-                old.funnels.iter().map(|f| (f.source, counts(f))).collect();
-            let mut changes = Vec::new();
-            let listed: std::collections::HashSet<i32> =
-                new.funnels.iter().map(|f| f.source).collect();
-            for (source, previous) in &before {
-                if !listed.contains(source) {
-                    changes.push(FunnelChange {
-                        source: *source,
-                        sessions_change: -previous[0],
-                        product_view_sessions_change: -previous[1],
-                        add_to_cart_sessions_change: -previous[2],
-                        purchase_sessions_change: -previous[3],
-                    });
-                }
-            }
-            for funnel in &new.funnels {
-                let previous = before.get(&funnel.source).copied().unwrap_or_default();
-                let current = counts(funnel);
-                if previous != current {
-                    changes.push(FunnelChange {
-                        source: funnel.source,
-                        sessions_change: current[0] - previous[0],
-                        product_view_sessions_change: current[1] - previous[1],
-                        add_to_cart_sessions_change: current[2] - previous[2],
-                        purchase_sessions_change: current[3] - previous[3],
-                    });
-                }
-            }
-            if changes.is_empty() && old.range == new.range {
-                return None;
-            }
-            delta::Change::Funnel(FunnelDelta {
-                changes,
-                range: new.range,
-            })
-        }
-        _ => return None,
-    };
+        (QueryResult::Funnel(old), QueryResult::Funnel(new)) => diff_funnel(old, new),
+        _ => None,
+    }?;
     Some(Delta {
         change: Some(change),
     })
+}
+
+/// The change between two event-count results, if any.
+fn diff_event_counts(
+    old: &rtap::v1::GetEventCountsResponse,
+    new: &rtap::v1::GetEventCountsResponse,
+) -> Option<delta::Change> {
+    let held: HashMap<i64, &EventCountBucket> = old
+        .buckets
+        .iter()
+        .filter_map(|b| Some((b.start_time?.seconds, b)))
+        .collect();
+    let mut buckets = Vec::new();
+    for bucket in &new.buckets {
+        let start = bucket.start_time.map_or(0, |t| t.seconds);
+        match held.get(&start) {
+            Some(previous) => {
+                let mut counts = Vec::new();
+                let before: HashMap<(i32, i32), i64> = previous
+                    .counts
+                    .iter()
+                    .map(|c| ((c.event_type, c.source), c.count))
+                    .collect();
+                let after: HashMap<(i32, i32), i64> = bucket
+                    .counts
+                    .iter()
+                    .map(|c| ((c.event_type, c.source), c.count))
+                    .collect();
+                let mut keys: Vec<_> = before.keys().chain(after.keys()).copied().collect();
+                keys.sort_unstable();
+                keys.dedup();
+                for key in keys {
+                    let change = after.get(&key).unwrap_or(&0) - before.get(&key).unwrap_or(&0);
+                    if change != 0 {
+                        counts.push(rtap::v1::EventCount {
+                            event_type: key.0,
+                            source: key.1,
+                            count: change,
+                        });
+                    }
+                }
+                if !counts.is_empty() {
+                    buckets.push(EventCountBucket {
+                        start_time: bucket.start_time,
+                        total: bucket.total - previous.total,
+                        counts,
+                    });
+                }
+            }
+            None => buckets.push(bucket.clone()),
+        }
+    }
+    let kept: std::collections::HashSet<i64> = new
+        .buckets
+        .iter()
+        .filter_map(|b| Some(b.start_time?.seconds))
+        .collect();
+    let removed: Vec<prost_types::Timestamp> = old
+        .buckets
+        .iter()
+        .filter_map(|b| b.start_time)
+        .filter(|t| !kept.contains(&t.seconds))
+        .collect();
+    if buckets.is_empty() && removed.is_empty() && old.range == new.range {
+        return None;
+    }
+    Some(delta::Change::EventCounts(EventCountsDelta {
+        buckets,
+        removed_bucket_start_times: removed,
+        range: new.range,
+    }))
+}
+
+/// The change between two unique-user results, if any.
+fn diff_unique_users(
+    old: &rtap::v1::GetUniqueUsersResponse,
+    new: &rtap::v1::GetUniqueUsersResponse,
+) -> Option<delta::Change> {
+    let change = new.unique_users - old.unique_users;
+    if change == 0 && old.range == new.range {
+        return None;
+    }
+    Some(delta::Change::UniqueUsers(UniqueUsersDelta {
+        unique_users_change: change,
+        range: new.range,
+    }))
+}
+
+/// The change between two engagement results, if any.
+fn diff_engagement(
+    old: &rtap::v1::GetEngagementResponse,
+    new: &rtap::v1::GetEngagementResponse,
+) -> Option<delta::Change> {
+    let micros_of = |d: Option<prost_types::Duration>| d.as_ref().map_or(0, duration_micros);
+    let sessions = |r: &rtap::v1::GetEngagementResponse| {
+        let s = r.sessions.unwrap_or_default();
+        (s.session_count, micros_of(s.total_length), s.total_events)
+    };
+    let (old_sessions, new_sessions) = (sessions(old), sessions(new));
+    let engagement = EngagementDelta {
+        unique_users_change: new.unique_users - old.unique_users,
+        product_views_change: new.product_views - old.product_views,
+        total_dwell_time_change: Some(duration_from_micros(
+            micros_of(new.total_dwell_time) - micros_of(old.total_dwell_time),
+        )),
+        session_count_change: new_sessions.0 - old_sessions.0,
+        session_total_length_change: Some(duration_from_micros(new_sessions.1 - old_sessions.1)),
+        session_total_events_change: new_sessions.2 - old_sessions.2,
+        range: new.range,
+    };
+    let unchanged = engagement.unique_users_change == 0
+        && engagement.product_views_change == 0
+        && micros_of(new.total_dwell_time) == micros_of(old.total_dwell_time)
+        && old_sessions == new_sessions
+        && old.range == new.range;
+    if unchanged {
+        return None;
+    }
+    Some(delta::Change::Engagement(engagement))
+}
+
+/// The change between two rankings, if any.
+fn diff_top_products(
+    old: &rtap::v1::GetTopProductsResponse,
+    new: &rtap::v1::GetTopProductsResponse,
+) -> Option<delta::Change> {
+    let before: HashMap<i64, i64> = old
+        .products
+        .iter()
+        .map(|p| (p.product_id, p.value))
+        .collect();
+    let upserted: Vec<ProductScore> = new
+        .products
+        .iter()
+        .filter(|p| before.get(&p.product_id) != Some(&p.value))
+        .cloned()
+        .collect();
+    let now_listed: std::collections::HashSet<i64> =
+        new.products.iter().map(|p| p.product_id).collect();
+    let removed: Vec<i64> = old
+        .products
+        .iter()
+        .map(|p| p.product_id)
+        .filter(|id| !now_listed.contains(id))
+        .collect();
+    if upserted.is_empty() && removed.is_empty() && old.range == new.range {
+        return None;
+    }
+    Some(delta::Change::TopProducts(TopProductsDelta {
+        upserted,
+        removed_product_ids: removed,
+        range: new.range,
+    }))
+}
+
+/// The change between two funnels, if any.
+fn diff_funnel(
+    old: &rtap::v1::GetFunnelResponse,
+    new: &rtap::v1::GetFunnelResponse,
+) -> Option<delta::Change> {
+    let counts = |f: &rtap::v1::Funnel| {
+        [
+            f.sessions,
+            f.product_view_sessions,
+            f.add_to_cart_sessions,
+            f.purchase_sessions,
+        ]
+    };
+    let before: HashMap<i32, [i64; 4]> =
+        old.funnels.iter().map(|f| (f.source, counts(f))).collect();
+    let mut changes = Vec::new();
+    let listed: std::collections::HashSet<i32> = new.funnels.iter().map(|f| f.source).collect();
+    for (source, previous) in &before {
+        if !listed.contains(source) {
+            changes.push(FunnelChange {
+                source: *source,
+                sessions_change: -previous[0],
+                product_view_sessions_change: -previous[1],
+                add_to_cart_sessions_change: -previous[2],
+                purchase_sessions_change: -previous[3],
+            });
+        }
+    }
+    for funnel in &new.funnels {
+        let previous = before.get(&funnel.source).copied().unwrap_or_default();
+        let current = counts(funnel);
+        if previous != current {
+            changes.push(FunnelChange {
+                source: funnel.source,
+                sessions_change: current[0] - previous[0],
+                product_view_sessions_change: current[1] - previous[1],
+                add_to_cart_sessions_change: current[2] - previous[2],
+                purchase_sessions_change: current[3] - previous[3],
+            });
+        }
+    }
+    if changes.is_empty() && old.range == new.range {
+        return None;
+    }
+    Some(delta::Change::Funnel(FunnelDelta {
+        changes,
+        range: new.range,
+    }))
 }

@@ -45,74 +45,14 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
     let kafka = kafka::client(&config.kafka_brokers, config.dependency_timeout)
         .await
         .map_err(|e| unavailable("kafka", e))?;
-    let mut partitions: Vec<i32> = kafka
-        .list_topics()
-        .await
-        .map_err(|e| unavailable("kafka", e))?
-        .into_iter()
-        .find(|t| t.name == config.events_topic)
-        .map(|t| t.partitions.into_iter().collect())
-        .ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "topic {} does not exist: nothing to rebuild from",
-                config.events_topic
-            ))
-        })?;
-    partitions.sort_unstable();
-    if !config.ingest_partitions.is_empty() {
-        partitions.retain(|p| config.ingest_partitions.contains(p));
-    }
-    if partitions.is_empty() {
-        return Err(Error::FailedPrecondition(format!(
-            "none of --ingest-partitions {:?} exists in topic {}",
-            config.ingest_partitions, config.events_topic
-        )));
-    }
+    let partitions = partitions_to_rebuild(&kafka, config).await?;
     settings.partitions = partitions.clone();
     let keys: Vec<PartitionKeys> = partitions
         .iter()
         .map(|p| PartitionKeys::new(&config.redis_namespace, *p))
         .collect();
-
-    // Every lease first, or nothing.
-    for (index, partition_keys) in keys.iter().enumerate() {
-        let taken = take_lease(&mut redis, partition_keys, &settings.owner, settings.lease)
-            .await
-            .map_err(Error::from)?;
-        if let Err(holder) = taken {
-            for taken_keys in &keys[..index] {
-                release_lease(&mut redis, taken_keys, &settings.owner)
-                    .await
-                    .map_err(Error::from)?;
-            }
-            return Err(Error::FailedPrecondition(format!(
-                "partition {} of {} in namespace {} is being consumed by {holder}: stop its ingest processes (or run them with --role api), then rebuild",
-                partition_keys.partition(),
-                config.events_topic,
-                config.redis_namespace
-            )));
-        }
-    }
-
-    let mut targets = BTreeMap::new();
-    for partition in &partitions {
-        let source = kafka
-            .partition_client(
-                &config.events_topic,
-                *partition,
-                UnknownTopicHandling::Error,
-            )
-            .await
-            .map_err(|e| unavailable("kafka", e))?;
-        let earliest = source
-            .get_offset(rskafka::client::partition::OffsetAt::Earliest)
-            .await
-            .map_err(|e| unavailable("kafka", e))?;
-        let end = high_watermark(&source, earliest)
-            .await
-            .map_err(|e| unavailable("kafka", e))?;
-        targets.insert(*partition, (earliest, end));
-    }
+    take_every_lease(&mut redis, &keys, &settings, config).await?;
+    let targets = targets(&kafka, &config.events_topic, &partitions).await?;
     for partition_keys in &keys {
         let deleted = delete_partition(&mut redis, partition_keys)
             .await
@@ -136,35 +76,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
             )),
             () = tokio::time::sleep(PROGRESS_INTERVAL) => {}
         }
-        let mut done = true;
-        for partition_keys in &keys {
-            let partition = partition_keys.partition();
-            let (earliest, end) = targets.get(&partition).copied().unwrap_or((0, 0));
-            let state = load_state(&mut redis, partition_keys)
-                .await
-                .map_err(Error::from)?;
-            let at = state.offset.unwrap_or(earliest).min(end);
-            let read = at - earliest;
-            let total = end - earliest;
-            let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            let eta = if rate > 0.0 {
-                Duration::from_secs_f64((end - at) as f64 / rate)
-            } else {
-                Duration::ZERO
-            };
-            tracing::info!(
-                partition,
-                records = read,
-                of = total,
-                events_applied = state.applied,
-                rate = format!("{rate:.0}/s"),
-                eta = ?eta,
-                "rebuild progress"
-            );
-            done &= at >= end;
-        }
-        if done {
-            break Ok(());
+        match report_progress(&mut redis, &keys, &targets, started).await {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(error) => break Err(error),
         }
     };
     stop.cancel();
@@ -178,6 +93,128 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
         tracing::info!(elapsed = ?started.elapsed(), "rebuild complete");
     }
     outcome
+}
+
+/// The topic's partitions, those of `--ingest-partitions` when given.
+async fn partitions_to_rebuild(
+    kafka: &rskafka::client::Client,
+    config: &Config,
+) -> Result<Vec<i32>, Error> {
+    let mut partitions: Vec<i32> = kafka
+        .list_topics()
+        .await
+        .map_err(|e| unavailable("kafka", e))?
+        .into_iter()
+        .find(|t| t.name == config.events_topic)
+        .map(|t| t.partitions.into_iter().collect())
+        .ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "topic {} does not exist: nothing to rebuild from",
+                config.events_topic
+            ))
+        })?;
+    partitions.sort_unstable();
+    if !config.ingest_partitions.is_empty() {
+        partitions.retain(|p| config.ingest_partitions.contains(p));
+    }
+    if partitions.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "none of --ingest-partitions {:?} exists in topic {}",
+            config.ingest_partitions, config.events_topic
+        )));
+    }
+    Ok(partitions)
+}
+
+/// Every partition's lease, or none: a partition held by a consumer gives
+/// back the leases already taken and fails, naming the holder.
+async fn take_every_lease(
+    redis: &mut ConnectionManager,
+    keys: &[PartitionKeys],
+    settings: &PipelineSettings,
+    config: &Config,
+) -> Result<(), Error> {
+    for (index, partition_keys) in keys.iter().enumerate() {
+        let taken = take_lease(redis, partition_keys, &settings.owner, settings.lease)
+            .await
+            .map_err(Error::from)?;
+        if let Err(holder) = taken {
+            for taken_keys in &keys[..index] {
+                release_lease(redis, taken_keys, &settings.owner)
+                    .await
+                    .map_err(Error::from)?;
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "partition {} of {} in namespace {} is being consumed by {holder}: stop its ingest processes (or run them with --role api), then rebuild",
+                partition_keys.partition(),
+                config.events_topic,
+                config.redis_namespace
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Each partition's earliest kept offset and its high watermark now: the
+/// range the rebuild reads.
+async fn targets(
+    kafka: &rskafka::client::Client,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, (i64, i64)>, Error> {
+    let mut targets = BTreeMap::new();
+    for partition in partitions {
+        let source = kafka
+            .partition_client(topic, *partition, UnknownTopicHandling::Error)
+            .await
+            .map_err(|e| unavailable("kafka", e))?;
+        let earliest = source
+            .get_offset(rskafka::client::partition::OffsetAt::Earliest)
+            .await
+            .map_err(|e| unavailable("kafka", e))?;
+        let end = high_watermark(&source, earliest)
+            .await
+            .map_err(|e| unavailable("kafka", e))?;
+        targets.insert(*partition, (earliest, end));
+    }
+    Ok(targets)
+}
+
+/// Logs each partition's progress; whether every one reached its target.
+async fn report_progress(
+    redis: &mut ConnectionManager,
+    keys: &[PartitionKeys],
+    targets: &BTreeMap<i32, (i64, i64)>,
+    started: Instant,
+) -> Result<bool, Error> {
+    let mut done = true;
+    for partition_keys in keys {
+        let partition = partition_keys.partition();
+        let (earliest, end) = targets.get(&partition).copied().unwrap_or((0, 0));
+        let state = load_state(redis, partition_keys)
+            .await
+            .map_err(Error::from)?;
+        let at = state.offset.unwrap_or(earliest).min(end);
+        let read = at - earliest;
+        let total = end - earliest;
+        let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        let eta = if rate > 0.0 {
+            Duration::from_secs_f64((end - at) as f64 / rate)
+        } else {
+            Duration::ZERO
+        };
+        tracing::info!(
+            partition,
+            records = read,
+            of = total,
+            events_applied = state.applied,
+            rate = format!("{rate:.0}/s"),
+            eta = ?eta,
+            "rebuild progress"
+        );
+        done &= at >= end;
+    }
+    Ok(done)
 }
 
 /// Deletes every key of the partition except its lease.
