@@ -70,6 +70,51 @@ pub enum QueryResult {
 }
 
 impl Query {
+    /// The query's canonical form, which keys Subscribe's feeds: requests
+    /// that always give the same result give the same key (filters are
+    /// sets, a `limit` of 0 is the default), so their subscribers share one
+    /// feed.
+    pub fn canonical_key(&self) -> String {
+        use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
+        use prost::Message;
+
+        let set = |values: &[i32]| {
+            let mut values = values.to_vec();
+            values.sort_unstable();
+            values.dedup();
+            values
+        };
+        let (kind, bytes) = match self {
+            Self::EventCounts(request) => {
+                let request = GetEventCountsRequest {
+                    event_types: set(&request.event_types),
+                    sources: set(&request.sources),
+                    ..request.clone()
+                };
+                ("event_counts", request.encode_to_vec())
+            }
+            Self::UniqueUsers(request) => ("unique_users", request.encode_to_vec()),
+            Self::Engagement(request) => ("engagement", request.encode_to_vec()),
+            Self::TopProducts(request) => {
+                let limit = if request.limit == 0 {
+                    DEFAULT_TOP_LIMIT
+                } else {
+                    request.limit
+                };
+                let request = GetTopProductsRequest { limit, ..*request };
+                ("top_products", request.encode_to_vec())
+            }
+            Self::Funnel(request) => {
+                let request = GetFunnelRequest {
+                    sources: set(&request.sources),
+                    ..request.clone()
+                };
+                ("funnel", request.encode_to_vec())
+            }
+        };
+        format!("{kind}:{}", STANDARD_NO_PAD.encode(bytes))
+    }
+
     /// Checks every field except the window (which depends on the time the
     /// query runs); field names start with `prefix`.
     pub fn validate(&self, prefix: &str) -> Result<(), Error> {
@@ -500,5 +545,36 @@ fn ratio_i64(numerator: i64, denominator: i64) -> i64 {
         0
     } else {
         numerator / denominator
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_that_give_the_same_result_share_a_canonical_key() {
+        let counts = |event_types: Vec<i32>| {
+            Query::EventCounts(GetEventCountsRequest {
+                event_types,
+                ..GetEventCountsRequest::default()
+            })
+            .canonical_key()
+        };
+        assert_eq!(counts(vec![2, 1, 1]), counts(vec![1, 2]));
+        assert_ne!(counts(vec![1]), counts(vec![1, 2]));
+        let top = |limit| {
+            Query::TopProducts(GetTopProductsRequest {
+                limit,
+                ..GetTopProductsRequest::default()
+            })
+            .canonical_key()
+        };
+        assert_eq!(top(0), top(DEFAULT_TOP_LIMIT));
+        assert_ne!(top(5), top(DEFAULT_TOP_LIMIT));
+        // Identical bytes of two kinds are two queries.
+        let users = Query::UniqueUsers(GetUniqueUsersRequest::default()).canonical_key();
+        let engagement = Query::Engagement(GetEngagementRequest::default()).canonical_key();
+        assert_ne!(users, engagement);
     }
 }

@@ -248,7 +248,7 @@ impl Hub {
 
     /// The feed of `query`, started if none runs.
     fn feed(self: &Arc<Self>, query: Query) -> Arc<Feed> {
-        let key = format!("{query:?}");
+        let key = query.canonical_key();
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(feed) = feeds.get(&key).and_then(Weak::upgrade) {
             return feed;
