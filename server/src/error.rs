@@ -15,7 +15,8 @@ const DESCRIBED_CHARS: usize = 256;
 const REPORTED_VIOLATIONS: usize = 8;
 
 /// A client's value for an error message: in backquotes, at most
-/// [`QUOTED_CHARS`] characters of it, with control characters escaped. An
+/// [`QUOTED_CHARS`] characters of it, with control characters escaped (other
+/// characters, accented letters included, are shown as they are). An
 /// error never repeats a whole input: trailers over 16 KiB make grpc-core
 /// clients report RESOURCE_EXHAUSTED instead of the error.
 pub fn quote(value: &str) -> String {
@@ -23,7 +24,7 @@ pub fn quote(value: &str) -> String {
     let shown: String = value
         .chars()
         .take(QUOTED_CHARS)
-        .flat_map(char::escape_default)
+        .flat_map(char::escape_debug)
         .collect();
     if chars > QUOTED_CHARS {
         format!("`{shown}`… ({chars} characters)")
@@ -225,7 +226,8 @@ mod tests {
     fn an_error_never_repeats_a_whole_input() {
         let huge = "x".repeat(1 << 20);
         assert_eq!(quote("name desc"), "`name desc`");
-        assert_eq!(quote("a\0b"), "`a\\u{0}b`");
+        assert_eq!(quote("a\0b"), "`a\\0b`");
+        assert_eq!(quote("año\u{7}"), "`año\\u{7}`");
         assert!(quote(&huge).len() < 128, "{}", quote(&huge));
         // A few huge values among many violations.
         let violations: Vec<FieldViolation> = (0..100_000)
