@@ -36,10 +36,6 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    crate::infra::time::timestamp_from_datetime(time)
-}
-
 fn invalid(violation: FieldViolation) -> Error {
     Error::InvalidArgument(vec![violation])
 }

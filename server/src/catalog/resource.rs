@@ -393,8 +393,8 @@ macro_rules! message_from_row {
         let row = $row;
         $message {
             $($field: row.$field,)*
-            create_time: Some($crate::catalog::timestamp(row.create_time)),
-            update_time: Some($crate::catalog::timestamp(row.update_time)),
+            create_time: Some($crate::infra::time::timestamp_from_datetime(row.create_time)),
+            update_time: Some($crate::infra::time::timestamp_from_datetime(row.update_time)),
         }
     }};
 }

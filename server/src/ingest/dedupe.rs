@@ -104,6 +104,13 @@ impl Dedupe {
             return DedupeWrite::default();
         };
         let oldest_read = self.generation(clock) - 1;
+        let forgotten = self
+            .clock_before_ms
+            .map(|before| {
+                let before = self.generation(before);
+                (before - 1..=before).filter(|g| *g < oldest_read).collect()
+            })
+            .unwrap_or_default();
         let mut counted: BTreeMap<i64, Vec<EventId>> = BTreeMap::new();
         for (id, generation) in self.counted {
             if generation >= oldest_read {
@@ -114,13 +121,6 @@ impl Dedupe {
             // A stable order, so a commit's commands do not depend on hashing.
             ids.sort_unstable();
         }
-        let forgotten = self
-            .clock_before_ms
-            .map(|before| {
-                let before = before.div_euclid(self.window_ms);
-                (before - 1..=before).filter(|g| *g < oldest_read).collect()
-            })
-            .unwrap_or_default();
         DedupeWrite {
             counted,
             forgotten,

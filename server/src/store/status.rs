@@ -30,11 +30,6 @@ impl PartitionVitals {
         self.high_watermark
             .map(|mark| mark.saturating_sub(self.stored_offset()).max(0))
     }
-
-    /// Records dead-lettered, all reasons together.
-    pub fn dead_lettered(&self) -> i64 {
-        self.state.dead_lettered.values().sum()
-    }
 }
 
 /// The sum of several partitions' vital signs.

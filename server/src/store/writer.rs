@@ -138,11 +138,6 @@ impl PartitionWriter {
         self.position
     }
 
-    /// The partition written.
-    pub fn partition(&self) -> i32 {
-        self.keys.partition()
-    }
-
     /// Renews the lease; `Ok(Err(holder))` if another process took it.
     pub async fn renew_lease(&mut self) -> Result<Result<(), String>, StoreError> {
         commit::take_lease(&mut self.connection, &self.keys, &self.owner, self.lease).await
