@@ -7,10 +7,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    analytics::{
-        AnalyticsApi,
-        subscribe::{Hub, StoreClient},
-    },
+    analytics::{AnalyticsApi, store_client::StoreClient, subscribe::Hub},
     catalog::{ProductApi, UserApi},
     config::Config,
     database::{Database, SchemaGate},

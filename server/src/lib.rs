@@ -7,7 +7,8 @@
 //! - [`store`]: the metric store in Redis, written by ingest, read by
 //!   analytics; [`store::writer::PartitionWriter`] is the only code that
 //!   writes a partition's keys (lease, offset fence, mirrors);
-//! - [`analytics`]: queries and subscriptions over those aggregates;
+//! - [`analytics`]: queries and subscriptions over those aggregates; a
+//!   metric kind is one module of [`analytics::metrics`];
 //! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive;
 //! - [`infra`]: plumbing every room uses and none owns (Kafka clients,
 //!   reconnecting connections, protobuf times, the client side of this API

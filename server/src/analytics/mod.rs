@@ -1,8 +1,16 @@
-//! The analytics service: metric queries ([`query`], over windows resolved by
-//! [`window`]) and live subscriptions ([`subscribe`]) over the aggregates the
-//! ingest pipeline keeps in Redis.
+//! The analytics service: metric queries and live subscriptions over the
+//! aggregates the ingest pipeline keeps in Redis.
+//!
+//! - [`metric`]: what a metric is (the [`metric::Metric`] trait), and a
+//!   validated [`metric::Query`] of one;
+//! - [`metrics`]: the metric kinds, one module each: where to add one;
+//! - [`window`]: time windows resolved to buckets;
+//! - [`subscribe`]: feeds shared by subscribers to the same query;
+//! - [`store_client`]: this service's access to the metric store.
 
-pub mod query;
+pub mod metric;
+pub mod metrics;
+pub mod store_client;
 pub mod subscribe;
 pub mod window;
 
@@ -17,7 +25,6 @@ use rtap::v1::{
     GetUniqueUsersRequest, GetUniqueUsersResponse, PartitionStatus, SubscribeRequest,
     SubscribeResponse,
     analytics_service_server::{AnalyticsService, AnalyticsServiceServer},
-    subscribe_request,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -29,7 +36,8 @@ use crate::{
     infra::{kafka, reconnect::Reconnecting, time::timestamp_from_millis},
     store::status::{PartitionVitals, Totals},
 };
-use query::{Query, QueryResult};
+use metric::{Metric, Query};
+use metrics::{Engagement, EventCounts, Funnel, TopProducts, UniqueUsers};
 use subscribe::Hub;
 
 /// The gRPC server type of the analytics service.
@@ -100,21 +108,19 @@ impl AnalyticsApi {
         AnalyticsServiceServer::new(self)
     }
 
-    async fn query(&self, query: Query) -> Result<QueryResult, Error> {
-        query.validate("")?;
+    /// Answers a unary query of metric `M`.
+    async fn unary<M: Metric>(
+        &self,
+        request: Request<M::Request>,
+    ) -> Result<Response<M::Response>, Status> {
+        let query = Query::<M>::new(request.into_inner(), "")?;
         let store = self.hub.store();
         let window = query.window(Utc::now(), &store.retention, "")?;
-        store.run(&query, window).await
+        Ok(Response::new(store.run(&query, window).await?))
     }
 }
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
-
-fn mismatch() -> Status {
-    Status::from(Error::Internal(
-        "a query returned another kind of result".into(),
-    ))
-}
 
 #[tonic::async_trait]
 impl AnalyticsService for AnalyticsApi {
@@ -124,50 +130,35 @@ impl AnalyticsService for AnalyticsApi {
         &self,
         request: Request<GetEventCountsRequest>,
     ) -> Result<Response<GetEventCountsResponse>, Status> {
-        match self.query(Query::EventCounts(request.into_inner())).await? {
-            QueryResult::EventCounts(result) => Ok(Response::new(result)),
-            _ => Err(mismatch()),
-        }
+        self.unary::<EventCounts>(request).await
     }
 
     async fn get_unique_users(
         &self,
         request: Request<GetUniqueUsersRequest>,
     ) -> Result<Response<GetUniqueUsersResponse>, Status> {
-        match self.query(Query::UniqueUsers(request.into_inner())).await? {
-            QueryResult::UniqueUsers(result) => Ok(Response::new(result)),
-            _ => Err(mismatch()),
-        }
+        self.unary::<UniqueUsers>(request).await
     }
 
     async fn get_engagement(
         &self,
         request: Request<GetEngagementRequest>,
     ) -> Result<Response<GetEngagementResponse>, Status> {
-        match self.query(Query::Engagement(request.into_inner())).await? {
-            QueryResult::Engagement(result) => Ok(Response::new(result)),
-            _ => Err(mismatch()),
-        }
+        self.unary::<Engagement>(request).await
     }
 
     async fn get_top_products(
         &self,
         request: Request<GetTopProductsRequest>,
     ) -> Result<Response<GetTopProductsResponse>, Status> {
-        match self.query(Query::TopProducts(request.into_inner())).await? {
-            QueryResult::TopProducts(result) => Ok(Response::new(result)),
-            _ => Err(mismatch()),
-        }
+        self.unary::<TopProducts>(request).await
     }
 
     async fn get_funnel(
         &self,
         request: Request<GetFunnelRequest>,
     ) -> Result<Response<GetFunnelResponse>, Status> {
-        match self.query(Query::Funnel(request.into_inner())).await? {
-            QueryResult::Funnel(result) => Ok(Response::new(result)),
-            _ => Err(mismatch()),
-        }
+        self.unary::<Funnel>(request).await
     }
 
     async fn subscribe(
@@ -175,25 +166,12 @@ impl AnalyticsService for AnalyticsApi {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
-        let (query, prefix) = match request.query {
-            Some(subscribe_request::Query::EventCounts(q)) => {
-                (Query::EventCounts(q), "event_counts.")
-            }
-            Some(subscribe_request::Query::UniqueUsers(q)) => {
-                (Query::UniqueUsers(q), "unique_users.")
-            }
-            Some(subscribe_request::Query::Engagement(q)) => (Query::Engagement(q), "engagement."),
-            Some(subscribe_request::Query::TopProducts(q)) => {
-                (Query::TopProducts(q), "top_products.")
-            }
-            Some(subscribe_request::Query::Funnel(q)) => (Query::Funnel(q), "funnel."),
-            None => {
-                return Err(Error::InvalidArgument(vec![FieldViolation::new(
-                    "query",
-                    "is required: one of event_counts, unique_users, engagement, top_products, funnel",
-                )])
-                .into());
-            }
+        let Some(requested) = request.query else {
+            return Err(Error::InvalidArgument(vec![FieldViolation::new(
+                "query",
+                "is required: one of event_counts, unique_users, engagement, top_products, funnel",
+            )])
+            .into());
         };
         let heartbeat = match request.heartbeat_interval {
             None => DEFAULT_HEARTBEAT,
@@ -217,10 +195,7 @@ impl AnalyticsService for AnalyticsApi {
                 })?
             }
         };
-        query.validate(prefix)?;
-        // Reject an invalid window now rather than in the stream.
-        query.window(Utc::now(), &self.hub.store().retention, prefix)?;
-        let stream = self.hub.subscribe(query, heartbeat).await?;
+        let stream = metrics::open(&self.hub, requested, heartbeat).await?;
         Ok(Response::new(Box::pin(stream.map(Ok))))
     }
 

@@ -17,6 +17,7 @@
 
 use std::{
     collections::HashMap,
+    pin::Pin,
     sync::{
         Arc, Mutex as StdMutex, Weak,
         atomic::{AtomicI64, Ordering},
@@ -25,38 +26,25 @@ use std::{
 };
 
 use chrono::Utc;
-use futures_util::StreamExt as _;
+use futures_util::{Stream, StreamExt as _, future::BoxFuture};
 use prost::Message;
-use redis::aio::ConnectionManager;
 use rtap::v1::{
-    CommitDelta, Delta, EngagementDelta, EventCountBucket, EventCountsDelta, FunnelChange,
-    FunnelDelta, Heartbeat, PartitionOffset, ProductScore, Snapshot, SubscribeResponse,
-    TopProductsDelta, UniqueUsersDelta, Watermark, delta, snapshot, subscribe_response,
+    CommitDelta, Delta, Heartbeat, PartitionOffset, Snapshot, SubscribeResponse, Watermark,
+    snapshot, subscribe_response,
 };
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    query::{Query, QueryResult},
+    metric::{Metric, Query},
+    store_client::StoreClient,
     window::ResolvedWindow,
 };
 use crate::{
     error::Error,
-    infra::{
-        reconnect::Reconnecting,
-        time::{
-            duration_from_micros, duration_micros, timestamp_from_millis, timestamp_from_seconds,
-        },
-    },
+    infra::time::timestamp_from_seconds,
     retry::{Backoff, RECONNECT_MAX},
-    store::{
-        Granularity, Retention,
-        commit::{PartitionState, load_states},
-        keys::deltas_channel,
-        read::MetricReader,
-        settled::SettledRankings,
-        status::{PartitionVitals, Totals},
-    },
+    store::{Granularity, keys::deltas_channel},
 };
 
 /// Deltas a feed keeps for slow subscribers before they must resync.
@@ -65,107 +53,6 @@ pub const FEED_QUEUE: usize = 64;
 const HUB_QUEUE: usize = 1024;
 /// How often an idle feed checks whether it still has subscribers.
 const FEED_IDLE_CHECK: Duration = Duration::from_secs(1);
-
-/// Shared metric-store access of the analytics service.
-#[derive(Clone)]
-pub struct StoreClient {
-    client: redis::Client,
-    connection: Arc<Reconnecting<ConnectionManager, Error>>,
-    namespace: String,
-    /// Bucket retentions, for window resolution.
-    pub retention: Retention,
-    /// Unions of settled ranking buckets, shared by every query.
-    settled: Arc<SettledRankings>,
-}
-
-impl StoreClient {
-    /// Access to `namespace` through `client`; calls give up after `timeout`.
-    pub fn new(
-        client: redis::Client,
-        namespace: String,
-        retention: Retention,
-        timeout: Duration,
-    ) -> Self {
-        let connect = client.clone();
-        let connection = Reconnecting::new(move || {
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1);
-            let client = connect.clone();
-            async move {
-                ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(|e| Error::Unavailable {
-                        dependency: "redis",
-                        reason: e.to_string(),
-                    })
-            }
-        });
-        Self {
-            client,
-            connection: Arc::new(connection),
-            namespace,
-            retention,
-            settled: Arc::new(SettledRankings::new(retention)),
-        }
-    }
-
-    /// The namespace.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
-    /// A (shared, multiplexed) connection; UNAVAILABLE if Redis is down.
-    pub async fn connection(&self) -> Result<ConnectionManager, Error> {
-        self.connection.get().await
-    }
-
-    /// Every consumed partition's stored state.
-    pub async fn partition_states(&self) -> Result<Vec<(i32, PartitionState)>, Error> {
-        let mut connection = self.connection().await?;
-        Ok(load_states(&mut connection, &self.namespace).await?)
-    }
-
-    /// Validates nothing: runs `query` over `window` on every consumed
-    /// partition.
-    pub async fn run(&self, query: &Query, window: ResolvedWindow) -> Result<QueryResult, Error> {
-        let mut connection = self.connection().await?;
-        let reader = MetricReader::discover(&mut connection, &self.namespace)
-            .await?
-            .with_settled(self.settled.clone());
-        query
-            .run(&mut connection, &reader, window, &self.retention)
-            .await
-    }
-
-    /// The watermark as stored: every partition's next offset and the latest
-    /// event time.
-    pub async fn watermark(&self) -> Result<Watermark, Error> {
-        let vitals: Vec<PartitionVitals> = self
-            .partition_states()
-            .await?
-            .into_iter()
-            .map(|(partition, state)| PartitionVitals {
-                partition,
-                state,
-                high_watermark: None,
-            })
-            .collect();
-        Ok(Watermark {
-            offsets: vitals
-                .iter()
-                .map(|v| PartitionOffset {
-                    partition: v.partition,
-                    next_offset: v.stored_offset(),
-                })
-                .collect(),
-            latest_event_time: Totals::of(&vitals)
-                .latest_event_ms
-                .map(timestamp_from_millis),
-        })
-    }
-}
 
 /// Live counts of this process's subscriptions, for operators and leak
 /// tests.
@@ -186,12 +73,16 @@ enum Trigger {
     Resync,
 }
 
+/// An open subscription: its messages, until the server shuts down.
+pub type Subscription = Pin<Box<dyn Stream<Item = SubscribeResponse> + Send>>;
+
 /// The process's fan-out point.
 pub struct Hub {
     store: StoreClient,
     triggers: broadcast::Sender<Trigger>,
     watermark: watch::Sender<Watermark>,
-    feeds: StdMutex<HashMap<String, Weak<Feed>>>,
+    /// Running feeds by their query's canonical key.
+    feeds: StdMutex<HashMap<String, Weak<dyn Snapshots>>>,
     gauges: Arc<Gauges>,
     shutdown: CancellationToken,
 }
@@ -222,54 +113,61 @@ impl Hub {
         &self.store
     }
 
-    /// Opens a subscription to `query` (validated): the first message is a
-    /// snapshot; the stream ends on server shutdown.
-    pub async fn subscribe(
+    /// Opens a subscription to `request` of metric `M`: checks it (field
+    /// names under `M::NAME`), then the first message is a snapshot.
+    pub async fn open<M: Metric>(
         self: &Arc<Self>,
-        query: Query,
+        request: M::Request,
         heartbeat: Duration,
-    ) -> Result<impl futures_util::Stream<Item = SubscribeResponse> + Send + 'static, Error> {
+    ) -> Result<Subscription, Error> {
+        let prefix = format!("{}.", M::NAME);
+        let query = Query::<M>::new(request, &prefix)?;
+        // Reject an invalid window now rather than in the stream.
+        query.window(Utc::now(), &self.store.retention, &prefix)?;
         let feed = self.feed(query);
-        let (version, result, updates) = feed.snapshot(&self.store).await?;
+        let (version, first, updates) = feed.snapshot(&self.store).await?;
         let stream = SubscriptionState {
             feed,
-            hub_store: self.store.clone(),
+            store: self.store.clone(),
             version,
             updates,
-            first: Some(result),
+            first: Some(first),
             sequence: 0,
             heartbeat,
             watermark: self.watermark.subscribe(),
             shutdown: self.shutdown.clone(),
             _open: StreamGuard::new(self.gauges.clone()),
         };
-        Ok(futures_util::stream::unfold(stream, next_message))
+        Ok(Box::pin(futures_util::stream::unfold(stream, next_message)))
     }
 
     /// The feed of `query`, started if none runs.
-    fn feed(self: &Arc<Self>, query: Query) -> Arc<Feed> {
+    fn feed<M: Metric>(self: &Arc<Self>, query: Query<M>) -> Arc<dyn Snapshots> {
         let key = query.canonical_key();
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(feed) = feeds.get(&key).and_then(Weak::upgrade) {
             return feed;
         }
         let (updates, _) = broadcast::channel(FEED_QUEUE);
-        let feed = Arc::new(Feed {
+        let feed = Arc::new(Feed::<M> {
             query,
             state: Mutex::new(FeedState::default()),
             updates,
         });
-        feeds.insert(key.clone(), Arc::downgrade(&feed));
+        let shared: Arc<dyn Snapshots> = feed.clone();
+        feeds.insert(key.clone(), Arc::downgrade(&shared));
         feeds.retain(|_, feed| feed.strong_count() > 0);
         drop(feeds);
         self.gauges.feeds.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(run_feed(
-            self.clone(),
-            key,
-            feed.clone(),
-            self.triggers.subscribe(),
-        ));
-        feed
+        tokio::spawn(run_feed(self.clone(), key, feed, self.triggers.subscribe()));
+        shared
+    }
+
+    fn forget(&self, key: &str) {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        if feeds.get(key).is_some_and(|f| f.strong_count() == 0) {
+            feeds.remove(key);
+        }
     }
 }
 
@@ -354,16 +252,24 @@ fn advance(watermark: &mut Watermark, delta: &CommitDelta) {
 }
 
 /// One subscribed query, shared by its subscribers.
-struct Feed {
-    query: Query,
-    state: Mutex<FeedState>,
+struct Feed<M: Metric> {
+    query: Query<M>,
+    state: Mutex<FeedState<M::Response>>,
     updates: broadcast::Sender<Arc<FeedUpdate>>,
 }
 
-#[derive(Default)]
-struct FeedState {
+struct FeedState<R> {
     version: u64,
-    current: Option<(ResolvedWindow, QueryResult)>,
+    current: Option<(ResolvedWindow, R)>,
+}
+
+impl<R> Default for FeedState<R> {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            current: None,
+        }
+    }
 }
 
 struct FeedUpdate {
@@ -371,43 +277,57 @@ struct FeedUpdate {
     delta: Delta,
 }
 
-impl Feed {
-    /// The current result and its version, computing it if needed, with a
-    /// receiver of every later delta (taken under the same lock, so none is
-    /// missed or repeated).
-    async fn snapshot(
-        &self,
-        store: &StoreClient,
-    ) -> Result<(u64, QueryResult, broadcast::Receiver<Arc<FeedUpdate>>), Error> {
-        let mut state = self.state.lock().await;
-        if state.current.is_none() {
-            let window = self.query.window(Utc::now(), &store.retention, "")?;
-            let result = store.run(&self.query, window).await?;
-            state.current = Some((window, result));
-        }
-        let result = state
-            .current
-            .as_ref()
-            .map(|(_, result)| result.clone())
-            .ok_or_else(|| Error::Internal("a feed lost its result".into()))?;
-        Ok((state.version, result, self.updates.subscribe()))
-    }
+/// A feed's current result and version, with a receiver of every later
+/// delta.
+type FeedSnapshot = (u64, snapshot::Result, broadcast::Receiver<Arc<FeedUpdate>>);
 
+/// What a stream needs of its feed, whatever the metric.
+trait Snapshots: Send + Sync {
+    /// The current result, computing it if needed; the receiver is taken
+    /// under the same lock, so no delta is missed or repeated.
+    fn snapshot<'a>(&'a self, store: &'a StoreClient)
+    -> BoxFuture<'a, Result<FeedSnapshot, Error>>;
+}
+
+impl<M: Metric> Snapshots for Feed<M> {
+    fn snapshot<'a>(
+        &'a self,
+        store: &'a StoreClient,
+    ) -> BoxFuture<'a, Result<FeedSnapshot, Error>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let result = match &state.current {
+                Some((_, result)) => result.clone(),
+                None => {
+                    let window = self.query.window(Utc::now(), &store.retention, "")?;
+                    let result = store.run(&self.query, window).await?;
+                    state.current = Some((window, result.clone()));
+                    result
+                }
+            };
+            Ok((state.version, M::snapshot(result), self.updates.subscribe()))
+        })
+    }
+}
+
+impl<M: Metric> Feed<M> {
     /// Re-runs the query; publishes the difference if there is one.
     async fn refresh(&self, store: &StoreClient) -> Result<(), Error> {
         let window = self.query.window(Utc::now(), &store.retention, "")?;
         let result = store.run(&self.query, window).await?;
         let mut state = self.state.lock().await;
-        let delta = match &state.current {
-            Some((_, old)) => diff(old, &result),
+        let change = match &state.current {
+            Some((_, old)) => M::diff(old, &result),
             None => None,
         };
         state.current = Some((window, result));
-        if let Some(delta) = delta {
+        if let Some(change) = change {
             state.version += 1;
             let _ = self.updates.send(Arc::new(FeedUpdate {
                 version: state.version,
-                delta,
+                delta: Delta {
+                    change: Some(change),
+                },
             }));
         }
         Ok(())
@@ -418,21 +338,12 @@ impl Feed {
     }
 }
 
-impl Hub {
-    fn forget(&self, key: &str) {
-        let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
-        if feeds.get(key).is_some_and(|f| f.strong_count() == 0) {
-            feeds.remove(key);
-        }
-    }
-}
-
 /// A feed's loop: recompute on relevant commits and bucket boundaries, until
 /// no subscriber is left or the server shuts down.
-async fn run_feed(
+async fn run_feed<M: Metric>(
     hub: Arc<Hub>,
     key: String,
-    feed: Arc<Feed>,
+    feed: Arc<Feed<M>>,
     mut triggers: broadcast::Receiver<Trigger>,
 ) {
     let mut idle = tokio::time::interval(FEED_IDLE_CHECK);
@@ -513,11 +424,11 @@ impl Drop for StreamGuard {
 }
 
 struct SubscriptionState {
-    feed: Arc<Feed>,
-    hub_store: StoreClient,
+    feed: Arc<dyn Snapshots>,
+    store: StoreClient,
     version: u64,
     updates: broadcast::Receiver<Arc<FeedUpdate>>,
-    first: Option<QueryResult>,
+    first: Option<snapshot::Result>,
     sequence: u64,
     heartbeat: Duration,
     watermark: watch::Receiver<Watermark>,
@@ -536,14 +447,7 @@ impl SubscriptionState {
     }
 }
 
-fn snapshot_of(result: QueryResult, resync: bool) -> subscribe_response::Update {
-    let result = match result {
-        QueryResult::EventCounts(r) => snapshot::Result::EventCounts(r),
-        QueryResult::UniqueUsers(r) => snapshot::Result::UniqueUsers(r),
-        QueryResult::Engagement(r) => snapshot::Result::Engagement(r),
-        QueryResult::TopProducts(r) => snapshot::Result::TopProducts(r),
-        QueryResult::Funnel(r) => snapshot::Result::Funnel(r),
-    };
+fn snapshot_of(result: snapshot::Result, resync: bool) -> subscribe_response::Update {
     subscribe_response::Update::Snapshot(Snapshot {
         resync,
         result: Some(result),
@@ -574,7 +478,7 @@ async fn next_message(
             }
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
                 // Too far behind: start again from a fresh snapshot.
-                match state.feed.snapshot(&state.hub_store).await {
+                match state.feed.snapshot(&state.store).await {
                     Ok((version, result, updates)) => {
                         state.version = version;
                         state.updates = updates;
@@ -591,228 +495,4 @@ async fn next_message(
         let message = state.message(update);
         return Some((message, state));
     }
-}
-
-/// The change from `old` to `new`, if any.
-fn diff(old: &QueryResult, new: &QueryResult) -> Option<Delta> {
-    let change = match (old, new) {
-        (QueryResult::EventCounts(old), QueryResult::EventCounts(new)) => {
-            diff_event_counts(old, new)
-        }
-        (QueryResult::UniqueUsers(old), QueryResult::UniqueUsers(new)) => {
-            diff_unique_users(old, new)
-        }
-        (QueryResult::Engagement(old), QueryResult::Engagement(new)) => diff_engagement(old, new),
-        (QueryResult::TopProducts(old), QueryResult::TopProducts(new)) => {
-            diff_top_products(old, new)
-        }
-        (QueryResult::Funnel(old), QueryResult::Funnel(new)) => diff_funnel(old, new),
-        _ => None,
-    }?;
-    Some(Delta {
-        change: Some(change),
-    })
-}
-
-/// The change between two event-count results, if any.
-fn diff_event_counts(
-    old: &rtap::v1::GetEventCountsResponse,
-    new: &rtap::v1::GetEventCountsResponse,
-) -> Option<delta::Change> {
-    let held: HashMap<i64, &EventCountBucket> = old
-        .buckets
-        .iter()
-        .filter_map(|b| Some((b.start_time?.seconds, b)))
-        .collect();
-    let mut buckets = Vec::new();
-    for bucket in &new.buckets {
-        let start = bucket.start_time.map_or(0, |t| t.seconds);
-        match held.get(&start) {
-            Some(previous) => {
-                let mut counts = Vec::new();
-                let before: HashMap<(i32, i32), i64> = previous
-                    .counts
-                    .iter()
-                    .map(|c| ((c.event_type, c.source), c.count))
-                    .collect();
-                let after: HashMap<(i32, i32), i64> = bucket
-                    .counts
-                    .iter()
-                    .map(|c| ((c.event_type, c.source), c.count))
-                    .collect();
-                let mut keys: Vec<_> = before.keys().chain(after.keys()).copied().collect();
-                keys.sort_unstable();
-                keys.dedup();
-                for key in keys {
-                    let change = after.get(&key).unwrap_or(&0) - before.get(&key).unwrap_or(&0);
-                    if change != 0 {
-                        counts.push(rtap::v1::EventCount {
-                            event_type: key.0,
-                            source: key.1,
-                            count: change,
-                        });
-                    }
-                }
-                if !counts.is_empty() {
-                    buckets.push(EventCountBucket {
-                        start_time: bucket.start_time,
-                        total: bucket.total - previous.total,
-                        counts,
-                    });
-                }
-            }
-            None => buckets.push(bucket.clone()),
-        }
-    }
-    let kept: std::collections::HashSet<i64> = new
-        .buckets
-        .iter()
-        .filter_map(|b| Some(b.start_time?.seconds))
-        .collect();
-    let removed: Vec<prost_types::Timestamp> = old
-        .buckets
-        .iter()
-        .filter_map(|b| b.start_time)
-        .filter(|t| !kept.contains(&t.seconds))
-        .collect();
-    if buckets.is_empty() && removed.is_empty() && old.range == new.range {
-        return None;
-    }
-    Some(delta::Change::EventCounts(EventCountsDelta {
-        buckets,
-        removed_bucket_start_times: removed,
-        range: new.range,
-    }))
-}
-
-/// The change between two unique-user results, if any.
-fn diff_unique_users(
-    old: &rtap::v1::GetUniqueUsersResponse,
-    new: &rtap::v1::GetUniqueUsersResponse,
-) -> Option<delta::Change> {
-    let change = new.unique_users - old.unique_users;
-    if change == 0 && old.range == new.range {
-        return None;
-    }
-    Some(delta::Change::UniqueUsers(UniqueUsersDelta {
-        unique_users_change: change,
-        range: new.range,
-    }))
-}
-
-/// The change between two engagement results, if any.
-fn diff_engagement(
-    old: &rtap::v1::GetEngagementResponse,
-    new: &rtap::v1::GetEngagementResponse,
-) -> Option<delta::Change> {
-    let micros_of = |d: Option<prost_types::Duration>| d.as_ref().map_or(0, duration_micros);
-    let sessions = |r: &rtap::v1::GetEngagementResponse| {
-        let s = r.sessions.unwrap_or_default();
-        (s.session_count, micros_of(s.total_length), s.total_events)
-    };
-    let (old_sessions, new_sessions) = (sessions(old), sessions(new));
-    let engagement = EngagementDelta {
-        unique_users_change: new.unique_users - old.unique_users,
-        product_views_change: new.product_views - old.product_views,
-        total_dwell_time_change: Some(duration_from_micros(
-            micros_of(new.total_dwell_time) - micros_of(old.total_dwell_time),
-        )),
-        session_count_change: new_sessions.0 - old_sessions.0,
-        session_total_length_change: Some(duration_from_micros(new_sessions.1 - old_sessions.1)),
-        session_total_events_change: new_sessions.2 - old_sessions.2,
-        range: new.range,
-    };
-    let unchanged = engagement.unique_users_change == 0
-        && engagement.product_views_change == 0
-        && micros_of(new.total_dwell_time) == micros_of(old.total_dwell_time)
-        && old_sessions == new_sessions
-        && old.range == new.range;
-    if unchanged {
-        return None;
-    }
-    Some(delta::Change::Engagement(engagement))
-}
-
-/// The change between two rankings, if any.
-fn diff_top_products(
-    old: &rtap::v1::GetTopProductsResponse,
-    new: &rtap::v1::GetTopProductsResponse,
-) -> Option<delta::Change> {
-    let before: HashMap<i64, i64> = old
-        .products
-        .iter()
-        .map(|p| (p.product_id, p.value))
-        .collect();
-    let upserted: Vec<ProductScore> = new
-        .products
-        .iter()
-        .filter(|p| before.get(&p.product_id) != Some(&p.value))
-        .cloned()
-        .collect();
-    let now_listed: std::collections::HashSet<i64> =
-        new.products.iter().map(|p| p.product_id).collect();
-    let removed: Vec<i64> = old
-        .products
-        .iter()
-        .map(|p| p.product_id)
-        .filter(|id| !now_listed.contains(id))
-        .collect();
-    if upserted.is_empty() && removed.is_empty() && old.range == new.range {
-        return None;
-    }
-    Some(delta::Change::TopProducts(TopProductsDelta {
-        upserted,
-        removed_product_ids: removed,
-        range: new.range,
-    }))
-}
-
-/// The change between two funnels, if any.
-fn diff_funnel(
-    old: &rtap::v1::GetFunnelResponse,
-    new: &rtap::v1::GetFunnelResponse,
-) -> Option<delta::Change> {
-    let counts = |f: &rtap::v1::Funnel| {
-        [
-            f.sessions,
-            f.product_view_sessions,
-            f.add_to_cart_sessions,
-            f.purchase_sessions,
-        ]
-    };
-    let before: HashMap<i32, [i64; 4]> =
-        old.funnels.iter().map(|f| (f.source, counts(f))).collect();
-    let mut changes = Vec::new();
-    let listed: std::collections::HashSet<i32> = new.funnels.iter().map(|f| f.source).collect();
-    for (source, previous) in &before {
-        if !listed.contains(source) {
-            changes.push(FunnelChange {
-                source: *source,
-                sessions_change: -previous[0],
-                product_view_sessions_change: -previous[1],
-                add_to_cart_sessions_change: -previous[2],
-                purchase_sessions_change: -previous[3],
-            });
-        }
-    }
-    for funnel in &new.funnels {
-        let previous = before.get(&funnel.source).copied().unwrap_or_default();
-        let current = counts(funnel);
-        if previous != current {
-            changes.push(FunnelChange {
-                source: funnel.source,
-                sessions_change: current[0] - previous[0],
-                product_view_sessions_change: current[1] - previous[1],
-                add_to_cart_sessions_change: current[2] - previous[2],
-                purchase_sessions_change: current[3] - previous[3],
-            });
-        }
-    }
-    if changes.is_empty() && old.range == new.range {
-        return None;
-    }
-    Some(delta::Change::Funnel(FunnelDelta {
-        changes,
-        range: new.range,
-    }))
 }

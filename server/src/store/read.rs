@@ -218,6 +218,19 @@ impl MetricReader {
         Ok(totals)
     }
 
+    /// Each of `counters` summed over signed buckets and partitions, named:
+    /// one `(counter, total)` per counter, so callers decode by name.
+    pub async fn counter_totals(
+        &self,
+        connection: &mut impl ConnectionLike,
+        buckets: &[(Bucket, i64)],
+        counters: &[Counter],
+    ) -> Result<Vec<(Counter, i64)>, StoreError> {
+        let fields: Vec<String> = counters.iter().map(Counter::field).collect();
+        let totals = self.totals(connection, buckets, &fields).await?;
+        Ok(counters.iter().copied().zip(totals).collect())
+    }
+
     /// Distinct users of `set` over `buckets`.
     pub async fn unique_users(
         &self,

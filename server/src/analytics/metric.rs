@@ -1,0 +1,247 @@
+//! What a metric is. Each metric kind (one unary RPC and one Subscribe
+//! query) is one module of [`super::metrics`] implementing [`Metric`]: its
+//! request's rules, the reads it plans, the assembly of its result and the
+//! diff of two results. The unary handlers, [`Query`] and Subscribe's feeds
+//! are generic over it, so they behave the same for every kind.
+
+use std::future::Future;
+
+use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
+use chrono::{DateTime, Utc};
+use prost::Message;
+use redis::aio::ConnectionLike;
+use rtap::v1::{EventType, Source, TimeWindow, delta, snapshot};
+
+use super::window::{self, ResolvedWindow, SignedBucket};
+use crate::{
+    error::{Error, FieldViolation},
+    store::{Retention, read::MetricReader},
+};
+
+/// One metric kind.
+pub trait Metric: Send + Sync + 'static {
+    /// The query (the unary request, and Subscribe's oneof field).
+    type Request: Message + Clone + Default + Send + Sync + 'static;
+    /// The result (the unary response, and the Snapshot's oneof field).
+    type Response: Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static;
+
+    /// The name of the request in Subscribe's `query` oneof; prefixes the
+    /// fields of its violations there and its feeds' keys.
+    const NAME: &'static str;
+
+    /// Adds a violation for every invalid field but the window (which
+    /// depends on the time the query runs).
+    fn validate(request: &Self::Request, violations: &mut Violations);
+
+    /// The request's window and granularity (raw enum number, 0 when the
+    /// metric has none).
+    fn window(request: &Self::Request) -> (Option<&TimeWindow>, i32);
+
+    /// The request with every field in one canonical form, so requests that
+    /// always give the same result are equal (filters are sets, a default
+    /// spelled out or left out is the same).
+    fn canonical(request: &Self::Request) -> Self::Request {
+        request.clone()
+    }
+
+    /// Reads the result from the metric store.
+    fn read<C: ConnectionLike + Send>(
+        request: &Self::Request,
+        reads: Reads<'_, C>,
+    ) -> impl Future<Output = Result<Self::Response, Error>> + Send;
+
+    /// The change from `old` to `new`, `None` when there is none.
+    fn diff(old: &Self::Response, new: &Self::Response) -> Option<delta::Change>;
+
+    /// The result as a Subscribe snapshot.
+    fn snapshot(result: Self::Response) -> snapshot::Result;
+}
+
+/// A request of metric `M` whose fields are valid (its window is resolved
+/// each time it runs: rolling windows move).
+pub struct Query<M: Metric> {
+    request: M::Request,
+}
+
+impl<M: Metric> Clone for Query<M> {
+    fn clone(&self) -> Self {
+        Self {
+            request: self.request.clone(),
+        }
+    }
+}
+
+impl<M: Metric> Query<M> {
+    /// Checks `request`; field names in violations start with `prefix`.
+    pub fn new(request: M::Request, prefix: &str) -> Result<Self, Error> {
+        let mut violations = Violations::new(prefix);
+        M::validate(&request, &mut violations);
+        violations.into_result()?;
+        Ok(Self { request })
+    }
+
+    /// The key of the query's feed: queries that always give the same
+    /// result share one.
+    pub fn canonical_key(&self) -> String {
+        let bytes = M::canonical(&self.request).encode_to_vec();
+        format!("{}:{}", M::NAME, STANDARD_NO_PAD.encode(bytes))
+    }
+
+    /// Whether the window ends now (and so moves forward with time).
+    pub fn is_rolling(&self) -> bool {
+        let (window, _) = M::window(&self.request);
+        !matches!(
+            window.and_then(|w| w.window.as_ref()),
+            Some(rtap::v1::time_window::Window::Range(_))
+        )
+    }
+
+    /// The window this query covers at `now`; field names in violations
+    /// start with `prefix`.
+    pub fn window(
+        &self,
+        now: DateTime<Utc>,
+        retention: &Retention,
+        prefix: &str,
+    ) -> Result<ResolvedWindow, Error> {
+        let (window, granularity) = M::window(&self.request);
+        window::resolve(window, granularity, now, retention, prefix).map_err(Error::InvalidArgument)
+    }
+
+    /// Runs the query over `window`, reading buckets still kept under
+    /// `retention`.
+    pub async fn run<C: ConnectionLike + Send>(
+        &self,
+        connection: &mut C,
+        reader: &MetricReader,
+        window: ResolvedWindow,
+        retention: &Retention,
+    ) -> Result<M::Response, Error> {
+        let reads = Reads {
+            connection,
+            reader,
+            window,
+            retention,
+        };
+        M::read(&self.request, reads).await
+    }
+}
+
+/// What a metric reads with: the store, and the window it covers.
+pub struct Reads<'a, C> {
+    /// The Redis connection.
+    pub connection: &'a mut C,
+    /// The partitions read.
+    pub reader: &'a MetricReader,
+    /// The window.
+    pub window: ResolvedWindow,
+    retention: &'a Retention,
+}
+
+impl<C> Reads<'_, C> {
+    /// Buckets whose signed sum is the window, for additive totals. Which
+    /// buckets it picks depends on the time (future buckets are free), their
+    /// sum never does.
+    pub fn cover(&self) -> Vec<SignedBucket> {
+        self.window
+            .signed_cover(Utc::now().timestamp(), self.retention)
+    }
+}
+
+/// The invalid fields of a request, named under a prefix.
+pub struct Violations {
+    prefix: String,
+    found: Vec<FieldViolation>,
+}
+
+impl Violations {
+    fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            found: Vec::new(),
+        }
+    }
+
+    /// `field` is invalid: `description` says why.
+    pub fn add(&mut self, field: &str, description: impl Into<String>) {
+        self.found.push(FieldViolation::new(
+            format!("{}{field}", self.prefix),
+            description,
+        ));
+    }
+
+    fn into_result(self) -> Result<(), Error> {
+        if self.found.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(self.found))
+        }
+    }
+
+    /// `product_id` (0 for every product) must not be negative.
+    pub fn check_product(&mut self, product_id: i64) {
+        if product_id < 0 {
+            self.add("product_id", "must not be negative");
+        }
+    }
+
+    /// Every entry of `sources` must be a known source.
+    pub fn check_sources(&mut self, sources: &[i32]) {
+        for (index, value) in sources.iter().enumerate() {
+            if !matches!(Source::try_from(*value), Ok(s) if s != Source::Unspecified) {
+                self.add(
+                    &format!("sources[{index}]"),
+                    format!("unknown source {value}"),
+                );
+            }
+        }
+    }
+}
+
+/// Every event type a query can ask for.
+pub const EVENT_TYPES: [EventType; 6] = [
+    EventType::PageView,
+    EventType::ProductView,
+    EventType::AddToCart,
+    EventType::RemoveFromCart,
+    EventType::Purchase,
+    EventType::Search,
+];
+/// Every source a query can ask for.
+pub const SOURCES: [Source; 3] = [Source::Web, Source::MobileApp, Source::Server];
+
+/// A filter's values as a set: sorted, each once.
+pub fn distinct(values: &[i32]) -> Vec<i32> {
+    let mut values = values.to_vec();
+    values.sort_unstable();
+    values.dedup();
+    values
+}
+
+/// The requested values, or every value when none is requested.
+pub fn selected<T: Copy + Into<i32>>(requested: &[i32], all: &[T]) -> Vec<i32> {
+    if requested.is_empty() {
+        all.iter().map(|v| (*v).into()).collect()
+    } else {
+        distinct(requested)
+    }
+}
+
+/// `numerator / denominator`, 0 when the denominator is 0.
+pub fn ratio(numerator: i64, denominator: i64) -> f64 {
+    if denominator == 0 {
+        0.0
+    } else {
+        numerator as f64 / denominator as f64
+    }
+}
+
+/// `numerator / denominator` rounded toward zero, 0 when the denominator is
+/// 0.
+pub fn ratio_i64(numerator: i64, denominator: i64) -> i64 {
+    if denominator == 0 {
+        0
+    } else {
+        numerator / denominator
+    }
+}

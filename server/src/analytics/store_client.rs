@@ -1,0 +1,127 @@
+//! The analytics service's access to the metric store: one shared,
+//! reconnecting connection, the ranking cache, and the stored watermark.
+
+use std::{sync::Arc, time::Duration};
+
+use redis::aio::ConnectionManager;
+use rtap::v1::{PartitionOffset, Watermark};
+
+use super::{
+    metric::{Metric, Query},
+    window::ResolvedWindow,
+};
+use crate::{
+    error::Error,
+    infra::{reconnect::Reconnecting, time::timestamp_from_millis},
+    store::{
+        Retention,
+        commit::{PartitionState, load_states},
+        read::MetricReader,
+        settled::SettledRankings,
+        status::{PartitionVitals, Totals},
+    },
+};
+
+/// Shared metric-store access of the analytics service.
+#[derive(Clone)]
+pub struct StoreClient {
+    pub(super) client: redis::Client,
+    connection: Arc<Reconnecting<ConnectionManager, Error>>,
+    namespace: String,
+    /// Bucket retentions, for window resolution.
+    pub retention: Retention,
+    /// Unions of settled ranking buckets, shared by every query.
+    settled: Arc<SettledRankings>,
+}
+
+impl StoreClient {
+    /// Access to `namespace` through `client`; calls give up after `timeout`.
+    pub fn new(
+        client: redis::Client,
+        namespace: String,
+        retention: Retention,
+        timeout: Duration,
+    ) -> Self {
+        let connect = client.clone();
+        let connection = Reconnecting::new(move || {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1);
+            let client = connect.clone();
+            async move {
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(|e| Error::Unavailable {
+                        dependency: "redis",
+                        reason: e.to_string(),
+                    })
+            }
+        });
+        Self {
+            client,
+            connection: Arc::new(connection),
+            namespace,
+            retention,
+            settled: Arc::new(SettledRankings::new(retention)),
+        }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// A (shared, multiplexed) connection; UNAVAILABLE if Redis is down.
+    pub async fn connection(&self) -> Result<ConnectionManager, Error> {
+        self.connection.get().await
+    }
+
+    /// Every consumed partition's stored state.
+    pub async fn partition_states(&self) -> Result<Vec<(i32, PartitionState)>, Error> {
+        let mut connection = self.connection().await?;
+        Ok(load_states(&mut connection, &self.namespace).await?)
+    }
+
+    /// Runs `query` over `window` on every consumed partition.
+    pub async fn run<M: Metric>(
+        &self,
+        query: &Query<M>,
+        window: ResolvedWindow,
+    ) -> Result<M::Response, Error> {
+        let mut connection = self.connection().await?;
+        let reader = MetricReader::discover(&mut connection, &self.namespace)
+            .await?
+            .with_settled(self.settled.clone());
+        query
+            .run(&mut connection, &reader, window, &self.retention)
+            .await
+    }
+
+    /// The watermark as stored: every partition's next offset and the latest
+    /// event time.
+    pub async fn watermark(&self) -> Result<Watermark, Error> {
+        let vitals: Vec<PartitionVitals> = self
+            .partition_states()
+            .await?
+            .into_iter()
+            .map(|(partition, state)| PartitionVitals {
+                partition,
+                state,
+                high_watermark: None,
+            })
+            .collect();
+        Ok(Watermark {
+            offsets: vitals
+                .iter()
+                .map(|v| PartitionOffset {
+                    partition: v.partition,
+                    next_offset: v.stored_offset(),
+                })
+                .collect(),
+            latest_event_time: Totals::of(&vitals)
+                .latest_event_ms
+                .map(timestamp_from_millis),
+        })
+    }
+}
