@@ -348,12 +348,12 @@ pub enum Role {
 
 impl Role {
     /// Whether this role serves the catalog, analytics and ingest RPCs.
-    pub fn serves_api(self) -> bool {
+    pub(crate) fn serves_api(self) -> bool {
         matches!(self, Self::All | Self::Api)
     }
 
     /// Whether this role runs the Kafka consumers.
-    pub fn consumes(self) -> bool {
+    pub(crate) fn consumes(self) -> bool {
         matches!(self, Self::All | Self::Ingest)
     }
 }
@@ -375,7 +375,7 @@ impl Config {
     }
 
     /// Checks the rules that span several settings.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.hour_retention < self.minute_retention || self.day_retention < self.hour_retention {
             return Err(
                 "retentions must grow with the bucket size: --minute-retention <= --hour-retention <= --day-retention"

@@ -19,20 +19,20 @@ const MAX_CONNECTIONS: u32 = 32;
 
 /// A handle on the catalog database, cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Database {
+pub(crate) struct Database {
     connection: DatabaseConnection,
     schema_ready: watch::Receiver<bool>,
 }
 
 /// Marks the schema as migrated once migrations succeed.
 #[derive(Debug)]
-pub struct SchemaGate(watch::Sender<bool>);
+pub(crate) struct SchemaGate(watch::Sender<bool>);
 
 impl Database {
     /// Creates the pool without connecting, so the server can start (and
     /// report NOT_SERVING) while PostgreSQL is down. Fails only on an invalid
     /// URL.
-    pub async fn connect_lazy(config: &Config) -> Result<(Self, SchemaGate), Error> {
+    pub(crate) async fn connect_lazy(config: &Config) -> Result<(Self, SchemaGate), Error> {
         let connection = open_pool(config, true).await?;
         let (ready_tx, schema_ready) = watch::channel(false);
         Ok((
@@ -46,7 +46,7 @@ impl Database {
 
     /// The pool, for queries. Fails with UNAVAILABLE until the schema is
     /// migrated, so no RPC runs against a half-built schema.
-    pub fn connection(&self) -> Result<&DatabaseConnection, Error> {
+    pub(crate) fn connection(&self) -> Result<&DatabaseConnection, Error> {
         if *self.schema_ready.borrow() {
             Ok(&self.connection)
         } else {
@@ -58,12 +58,12 @@ impl Database {
     }
 
     /// Whether migrations have been applied.
-    pub fn schema_ready(&self) -> bool {
+    pub(crate) fn schema_ready(&self) -> bool {
         *self.schema_ready.borrow()
     }
 
     /// Round trip to PostgreSQL, bounded by `timeout`.
-    pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
+    pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), String> {
         match tokio::time::timeout(timeout, self.connection.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(error.to_string()),
@@ -73,7 +73,7 @@ impl Database {
 
     /// Applies pending migrations, retrying with backoff while PostgreSQL is
     /// unreachable, until they succeed or `shutdown` fires.
-    pub async fn migrate_until_ready(&self, gate: SchemaGate, shutdown: CancellationToken) {
+    pub(crate) async fn migrate_until_ready(&self, gate: SchemaGate, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
         loop {
             match Migrator::up(&self.connection, None).await {

@@ -19,7 +19,7 @@ const REPORTED_VIOLATIONS: usize = 8;
 /// characters, accented letters included, are shown as they are). An
 /// error never repeats a whole input: trailers over 16 KiB make grpc-core
 /// clients report RESOURCE_EXHAUSTED instead of the error.
-pub fn quote(value: &str) -> String {
+pub(crate) fn quote(value: &str) -> String {
     let chars = value.chars().count();
     let shown: String = value
         .chars()
@@ -52,7 +52,7 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     /// A violation of `field`, explained by `description`.
-    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             description: description.into(),
@@ -133,7 +133,7 @@ fn describe(violations: &[FieldViolation]) -> String {
 
 /// True when a database error means the database could not be reached, as
 /// opposed to a statement that failed.
-pub fn is_connection_error(error: &DbErr) -> bool {
+pub(crate) fn is_connection_error(error: &DbErr) -> bool {
     use sea_orm::{RuntimeErr, sqlx::Error as SqlxError};
     match error {
         DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,

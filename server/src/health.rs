@@ -24,11 +24,11 @@ use crate::{
 
 /// Consecutive failed checks after which a dependency that was up is
 /// reported down (with the default 5 s interval: 10 to 15 s of failures).
-pub const FAILURES_TO_REPORT_DOWN: u32 = 3;
+pub(crate) const FAILURES_TO_REPORT_DOWN: u32 = 3;
 
 /// A dependency the server checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dependency {
+pub(crate) enum Dependency {
     /// PostgreSQL, migrated.
     Postgres,
     /// Redis.
@@ -40,22 +40,22 @@ pub enum Dependency {
 /// A service whose health status follows the dependencies it needs (the
 /// server's are listed where it is assembled, so health knows no service).
 #[derive(Debug, Clone, Copy)]
-pub struct Watched {
+pub(crate) struct Watched {
     /// The service's name in `grpc.health.v1` (`""`: the whole server).
-    pub service: &'static str,
+    pub(crate) service: &'static str,
     /// SERVING while each of these is up.
-    pub needs: &'static [Dependency],
+    pub(crate) needs: &'static [Dependency],
 }
 
 /// Whether each dependency answered its last check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DependencyStatus {
+pub(crate) struct DependencyStatus {
     /// PostgreSQL answered and the schema is migrated.
-    pub postgres: bool,
+    pub(crate) postgres: bool,
     /// Redis answered PING.
-    pub redis: bool,
+    pub(crate) redis: bool,
     /// A Kafka broker returned cluster metadata.
-    pub kafka: bool,
+    pub(crate) kafka: bool,
 }
 
 impl DependencyStatus {
@@ -73,7 +73,7 @@ impl DependencyStatus {
 }
 
 /// Sets every status to NOT_SERVING: before the first check, and at shutdown.
-pub async fn report_not_serving(reporter: &HealthReporter, watched: &[Watched]) {
+pub(crate) async fn report_not_serving(reporter: &HealthReporter, watched: &[Watched]) {
     for service in watched {
         reporter
             .set_service_status(service.service, ServingStatus::NotServing)
@@ -83,7 +83,7 @@ pub async fn report_not_serving(reporter: &HealthReporter, watched: &[Watched]) 
 
 /// Checks the dependencies. Holds its connections between checks, and drops
 /// one after a failure so the next check reconnects.
-pub struct DependencyProbe {
+pub(crate) struct DependencyProbe {
     database: Database,
     redis: Reconnecting<MultiplexedConnection, redis::RedisError>,
     kafka: Reconnecting<Arc<KafkaClient>, rskafka::client::error::Error>,
@@ -92,7 +92,7 @@ pub struct DependencyProbe {
 
 impl DependencyProbe {
     /// A probe whose every call is bounded by `timeout`.
-    pub fn new(
+    pub(crate) fn new(
         database: Database,
         redis: redis::Client,
         kafka_brokers: Vec<String>,
@@ -113,7 +113,7 @@ impl DependencyProbe {
     }
 
     /// Runs the three checks concurrently.
-    pub async fn check(&self) -> (DependencyStatus, Vec<(&'static str, String)>) {
+    pub(crate) async fn check(&self) -> (DependencyStatus, Vec<(&'static str, String)>) {
         let timeout = self.timeout;
         let postgres = async {
             self.database.ping(timeout).await?;
@@ -210,7 +210,7 @@ impl Evidence {
 /// Checks the dependencies every `interval` and publishes the statuses until
 /// `shutdown`, then reports NOT_SERVING. Logs only transitions, so a long
 /// outage is one warning, not one per check.
-pub async fn monitor(
+pub(crate) async fn monitor(
     probe: DependencyProbe,
     reporter: HealthReporter,
     watched: &'static [Watched],

@@ -15,17 +15,20 @@
 //!   for `watch` and `health`).
 //!
 //! No two top-level modules import each other.
+//!
+//! Items are `pub(crate)` unless the binaries, the integration tests or the
+//! benches need them: what is `pub` here is what those use.
 
 pub mod analytics;
 pub mod app;
-pub mod catalog;
+mod catalog;
 pub mod config;
 pub mod database;
 pub mod error;
-pub mod health;
+mod health;
 pub mod infra;
 pub mod ingest;
-pub mod retry;
+mod retry;
 pub mod shutdown;
 pub mod store;
 pub mod watch;

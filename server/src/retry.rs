@@ -6,14 +6,14 @@ use std::time::Duration;
 /// resumes within about 2 s of the dependency's recovery (the wait, drawn
 /// from 0.8 to 1.6 s, plus the attempt), and a dependency that is down sees
 /// an attempt a second or so from each task.
-pub const RECONNECT_MAX: Duration = Duration::from_millis(1600);
+pub(crate) const RECONNECT_MAX: Duration = Duration::from_millis(1600);
 
 /// Doubling delays from `initial` up to `max`: every retry loop waits
 /// between attempts, so a dependency that is down never makes the server
 /// spin. Each delay is drawn between half and all of its step, so that many
 /// partitions and processes that failed together do not retry in lockstep.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     next: Duration,
     max: Duration,
@@ -21,7 +21,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Starts at `initial`, never exceeds `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             next: initial,
@@ -30,12 +30,12 @@ impl Backoff {
     }
 
     /// Starts over from the initial delay, after a success.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.initial;
     }
 
     /// The delay to wait before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
         jittered(step)
@@ -43,7 +43,7 @@ impl Backoff {
 }
 
 /// A delay drawn uniformly between half of `step` and `step`.
-pub fn jittered(step: Duration) -> Duration {
+pub(crate) fn jittered(step: Duration) -> Duration {
     let half = step / 2;
     half + half.mul_f64(rand::random::<f64>())
 }

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// One metric kind.
-pub trait Metric: Send + Sync + 'static {
+pub(crate) trait Metric: Send + Sync + 'static {
     /// The query (the unary request, and Subscribe's oneof field).
     type Request: Message + Clone + Default + Send + Sync + 'static;
     /// The result (the unary response, and the Snapshot's oneof field).
@@ -59,7 +59,7 @@ pub trait Metric: Send + Sync + 'static {
 
 /// A request of metric `M` whose fields are valid (its window is resolved
 /// each time it runs: rolling windows move).
-pub struct Query<M: Metric> {
+pub(crate) struct Query<M: Metric> {
     request: M::Request,
 }
 
@@ -73,7 +73,7 @@ impl<M: Metric> Clone for Query<M> {
 
 impl<M: Metric> Query<M> {
     /// Checks `request`; field names in violations start with `prefix`.
-    pub fn new(request: M::Request, prefix: &str) -> Result<Self, Error> {
+    pub(crate) fn new(request: M::Request, prefix: &str) -> Result<Self, Error> {
         let mut violations = Violations::new(prefix);
         M::validate(&request, &mut violations);
         violations.into_result()?;
@@ -82,13 +82,13 @@ impl<M: Metric> Query<M> {
 
     /// The key of the query's feed: queries that always give the same
     /// result share one.
-    pub fn canonical_key(&self) -> String {
+    pub(crate) fn canonical_key(&self) -> String {
         let bytes = M::canonical(&self.request).encode_to_vec();
         format!("{}:{}", M::NAME, STANDARD_NO_PAD.encode(bytes))
     }
 
     /// Whether the window ends now (and so moves forward with time).
-    pub fn is_rolling(&self) -> bool {
+    pub(crate) fn is_rolling(&self) -> bool {
         let (window, _) = M::window(&self.request);
         !matches!(
             window.and_then(|w| w.window.as_ref()),
@@ -98,7 +98,7 @@ impl<M: Metric> Query<M> {
 
     /// The window this query covers at `now`; field names in violations
     /// start with `prefix`.
-    pub fn window(
+    pub(crate) fn window(
         &self,
         now: DateTime<Utc>,
         retention: &Retention,
@@ -110,7 +110,7 @@ impl<M: Metric> Query<M> {
 
     /// Runs the query over `window`, reading buckets still kept under
     /// `retention`.
-    pub async fn run<C: ConnectionLike + Send>(
+    pub(crate) async fn run<C: ConnectionLike + Send>(
         &self,
         connection: &mut C,
         reader: &MetricReader,
@@ -128,13 +128,13 @@ impl<M: Metric> Query<M> {
 }
 
 /// What a metric reads with: the store, and the window it covers.
-pub struct Reads<'a, C> {
+pub(crate) struct Reads<'a, C> {
     /// The Redis connection.
-    pub connection: &'a mut C,
+    pub(crate) connection: &'a mut C,
     /// The partitions read.
-    pub reader: &'a MetricReader,
+    pub(crate) reader: &'a MetricReader,
     /// The window.
-    pub window: ResolvedWindow,
+    pub(crate) window: ResolvedWindow,
     retention: &'a Retention,
 }
 
@@ -142,14 +142,14 @@ impl<C> Reads<'_, C> {
     /// Buckets whose signed sum is the window, for additive totals. Which
     /// buckets it picks depends on the time (future buckets are free), their
     /// sum never does.
-    pub fn cover(&self) -> Vec<SignedBucket> {
+    pub(crate) fn cover(&self) -> Vec<SignedBucket> {
         self.window
             .signed_cover(Utc::now().timestamp(), self.retention)
     }
 }
 
 /// The invalid fields of a request, named under a prefix.
-pub struct Violations {
+pub(crate) struct Violations {
     prefix: String,
     found: Vec<FieldViolation>,
 }
@@ -163,7 +163,7 @@ impl Violations {
     }
 
     /// `field` is invalid: `description` says why.
-    pub fn add(&mut self, field: &str, description: impl Into<String>) {
+    pub(crate) fn add(&mut self, field: &str, description: impl Into<String>) {
         self.found.push(FieldViolation::new(
             format!("{}{field}", self.prefix),
             description,
@@ -179,14 +179,14 @@ impl Violations {
     }
 
     /// `product_id` (0 for every product) must not be negative.
-    pub fn check_product(&mut self, product_id: i64) {
+    pub(crate) fn check_product(&mut self, product_id: i64) {
         if product_id < 0 {
             self.add("product_id", "must not be negative");
         }
     }
 
     /// Every entry of `sources` must be a known source.
-    pub fn check_sources(&mut self, sources: &[i32]) {
+    pub(crate) fn check_sources(&mut self, sources: &[i32]) {
         for (index, value) in sources.iter().enumerate() {
             if !matches!(Source::try_from(*value), Ok(s) if s != Source::Unspecified) {
                 self.add(
@@ -199,7 +199,7 @@ impl Violations {
 }
 
 /// Every event type a query can ask for.
-pub const EVENT_TYPES: [EventType; 6] = [
+pub(crate) const EVENT_TYPES: [EventType; 6] = [
     EventType::PageView,
     EventType::ProductView,
     EventType::AddToCart,
@@ -208,10 +208,10 @@ pub const EVENT_TYPES: [EventType; 6] = [
     EventType::Search,
 ];
 /// Every source a query can ask for.
-pub const SOURCES: [Source; 3] = [Source::Web, Source::MobileApp, Source::Server];
+pub(crate) const SOURCES: [Source; 3] = [Source::Web, Source::MobileApp, Source::Server];
 
 /// A filter's values as a set: sorted, each once.
-pub fn distinct(values: &[i32]) -> Vec<i32> {
+pub(crate) fn distinct(values: &[i32]) -> Vec<i32> {
     let mut values = values.to_vec();
     values.sort_unstable();
     values.dedup();
@@ -219,7 +219,7 @@ pub fn distinct(values: &[i32]) -> Vec<i32> {
 }
 
 /// The requested values, or every value when none is requested.
-pub fn selected<T: Copy + Into<i32>>(requested: &[i32], all: &[T]) -> Vec<i32> {
+pub(crate) fn selected<T: Copy + Into<i32>>(requested: &[i32], all: &[T]) -> Vec<i32> {
     if requested.is_empty() {
         all.iter().map(|v| (*v).into()).collect()
     } else {
@@ -228,7 +228,7 @@ pub fn selected<T: Copy + Into<i32>>(requested: &[i32], all: &[T]) -> Vec<i32> {
 }
 
 /// `numerator / denominator`, 0 when the denominator is 0.
-pub fn ratio(numerator: i64, denominator: i64) -> f64 {
+pub(crate) fn ratio(numerator: i64, denominator: i64) -> f64 {
     if denominator == 0 {
         0.0
     } else {
@@ -238,7 +238,7 @@ pub fn ratio(numerator: i64, denominator: i64) -> f64 {
 
 /// `numerator / denominator` rounded toward zero, 0 when the denominator is
 /// 0.
-pub fn ratio_i64(numerator: i64, denominator: i64) -> i64 {
+pub(crate) fn ratio_i64(numerator: i64, denominator: i64) -> i64 {
     if denominator == 0 {
         0
     } else {

@@ -8,10 +8,10 @@
 //! - [`subscribe`]: feeds shared by subscribers to the same query;
 //! - [`store_client`]: this service's access to the metric store.
 
-pub mod metric;
-pub mod metrics;
-pub mod store_client;
-pub mod subscribe;
+pub(crate) mod metric;
+pub(crate) mod metrics;
+pub(crate) mod store_client;
+pub(crate) mod subscribe;
 pub mod window;
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc, sync::atomic::Ordering, time::Duration};
@@ -41,18 +41,18 @@ use metrics::{Engagement, EventCounts, Funnel, TopProducts, UniqueUsers};
 use subscribe::Hub;
 
 /// The gRPC server type of the analytics service.
-pub type AnalyticsServer = AnalyticsServiceServer<AnalyticsApi>;
+pub(crate) type AnalyticsServer = AnalyticsServiceServer<AnalyticsApi>;
 
 /// Heartbeat interval when the subscriber does not ask for one.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Shortest heartbeat interval a subscriber may ask for.
-pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+pub(crate) const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Longest heartbeat interval a subscriber may ask for.
-pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
 
 /// Implements `rtap.v1.AnalyticsService`.
 #[derive(Clone)]
-pub struct AnalyticsApi {
+pub(crate) struct AnalyticsApi {
     hub: Arc<Hub>,
     topic: String,
     timeout: Duration,
@@ -63,7 +63,7 @@ pub struct AnalyticsApi {
 
 impl AnalyticsApi {
     /// The service over `hub`'s store, reporting on the configured topic.
-    pub fn new(hub: Arc<Hub>, config: &crate::config::Config) -> Self {
+    pub(crate) fn new(hub: Arc<Hub>, config: &crate::config::Config) -> Self {
         Self {
             hub,
             topic: config.events_topic.clone(),
@@ -104,7 +104,7 @@ impl AnalyticsApi {
     }
 
     /// The service, ready to add to a tonic router.
-    pub fn into_server(self) -> AnalyticsServer {
+    pub(crate) fn into_server(self) -> AnalyticsServer {
         AnalyticsServiceServer::new(self)
     }
 

@@ -24,19 +24,19 @@ use crate::{
 
 /// Shared metric-store access of the analytics service.
 #[derive(Clone)]
-pub struct StoreClient {
+pub(crate) struct StoreClient {
     pub(super) client: redis::Client,
     connection: Arc<Reconnecting<ConnectionManager, Error>>,
     namespace: String,
     /// Bucket retentions, for window resolution.
-    pub retention: Retention,
+    pub(crate) retention: Retention,
     /// Unions of settled ranking buckets, shared by every query.
     settled: Arc<SettledRankings>,
 }
 
 impl StoreClient {
     /// Access to `namespace` through `client`; calls give up after `timeout`.
-    pub fn new(
+    pub(crate) fn new(
         client: redis::Client,
         namespace: String,
         retention: Retention,
@@ -68,23 +68,23 @@ impl StoreClient {
     }
 
     /// The namespace.
-    pub fn namespace(&self) -> &str {
+    pub(crate) fn namespace(&self) -> &str {
         &self.namespace
     }
 
     /// A (shared, multiplexed) connection; UNAVAILABLE if Redis is down.
-    pub async fn connection(&self) -> Result<ConnectionManager, Error> {
+    pub(crate) async fn connection(&self) -> Result<ConnectionManager, Error> {
         self.connection.get().await
     }
 
     /// Every consumed partition's stored state.
-    pub async fn partition_states(&self) -> Result<Vec<(i32, PartitionState)>, Error> {
+    pub(crate) async fn partition_states(&self) -> Result<Vec<(i32, PartitionState)>, Error> {
         let mut connection = self.connection().await?;
         Ok(load_states(&mut connection, &self.namespace).await?)
     }
 
     /// Runs `query` over `window` on every consumed partition.
-    pub async fn run<M: Metric>(
+    pub(crate) async fn run<M: Metric>(
         &self,
         query: &Query<M>,
         window: ResolvedWindow,
@@ -100,7 +100,7 @@ impl StoreClient {
 
     /// The watermark as stored: every partition's next offset and the latest
     /// event time.
-    pub async fn watermark(&self) -> Result<Watermark, Error> {
+    pub(crate) async fn watermark(&self) -> Result<Watermark, Error> {
         let vitals: Vec<PartitionVitals> = self
             .partition_states()
             .await?

@@ -48,7 +48,7 @@ use crate::{
 };
 
 /// Deltas a feed keeps for slow subscribers before they must resync.
-pub const FEED_QUEUE: usize = 64;
+pub(crate) const FEED_QUEUE: usize = 64;
 /// Commit notifications the hub buffers for its feeds.
 const HUB_QUEUE: usize = 1024;
 /// How often an idle feed checks whether it still has subscribers.
@@ -57,11 +57,11 @@ const FEED_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Live counts of this process's subscriptions, for operators and leak
 /// tests.
 #[derive(Debug, Default)]
-pub struct Gauges {
+pub(crate) struct Gauges {
     /// Open subscription streams.
-    pub streams: AtomicI64,
+    pub(crate) streams: AtomicI64,
     /// Running feeds.
-    pub feeds: AtomicI64,
+    pub(crate) feeds: AtomicI64,
 }
 
 /// What a feed is woken by.
@@ -74,10 +74,10 @@ enum Trigger {
 }
 
 /// An open subscription: its messages, until the server shuts down.
-pub type Subscription = Pin<Box<dyn Stream<Item = SubscribeResponse> + Send>>;
+pub(crate) type Subscription = Pin<Box<dyn Stream<Item = SubscribeResponse> + Send>>;
 
 /// The process's fan-out point.
-pub struct Hub {
+pub(crate) struct Hub {
     store: StoreClient,
     triggers: broadcast::Sender<Trigger>,
     watermark: watch::Sender<Watermark>,
@@ -89,7 +89,7 @@ pub struct Hub {
 
 impl Hub {
     /// Starts listening to `store`'s delta channel until `shutdown`.
-    pub fn start(store: StoreClient, shutdown: CancellationToken) -> Arc<Self> {
+    pub(crate) fn start(store: StoreClient, shutdown: CancellationToken) -> Arc<Self> {
         let (triggers, _) = broadcast::channel(HUB_QUEUE);
         let hub = Arc::new(Self {
             store,
@@ -104,18 +104,18 @@ impl Hub {
     }
 
     /// The subscription gauges.
-    pub fn gauges(&self) -> &Gauges {
+    pub(crate) fn gauges(&self) -> &Gauges {
         &self.gauges
     }
 
     /// The metric store.
-    pub fn store(&self) -> &StoreClient {
+    pub(crate) fn store(&self) -> &StoreClient {
         &self.store
     }
 
     /// Opens a subscription to `request` of metric `M`: checks it (field
     /// names under `M::NAME`), then the first message is a snapshot.
-    pub async fn open<M: Metric>(
+    pub(crate) async fn open<M: Metric>(
         self: &Arc<Self>,
         request: M::Request,
         heartbeat: Duration,

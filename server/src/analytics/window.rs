@@ -20,7 +20,7 @@ use crate::{
 
 /// Most buckets one query reads: a day of minutes, with room for the partial
 /// buckets at both ends of an unaligned window.
-pub const MAX_POINTS: i64 = 1500;
+pub(crate) const MAX_POINTS: i64 = 1500;
 
 /// A resolved window: a granularity and an aligned `[start, end)`, Unix
 /// seconds.
@@ -36,7 +36,7 @@ pub struct ResolvedWindow {
 
 impl ResolvedWindow {
     /// Every bucket of the window, in time order.
-    pub fn buckets(&self) -> Vec<Bucket> {
+    pub(crate) fn buckets(&self) -> Vec<Bucket> {
         let step = self.granularity.seconds();
         (0..(self.end - self.start) / step)
             .map(|i| Bucket {
@@ -52,7 +52,7 @@ impl ResolvedWindow {
     /// read [`Self::signed_cover`]): a day of minutes is then 24 hours, not
     /// 1440 minutes. Coarser buckets are kept at least as long, and hold
     /// exactly the sums of their finer ones.
-    pub fn covering_buckets(&self) -> Vec<Bucket> {
+    pub(crate) fn covering_buckets(&self) -> Vec<Bucket> {
         let mut buckets = Vec::new();
         let mut start = self.start;
         while start < self.end {
@@ -104,7 +104,7 @@ impl ResolvedWindow {
     }
 
     /// The window as returned to clients.
-    pub fn range(&self) -> TimeRange {
+    pub(crate) fn range(&self) -> TimeRange {
         TimeRange {
             start_time: Some(timestamp_from_seconds(self.start)),
             end_time: Some(timestamp_from_seconds(self.end)),
@@ -112,13 +112,13 @@ impl ResolvedWindow {
     }
 
     /// The granularity as returned to clients.
-    pub fn proto_granularity(&self) -> i32 {
+    pub(crate) fn proto_granularity(&self) -> i32 {
         to_proto(self.granularity) as i32
     }
 }
 
 /// A bucket added (`1`) or subtracted (`-1`) by a [`ResolvedWindow::signed_cover`].
-pub type SignedBucket = (Bucket, i64);
+pub(crate) type SignedBucket = (Bucket, i64);
 
 /// How recently a subtracted bucket must still be kept: a query reads it
 /// well within this margin of planning.
@@ -223,7 +223,7 @@ impl Cover<'_> {
 }
 
 /// The protobuf form of a granularity.
-pub fn to_proto(granularity: Granularity) -> ProtoGranularity {
+pub(crate) fn to_proto(granularity: Granularity) -> ProtoGranularity {
     match granularity {
         Granularity::Minute => ProtoGranularity::Minute,
         Granularity::Hour => ProtoGranularity::Hour,
@@ -233,7 +233,7 @@ pub fn to_proto(granularity: Granularity) -> ProtoGranularity {
 
 /// Resolves `window` and `granularity` (raw enum number) at `now`; field
 /// names in violations start with `prefix` (empty for top-level fields).
-pub fn resolve(
+pub(crate) fn resolve(
     window: Option<&TimeWindow>,
     granularity: i32,
     now: DateTime<Utc>,

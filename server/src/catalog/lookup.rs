@@ -58,7 +58,7 @@ struct Waiting<M> {
 
 /// Coalesces look-ups by id of one entity. Cheap to clone; the batching task
 /// ends when the last clone is dropped.
-pub struct Lookup<E: EntityTrait> {
+pub(crate) struct Lookup<E: EntityTrait> {
     requests: mpsc::Sender<Waiting<E::Model>>,
 }
 
@@ -85,7 +85,11 @@ where
 {
     /// Starts the batching task for the table of `E`, whose primary key is
     /// `id_column`, read back from a row by `id_of`. Needs a Tokio runtime.
-    pub fn start(database: Database, id_column: E::Column, id_of: fn(&E::Model) -> i64) -> Self {
+    pub(crate) fn start(
+        database: Database,
+        id_column: E::Column,
+        id_of: fn(&E::Model) -> i64,
+    ) -> Self {
         let (requests, receiver) = mpsc::channel(QUEUE);
         tokio::spawn(
             Batcher::<E> {
@@ -101,7 +105,7 @@ where
     }
 
     /// The row with this id, if any.
-    pub async fn get(&self, id: i64) -> Result<Option<E::Model>, Error> {
+    pub(crate) async fn get(&self, id: i64) -> Result<Option<E::Model>, Error> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Waiting { id, reply })

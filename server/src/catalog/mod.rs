@@ -22,13 +22,13 @@ use self::resource::ResourceApi;
 use crate::error::{Error, FieldViolation};
 
 /// Implements `rtap.v1.UserService`.
-pub type UserApi = ResourceApi<entity::user::Entity>;
+pub(crate) type UserApi = ResourceApi<entity::user::Entity>;
 /// The gRPC server type of the user service.
-pub type UserServer = UserServiceServer<UserApi>;
+pub(crate) type UserServer = UserServiceServer<UserApi>;
 /// Implements `rtap.v1.ProductService`.
-pub type ProductApi = ResourceApi<entity::product::Entity>;
+pub(crate) type ProductApi = ResourceApi<entity::product::Entity>;
 /// The gRPC server type of the product service.
-pub type ProductServer = ProductServiceServer<ProductApi>;
+pub(crate) type ProductServer = ProductServiceServer<ProductApi>;
 
 /// Timestamps the catalog stores: now, at the microsecond precision of
 /// `timestamptz`, so what the API returns round-trips exactly.

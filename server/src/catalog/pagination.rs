@@ -21,16 +21,16 @@ const SEPARATOR: char = '\u{1f}';
 
 /// The order of a List call: one field, then id in the same direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SortOrder {
+pub(crate) struct SortOrder {
     /// The sort field, one of the List method's documented fields.
-    pub field: &'static str,
+    pub(crate) field: &'static str,
     /// `desc` was given.
-    pub descending: bool,
+    pub(crate) descending: bool,
 }
 
 impl SortOrder {
     /// The SQL direction.
-    pub fn direction(self) -> Order {
+    pub(crate) fn direction(self) -> Order {
         if self.descending {
             Order::Desc
         } else {
@@ -40,7 +40,10 @@ impl SortOrder {
 }
 
 /// Parses `order_by`: `field` or `field asc|desc`; empty means `id`.
-pub fn parse_order_by(text: &str, allowed: &[&'static str]) -> Result<SortOrder, FieldViolation> {
+pub(crate) fn parse_order_by(
+    text: &str,
+    allowed: &[&'static str],
+) -> Result<SortOrder, FieldViolation> {
     let invalid = || {
         FieldViolation::new(
             "order_by",
@@ -72,7 +75,7 @@ pub fn parse_order_by(text: &str, allowed: &[&'static str]) -> Result<SortOrder,
 
 /// The sort key of a row.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SortValue {
+pub(crate) enum SortValue {
     /// An integer column (id).
     Int(i64),
     /// A text column.
@@ -86,7 +89,7 @@ pub enum SortValue {
 impl SortValue {
     /// The key of a column's value; `None` for a type no List sorts by,
     /// and for NULL (no sortable column is nullable).
-    pub fn of(value: sea_orm::Value) -> Option<Self> {
+    pub(crate) fn of(value: sea_orm::Value) -> Option<Self> {
         use sea_orm::Value;
         match value {
             Value::BigInt(Some(v)) => Some(Self::Int(v)),
@@ -129,20 +132,20 @@ impl SortValue {
 
 /// Where the next page starts.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PageToken {
+pub(crate) struct PageToken {
     /// The order the token was issued for.
-    pub order: SortOrder,
+    pub(crate) order: SortOrder,
     /// Digest of the filters the token was issued for.
-    pub filter_digest: u64,
+    pub(crate) filter_digest: u64,
     /// Sort key of the last row returned.
-    pub last_value: SortValue,
+    pub(crate) last_value: SortValue,
     /// Id of the last row returned.
-    pub last_id: i64,
+    pub(crate) last_id: i64,
 }
 
 impl PageToken {
     /// The opaque text form handed to clients.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let direction = if self.order.descending { "d" } else { "a" };
         let text = [
             TOKEN_VERSION,
@@ -158,7 +161,7 @@ impl PageToken {
 
     /// Decodes `text`, which must have been issued for `order` and the same
     /// filters; `None` for an empty token (first page).
-    pub fn decode(
+    pub(crate) fn decode(
         text: &str,
         order: SortOrder,
         filter_digest: u64,
@@ -200,7 +203,7 @@ impl PageToken {
 
     /// Rows strictly after the token's row in its order:
     /// `(sort, id) > (last_value, last_id)` (or `<` when descending).
-    pub fn after<C: ColumnTrait>(self, sort_column: C, id_column: C) -> Condition {
+    pub(crate) fn after<C: ColumnTrait>(self, sort_column: C, id_column: C) -> Condition {
         let value = self.last_value.into_value();
         let beyond = |column: C, value: sea_orm::Value| -> SimpleExpr {
             if self.order.descending {
@@ -221,7 +224,7 @@ impl PageToken {
 
 /// A validated List request: how many rows, in which order, from where.
 #[derive(Debug, Clone)]
-pub struct PageRequest {
+pub(crate) struct PageRequest {
     size: u64,
     order: SortOrder,
     filter_digest: u64,
@@ -231,7 +234,7 @@ pub struct PageRequest {
 impl PageRequest {
     /// Validates the paging fields of a List request whose filters are
     /// `filters`; INVALID_ARGUMENT names every bad field.
-    pub fn parse(
+    pub(crate) fn parse(
         page_size: i32,
         order_by: &str,
         page_token: &str,
@@ -255,14 +258,14 @@ impl PageRequest {
     }
 
     /// The sort field.
-    pub fn sort_field(&self) -> &'static str {
+    pub(crate) fn sort_field(&self) -> &'static str {
         self.order.field
     }
 
     /// Orders `query` by the sort column then id, starts it after the
     /// token's row, and fetches one row more than the page, to learn whether
     /// another page follows.
-    pub fn apply<E: EntityTrait>(
+    pub(crate) fn apply<E: EntityTrait>(
         &self,
         mut query: Select<E>,
         sort_column: E::Column,
@@ -280,7 +283,7 @@ impl PageRequest {
     /// Drops the extra row fetched by [`PageRequest::apply`] and returns the
     /// next page's token (empty on the last page), keyed by the last row's
     /// `sort_column` and `id_column`.
-    pub fn finish<M: ModelTrait>(
+    pub(crate) fn finish<M: ModelTrait>(
         &self,
         rows: &mut Vec<M>,
         sort_column: Column<M>,
@@ -315,7 +318,7 @@ type Column<M> = <<M as ModelTrait>::Entity as EntityTrait>::Column;
 
 /// A stable digest of a List call's filters (FNV-1a, so tokens stay valid
 /// across server builds and replicas).
-pub fn filter_digest(filters: &[&str]) -> u64 {
+pub(crate) fn filter_digest(filters: &[&str]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for filter in filters {
         for byte in filter.bytes().chain([0xff]) {
@@ -327,7 +330,7 @@ pub fn filter_digest(filters: &[&str]) -> u64 {
 }
 
 /// `prefix%` for a LIKE pattern, with LIKE's wildcards in `prefix` escaped.
-pub fn like_prefix(prefix: &str) -> String {
+pub(crate) fn like_prefix(prefix: &str) -> String {
     let mut pattern = String::with_capacity(prefix.len() + 1);
     for c in prefix.chars() {
         if matches!(c, '%' | '_' | '\\') {

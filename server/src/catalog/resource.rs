@@ -31,7 +31,7 @@ use crate::{
 /// `pub` (as are the types it names) only because the exported `UserApi`
 /// and `ProductApi` are bound by it; this module is private, so nothing
 /// outside the catalog can name or implement it.
-pub trait Resource:
+pub(crate) trait Resource:
     EntityTrait<Model: IntoActiveModel<Self::ActiveModel> + Clone + Send + Sync, ActiveModel: Send>
 {
     /// The protobuf message of one resource.
@@ -62,7 +62,7 @@ pub trait Resource:
 /// The standard fields (AIP-148) every catalog resource has: server-assigned,
 /// output only, and sortable.
 #[derive(Debug, Clone, Copy)]
-pub struct Standard<C> {
+pub(crate) struct Standard<C> {
     /// The `bigint` primary key.
     id: C,
     /// When the row was created.
@@ -88,7 +88,7 @@ impl<C: ColumnTrait> Standard<C> {
 
 /// A mutable field of a message `M`: where it sits in the message, and so
 /// which rule of [`rules`] validates it.
-pub enum Field<M> {
+pub(crate) enum Field<M> {
     /// A name: trimmed, 1 to 256 characters.
     Name(fn(&M) -> &str),
     /// An optional email address; empty clears it.
@@ -110,7 +110,7 @@ impl<M> Field<M> {
 
 /// The validated values a Create or Update writes, by column.
 #[derive(Debug)]
-pub struct Changes<R: Resource>(Vec<(R::Column, Value)>);
+pub(crate) struct Changes<R: Resource>(Vec<(R::Column, Value)>);
 
 impl<R: Resource> Changes<R> {
     /// Validates `fields` of `message` with their rules, reporting every
@@ -156,7 +156,7 @@ pub(crate) struct Paging<'a> {
 /// A List call's validated filters: their texts, which its page tokens are
 /// bound to, and the rows they select.
 #[derive(Debug)]
-pub struct Filters {
+pub(crate) struct Filters {
     texts: Vec<String>,
     condition: Condition,
 }
@@ -194,7 +194,7 @@ pub(crate) fn starts_with(column: impl ColumnTrait, prefix: &str) -> SimpleExpr 
 }
 
 /// The standard methods of one resource, free of gRPC.
-pub struct ResourceApi<R: Resource> {
+pub(crate) struct ResourceApi<R: Resource> {
     database: Database,
     by_id: Lookup<R>,
 }
@@ -220,7 +220,7 @@ impl<R: Resource> fmt::Debug for ResourceApi<R> {
 impl<R: Resource> ResourceApi<R> {
     /// The methods over `database`. Starts the look-up task, so needs a
     /// Tokio runtime.
-    pub fn new(database: Database) -> Self {
+    pub(crate) fn new(database: Database) -> Self {
         let by_id = Lookup::start(database.clone(), R::STANDARD.id, row_id::<R>);
         Self { database, by_id }
     }

@@ -10,45 +10,45 @@
 use crate::error::{Error, FieldViolation, quote};
 
 /// Longest name, in characters, as in the original schema (`VARCHAR(256)`).
-pub const MAX_NAME_CHARS: usize = 256;
+pub(crate) const MAX_NAME_CHARS: usize = 256;
 /// Longest email address, in characters.
-pub const MAX_EMAIL_CHARS: usize = 256;
+pub(crate) const MAX_EMAIL_CHARS: usize = 256;
 /// Page size when the request gives none.
-pub const DEFAULT_PAGE_SIZE: u64 = 10;
+pub(crate) const DEFAULT_PAGE_SIZE: u64 = 10;
 /// Largest page size served; larger requests are lowered to it.
-pub const MAX_PAGE_SIZE: u64 = 1000;
+pub(crate) const MAX_PAGE_SIZE: u64 = 1000;
 
 /// Collects the violations of one request, so every bad field is reported at
 /// once rather than the first only.
 #[derive(Debug, Default)]
-pub struct Violations(Vec<FieldViolation>);
+pub(crate) struct Violations(Vec<FieldViolation>);
 
 impl Violations {
     /// Records that `field` is invalid.
-    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+    pub(crate) fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
         self.0.push(FieldViolation::new(field, description));
     }
 
     /// The value of a rule that passed; `None` (and the violation recorded)
     /// if it failed.
-    pub fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
+    pub(crate) fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
         result.map_err(|v| self.0.push(v)).ok()
     }
 
     /// As [`Violations::check`], for a rule that reports several violations.
-    pub fn check_all<T>(&mut self, result: Result<T, Vec<FieldViolation>>) -> Option<T> {
+    pub(crate) fn check_all<T>(&mut self, result: Result<T, Vec<FieldViolation>>) -> Option<T> {
         result.map_err(|all| self.0.extend(all)).ok()
     }
 
     /// The request's validated values if nothing was recorded, else
     /// INVALID_ARGUMENT with every violation.
-    pub fn finish<T>(self, values: Option<T>) -> Result<T, Error> {
+    pub(crate) fn finish<T>(self, values: Option<T>) -> Result<T, Error> {
         self.into_result().map_err(Error::InvalidArgument)?;
         values.ok_or_else(|| Error::Internal("a rule failed without a violation".into()))
     }
 
     /// `Ok` if nothing was recorded, else every violation.
-    pub fn into_result(self) -> Result<(), Vec<FieldViolation>> {
+    pub(crate) fn into_result(self) -> Result<(), Vec<FieldViolation>> {
         if self.0.is_empty() {
             Ok(())
         } else {
@@ -60,7 +60,7 @@ impl Violations {
 /// The trimmed, lower-cased text of a list filter (`name_prefix`,
 /// `category`), or a violation of `field`: control characters (PostgreSQL
 /// rejects NUL in text) and text longer than any name can never match.
-pub fn filter(field: &str, value: &str) -> Result<String, FieldViolation> {
+pub(crate) fn filter(field: &str, value: &str) -> Result<String, FieldViolation> {
     let trimmed = value.trim();
     if trimmed.chars().any(char::is_control) {
         return Err(FieldViolation::new(
@@ -79,7 +79,7 @@ pub fn filter(field: &str, value: &str) -> Result<String, FieldViolation> {
 }
 
 /// The trimmed name, or a violation of `field`.
-pub fn name(field: &str, value: &str) -> Result<String, FieldViolation> {
+pub(crate) fn name(field: &str, value: &str) -> Result<String, FieldViolation> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
         return Err(FieldViolation::new(field, "must not be blank"));
@@ -103,7 +103,7 @@ pub fn name(field: &str, value: &str) -> Result<String, FieldViolation> {
 /// The trimmed email address (`None` for absent or empty), or a violation.
 /// The check is deliberately shallow (`local@domain.tld`, no spaces): the only
 /// real test of an address is sending mail to it.
-pub fn email(field: &str, value: Option<&str>) -> Result<Option<String>, FieldViolation> {
+pub(crate) fn email(field: &str, value: Option<&str>) -> Result<Option<String>, FieldViolation> {
     let Some(trimmed) = value.map(str::trim).filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
@@ -130,7 +130,7 @@ pub fn email(field: &str, value: Option<&str>) -> Result<Option<String>, FieldVi
 }
 
 /// A price must be finite and not negative.
-pub fn price(field: &str, value: f64) -> Result<f64, FieldViolation> {
+pub(crate) fn price(field: &str, value: f64) -> Result<f64, FieldViolation> {
     if !value.is_finite() {
         return Err(FieldViolation::new(field, "must be a finite number"));
     }
@@ -142,7 +142,7 @@ pub fn price(field: &str, value: f64) -> Result<f64, FieldViolation> {
 }
 
 /// Ids are server-assigned and positive.
-pub fn id(field: &str, value: i64) -> Result<i64, FieldViolation> {
+pub(crate) fn id(field: &str, value: i64) -> Result<i64, FieldViolation> {
     if value > 0 {
         Ok(value)
     } else {
@@ -151,7 +151,7 @@ pub fn id(field: &str, value: i64) -> Result<i64, FieldViolation> {
 }
 
 /// The page size to use for a requested `page_size`.
-pub fn page_size(requested: i32) -> Result<u64, FieldViolation> {
+pub(crate) fn page_size(requested: i32) -> Result<u64, FieldViolation> {
     match u64::try_from(requested) {
         Ok(0) => Ok(DEFAULT_PAGE_SIZE),
         Ok(size) => Ok(size.min(MAX_PAGE_SIZE)),
@@ -162,7 +162,7 @@ pub fn page_size(requested: i32) -> Result<u64, FieldViolation> {
 /// The fields an update changes: the mask's paths (each checked against
 /// `mutable`, with output-only fields named as such), or every mutable field
 /// when the mask is empty (AIP-134). Duplicates are ignored.
-pub fn update_mask(
+pub(crate) fn update_mask(
     paths: &[String],
     mutable: &[&'static str],
     output_only: &[&str],

@@ -21,7 +21,7 @@ macro_rules! resource_service {
     ) => {
         impl $api {
             /// The service, ready to add to a tonic router.
-            pub fn into_server(self) -> $server<$api> {
+            pub(crate) fn into_server(self) -> $server<$api> {
                 $server::new(self)
             }
         }

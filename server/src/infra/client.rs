@@ -7,7 +7,7 @@ use crate::{config::Config, error::Error};
 
 /// A channel to the server at `--listen-addr` (loopback when it listens on
 /// every address), each call bounded by `call_timeout` when given.
-pub async fn server_channel(
+pub(crate) async fn server_channel(
     config: &Config,
     call_timeout: Option<Duration>,
 ) -> Result<(tonic::transport::Channel, std::net::SocketAddr), Error> {

@@ -9,7 +9,7 @@ use rskafka::{
 
 /// An rskafka client whose retries give up after `deadline`: rskafka retries
 /// forever without one, which would turn a broker outage into a silent hang.
-pub async fn client(brokers: &[String], deadline: Duration) -> Result<Client, KafkaError> {
+pub(crate) async fn client(brokers: &[String], deadline: Duration) -> Result<Client, KafkaError> {
     ClientBuilder::new(brokers.to_vec())
         .client_id("rtap-server")
         .backoff_config(BackoffConfig {
@@ -26,7 +26,10 @@ pub async fn client(brokers: &[String], deadline: Duration) -> Result<Client, Ka
 /// with a small fetch from `offset`: some brokers (Nisshi) answer
 /// `ListOffsets(latest)` wrongly, and answer a fetch with no wait with no
 /// partition at all, hence the short wait.
-pub async fn high_watermark(source: &PartitionClient, offset: i64) -> Result<i64, KafkaError> {
+pub(crate) async fn high_watermark(
+    source: &PartitionClient,
+    offset: i64,
+) -> Result<i64, KafkaError> {
     let (_, high_watermark) = source.fetch_records(offset, 1..1024, 10).await?;
     Ok(high_watermark)
 }

@@ -11,6 +11,6 @@
 //! type), so that every room can import it without a cycle.
 
 pub mod client;
-pub mod kafka;
-pub mod reconnect;
-pub mod time;
+pub(crate) mod kafka;
+pub(crate) mod reconnect;
+pub(crate) mod time;

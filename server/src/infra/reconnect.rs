@@ -14,14 +14,14 @@ type Connect<T, E> =
 /// Callers that fail on a connection call [`Reconnecting::drop_connection`];
 /// concurrent callers wait for one connection attempt rather than each
 /// making their own.
-pub struct Reconnecting<T, E> {
+pub(crate) struct Reconnecting<T, E> {
     connect: Connect<T, E>,
     slot: Mutex<Option<T>>,
 }
 
 impl<T: Clone, E> Reconnecting<T, E> {
     /// Connects with `connect` on first use and after every drop.
-    pub fn new<F, Fut>(connect: F) -> Self
+    pub(crate) fn new<F, Fut>(connect: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
@@ -33,7 +33,7 @@ impl<T: Clone, E> Reconnecting<T, E> {
     }
 
     /// The connection, made now if there is none.
-    pub async fn get(&self) -> Result<T, E> {
+    pub(crate) async fn get(&self) -> Result<T, E> {
         let mut slot = self.slot.lock().await;
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
@@ -44,7 +44,7 @@ impl<T: Clone, E> Reconnecting<T, E> {
 
     /// Forgets the connection after a failure: the next [`Reconnecting::get`]
     /// connects again.
-    pub async fn drop_connection(&self) {
+    pub(crate) async fn drop_connection(&self) {
         *self.slot.lock().await = None;
     }
 }

@@ -5,17 +5,17 @@
 use chrono::{DateTime, Utc};
 
 /// Seconds of the earliest valid `Timestamp`, 0001-01-01T00:00:00Z.
-pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+pub(crate) const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
 /// Seconds of the latest valid `Timestamp`, 9999-12-31T23:59:59Z.
-pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+pub(crate) const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 /// Most seconds of a valid `Duration`, about 10,000 years either way.
-pub const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+pub(crate) const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
 const NANOS_PER_SECOND: i32 = 1_000_000_000;
 
 /// Checks `t` as `google.protobuf.Timestamp` defines it: nanos in
 /// `[0, 1e9)`, seconds from 0001-01-01 to 9999-12-31 UTC. The error says
 /// what is wrong, for a field violation.
-pub fn check_timestamp(t: &prost_types::Timestamp) -> Result<(), String> {
+pub(crate) fn check_timestamp(t: &prost_types::Timestamp) -> Result<(), String> {
     if !(0..NANOS_PER_SECOND).contains(&t.nanos) {
         return Err(format!(
             "is not a valid timestamp: nanos must be in [0, 999999999], got {}",
@@ -34,7 +34,7 @@ pub fn check_timestamp(t: &prost_types::Timestamp) -> Result<(), String> {
 /// Checks `d` as `google.protobuf.Duration` defines it: at most about
 /// 10,000 years either way, nanos in `(-1e9, 1e9)` with the sign of the
 /// seconds.
-pub fn check_duration(d: &prost_types::Duration) -> Result<(), String> {
+pub(crate) fn check_duration(d: &prost_types::Duration) -> Result<(), String> {
     if !(-MAX_DURATION_SECONDS..=MAX_DURATION_SECONDS).contains(&d.seconds) {
         return Err(format!(
             "is not a valid duration: seconds must be within ±{MAX_DURATION_SECONDS}, got {}",
@@ -57,12 +57,12 @@ pub fn check_duration(d: &prost_types::Duration) -> Result<(), String> {
 }
 
 /// A timestamp from whole Unix seconds.
-pub fn timestamp_from_seconds(seconds: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp_from_seconds(seconds: i64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos: 0 }
 }
 
 /// A timestamp from a time, to the nanosecond.
-pub fn timestamp_from_datetime(time: DateTime<Utc>) -> prost_types::Timestamp {
+pub(crate) fn timestamp_from_datetime(time: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: time.timestamp(),
         nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
@@ -70,7 +70,7 @@ pub fn timestamp_from_datetime(time: DateTime<Utc>) -> prost_types::Timestamp {
 }
 
 /// A timestamp from Unix milliseconds.
-pub fn timestamp_from_millis(ms: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp_from_millis(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
@@ -78,14 +78,14 @@ pub fn timestamp_from_millis(ms: i64) -> prost_types::Timestamp {
 }
 
 /// Unix milliseconds of a timestamp.
-pub fn timestamp_millis(t: &prost_types::Timestamp) -> i64 {
+pub(crate) fn timestamp_millis(t: &prost_types::Timestamp) -> i64 {
     t.seconds
         .saturating_mul(1000)
         .saturating_add(i64::from(t.nanos) / 1_000_000)
 }
 
 /// A duration from microseconds.
-pub fn duration_from_micros(micros: i64) -> prost_types::Duration {
+pub(crate) fn duration_from_micros(micros: i64) -> prost_types::Duration {
     prost_types::Duration {
         seconds: micros.div_euclid(1_000_000),
         nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
@@ -93,7 +93,7 @@ pub fn duration_from_micros(micros: i64) -> prost_types::Duration {
 }
 
 /// Microseconds of a duration.
-pub fn duration_micros(d: &prost_types::Duration) -> i64 {
+pub(crate) fn duration_micros(d: &prost_types::Duration) -> i64 {
     d.seconds
         .saturating_mul(1_000_000)
         .saturating_add(i64::from(d.nanos) / 1000)

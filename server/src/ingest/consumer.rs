@@ -139,7 +139,7 @@ fn lease_poll(lease: Duration) -> Duration {
 }
 
 /// A unique id of this process, for partition leases.
-pub fn consumer_id() -> String {
+pub(crate) fn consumer_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     format!(
         "{host}/{}/{}",
@@ -173,7 +173,7 @@ impl PipelineStats {
     /// Counts one commit of `records` records, of which `applied` events
     /// were counted, `duplicates` skipped and `dead_lettered` rejected;
     /// `prefetch_round_trips` were made before it.
-    pub fn counted(
+    pub(crate) fn counted(
         &self,
         (records, applied, duplicates, dead_lettered): (usize, i64, i64, usize),
         committed: Committed,

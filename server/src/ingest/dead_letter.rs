@@ -23,16 +23,16 @@ use super::validate::Rejection;
 /// Header with the rejection reason.
 pub const REASON_HEADER: &str = "rtap-reason";
 /// Header with the details of the rejection.
-pub const DETAIL_HEADER: &str = "rtap-detail";
+pub(crate) const DETAIL_HEADER: &str = "rtap-detail";
 /// Header with the source topic.
-pub const SOURCE_TOPIC_HEADER: &str = "rtap-source-topic";
+pub(crate) const SOURCE_TOPIC_HEADER: &str = "rtap-source-topic";
 /// Header with the source partition.
-pub const SOURCE_PARTITION_HEADER: &str = "rtap-source-partition";
+pub(crate) const SOURCE_PARTITION_HEADER: &str = "rtap-source-partition";
 /// Header with the source offset.
 pub const SOURCE_OFFSET_HEADER: &str = "rtap-source-offset";
 
 /// The dead letter of `record`, read at `partition`/`offset` of `topic`.
-pub fn dead_letter(
+pub(crate) fn dead_letter(
     record: &RecordAndOffset,
     topic: &str,
     partition: i32,
@@ -73,18 +73,21 @@ pub fn dead_letter(
 }
 
 /// Writes dead letters to one partition of the dead-letter topic.
-pub struct DeadLetterSink {
+pub(crate) struct DeadLetterSink {
     partition: PartitionClient,
 }
 
 impl DeadLetterSink {
     /// A sink writing to `partition`.
-    pub fn new(partition: PartitionClient) -> Self {
+    pub(crate) fn new(partition: PartitionClient) -> Self {
         Self { partition }
     }
 
     /// Stores `records`; returns once the broker acknowledged them.
-    pub async fn send(&self, records: Vec<Record>) -> Result<(), rskafka::client::error::Error> {
+    pub(crate) async fn send(
+        &self,
+        records: Vec<Record>,
+    ) -> Result<(), rskafka::client::error::Error> {
         if records.is_empty() {
             return Ok(());
         }

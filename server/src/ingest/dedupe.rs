@@ -29,10 +29,10 @@ use std::collections::BTreeMap;
 
 use foldhash::{HashMap, HashMapExt};
 
-pub use crate::store::commit::DedupeWrite;
+pub(crate) use crate::store::commit::DedupeWrite;
 
 /// A 16-byte `event_id`.
-pub type EventId = [u8; 16];
+pub(crate) type EventId = [u8; 16];
 
 /// The dedupe decisions of one batch, made in offset order.
 #[derive(Debug)]
@@ -58,13 +58,13 @@ impl Dedupe {
     }
 
     /// The generation of a time on the clock.
-    pub fn generation(&self, at_ms: i64) -> i64 {
+    pub(crate) fn generation(&self, at_ms: i64) -> i64 {
         at_ms.div_euclid(self.window_ms)
     }
 
     /// The generations whose stored sets can hold an id counted before this
     /// batch: the clock's and the one before. None before the first record.
-    pub fn stored_generations(&self) -> Vec<i64> {
+    pub(crate) fn stored_generations(&self) -> Vec<i64> {
         self.clock_before_ms
             .map(|clock| {
                 let current = self.generation(clock);
@@ -99,7 +99,7 @@ impl Dedupe {
 
     /// The batch's writes: the ids counted in the generations still read
     /// after it, and the generations that fell out.
-    pub fn into_changes(self) -> DedupeWrite {
+    pub(crate) fn into_changes(self) -> DedupeWrite {
         let Some(clock) = self.clock_ms else {
             return DedupeWrite::default();
         };

@@ -7,8 +7,8 @@
 pub mod consumer;
 pub mod dead_letter;
 pub mod dedupe;
-pub mod partition;
-pub mod producer;
+pub(crate) mod partition;
+pub(crate) mod producer;
 mod publisher;
 pub mod rebuild;
 mod status_log;
@@ -33,7 +33,7 @@ use producer::EventProducer;
 use validate::TimeBounds;
 
 /// The gRPC server type of the ingest service.
-pub type IngestServer = IngestServiceServer<IngestApi>;
+pub(crate) type IngestServer = IngestServiceServer<IngestApi>;
 
 /// Produce calls of one TrackStream in flight at once; the stream is read no
 /// faster than the broker acknowledges.
@@ -41,7 +41,7 @@ const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
 
 /// Implements `rtap.v1.IngestService`.
 #[derive(Clone)]
-pub struct IngestApi {
+pub(crate) struct IngestApi {
     producer: Arc<EventProducer>,
     bounds: TimeBounds,
     max_stream_events: u64,
@@ -49,7 +49,7 @@ pub struct IngestApi {
 
 impl IngestApi {
     /// The service for `config`; connects to Kafka on first use.
-    pub fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         Self {
             producer: Arc::new(EventProducer::new(config)),
             bounds: TimeBounds::from_config(config),
@@ -58,7 +58,7 @@ impl IngestApi {
     }
 
     /// The service, ready to add to a tonic router.
-    pub fn into_server(self) -> IngestServer {
+    pub(crate) fn into_server(self) -> IngestServer {
         IngestServiceServer::new(self)
     }
 

@@ -45,7 +45,7 @@ use crate::store::{
 
 /// Why a partition's consumer starts over.
 #[derive(Debug, thiserror::Error)]
-pub enum ConsumeError {
+pub(crate) enum ConsumeError {
     /// Kafka failed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
@@ -82,7 +82,7 @@ pub enum ConsumeError {
 }
 
 /// Where a partition's records come from (rskafka's partition client).
-pub trait RecordSource: Send + Sync + 'static {
+pub(crate) trait RecordSource: Send + Sync + 'static {
     /// Records from `offset` on, at most about `max_bytes`, waiting at most
     /// `max_wait_ms` for some; and the partition's high watermark.
     fn fetch(
@@ -112,7 +112,7 @@ impl RecordSource for PartitionClient {
 }
 
 /// Where rejected records go (the dead-letter topic).
-pub trait DeadLetters: Send + Sync {
+pub(crate) trait DeadLetters: Send + Sync {
     /// Stores `records`; returns once they are acknowledged.
     fn send(&self, records: Vec<Record>) -> impl Future<Output = Result<(), KafkaError>> + Send;
 }
@@ -125,7 +125,7 @@ impl DeadLetters for DeadLetterSink {
 
 /// Where a partition's batches are written (the store's
 /// [`PartitionWriter`], the only code that writes a partition's keys).
-pub trait BatchWriter: Send {
+pub(crate) trait BatchWriter: Send {
     /// Where the partition stands.
     fn position(&self) -> Position;
 
@@ -163,16 +163,16 @@ impl BatchWriter for PartitionWriter {
 
 /// Records of one fetch.
 #[derive(Debug, Default)]
-pub struct Fetched {
+pub(crate) struct Fetched {
     /// The records, in offset order.
-    pub records: Vec<RecordAndOffset>,
+    pub(crate) records: Vec<RecordAndOffset>,
     /// Set when the stored offset fell out of the topic's retention and the
     /// consumer moved to the earliest offset still kept.
-    pub skipped_to: Option<i64>,
+    pub(crate) skipped_to: Option<i64>,
 }
 
 /// Where to start reading: the stored offset, else the earliest kept.
-pub async fn resume_offset(
+pub(crate) async fn resume_offset(
     position: Position,
     source: &impl RecordSource,
 ) -> Result<i64, KafkaError> {
@@ -184,7 +184,7 @@ pub async fn resume_offset(
 
 /// Fetches from `offset` on, one batch ahead of the consumer, until the
 /// consumer goes away or a fetch fails (sent as the last item).
-pub async fn fetch(
+pub(crate) async fn fetch(
     source: impl RecordSource,
     mut offset: i64,
     (max_bytes, max_wait): (i32, Duration),
@@ -287,23 +287,23 @@ impl Checked {
 }
 
 /// Applies fetched records to a partition: what one consumer attempt shares.
-pub struct Applier<'a, D> {
+pub(crate) struct Applier<'a, D> {
     /// The pipeline's settings.
-    pub settings: &'a PipelineSettings,
+    pub(crate) settings: &'a PipelineSettings,
     /// The partition's dead-letter destination.
-    pub dead_letters: &'a D,
+    pub(crate) dead_letters: &'a D,
     /// Counters of this process.
-    pub stats: &'a PipelineStats,
+    pub(crate) stats: &'a PipelineStats,
     /// The publisher's queue.
-    pub deltas: &'a mpsc::Sender<Vec<u8>>,
+    pub(crate) deltas: &'a mpsc::Sender<Vec<u8>>,
     /// The partition.
-    pub partition: i32,
+    pub(crate) partition: i32,
 }
 
 impl<D: DeadLetters> Applier<'_, D> {
     /// Applies one fetch: in chunks of at most `--commit-max-events`
     /// records, each committed on its own.
-    pub async fn apply(
+    pub(crate) async fn apply(
         &self,
         writer: &mut impl BatchWriter,
         fetched: Fetched,

@@ -38,7 +38,7 @@ const LINGER: Duration = Duration::from_millis(2);
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// A lazily connected, shared producer of interaction events.
-pub struct EventProducer {
+pub(crate) struct EventProducer {
     brokers: Vec<String>,
     topic: String,
     partitions_if_created: i32,
@@ -63,7 +63,7 @@ struct Connection {
 
 impl EventProducer {
     /// A producer for the configured topic; connects on first use.
-    pub fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         Self {
             brokers: config.kafka_brokers.clone(),
             topic: config.events_topic.clone(),
@@ -109,7 +109,7 @@ impl EventProducer {
     /// acknowledged it. UNAVAILABLE if that takes longer than the ack
     /// timeout or the broker cannot be reached: the event may then be stored
     /// or not, and a retry with the same `event_id` is counted once.
-    pub async fn produce(self: &Arc<Self>, event: &InteractionEvent) -> Result<(), Error> {
+    pub(crate) async fn produce(self: &Arc<Self>, event: &InteractionEvent) -> Result<(), Error> {
         if let Some(reason) = self.known_outage() {
             return Err(unavailable(format!(
                 "the broker is unreachable ({reason}); retry later"

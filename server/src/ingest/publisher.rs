@@ -11,7 +11,7 @@ use crate::infra::reconnect::Reconnecting;
 
 /// Publishes the deltas of `queued` on `channel` in order until `shutdown`;
 /// a failed publish is logged (once per outage) and dropped.
-pub async fn publish_deltas(
+pub(crate) async fn publish_deltas(
     redis: redis::Client,
     channel: String,
     mut queued: mpsc::Receiver<Vec<u8>>,

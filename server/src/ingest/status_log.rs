@@ -22,7 +22,7 @@ use crate::{
 
 /// Logs until `shutdown`; `high_watermarks` are the latest each partition's
 /// fetcher saw (negative: none yet).
-pub async fn log_status(
+pub(crate) async fn log_status(
     settings: Arc<PipelineSettings>,
     redis: redis::Client,
     high_watermarks: Vec<(i32, Arc<AtomicI64>)>,

@@ -14,11 +14,11 @@ use crate::{
 };
 
 /// Longest `session_id`, in characters.
-pub const MAX_SESSION_ID_CHARS: usize = 128;
+pub(crate) const MAX_SESSION_ID_CHARS: usize = 128;
 /// Longest `search_query`, in characters.
-pub const MAX_SEARCH_QUERY_CHARS: usize = 512;
+pub(crate) const MAX_SEARCH_QUERY_CHARS: usize = 512;
 /// Longest dwell time accepted for one page.
-pub const MAX_DWELL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_DWELL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a record was rejected, as counted and written to the dead-letter
 /// topic. The first failed rule gives the reason; every failed field is
@@ -37,7 +37,7 @@ pub enum Reason {
 
 impl Reason {
     /// Stable name, for counters and dead-letter headers.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::DecodeError => "decode_error",
             Self::InvalidField => "invalid_field",
@@ -104,7 +104,7 @@ pub fn decode(
 
 /// Checks every rule; `prefix` is the path of the event in its request
 /// (`event` for the RPCs), used in field names.
-pub fn validate(
+pub(crate) fn validate(
     event: &InteractionEvent,
     prefix: &str,
     now: DateTime<Utc>,

@@ -28,7 +28,7 @@ use crate::{
 };
 
 /// A session's key: user id and client session id.
-pub type SessionKey = (i64, String);
+pub(crate) type SessionKey = (i64, String);
 
 /// The stored state of an open session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,7 +305,10 @@ impl BatchAggregate {
 
     /// The changes per bucket of `granularity`: minute buckets as they are
     /// (borrowed), hour and day buckets as the sums of their minutes.
-    pub fn buckets(&self, granularity: Granularity) -> BTreeMap<Bucket, Cow<'_, BucketChanges>> {
+    pub(crate) fn buckets(
+        &self,
+        granularity: Granularity,
+    ) -> BTreeMap<Bucket, Cow<'_, BucketChanges>> {
         let mut buckets: BTreeMap<Bucket, Cow<'_, BucketChanges>> = BTreeMap::new();
         for (minute, changes) in &self.minutes {
             let bucket = Bucket::containing(granularity, *minute);
@@ -326,7 +329,7 @@ impl BatchAggregate {
 impl BatchAggregate {
     /// The published description of the batch's changes (minute buckets
     /// only; see `rtap.v1.CommitDelta`).
-    pub fn delta(&self, partition: i32, first_offset: i64, next_offset: i64) -> CommitDelta {
+    pub(crate) fn delta(&self, partition: i32, first_offset: i64, next_offset: i64) -> CommitDelta {
         let minutes = self
             .minutes
             .iter()
@@ -435,12 +438,12 @@ fn session(sessions: &mut BTreeMap<i32, SessionChange>, source: i32) -> &mut Ses
 }
 
 /// Event time in Unix milliseconds (the validator guarantees it is set).
-pub fn event_time_ms(event: &InteractionEvent) -> i64 {
+pub(crate) fn event_time_ms(event: &InteractionEvent) -> i64 {
     event.occurred_at.as_ref().map_or(0, timestamp_millis)
 }
 
 /// Dwell time in microseconds.
-pub fn dwell_micros(event: &InteractionEvent) -> i64 {
+pub(crate) fn dwell_micros(event: &InteractionEvent) -> i64 {
     event.dwell_time.as_ref().map_or(0, duration_micros)
 }
 

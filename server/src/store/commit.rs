@@ -120,7 +120,7 @@ pub async fn load_state(
 }
 
 /// The state of every partition consumed in `namespace`, by partition.
-pub async fn load_states(
+pub(crate) async fn load_states(
     connection: &mut impl ConnectionLike,
     namespace: &str,
 ) -> Result<Vec<(i32, PartitionState)>, StoreError> {
@@ -136,7 +136,7 @@ pub async fn load_states(
 }
 
 /// Records that `keys`' partition is consumed, for readers to merge it.
-pub async fn register_partition(
+pub(crate) async fn register_partition(
     connection: &mut impl ConnectionLike,
     namespace: &str,
     keys: &PartitionKeys,
@@ -151,7 +151,7 @@ pub async fn register_partition(
 
 /// Takes or renews the lease of `keys`' partition for `owner`, valid for
 /// `ttl`. Returns the current holder when another process holds it.
-pub async fn take_lease(
+pub(crate) async fn take_lease(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
     owner: &str,
@@ -181,7 +181,7 @@ return holder
 }
 
 /// Gives the lease of `keys`' partition up, if `owner` holds it.
-pub async fn release_lease(
+pub(crate) async fn release_lease(
     connection: &mut impl ConnectionLike,
     keys: &PartitionKeys,
     owner: &str,

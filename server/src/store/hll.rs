@@ -26,14 +26,14 @@ const VALUE_BITS: u32 = 64 - INDEX_BITS;
 const MAX_SPARSE_VALUE: u8 = 32;
 /// Redis's default `hll-sparse-max-bytes`: Redis itself keeps no larger
 /// sparse string, so neither does this.
-pub const MAX_SPARSE_BYTES: usize = 3000;
+pub(crate) const MAX_SPARSE_BYTES: usize = 3000;
 const HEADER: [u8; 16] = [
     b'H', b'Y', b'L', b'L', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80,
 ];
 
 /// A set's registers that are not empty, with their values, sorted by
 /// register.
-pub type Registers = Vec<(u16, u8)>;
+pub(crate) type Registers = Vec<(u16, u8)>;
 
 /// The sparse HyperLogLog of `users` (each added as its decimal text, as
 /// `PFADD key user` adds it), or `None` when the sparse encoding cannot hold

@@ -33,30 +33,30 @@
 use super::{Bucket, Ranking, UserSet};
 
 /// Fields of a partition's state hash.
-pub mod state_field {
+pub(crate) mod state_field {
     /// Offset of the next record to read.
-    pub const OFFSET: &str = "offset";
+    pub(crate) const OFFSET: &str = "offset";
     /// Latest event time applied, Unix milliseconds.
-    pub const WATERMARK_MS: &str = "watermark_ms";
+    pub(crate) const WATERMARK_MS: &str = "watermark_ms";
     /// Events counted.
-    pub const APPLIED: &str = "applied";
+    pub(crate) const APPLIED: &str = "applied";
     /// Records discarded as duplicates of an earlier `event_id`.
-    pub const DUPLICATES: &str = "duplicates";
+    pub(crate) const DUPLICATES: &str = "duplicates";
     /// The partition's dedupe clock: the latest Kafka record timestamp read,
     /// Unix milliseconds (see [`crate::ingest::dedupe`]).
-    pub const DEDUPE_CLOCK_MS: &str = "dedupe_clock_ms";
+    pub(crate) const DEDUPE_CLOCK_MS: &str = "dedupe_clock_ms";
     /// Events counted that were late.
-    pub const LATE: &str = "late";
+    pub(crate) const LATE: &str = "late";
     /// Prefix of the dead-letter counters, one per reason.
-    pub const DEAD_LETTERED_PREFIX: &str = "dead:";
+    pub(crate) const DEAD_LETTERED_PREFIX: &str = "dead:";
     /// When the last commit happened, Unix milliseconds.
-    pub const LAST_COMMIT_MS: &str = "last_commit_ms";
+    pub(crate) const LAST_COMMIT_MS: &str = "last_commit_ms";
 }
 
 /// The set of partition numbers that ingest has consumed in `namespace`
 /// (added by each partition's consumer when it starts), so readers know
 /// which partitions to merge without asking Kafka.
-pub fn partitions(namespace: &str) -> String {
+pub(crate) fn partitions(namespace: &str) -> String {
     format!("{namespace}:partitions")
 }
 
@@ -64,11 +64,11 @@ pub fn partitions(namespace: &str) -> String {
 /// `{user_id}:{session_id}`. A command takes it as an argument without an
 /// intermediate `String` (a commit writes thousands).
 #[derive(Debug, Clone, Copy)]
-pub struct SessionField<'a> {
+pub(crate) struct SessionField<'a> {
     /// The session's user.
-    pub user_id: i64,
+    pub(crate) user_id: i64,
     /// The client's session id.
-    pub session_id: &'a str,
+    pub(crate) session_id: &'a str,
 }
 
 impl std::fmt::Display for SessionField<'_> {
@@ -105,7 +105,7 @@ impl PartitionKeys {
     }
 
     /// The partition.
-    pub fn partition(&self) -> i32 {
+    pub(crate) fn partition(&self) -> i32 {
         self.partition
     }
 
@@ -115,12 +115,12 @@ impl PartitionKeys {
     }
 
     /// The state hash.
-    pub fn state(&self) -> String {
+    pub(crate) fn state(&self) -> String {
         format!("{}state", self.prefix)
     }
 
     /// The event ids counted in dedupe generation `generation`.
-    pub fn dedupe(&self, generation: i64) -> String {
+    pub(crate) fn dedupe(&self, generation: i64) -> String {
         format!("{}dedupe:{generation}", self.prefix)
     }
 
@@ -142,7 +142,7 @@ impl PartitionKeys {
     }
 
     /// A bucket's unique-user HyperLogLog.
-    pub fn users(&self, bucket: Bucket, set: UserSet) -> String {
+    pub(crate) fn users(&self, bucket: Bucket, set: UserSet) -> String {
         match set {
             UserSet::All => format!("{}:u", self.bucket(bucket)),
             UserSet::Source(source) => format!("{}:u:s{source}", self.bucket(bucket)),
@@ -166,7 +166,7 @@ impl PartitionKeys {
     /// buckets' counter hashes; this copy exists so that a day of minutes is
     /// one `GETRANGE` instead of 1440 `HMGET`s (the 24-hour minute series is
     /// the dashboards' most common query).
-    pub fn minute_series(&self, day_start: i64, event_type: i32, source: i32) -> String {
+    pub(crate) fn minute_series(&self, day_start: i64, event_type: i32, source: i32) -> String {
         format!("{}series:{day_start}:{event_type}:{source}", self.prefix)
     }
 

@@ -34,7 +34,7 @@ use super::{
 /// the least recently written buckets are dropped, to be read again when a
 /// batch touches them. Under 80 bytes a value, hash tables included: at
 /// most 20 MB per partition.
-pub const MAX_VALUES: usize = 250_000;
+pub(crate) const MAX_VALUES: usize = 250_000;
 
 /// Registers of a user set the mirror holds counted as one value: 3 bytes
 /// each, against under 80 bytes a value.
@@ -46,7 +46,7 @@ const EXPIRY_MARGIN_SECONDS: i64 = 300;
 
 /// Replies [`Mirror::request`] adds per bucket: the counter hash and the
 /// rankings.
-pub const REPLIES_PER_BUCKET: usize = 1 + Ranking::ALL.len();
+pub(crate) const REPLIES_PER_BUCKET: usize = 1 + Ranking::ALL.len();
 
 /// The known values of one bucket.
 #[derive(Debug, Default)]
@@ -78,7 +78,7 @@ fn user_set_weight(registers: &Option<Registers>) -> usize {
 /// What a commit writes to the mirrored keys, applied to the mirror once the
 /// commit succeeded.
 #[derive(Debug, Default)]
-pub struct Written {
+pub(crate) struct Written {
     counters: Vec<(Bucket, Counter, i64)>,
     scores: Vec<(Bucket, Ranking, i64, i64)>,
     user_sets: Vec<(Bucket, UserSet, Option<Registers>)>,
@@ -107,7 +107,7 @@ impl Mirror {
 
     /// Forgets everything (after a failed commit: Redis may hold values this
     /// mirror does not know).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.buckets.clear();
         self.values = 0;
     }
@@ -139,7 +139,7 @@ impl Mirror {
 
     /// Adds the reads of `buckets`' values to `pipe`:
     /// [`REPLIES_PER_BUCKET`] replies each, for [`Mirror::absorb`].
-    pub fn request(pipe: &mut Pipeline, keys: &PartitionKeys, buckets: &[Bucket]) {
+    pub(crate) fn request(pipe: &mut Pipeline, keys: &PartitionKeys, buckets: &[Bucket]) {
         for bucket in buckets {
             pipe.cmd("HGETALL").arg(keys.counters(*bucket));
             for ranking in Ranking::ALL {
@@ -153,7 +153,7 @@ impl Mirror {
     }
 
     /// Takes in the replies of [`Mirror::request`] for `buckets`.
-    pub fn absorb(
+    pub(crate) fn absorb(
         &mut self,
         keys: &PartitionKeys,
         buckets: &[Bucket],
@@ -216,13 +216,13 @@ impl Mirror {
     }
 
     /// Whether `bucket`'s values are known.
-    pub fn knows(&self, bucket: Bucket) -> bool {
+    pub(crate) fn knows(&self, bucket: Bucket) -> bool {
         self.buckets.contains_key(&bucket)
     }
 
     /// A counter's value (0 when the field is not set); `bucket` must be
     /// known.
-    pub fn counter(&self, bucket: Bucket, counter: Counter) -> i64 {
+    pub(crate) fn counter(&self, bucket: Bucket, counter: Counter) -> i64 {
         self.buckets
             .get(&bucket)
             .and_then(|known| known.counters.get(&counter))
@@ -231,7 +231,7 @@ impl Mirror {
     }
 
     /// Whether the user set exists; `bucket` must be known.
-    pub fn has_users(&self, bucket: Bucket, set: UserSet) -> bool {
+    pub(crate) fn has_users(&self, bucket: Bucket, set: UserSet) -> bool {
         self.buckets
             .get(&bucket)
             .is_some_and(|known| known.user_sets.contains_key(&set))
@@ -239,12 +239,12 @@ impl Mirror {
 
     /// The registers of a user set this consumer wrote whole, if it did;
     /// `bucket` must be known.
-    pub fn user_registers(&self, bucket: Bucket, set: UserSet) -> Option<&[(u16, u8)]> {
+    pub(crate) fn user_registers(&self, bucket: Bucket, set: UserSet) -> Option<&[(u16, u8)]> {
         self.buckets.get(&bucket)?.user_sets.get(&set)?.as_deref()
     }
 
     /// A product's score (0 when not ranked); `bucket` must be known.
-    pub fn score(&self, bucket: Bucket, ranking: Ranking, product: i64) -> i64 {
+    pub(crate) fn score(&self, bucket: Bucket, ranking: Ranking, product: i64) -> i64 {
         self.buckets
             .get(&bucket)
             .and_then(|known| known.rankings[index(ranking)].get(&product))
@@ -254,7 +254,7 @@ impl Mirror {
 
     /// Records what a successful commit wrote, then drops the least recently
     /// written buckets while over [`MAX_VALUES`].
-    pub fn apply(&mut self, written: Written) {
+    pub(crate) fn apply(&mut self, written: Written) {
         self.commits += 1;
         let commit = self.commits;
         for (bucket, counter, value) in written.counters {
@@ -322,18 +322,18 @@ impl Mirror {
 
 impl Written {
     /// Records a counter's new value.
-    pub fn counter(&mut self, bucket: Bucket, counter: Counter, value: i64) {
+    pub(crate) fn counter(&mut self, bucket: Bucket, counter: Counter, value: i64) {
         self.counters.push((bucket, counter, value));
     }
 
     /// Records that a user set was written: whole, with `registers`, or
     /// added to (`None`).
-    pub fn user_set(&mut self, bucket: Bucket, set: UserSet, registers: Option<Registers>) {
+    pub(crate) fn user_set(&mut self, bucket: Bucket, set: UserSet, registers: Option<Registers>) {
         self.user_sets.push((bucket, set, registers));
     }
 
     /// Records a product's new score.
-    pub fn score(&mut self, bucket: Bucket, ranking: Ranking, product: i64, score: i64) {
+    pub(crate) fn score(&mut self, bucket: Bucket, ranking: Ranking, product: i64, score: i64) {
         self.scores.push((bucket, ranking, product, score));
     }
 }

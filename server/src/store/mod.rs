@@ -12,14 +12,14 @@
 pub mod aggregate;
 pub mod commit;
 pub mod hll;
-pub mod id_mirror;
+pub(crate) mod id_mirror;
 pub mod keys;
 pub mod mirror;
 pub mod read;
-pub mod session_mirror;
+pub(crate) mod session_mirror;
 pub mod settled;
-pub mod status;
-pub mod writer;
+pub(crate) mod status;
+pub(crate) mod writer;
 
 use std::time::Duration;
 
@@ -85,7 +85,7 @@ impl Bucket {
     }
 
     /// The minute, hour and day buckets an event of `minute_start` counts in.
-    pub fn of_minute(minute_start: i64) -> [Self; 3] {
+    pub(crate) fn of_minute(minute_start: i64) -> [Self; 3] {
         Granularity::ALL.map(|granularity| Self::containing(granularity, minute_start))
     }
 }
@@ -112,7 +112,7 @@ impl Retention {
     }
 
     /// The retention of `granularity`.
-    pub fn of(&self, granularity: Granularity) -> Duration {
+    pub(crate) fn of(&self, granularity: Granularity) -> Duration {
         match granularity {
             Granularity::Minute => self.minute,
             Granularity::Hour => self.hour,
@@ -123,7 +123,7 @@ impl Retention {
     /// When (Unix seconds) `bucket` expires: its end plus its retention. Event
     /// time, not processing time, so replaying the same events sets the same
     /// expiry.
-    pub fn expires_at(&self, bucket: Bucket) -> i64 {
+    pub(crate) fn expires_at(&self, bucket: Bucket) -> i64 {
         let retention = i64::try_from(self.of(bucket.granularity).as_secs()).unwrap_or(i64::MAX);
         bucket
             .start
@@ -133,7 +133,7 @@ impl Retention {
 
     /// When (Unix seconds) the minute series of the day starting at
     /// `day_start` expires: when its last minute does.
-    pub fn series_expires_at(&self, day_start: i64) -> i64 {
+    pub(crate) fn series_expires_at(&self, day_start: i64) -> i64 {
         self.expires_at(Bucket::containing(
             Granularity::Minute,
             day_start + Granularity::Day.seconds() - 1,
@@ -144,7 +144,7 @@ impl Retention {
 /// Where a minute sits in the dense minute series (see
 /// [`keys::PartitionKeys::minute_series`]): the start of its UTC day and its
 /// index in the day.
-pub fn series_position(minute_start: i64) -> (i64, i64) {
+pub(crate) fn series_position(minute_start: i64) -> (i64, i64) {
     let day = Granularity::Day.bucket_start(minute_start);
     (day, (minute_start - day) / Granularity::Minute.seconds())
 }
@@ -158,7 +158,7 @@ pub fn session_epoch(now_ms: i64, ttl_ms: i64) -> i64 {
 
 /// When (Unix seconds) the session hash of `epoch` expires: two epochs after
 /// its start, so a state written at its very end is still kept `ttl_ms`.
-pub fn session_epoch_expires_at(epoch: i64, ttl_ms: i64) -> i64 {
+pub(crate) fn session_epoch_expires_at(epoch: i64, ttl_ms: i64) -> i64 {
     epoch
         .saturating_add(2)
         .saturating_mul(ttl_ms.max(1))
@@ -255,7 +255,7 @@ impl Counter {
 
     /// The counter a field of a counter hash stands for; `None` for a field
     /// this version does not write.
-    pub fn parse(field: &str) -> Option<Self> {
+    pub(crate) fn parse(field: &str) -> Option<Self> {
         let parts: Vec<&str> = field.split(':').collect();
         let int = |i: usize| parts.get(i)?.parse::<i32>().ok();
         let long = |i: usize| parts.get(i)?.parse::<i64>().ok();
@@ -350,10 +350,10 @@ pub enum FunnelStage {
 
 impl FunnelStage {
     /// Every stage, in funnel order.
-    pub const ALL: [Self; 3] = [Self::ProductView, Self::AddToCart, Self::Purchase];
+    pub(crate) const ALL: [Self; 3] = [Self::ProductView, Self::AddToCart, Self::Purchase];
 
     /// The stage's bit in a session's set of reached stages.
-    pub fn bit(self) -> u8 {
+    pub(crate) fn bit(self) -> u8 {
         match self {
             Self::ProductView => 1,
             Self::AddToCart => 2,
@@ -396,7 +396,7 @@ pub enum Ranking {
 
 impl Ranking {
     /// Every ranking.
-    pub const ALL: [Self; 4] = [
+    pub(crate) const ALL: [Self; 4] = [
         Self::Views,
         Self::AddToCarts,
         Self::Purchases,
@@ -431,7 +431,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether Redis could not be reached (as opposed to answering).
-    pub fn is_unavailable(&self) -> bool {
+    pub(crate) fn is_unavailable(&self) -> bool {
         match self {
             Self::Redis(error) => {
                 error.is_io_error()

@@ -85,7 +85,7 @@ impl MetricReader {
     }
 
     /// The partitions of `namespace` that ingest has consumed.
-    pub async fn discover(
+    pub(crate) async fn discover(
         connection: &mut impl ConnectionLike,
         namespace: &str,
     ) -> Result<Self, StoreError> {
@@ -98,7 +98,7 @@ impl MetricReader {
     }
 
     /// The partitions read, by number.
-    pub fn partitions(&self) -> Vec<i32> {
+    pub(crate) fn partitions(&self) -> Vec<i32> {
         self.partitions
             .iter()
             .map(PartitionKeys::partition)
@@ -220,7 +220,7 @@ impl MetricReader {
 
     /// Each of `counters` summed over signed buckets and partitions, named:
     /// one `(counter, total)` per counter, so callers decode by name.
-    pub async fn counter_totals(
+    pub(crate) async fn counter_totals(
         &self,
         connection: &mut impl ConnectionLike,
         buckets: &[(Bucket, i64)],

@@ -21,11 +21,11 @@ use super::aggregate::{SessionKey, SessionState};
 /// Sessions kept per partition; past it the copy is emptied, and sessions
 /// are read from Redis again. About 150 bytes a session (key, state and
 /// hash table): 30 MB.
-pub const MAX_SESSIONS: usize = 200_000;
+pub(crate) const MAX_SESSIONS: usize = 200_000;
 
 /// Session states written by this consumer, with the epoch of their write.
 #[derive(Debug)]
-pub struct SessionMirror {
+pub(crate) struct SessionMirror {
     states: HashMap<SessionKey, (SessionState, i64)>,
     /// The latest epoch written in.
     epoch: Option<i64>,
@@ -40,7 +40,7 @@ impl Default for SessionMirror {
 
 impl SessionMirror {
     /// A mirror that keeps at most `max_sessions` states.
-    pub fn with_capacity_limit(max_sessions: usize) -> Self {
+    pub(crate) fn with_capacity_limit(max_sessions: usize) -> Self {
         Self {
             states: HashMap::new(),
             epoch: None,
@@ -49,7 +49,7 @@ impl SessionMirror {
     }
 
     /// The state Redis holds for `session` as read in `epoch`, if known.
-    pub fn get(&self, session: &SessionKey, epoch: i64) -> Option<SessionState> {
+    pub(crate) fn get(&self, session: &SessionKey, epoch: i64) -> Option<SessionState> {
         // A clock that went back: what was written "later" is not where
         // the read looks.
         if self.epoch.is_some_and(|latest| latest > epoch) {
@@ -62,7 +62,7 @@ impl SessionMirror {
     }
 
     /// Records the states a commit applied in `epoch`.
-    pub fn applied<'a>(
+    pub(crate) fn applied<'a>(
         &mut self,
         states: impl IntoIterator<Item = (&'a SessionKey, &'a SessionState)>,
         epoch: i64,
@@ -91,12 +91,14 @@ impl SessionMirror {
     }
 
     /// Sessions known.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.states.len()
     }
 
     /// Whether no session is known.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.states.is_empty()
     }
 }

@@ -30,7 +30,7 @@ use std::{
 use super::{Bucket, Granularity, Ranking, Retention};
 
 /// How long after the end of its hour a minute becomes settled.
-pub const SETTLEMENT_LAG: i64 = 3600;
+pub(crate) const SETTLEMENT_LAG: i64 = 3600;
 
 /// How far apart the server's and Redis's clocks may be: the server only
 /// treats as settled buckets that end this much before its own horizon, and
@@ -53,13 +53,13 @@ const MAX_PAIRS: usize = 1 << 21;
 /// The settlement horizon at `now` (Unix seconds): every minute before it is
 /// settled. Written in the commit and ranking scripts too, against Redis's
 /// clock.
-pub fn horizon(now: i64) -> i64 {
+pub(crate) fn horizon(now: i64) -> i64 {
     Granularity::Hour.bucket_start(now) - SETTLEMENT_LAG
 }
 
 /// The horizon the server uses at `now`, an allowance for clock skew behind
 /// [`horizon`]. The ranking script checks it against Redis's clock.
-pub fn server_horizon(now: i64) -> i64 {
+pub(crate) fn server_horizon(now: i64) -> i64 {
     horizon(now) - CLOCK_ALLOWANCE
 }
 
@@ -71,22 +71,22 @@ pub fn is_settled(bucket: Bucket, now: i64) -> bool {
 /// Which cached union: a partition's ranking over the settled part of a
 /// signed cover.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UnionKey {
+pub(crate) struct UnionKey {
     /// The partition.
-    pub partition: i32,
+    pub(crate) partition: i32,
     /// The ranking.
-    pub ranking: Ranking,
+    pub(crate) ranking: Ranking,
     /// The settled buckets and their signs.
-    pub buckets: Vec<(Bucket, i64)>,
+    pub(crate) buckets: Vec<(Bucket, i64)>,
 }
 
 /// A union as read at one settled version.
 #[derive(Debug, Clone)]
-pub struct SettledUnion {
+pub(crate) struct SettledUnion {
     /// The partition's settled version it was read at.
-    pub version: String,
+    pub(crate) version: String,
     /// Product and score pairs.
-    pub scores: Arc<Vec<(i64, i64)>>,
+    pub(crate) scores: Arc<Vec<(i64, i64)>>,
 }
 
 #[derive(Debug)]
@@ -162,7 +162,7 @@ impl SettledRankings {
     }
 
     /// The union cached under `key`, unless it is too old to use at `now`.
-    pub fn get(&self, key: &UnionKey, now: i64) -> Option<SettledUnion> {
+    pub(crate) fn get(&self, key: &UnionKey, now: i64) -> Option<SettledUnion> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .unions
@@ -172,7 +172,7 @@ impl SettledRankings {
     }
 
     /// Keeps `union`, read at `now`, unless one of its buckets expires soon.
-    pub fn put(&self, key: UnionKey, union: SettledUnion, now: i64) {
+    pub(crate) fn put(&self, key: UnionKey, union: SettledUnion, now: i64) {
         let expires = key
             .buckets
             .iter()
@@ -199,7 +199,7 @@ impl SettledRankings {
     }
 
     /// Counts a partition's settled read: from the cache or from Redis.
-    pub fn record(&self, hit: bool) {
+    pub(crate) fn record(&self, hit: bool) {
         self.reads.fetch_add(1, Ordering::Relaxed);
         if hit {
             self.hits.fetch_add(1, Ordering::Relaxed);

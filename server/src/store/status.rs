@@ -9,24 +9,24 @@ use super::commit::PartitionState;
 /// What is known of one partition: its stored state, and the broker's high
 /// watermark when it could be asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionVitals {
+pub(crate) struct PartitionVitals {
     /// The partition.
-    pub partition: i32,
+    pub(crate) partition: i32,
     /// What the store holds about it.
-    pub state: PartitionState,
+    pub(crate) state: PartitionState,
     /// The offset after its last record, when the broker answered.
-    pub high_watermark: Option<i64>,
+    pub(crate) high_watermark: Option<i64>,
 }
 
 impl PartitionVitals {
     /// The next offset to apply (0 before the first commit).
-    pub fn stored_offset(&self) -> i64 {
+    pub(crate) fn stored_offset(&self) -> i64 {
         self.state.offset.unwrap_or(0)
     }
 
     /// Records in the topic not applied yet; `None` when the high watermark
     /// is unknown.
-    pub fn lag(&self) -> Option<i64> {
+    pub(crate) fn lag(&self) -> Option<i64> {
         self.high_watermark
             .map(|mark| mark.saturating_sub(self.stored_offset()).max(0))
     }
@@ -34,24 +34,24 @@ impl PartitionVitals {
 
 /// The sum of several partitions' vital signs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// Events counted.
-    pub applied: i64,
+    pub(crate) applied: i64,
     /// Duplicates skipped.
-    pub duplicates: i64,
+    pub(crate) duplicates: i64,
     /// Late events counted.
-    pub late: i64,
+    pub(crate) late: i64,
     /// Lag of the partitions whose high watermark is known.
-    pub lag: i64,
+    pub(crate) lag: i64,
     /// Dead letters per reason.
-    pub dead_lettered: BTreeMap<String, i64>,
+    pub(crate) dead_lettered: BTreeMap<String, i64>,
     /// The latest event time applied anywhere, Unix ms.
-    pub latest_event_ms: Option<i64>,
+    pub(crate) latest_event_ms: Option<i64>,
 }
 
 impl Totals {
     /// The sum over `partitions`.
-    pub fn of<'a>(partitions: impl IntoIterator<Item = &'a PartitionVitals>) -> Self {
+    pub(crate) fn of<'a>(partitions: impl IntoIterator<Item = &'a PartitionVitals>) -> Self {
         let mut totals = Self::default();
         for vitals in partitions {
             let state = &vitals.state;
@@ -68,7 +68,7 @@ impl Totals {
     }
 
     /// Records dead-lettered, all reasons together.
-    pub fn dead_lettered_count(&self) -> i64 {
+    pub(crate) fn dead_lettered_count(&self) -> i64 {
         self.dead_lettered.values().sum()
     }
 }

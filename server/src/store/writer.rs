@@ -38,14 +38,14 @@ use super::{
 
 /// Where a partition stands, as last committed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Position {
+pub(crate) struct Position {
     /// The offset of the next record to apply; `None` before the first
     /// commit.
-    pub stored: Option<i64>,
+    pub(crate) stored: Option<i64>,
     /// The latest event time applied, Unix ms.
-    pub watermark_ms: Option<i64>,
+    pub(crate) watermark_ms: Option<i64>,
     /// The dedupe clock, Unix ms (see `ingest::dedupe`).
-    pub dedupe_clock_ms: Option<i64>,
+    pub(crate) dedupe_clock_ms: Option<i64>,
 }
 
 impl From<&PartitionState> for Position {
@@ -60,38 +60,38 @@ impl From<&PartitionState> for Position {
 
 /// What a batch needs read before it is folded.
 #[derive(Debug, Default)]
-pub struct Prefetch {
+pub(crate) struct Prefetch {
     /// The batch's event ids, in order: in which stored dedupe generation
     /// was each counted?
-    pub ids: Vec<[u8; 16]>,
+    pub(crate) ids: Vec<[u8; 16]>,
     /// The dedupe generations whose sets may hold them.
-    pub dedupe_generations: Vec<i64>,
+    pub(crate) dedupe_generations: Vec<i64>,
     /// The sessions its events continue.
-    pub sessions: HashSet<SessionKey>,
+    pub(crate) sessions: HashSet<SessionKey>,
     /// The minutes its events fall in, whose buckets it will write.
-    pub minutes: Vec<i64>,
+    pub(crate) minutes: Vec<i64>,
     /// Processing time, Unix ms.
-    pub now_ms: i64,
+    pub(crate) now_ms: i64,
 }
 
 /// Everything a commit writes besides the batch's aggregates.
 #[derive(Debug, Clone, Default)]
-pub struct BatchWrite {
+pub(crate) struct BatchWrite {
     /// The offset after the batch's last record.
-    pub next_offset: i64,
+    pub(crate) next_offset: i64,
     /// Duplicates discarded.
-    pub duplicates: i64,
+    pub(crate) duplicates: i64,
     /// The ids counted and the dedupe clock.
-    pub dedupe: DedupeWrite,
+    pub(crate) dedupe: DedupeWrite,
     /// Dead-lettered records, per reason.
-    pub dead_lettered: Vec<(&'static str, i64)>,
+    pub(crate) dead_lettered: Vec<(&'static str, i64)>,
     /// Commit time, Unix ms.
-    pub now_ms: i64,
+    pub(crate) now_ms: i64,
 }
 
 /// Owns a partition's writes (see the module's notes). Opened by the lease
 /// holder only.
-pub struct PartitionWriter {
+pub(crate) struct PartitionWriter {
     connection: MultiplexedConnection,
     keys: PartitionKeys,
     owner: String,
@@ -108,7 +108,7 @@ impl PartitionWriter {
     /// connection no other task uses), reads where the partition stands and
     /// registers it for readers. `Ok(Err(holder))` when another process
     /// holds the lease.
-    pub async fn open(
+    pub(crate) async fn open(
         mut connection: MultiplexedConnection,
         keys: PartitionKeys,
         namespace: &str,
@@ -134,18 +134,18 @@ impl PartitionWriter {
     }
 
     /// Where the partition stands.
-    pub fn position(&self) -> Position {
+    pub(crate) fn position(&self) -> Position {
         self.position
     }
 
     /// Renews the lease; `Ok(Err(holder))` if another process took it.
-    pub async fn renew_lease(&mut self) -> Result<Result<(), String>, StoreError> {
+    pub(crate) async fn renew_lease(&mut self) -> Result<Result<(), String>, StoreError> {
         commit::take_lease(&mut self.connection, &self.keys, &self.owner, self.lease).await
     }
 
     /// Gives the lease up, so that a successor need not wait for it to
     /// expire.
-    pub async fn release(mut self) -> Result<(), StoreError> {
+    pub(crate) async fn release(mut self) -> Result<(), StoreError> {
         commit::release_lease(&mut self.connection, &self.keys, &self.owner).await
     }
 
@@ -153,7 +153,7 @@ impl PartitionWriter {
     /// lack: when its ids were counted, the sessions it continues, and the
     /// values of the buckets its events fall in (those of the sessions'
     /// earlier minutes are read by the commit if needed).
-    pub async fn prefetch(&mut self, ask: Prefetch) -> Result<Prefetched, StoreError> {
+    pub(crate) async fn prefetch(&mut self, ask: Prefetch) -> Result<Prefetched, StoreError> {
         let now_seconds = ask.now_ms.div_euclid(1000);
         let unknown = self.mirror.missing(
             ask.minutes
@@ -172,7 +172,7 @@ impl PartitionWriter {
                 None => unknown_sessions.push(session),
             }
         }
-        let generations = self.ids.to_read(&ask.dedupe_generations);
+        let generations = self.ids.generations_to_read(&ask.dedupe_generations);
         let read = commit::prefetch(
             &mut self.connection,
             &self.keys,
@@ -200,7 +200,7 @@ impl PartitionWriter {
     /// Commits `batch` and `write` atomically, fenced on the stored offset,
     /// and moves the position past it. Any failure empties the mirrors; the
     /// caller then drops the writer (see the module's notes).
-    pub async fn commit(
+    pub(crate) async fn commit(
         &mut self,
         batch: &BatchAggregate,
         write: BatchWrite,

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// GetEngagement.
-pub struct Engagement;
+pub(crate) struct Engagement;
 
 /// The additive totals an engagement result is built from.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// GetEventCounts.
-pub struct EventCounts;
+pub(crate) struct EventCounts;
 
 impl Metric for EventCounts {
     type Request = GetEventCountsRequest;

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// GetFunnel.
-pub struct Funnel;
+pub(crate) struct Funnel;
 
 /// Sessions started, and those of them that reached each stage.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use rtap::v1::subscribe_request::Query as Requested;
 
-pub use engagement::Engagement;
-pub use event_counts::EventCounts;
-pub use funnel::Funnel;
-pub use top_products::{DEFAULT_TOP_LIMIT, MAX_TOP_LIMIT, TopProducts};
-pub use unique_users::UniqueUsers;
+pub(crate) use engagement::Engagement;
+pub(crate) use event_counts::EventCounts;
+pub(crate) use funnel::Funnel;
+pub(crate) use top_products::TopProducts;
+pub(crate) use unique_users::UniqueUsers;
 
 use super::subscribe::{Hub, Subscription};
 use crate::error::Error;
@@ -48,6 +48,7 @@ mod tests {
 
     use super::*;
     use crate::analytics::metric::Query;
+    use top_products::DEFAULT_TOP_LIMIT;
 
     #[test]
     fn queries_that_give_the_same_result_share_a_canonical_key() -> Result<(), Error> {

@@ -16,12 +16,12 @@ use crate::{
 };
 
 /// `limit` of GetTopProducts when the request gives none.
-pub const DEFAULT_TOP_LIMIT: i32 = 10;
+pub(crate) const DEFAULT_TOP_LIMIT: i32 = 10;
 /// Largest `limit` of GetTopProducts.
-pub const MAX_TOP_LIMIT: i32 = 100;
+pub(crate) const MAX_TOP_LIMIT: i32 = 100;
 
 /// GetTopProducts.
-pub struct TopProducts;
+pub(crate) struct TopProducts;
 
 impl Metric for TopProducts {
     type Request = GetTopProductsRequest;

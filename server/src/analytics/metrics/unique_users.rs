@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// GetUniqueUsers.
-pub struct UniqueUsers;
+pub(crate) struct UniqueUsers;
 
 impl Metric for UniqueUsers {
     type Request = GetUniqueUsersRequest;
