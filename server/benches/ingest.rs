@@ -30,8 +30,9 @@ use clap::Parser;
 use common::{TestDatabase, test_config};
 use cpu_times::CpuTimes;
 use env_count::env_count;
-use rskafka::client::{ClientBuilder, partition::UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder, partition::UnknownTopicHandling};
 use rtap_server::{
+    Config,
     ingest::{
         consumer::{self, PipelineSettings, PipelineStats},
         dedupe::Dedupe,
@@ -62,14 +63,34 @@ fn main() -> anyhow::Result<()> {
 async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow::Result<()> {
     let mut config = test_config(database);
     config.events_partitions = partitions;
-    let brokers = config.kafka_brokers.clone();
+    fill(&config, events).await?;
+    let client = Arc::new(
+        ClientBuilder::new(config.kafka_brokers.clone())
+            .build()
+            .await?,
+    );
+    let raw = raw_fetch(&client, &config).await?;
+    let ingest = ingest(&config, &raw).await?;
+    report(&config, &raw, ingest)?;
+    // A broker with memory storage (the test broker) would keep the
+    // million events until restarted.
+    client
+        .controller_client()?
+        .delete_topic(config.events_topic.as_str(), 10_000)
+        .await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+}
 
+/// Fills the topic with `events` events of the simulator's model, over the
+/// last six hours.
+async fn fill(config: &Config, events: u64) -> anyhow::Result<()> {
     let filling = Instant::now();
+    let partitions = config.events_partitions;
     let start = (chrono::Utc::now() - chrono::Duration::hours(6)).to_rfc3339();
     let simulation = SimulatorConfig::try_parse_from([
         "rtap-simulator",
         "--kafka-brokers",
-        &brokers.join(","),
+        &config.kafka_brokers.join(","),
         "--topic",
         &config.events_topic,
         "--partitions",
@@ -89,13 +110,26 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         config.events_topic,
         filling.elapsed().as_secs_f64()
     );
+    Ok(())
+}
 
-    // Raw fetch: every partition from 0 to its high watermark, concurrently.
-    let client = Arc::new(ClientBuilder::new(brokers.clone()).build().await?);
-    let cpu_before_raw = CpuTimes::now();
-    let raw_started = Instant::now();
+/// What the raw fetch read and cost.
+struct RawFetch {
+    /// Every partition's high watermark.
+    high_watermarks: Vec<(i32, i64)>,
+    records: u64,
+    /// Record values for the in-process measurements.
+    sample: Vec<Vec<u8>>,
+    seconds: f64,
+    cpu: Option<CpuTimes>,
+}
+
+/// Raw fetch: every partition from 0 to its high watermark, concurrently.
+async fn raw_fetch(client: &Arc<Client>, config: &Config) -> anyhow::Result<RawFetch> {
+    let cpu_before = CpuTimes::now();
+    let started = Instant::now();
     let mut readers = Vec::new();
-    for partition in 0..partitions {
+    for partition in 0..config.events_partitions {
         let client = client.clone();
         let topic = config.events_topic.clone();
         let max_bytes = config.fetch_max_bytes;
@@ -123,20 +157,39 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
             Ok::<_, anyhow::Error>((partition, offset, records, sample))
         }));
     }
-    let mut high_watermarks = Vec::new();
-    let mut raw_records = 0;
-    let mut sample = Vec::new();
+    let mut fetched = RawFetch {
+        high_watermarks: Vec::new(),
+        records: 0,
+        sample: Vec::new(),
+        seconds: 0.0,
+        cpu: None,
+    };
     for reader in readers {
         let (partition, end, records, values) = reader.await??;
-        high_watermarks.push((partition, end));
-        raw_records += records;
-        sample.extend(values);
+        fetched.high_watermarks.push((partition, end));
+        fetched.records += records;
+        fetched.sample.extend(values);
     }
-    let raw_seconds = raw_started.elapsed().as_secs_f64();
-    let raw_cpu = cpu_before_raw.and_then(CpuTimes::until_now);
-    let raw_rate = raw_records as f64 / raw_seconds;
+    fetched.seconds = started.elapsed().as_secs_f64();
+    fetched.cpu = cpu_before.and_then(CpuTimes::until_now);
+    Ok(fetched)
+}
 
-    // The pipeline, from offset 0 into a fresh namespace.
+/// What the pipeline's catch-up did and cost.
+struct Ingest {
+    stats: Arc<PipelineStats>,
+    seconds: f64,
+    cpu: Option<CpuTimes>,
+    redis_cpu: f64,
+    commands_before: BTreeMap<String, (u64, u64)>,
+    commands_after: BTreeMap<String, (u64, u64)>,
+    /// Redis PING times while it ran.
+    pings: Vec<Duration>,
+}
+
+/// The pipeline, from offset 0 into a fresh namespace, until every
+/// partition's stored offset reaches its high watermark.
+async fn ingest(config: &Config, raw: &RawFetch) -> anyhow::Result<Ingest> {
     let stats = Arc::new(PipelineStats::default());
     let shutdown = CancellationToken::new();
     let redis = redis::Client::open(config.redis_url.as_str())?;
@@ -145,17 +198,17 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     let probe = tokio::spawn(probe_redis(redis.clone(), probing.clone()));
     let redis_cpu_before = redis_cpu_seconds(&mut connection).await?;
     let commands_before = command_stats(&mut connection).await?;
-    let cpu_before_ingest = CpuTimes::now();
-    let ingest_started = Instant::now();
+    let cpu_before = CpuTimes::now();
+    let started = Instant::now();
     let pipeline = tokio::spawn(consumer::run(
-        PipelineSettings::from_config(&config),
+        PipelineSettings::from_config(config),
         redis,
         stats.clone(),
         shutdown.clone(),
     ));
     loop {
         let mut caught_up = true;
-        for (partition, end) in &high_watermarks {
+        for (partition, end) in &raw.high_watermarks {
             let state = load_state(
                 &mut connection,
                 &PartitionKeys::new(&config.redis_namespace, *partition),
@@ -168,27 +221,43 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let ingest_seconds = ingest_started.elapsed().as_secs_f64();
-    let ingest_cpu = cpu_before_ingest.and_then(CpuTimes::until_now);
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_before.and_then(CpuTimes::until_now);
     let redis_cpu = redis_cpu_seconds(&mut connection).await? - redis_cpu_before;
     let commands_after = command_stats(&mut connection).await?;
     // The offsets are in Redis before each commit's reply reaches the
     // consumer, which then counts it: let the last replies be counted.
     let counted = Instant::now();
-    while stats.records.load(Ordering::Relaxed) < raw_records
+    while stats.records.load(Ordering::Relaxed) < raw.records
         && counted.elapsed() < Duration::from_secs(10)
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     probing.cancel();
-    let mut pings = probe.await??;
+    let pings = probe.await??;
     shutdown.cancel();
     pipeline.await?;
+    Ok(Ingest {
+        stats,
+        seconds,
+        cpu,
+        redis_cpu,
+        commands_before,
+        commands_after,
+        pings,
+    })
+}
 
+/// Prints the figures of the raw fetch and the catch-up.
+fn report(config: &Config, raw: &RawFetch, mut ingest: Ingest) -> anyhow::Result<()> {
+    let stats = &ingest.stats;
     let records = stats.records.load(Ordering::Relaxed);
     let commits = stats.commits.load(Ordering::Relaxed).max(1);
     let commands = stats.redis_commands.load(Ordering::Relaxed);
     let round_trips = stats.redis_round_trips.load(Ordering::Relaxed);
+    let (raw_records, raw_seconds) = (raw.records, raw.seconds);
+    let raw_rate = raw_records as f64 / raw_seconds;
+    let (ingest_seconds, redis_cpu) = (ingest.seconds, ingest.redis_cpu);
     let ingest_rate = records as f64 / ingest_seconds;
     println!(
         "raw rskafka fetch: {raw_records} records in {raw_seconds:.2} s = {raw_rate:.0} records/s"
@@ -216,8 +285,9 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     );
     println!(
         "redis time per event by command (commandstats; exec includes the commands it runs): {}",
-        command_breakdown(&commands_before, &commands_after, records)
+        command_breakdown(&ingest.commands_before, &ingest.commands_after, records)
     );
+    let pings = &mut ingest.pings;
     pings.sort_unstable();
     let percentile = |p: f64| {
         let index = ((pings.len() as f64 * p) as usize).min(pings.len().saturating_sub(1));
@@ -235,17 +305,17 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         "ratio ingest / raw fetch: {:.2} (target >= 0.8)",
         ingest_rate / raw_rate
     );
-    let work = in_process_work(&sample, &config)?;
+    let work = in_process_work(&raw.sample, config)?;
     println!(
         "consumer work needing no Redis, one thread over {} sampled records (best of {} \
          passes): decode and validate {:.2} us per event, and with folding into the batch \
          aggregate {:.2} us",
-        sample.len(),
+        raw.sample.len(),
         WORK_PASSES,
         work.decode_us,
         work.fold_us,
     );
-    if let (Some(raw_cpu), Some(ingest_cpu)) = (raw_cpu, ingest_cpu) {
+    if let (Some(raw_cpu), Some(ingest_cpu)) = (raw.cpu, ingest.cpu) {
         print_machine_cpu(
             (raw_cpu, raw_records, raw_seconds),
             (ingest_cpu, records, ingest_seconds),
@@ -255,13 +325,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
     } else {
         println!("CPU per event and the ratio ceiling: unknown (read from /proc: Linux only)");
     }
-    // A broker with memory storage (the test broker) would keep the
-    // million events until restarted.
-    client
-        .controller_client()?
-        .delete_topic(config.events_topic.as_str(), 10_000)
-        .await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+    Ok(())
 }
 
 /// The machine's CPU per event in the raw fetch and in ingest (each given as

@@ -89,12 +89,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         defaults.users / PARTITIONS as u32,
     );
 
-    let mut simulator_rates = Vec::new();
-    let mut raw_rates = Vec::new();
-    let mut round_ratios = Vec::new();
-    let mut predictions = Vec::new();
-    let (mut simulator_cpu, mut raw_cpu, mut raw_machine_cpu) =
-        (Vec::new(), Vec::new(), Vec::new());
     if rounds == 0 {
         return Ok(());
     }
@@ -105,6 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     runtime.block_on(raw_produce(&brokers, &generated, rounds))?;
     runtime.block_on(simulator_produce(&brokers, records, rounds))?;
     let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get()) as f64;
+    let mut results = Rounds::default();
     for round in 0..rounds {
         let raw_produce = || runtime.block_on(raw_produce(&brokers, &generated, round));
         let simulator_produce = || {
@@ -115,60 +110,94 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         // Which runs first alternates: a run was often faster as the second
         // of its pair, and neither side should always be the one that is.
-        let (raw, (simulator, cpu)) = if round % 2 == 0 {
+        let (raw, simulator) = if round % 2 == 0 {
             let raw = raw_produce()?;
             (raw, simulator_produce()?)
         } else {
             let simulator = simulator_produce()?;
             (raw_produce()?, simulator)
         };
+        results.record(round, records, raw, simulator, (cores, generation_us));
+    }
+    results.report(rounds, cores);
+    Ok(())
+}
+
+/// Every round's figures.
+#[derive(Default)]
+struct Rounds {
+    simulator_rates: Vec<f64>,
+    raw_rates: Vec<f64>,
+    round_ratios: Vec<f64>,
+    predictions: Vec<Option<f64>>,
+    simulator_cpu: Vec<Option<f64>>,
+    raw_cpu: Vec<Option<f64>>,
+    raw_machine_cpu: Vec<Option<f64>>,
+}
+
+impl Rounds {
+    /// Keeps and prints one round's pair: the raw produce and the
+    /// simulator's (records/s, CPU).
+    fn record(
+        &mut self,
+        round: usize,
+        records: usize,
+        raw: RawProduce,
+        (simulator, cpu): (f64, Option<CpuTimes>),
+        (cores, generation_us): (f64, f64),
+    ) {
         let raw_machine_us = raw.cpu.map(|cpu| micros_per(cpu.machine, records));
-        raw_cpu.push(raw.cpu.map(|cpu| micros_per(cpu.bench, records)));
-        raw_machine_cpu.push(raw_machine_us);
-        simulator_cpu.push(cpu.map(|cpu| micros_per(cpu.bench, records)));
+        self.raw_cpu
+            .push(raw.cpu.map(|cpu| micros_per(cpu.bench, records)));
+        self.raw_machine_cpu.push(raw_machine_us);
+        self.simulator_cpu
+            .push(cpu.map(|cpu| micros_per(cpu.bench, records)));
         // With every core busy, a rate is the cores over the CPU a record
         // costs the whole machine.
         let predicted =
             raw_machine_us.map(|raw_us| cores / ((raw_us + generation_us) * 1e-6) / raw.rate);
-        predictions.push(predicted);
+        self.predictions.push(predicted);
         println!(
             "round {round}: raw rskafka {:>10.0} records/s, rtap-simulator {simulator:>10.0} records/s, ratio {:.2} (CPU predicts {})",
             raw.rate,
             simulator / raw.rate,
             ratio_figure(predicted),
         );
-        raw_rates.push(raw.rate);
-        simulator_rates.push(simulator);
-        round_ratios.push(simulator / raw.rate);
+        self.raw_rates.push(raw.rate);
+        self.simulator_rates.push(simulator);
+        self.round_ratios.push(simulator / raw.rate);
     }
-    let raw = median(&mut raw_rates);
-    let simulator = median(&mut simulator_rates);
-    println!(
-        "raw rskafka produce:   {raw:>12.0} records/s (median of {rounds}), {} CPU/record; \
-         the whole machine's {} (broker, kernel and bench)",
-        cpu_figure(&raw_cpu),
-        cpu_figure(&raw_machine_cpu),
-    );
-    println!(
-        "rtap-simulator:        {simulator:>12.0} records/s (median of {rounds}), {} CPU/record with the warm-up",
-        cpu_figure(&simulator_cpu)
-    );
-    println!(
-        "ratio simulator / raw: {:>12.2} (target >= 0.80)",
-        simulator / raw
-    );
-    println!(
-        "median round ratio:    {:>12.2} (each round's pair ran back to back, raw first in even rounds)",
-        median(&mut round_ratios)
-    );
-    let mut predictions: Vec<f64> = predictions.into_iter().flatten().collect();
-    let predicted = (!predictions.is_empty()).then(|| median(&mut predictions));
-    println!(
-        "ratio CPU predicts:    {:>12} (median of the rounds': all {cores} cores busy, a record \
-         costing raw produce's machine CPU plus generation's)",
-        ratio_figure(predicted),
-    );
-    Ok(())
+
+    /// Prints the medians.
+    fn report(mut self, rounds: usize, cores: f64) {
+        let raw = median(&mut self.raw_rates);
+        let simulator = median(&mut self.simulator_rates);
+        println!(
+            "raw rskafka produce:   {raw:>12.0} records/s (median of {rounds}), {} CPU/record; \
+             the whole machine's {} (broker, kernel and bench)",
+            cpu_figure(&self.raw_cpu),
+            cpu_figure(&self.raw_machine_cpu),
+        );
+        println!(
+            "rtap-simulator:        {simulator:>12.0} records/s (median of {rounds}), {} CPU/record with the warm-up",
+            cpu_figure(&self.simulator_cpu)
+        );
+        println!(
+            "ratio simulator / raw: {:>12.2} (target >= 0.80)",
+            simulator / raw
+        );
+        println!(
+            "median round ratio:    {:>12.2} (each round's pair ran back to back, raw first in even rounds)",
+            median(&mut self.round_ratios)
+        );
+        let mut predictions: Vec<f64> = self.predictions.into_iter().flatten().collect();
+        let predicted = (!predictions.is_empty()).then(|| median(&mut predictions));
+        println!(
+            "ratio CPU predicts:    {:>12} (median of the rounds': all {cores} cores busy, a record \
+             costing raw produce's machine CPU plus generation's)",
+            ratio_figure(predicted),
+        );
+    }
 }
 
 /// Records for the raw produce, from one generator of the simulator's

@@ -264,50 +264,20 @@ pub(crate) fn resolve(
             return Err(violations);
         }
     };
-    let now_seconds = now.timestamp();
-    let aligned = |granularity: Granularity| {
-        let step = granularity.seconds();
-        let start = granularity.bucket_start(start);
-        let end = granularity.bucket_start(end - 1) + step;
-        ResolvedWindow {
-            granularity,
-            start,
-            end,
-        }
-    };
-    let points = |w: &ResolvedWindow| (w.end - w.start) / w.granularity.seconds();
-    let retained = |w: &ResolvedWindow| {
-        let kept = i64::try_from(retention.of(w.granularity).as_secs()).unwrap_or(i64::MAX);
-        w.start + w.granularity.seconds() >= now_seconds.saturating_sub(kept)
+    let bounds = Bounds {
+        start,
+        end,
+        now: now.timestamp(),
+        retention,
     };
     let window_field = field("window");
     match requested {
-        Some(granularity) => {
-            let resolved = aligned(granularity);
-            if points(&resolved) > MAX_POINTS {
-                return Err(vec![FieldViolation::new(
-                    window_field,
-                    format!(
-                        "spans {} {granularity:?} buckets; at most {MAX_POINTS} (use a coarser granularity)",
-                        points(&resolved)
-                    ),
-                )]);
-            }
-            if !retained(&resolved) {
-                return Err(vec![FieldViolation::new(
-                    window_field,
-                    format!(
-                        "starts before the oldest {granularity:?} bucket kept ({:?} retention); use a coarser granularity or leave it unspecified",
-                        retention.of(granularity)
-                    ),
-                )]);
-            }
-            Ok(resolved)
-        }
+        Some(granularity) => bounds
+            .at(granularity)
+            .map_err(|description| vec![FieldViolation::new(window_field, description)]),
         None => Granularity::ALL
             .into_iter()
-            .map(aligned)
-            .find(|w| retained(w) && points(w) <= MAX_POINTS)
+            .find_map(|granularity| bounds.at(granularity).ok())
             .ok_or_else(|| {
                 vec![FieldViolation::new(
                     window_field,
@@ -316,6 +286,41 @@ pub(crate) fn resolve(
                     ),
                 )]
             }),
+    }
+}
+
+/// A window's unaligned bounds, to align to a granularity.
+struct Bounds<'a> {
+    start: i64,
+    end: i64,
+    now: i64,
+    retention: &'a Retention,
+}
+
+impl Bounds<'_> {
+    /// The window aligned to `granularity`, or why that granularity cannot
+    /// serve it (too many buckets, or buckets no longer kept).
+    fn at(&self, granularity: Granularity) -> Result<ResolvedWindow, String> {
+        let step = granularity.seconds();
+        let resolved = ResolvedWindow {
+            granularity,
+            start: granularity.bucket_start(self.start),
+            end: granularity.bucket_start(self.end - 1) + step,
+        };
+        let points = (resolved.end - resolved.start) / step;
+        if points > MAX_POINTS {
+            return Err(format!(
+                "spans {points} {granularity:?} buckets; at most {MAX_POINTS} (use a coarser granularity)"
+            ));
+        }
+        let kept = self.retention.of(granularity);
+        let kept_seconds = i64::try_from(kept.as_secs()).unwrap_or(i64::MAX);
+        if resolved.start + step < self.now.saturating_sub(kept_seconds) {
+            return Err(format!(
+                "starts before the oldest {granularity:?} bucket kept ({kept:?} retention); use a coarser granularity or leave it unspecified"
+            ));
+        }
+        Ok(resolved)
     }
 }
 

@@ -347,71 +347,9 @@ impl BatchAggregate {
 }
 
 fn minute_change(minute: i64, changes: &BucketChanges) -> MinuteChange {
-    let mut counts: BTreeMap<(i32, i32, i64), CountChange> = BTreeMap::new();
-    let mut sessions: BTreeMap<i32, SessionChange> = BTreeMap::new();
-    fn entry(
-        counts: &mut BTreeMap<(i32, i32, i64), CountChange>,
-        event_type: i32,
-        source: i32,
-        product: i64,
-    ) -> &mut CountChange {
-        counts
-            .entry((event_type, source, product))
-            .or_insert_with(|| CountChange {
-                r#type: event_type,
-                source,
-                product_id: product,
-                ..CountChange::default()
-            })
-    }
-    // Events without a product are the type's events minus those with one.
-    let mut without_product: BTreeMap<(i32, i32), i64> = BTreeMap::new();
+    let mut change = MinuteChangeBuilder::default();
     for (counter, by) in &changes.counters {
-        match *counter {
-            Counter::Events { event_type, source } => {
-                *without_product.entry((event_type, source)).or_default() += by;
-            }
-            Counter::ProductEvents {
-                event_type,
-                source,
-                product,
-            } => {
-                *without_product.entry((event_type, source)).or_default() -= by;
-                entry(&mut counts, event_type, source, product).events += by;
-            }
-            Counter::Quantity {
-                event_type,
-                source,
-                product,
-            } => entry(&mut counts, event_type, source, product).quantity += by,
-            Counter::Dwell { source, product } => {
-                entry(&mut counts, EventType::ProductView as i32, source, product).dwell_micros +=
-                    by;
-            }
-            Counter::ProductRevenue { source, product } => {
-                entry(&mut counts, EventType::Purchase as i32, source, product).revenue_micros +=
-                    by;
-            }
-            Counter::Sessions { source } => session(&mut sessions, source).sessions += by,
-            Counter::SessionLength { source } => {
-                session(&mut sessions, source).length_millis += by;
-            }
-            Counter::SessionEvents { source } => session(&mut sessions, source).events += by,
-            Counter::Funnel { stage, source } => {
-                let change = session(&mut sessions, source);
-                match stage {
-                    FunnelStage::ProductView => change.reached_product_view += by,
-                    FunnelStage::AddToCart => change.reached_add_to_cart += by,
-                    FunnelStage::Purchase => change.reached_purchase += by,
-                }
-            }
-            Counter::TotalDwell { .. } | Counter::Revenue { .. } | Counter::Late => {}
-        }
-    }
-    for ((event_type, source), events) in without_product {
-        if events != 0 {
-            entry(&mut counts, event_type, source, 0).events += events;
-        }
+        change.add(*counter, *by);
     }
     let mut products_with_users: Vec<i64> = changes
         .users
@@ -422,19 +360,101 @@ fn minute_change(minute: i64, changes: &BucketChanges) -> MinuteChange {
         })
         .collect();
     products_with_users.sort_unstable();
-    MinuteChange {
-        minute_start: Some(timestamp_from_seconds(minute)),
-        counts: counts.into_values().collect(),
-        sessions: sessions.into_values().collect(),
-        products_with_users,
-    }
+    change.finish(minute, products_with_users)
 }
 
-fn session(sessions: &mut BTreeMap<i32, SessionChange>, source: i32) -> &mut SessionChange {
-    sessions.entry(source).or_insert_with(|| SessionChange {
-        source,
-        ..SessionChange::default()
-    })
+/// A minute's counter changes regrouped by (type, source, product) and by
+/// source, as `MinuteChange` publishes them.
+#[derive(Default)]
+struct MinuteChangeBuilder {
+    counts: BTreeMap<(i32, i32, i64), CountChange>,
+    sessions: BTreeMap<i32, SessionChange>,
+    /// Events of a (type, source) without a product: the type's events
+    /// minus those with one.
+    without_product: BTreeMap<(i32, i32), i64>,
+}
+
+impl MinuteChangeBuilder {
+    fn add(&mut self, counter: Counter, by: i64) {
+        match counter {
+            Counter::Events { event_type, source } => {
+                *self
+                    .without_product
+                    .entry((event_type, source))
+                    .or_default() += by;
+            }
+            Counter::ProductEvents {
+                event_type,
+                source,
+                product,
+            } => {
+                *self
+                    .without_product
+                    .entry((event_type, source))
+                    .or_default() -= by;
+                self.count(event_type, source, product).events += by;
+            }
+            Counter::Quantity {
+                event_type,
+                source,
+                product,
+            } => self.count(event_type, source, product).quantity += by,
+            Counter::Dwell { source, product } => {
+                self.count(EventType::ProductView as i32, source, product)
+                    .dwell_micros += by;
+            }
+            Counter::ProductRevenue { source, product } => {
+                self.count(EventType::Purchase as i32, source, product)
+                    .revenue_micros += by;
+            }
+            Counter::Sessions { source } => self.session(source).sessions += by,
+            Counter::SessionLength { source } => self.session(source).length_millis += by,
+            Counter::SessionEvents { source } => self.session(source).events += by,
+            Counter::Funnel { stage, source } => {
+                let change = self.session(source);
+                match stage {
+                    FunnelStage::ProductView => change.reached_product_view += by,
+                    FunnelStage::AddToCart => change.reached_add_to_cart += by,
+                    FunnelStage::Purchase => change.reached_purchase += by,
+                }
+            }
+            Counter::TotalDwell { .. } | Counter::Revenue { .. } | Counter::Late => {}
+        }
+    }
+
+    fn count(&mut self, event_type: i32, source: i32, product: i64) -> &mut CountChange {
+        self.counts
+            .entry((event_type, source, product))
+            .or_insert_with(|| CountChange {
+                r#type: event_type,
+                source,
+                product_id: product,
+                ..CountChange::default()
+            })
+    }
+
+    fn session(&mut self, source: i32) -> &mut SessionChange {
+        self.sessions
+            .entry(source)
+            .or_insert_with(|| SessionChange {
+                source,
+                ..SessionChange::default()
+            })
+    }
+
+    fn finish(mut self, minute: i64, products_with_users: Vec<i64>) -> MinuteChange {
+        for ((event_type, source), events) in std::mem::take(&mut self.without_product) {
+            if events != 0 {
+                self.count(event_type, source, 0).events += events;
+            }
+        }
+        MinuteChange {
+            minute_start: Some(timestamp_from_seconds(minute)),
+            counts: self.counts.into_values().collect(),
+            sessions: self.sessions.into_values().collect(),
+            products_with_users,
+        }
+    }
 }
 
 /// Event time in Unix milliseconds (the validator guarantees it is set).

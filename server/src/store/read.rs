@@ -286,24 +286,8 @@ impl MetricReader {
                 buckets: settled.clone(),
             };
             let held = cache.and_then(|cache| cache.get(&key, now));
-            let command = pipe
-                .cmd("EVAL")
-                .arg(RANKING_SCRIPT)
-                .arg(2 + settled.len() + fresh.len())
-                .arg(keys.settled_version())
-                .arg(keys.state());
-            for (bucket, _) in settled.iter().chain(&fresh) {
-                command.arg(keys.ranking(*bucket, ranking));
-            }
-            command
-                .arg(held.as_ref().map_or("", |union| union.version.as_str()))
-                .arg(settled.len())
-                .arg(settled::server_horizon(now))
-                .arg(settled::SETTLEMENT_LAG)
-                .arg(state_field::WATERMARK_MS);
-            for (bucket, sign) in settled.iter().chain(&fresh) {
-                command.arg(*sign).arg(bucket.start);
-            }
+            let version = held.as_ref().map_or("", |union| union.version.as_str());
+            ranking_script(&mut pipe, keys, ranking, &settled, &fresh, version, now);
             cached.push((key, held));
         }
         let replies: Vec<(String, String, String, String)> = pipe.query_async(connection).await?;
@@ -392,6 +376,38 @@ local now = tonumber(redis.call('TIME')[1])
 local cachable = version ~= '' and tonumber(ARGV[3]) <= now - now % 3600 - tonumber(ARGV[4])
 return {version, cachable and 'fill' or 'none', union(1, settled), fresh}
 ";
+
+/// Adds to `pipe` the ranking script of one partition: the union of its
+/// `settled` buckets (unless `held_version` is still current) and of its
+/// `fresh` ones, each bucket weighted by its sign.
+fn ranking_script(
+    pipe: &mut redis::Pipeline,
+    keys: &PartitionKeys,
+    ranking: Ranking,
+    settled: &[(Bucket, i64)],
+    fresh: &[(Bucket, i64)],
+    held_version: &str,
+    now: i64,
+) {
+    let command = pipe
+        .cmd("EVAL")
+        .arg(RANKING_SCRIPT)
+        .arg(2 + settled.len() + fresh.len())
+        .arg(keys.settled_version())
+        .arg(keys.state());
+    for (bucket, _) in settled.iter().chain(fresh) {
+        command.arg(keys.ranking(*bucket, ranking));
+    }
+    command
+        .arg(held_version)
+        .arg(settled.len())
+        .arg(settled::server_horizon(now))
+        .arg(settled::SETTLEMENT_LAG)
+        .arg(state_field::WATERMARK_MS);
+    for (bucket, sign) in settled.iter().chain(fresh) {
+        command.arg(*sign).arg(bucket.start);
+    }
+}
 
 /// Member/score pairs of a ranking script's union. Scores are integer sums,
 /// exact in a double below 2^53.
