@@ -7,7 +7,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    analytics::{AnalyticsApi, store_client::StoreClient, subscribe::Hub},
+    analytics::{AnalyticsApi, feed::FeedSettings, store_client::StoreClient, subscribe::Hub},
     catalog::{ProductApi, UserApi},
     config::Config,
     database::{Database, SchemaGate},
@@ -217,7 +217,11 @@ fn add_api(
         Retention::from_config(config),
         config.dependency_timeout,
     );
-    let hub = Hub::start(store, shutdown.clone());
+    let feeds = FeedSettings {
+        refresh_interval: config.feed_refresh_interval,
+        refresh_slots: usize::try_from(config.feed_refresh_slots).unwrap_or(1),
+    };
+    let hub = Hub::start(store, feeds, shutdown.clone());
     router
         .add_service(UserApi::new(database.clone()).into_server())
         .add_service(ProductApi::new(database).into_server())

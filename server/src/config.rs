@@ -313,6 +313,29 @@ pub struct Config {
     )]
     pub dependency_timeout: Duration,
 
+    /// Shortest time between two re-reads of one subscribed query: the
+    /// changes of the commits within it are read together (`Subscribe`
+    /// deltas are at most about this much later than the commit).
+    #[arg(
+        long,
+        env = "RTAP_FEED_REFRESH_INTERVAL",
+        default_value = "50ms",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub feed_refresh_interval: Duration,
+
+    /// Subscribed queries re-read from Redis at once; the others wait, their
+    /// changes coalescing, so subscriptions never starve other calls.
+    #[arg(
+        long,
+        env = "RTAP_FEED_REFRESH_SLOTS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=1024),
+        global = true
+    )]
+    pub feed_refresh_slots: u32,
+
     /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before
     /// the server exits anyway.
     #[arg(

@@ -4,13 +4,13 @@
 //! diff of two results. The unary handlers, [`Query`] and Subscribe's feeds
 //! are generic over it, so they behave the same for every kind.
 
-use std::future::Future;
+use std::{collections::BTreeSet, future::Future};
 
 use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
 use chrono::{DateTime, Utc};
 use prost::Message;
 use redis::aio::ConnectionLike;
-use rtap::v1::{EventType, Source, TimeWindow, delta, snapshot};
+use rtap::v1::{CommitDelta, EventType, MinuteChange, Source, TimeWindow, delta, snapshot};
 
 use super::window::{self, ResolvedWindow, SignedBucket};
 use crate::{
@@ -52,6 +52,30 @@ pub(crate) trait Metric: Send + Sync + 'static {
 
     /// The change from `old` to `new`, `None` when there is none.
     fn diff(old: &Self::Response, new: &Self::Response) -> Option<delta::Change>;
+
+    /// What a commit changed in the result of `request` over `window`. It
+    /// may name more than changed, never less: a feed re-reads nothing
+    /// else.
+    fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched;
+
+    /// Brings `held` (read over `reads.window`) up to date after `touched`
+    /// named `buckets` of it, and returns the change. The default re-reads
+    /// everything; a metric whose [`Self::touched`] names buckets re-reads
+    /// only those.
+    fn refresh<C: ConnectionLike + Send>(
+        request: &Self::Request,
+        reads: Reads<'_, C>,
+        held: &mut Self::Response,
+        buckets: &BTreeSet<i64>,
+    ) -> impl Future<Output = Result<Option<delta::Change>, Error>> + Send {
+        let _ = buckets;
+        async move {
+            let fresh = Self::read(request, reads).await?;
+            let change = Self::diff(held, &fresh);
+            *held = fresh;
+            Ok(change)
+        }
+    }
 
     /// The result as a Subscribe snapshot.
     fn snapshot(result: Self::Response) -> snapshot::Result;
@@ -125,6 +149,103 @@ impl<M: Metric> Query<M> {
         };
         M::read(&self.request, reads).await
     }
+
+    /// What `delta` changed in the result over `window`.
+    pub fn touched(&self, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
+        M::touched(&self.request, window, delta)
+    }
+
+    /// Brings `held`, read over `window`, up to date after `buckets` of it
+    /// changed; returns the change.
+    pub async fn refresh<C: ConnectionLike + Send>(
+        &self,
+        connection: &mut C,
+        reader: &MetricReader,
+        (window, retention): (ResolvedWindow, &Retention),
+        held: &mut M::Response,
+        buckets: &BTreeSet<i64>,
+    ) -> Result<Option<delta::Change>, Error> {
+        let reads = Reads {
+            connection,
+            reader,
+            window,
+            retention,
+        };
+        M::refresh(&self.request, reads, held, buckets).await
+    }
+}
+
+/// What a commit changed in a query's result.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Touched {
+    /// Nothing: no read needed.
+    #[default]
+    Nothing,
+    /// The buckets starting at these times (Unix seconds) only.
+    Buckets(BTreeSet<i64>),
+    /// Anything: re-read the whole result.
+    Everything,
+}
+
+impl Touched {
+    /// Both changes.
+    pub fn merge(&mut self, other: Self) {
+        *self = match (std::mem::take(self), other) {
+            (Self::Everything, _) | (_, Self::Everything) => Self::Everything,
+            (Self::Nothing, other) | (other, Self::Nothing) => other,
+            (Self::Buckets(mut mine), Self::Buckets(theirs)) => {
+                mine.extend(theirs);
+                Self::Buckets(mine)
+            }
+        };
+    }
+
+    /// The buckets starting at `starts`, `Nothing` if none.
+    pub fn buckets(starts: BTreeSet<i64>) -> Self {
+        if starts.is_empty() {
+            Self::Nothing
+        } else {
+            Self::Buckets(starts)
+        }
+    }
+
+    /// Whether nothing changed.
+    pub fn is_nothing(&self) -> bool {
+        *self == Self::Nothing
+    }
+}
+
+/// The minutes a commit changed inside `window`, with their start (Unix
+/// seconds).
+pub fn minutes_in<'a>(
+    window: &'a ResolvedWindow,
+    delta: &'a CommitDelta,
+) -> impl Iterator<Item = (i64, &'a MinuteChange)> + 'a {
+    delta.minutes.iter().filter_map(|minute| {
+        let start = minute.minute_start?.seconds;
+        (window.start..window.end)
+            .contains(&start)
+            .then_some((start, minute))
+    })
+}
+
+/// `Everything` if `changed` holds for any minute of the window the commit
+/// changed, else `Nothing`: for metrics re-read whole.
+pub fn everything_if(
+    window: &ResolvedWindow,
+    delta: &CommitDelta,
+    changed: impl Fn(&MinuteChange) -> bool,
+) -> Touched {
+    if minutes_in(window, delta).any(|(_, minute)| changed(minute)) {
+        Touched::Everything
+    } else {
+        Touched::Nothing
+    }
+}
+
+/// Whether `value` passes a filter of values (empty: every value).
+pub fn admits(filter: &[i32], value: i32) -> bool {
+    filter.is_empty() || filter.contains(&value)
 }
 
 /// What a metric reads with: the store, and the window it covers.

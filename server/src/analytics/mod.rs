@@ -5,9 +5,12 @@
 //!   validated [`metric::Query`] of one;
 //! - [`metrics`]: the metric kinds, one module each: where to add one;
 //! - [`window`]: time windows resolved to buckets;
-//! - [`subscribe`]: feeds shared by subscribers to the same query;
+//! - [`subscribe`]: subscriptions, fanned out from the commits ingest
+//!   publishes;
+//! - [`feed`]: one subscribed query kept current, shared by its subscribers;
 //! - [`store_client`]: this service's access to the metric store.
 
+pub(crate) mod feed;
 pub(crate) mod metric;
 pub(crate) mod metrics;
 pub(crate) mod store_client;
@@ -235,6 +238,7 @@ impl AnalyticsService for AnalyticsApi {
             total: Some(total),
             active_subscriptions: gauges.streams.load(Ordering::Relaxed),
             active_feeds: gauges.feeds.load(Ordering::Relaxed),
+            feed_activity: Some(self.hub.feed_activity()),
         }))
     }
 }

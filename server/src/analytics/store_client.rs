@@ -1,10 +1,10 @@
 //! The analytics service's access to the metric store: one shared,
 //! reconnecting connection, the ranking cache, and the stored watermark.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use redis::aio::ConnectionManager;
-use rtap::v1::{PartitionOffset, Watermark};
+use rtap::v1::{PartitionOffset, Watermark, delta};
 
 use super::{
     metric::{Metric, Query},
@@ -27,6 +27,9 @@ use crate::{
 pub(crate) struct StoreClient {
     pub(super) client: redis::Client,
     connection: Arc<Reconnecting<ConnectionManager, Error>>,
+    /// Feeds read through a connection of their own: a burst of feed
+    /// refreshes never queues a unary call behind it.
+    feed_connection: Arc<Reconnecting<ConnectionManager, Error>>,
     namespace: String,
     /// Bucket retentions, for window resolution.
     pub(crate) retention: Retention,
@@ -42,25 +45,28 @@ impl StoreClient {
         retention: Retention,
         timeout: Duration,
     ) -> Self {
-        let connect = client.clone();
-        let connection = Reconnecting::new(move || {
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1);
-            let client = connect.clone();
-            async move {
-                ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(|e| Error::Unavailable {
-                        dependency: "redis",
-                        reason: e.to_string(),
-                    })
-            }
-        });
+        let connection = || {
+            let connect = client.clone();
+            Arc::new(Reconnecting::new(move || {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1);
+                let client = connect.clone();
+                async move {
+                    ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map_err(|e| Error::Unavailable {
+                            dependency: "redis",
+                            reason: e.to_string(),
+                        })
+                }
+            }))
+        };
         Self {
+            connection: connection(),
+            feed_connection: connection(),
             client,
-            connection: Arc::new(connection),
             namespace,
             retention,
             settled: Arc::new(SettledRankings::new(retention)),
@@ -90,12 +96,52 @@ impl StoreClient {
         window: ResolvedWindow,
     ) -> Result<M::Response, Error> {
         let mut connection = self.connection().await?;
-        let reader = MetricReader::discover(&mut connection, &self.namespace)
-            .await?
-            .with_settled(self.settled.clone());
+        let reader = self.reader(&mut connection).await?;
         query
             .run(&mut connection, &reader, window, &self.retention)
             .await
+    }
+
+    /// [`Self::run`] for a feed, on the feeds' connection.
+    pub(crate) async fn feed_run<M: Metric>(
+        &self,
+        query: &Query<M>,
+        window: ResolvedWindow,
+    ) -> Result<M::Response, Error> {
+        let mut connection = self.feed_connection.get().await?;
+        let reader = self.reader(&mut connection).await?;
+        query
+            .run(&mut connection, &reader, window, &self.retention)
+            .await
+    }
+
+    /// Brings a feed's `held` result over `window` up to date after
+    /// `buckets` of it changed, on the feeds' connection.
+    pub(crate) async fn feed_refresh<M: Metric>(
+        &self,
+        query: &Query<M>,
+        window: ResolvedWindow,
+        held: &mut M::Response,
+        buckets: &BTreeSet<i64>,
+    ) -> Result<Option<delta::Change>, Error> {
+        let mut connection = self.feed_connection.get().await?;
+        let reader = self.reader(&mut connection).await?;
+        query
+            .refresh(
+                &mut connection,
+                &reader,
+                (window, &self.retention),
+                held,
+                buckets,
+            )
+            .await
+    }
+
+    /// A reader of every consumed partition.
+    async fn reader(&self, connection: &mut ConnectionManager) -> Result<MetricReader, Error> {
+        Ok(MetricReader::discover(connection, &self.namespace)
+            .await?
+            .with_settled(self.settled.clone()))
     }
 
     /// The watermark as stored: every partition's next offset and the latest

@@ -4,11 +4,11 @@
 //! - The [`Hub`] (one per process) listens to the `CommitDelta`s every
 //!   ingest process publishes on Redis, so a replica's subscribers see events
 //!   ingested anywhere, and keeps the latest watermark.
-//! - A [`Feed`] per distinct query (shared by all its subscribers) re-runs the
-//!   query when a commit touched its window or a rolling window crossed a
-//!   bucket boundary, and publishes the difference from its previous result
-//!   as a versioned delta. Deltas are differences of exact results, so a
-//!   snapshot plus the deltas after it always equals the unary query.
+//! - A feed per distinct query (shared by all its subscribers, see
+//!   [`super::feed`]) re-reads what commits changed in its result and
+//!   publishes the difference as a versioned delta. Deltas are differences
+//!   of exact results, so a snapshot plus the deltas after it always equals
+//!   the unary query.
 //! - Each stream reads its feed's broadcast channel (bounded, shared): a
 //!   subscriber that falls more than [`FEED_QUEUE`] deltas behind gets a fresh
 //!   snapshot marked `resync`. No task per stream: a stream is a state
@@ -26,33 +26,31 @@ use std::{
 };
 
 use chrono::Utc;
-use futures_util::{Stream, StreamExt as _, future::BoxFuture};
+use futures_util::{Stream, StreamExt as _};
 use prost::Message;
 use rtap::v1::{
-    CommitDelta, Delta, Heartbeat, PartitionOffset, Snapshot, SubscribeResponse, Watermark,
+    CommitDelta, FeedActivity, Heartbeat, PartitionOffset, Snapshot, SubscribeResponse, Watermark,
     snapshot, subscribe_response,
 };
-use tokio::sync::{Mutex, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    feed::{Feed, FeedSettings, FeedUpdate, Refreshes, SharedFeed, Trigger, run_feed},
     metric::{Metric, Query},
     store_client::StoreClient,
-    window::ResolvedWindow,
 };
 use crate::{
     error::Error,
     infra::time::timestamp_from_seconds,
     retry::{Backoff, RECONNECT_MAX},
-    store::{Granularity, keys::deltas_channel},
+    store::keys::deltas_channel,
 };
 
 /// Deltas a feed keeps for slow subscribers before they must resync.
 pub(crate) const FEED_QUEUE: usize = 64;
 /// Commit notifications the hub buffers for its feeds.
 const HUB_QUEUE: usize = 1024;
-/// How often an idle feed checks whether it still has subscribers.
-const FEED_IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Live counts of this process's subscriptions, for operators and leak
 /// tests.
@@ -64,15 +62,6 @@ pub(crate) struct Gauges {
     pub(crate) feeds: AtomicI64,
 }
 
-/// What a feed is woken by.
-#[derive(Debug, Clone)]
-enum Trigger {
-    /// A commit landed (its delta).
-    Commit(Arc<CommitDelta>),
-    /// Notifications may have been missed: recompute.
-    Resync,
-}
-
 /// An open subscription: its messages, until the server shuts down.
 pub(crate) type Subscription = Pin<Box<dyn Stream<Item = SubscribeResponse> + Send>>;
 
@@ -82,20 +71,26 @@ pub(crate) struct Hub {
     triggers: broadcast::Sender<Trigger>,
     watermark: watch::Sender<Watermark>,
     /// Running feeds by their query's canonical key.
-    feeds: StdMutex<HashMap<String, Weak<dyn Snapshots>>>,
+    feeds: StdMutex<HashMap<String, Weak<dyn SharedFeed>>>,
+    refreshes: Arc<Refreshes>,
     gauges: Arc<Gauges>,
     shutdown: CancellationToken,
 }
 
 impl Hub {
     /// Starts listening to `store`'s delta channel until `shutdown`.
-    pub(crate) fn start(store: StoreClient, shutdown: CancellationToken) -> Arc<Self> {
+    pub(crate) fn start(
+        store: StoreClient,
+        settings: FeedSettings,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let (triggers, _) = broadcast::channel(HUB_QUEUE);
         let hub = Arc::new(Self {
             store,
             triggers,
             watermark: watch::Sender::new(Watermark::default()),
             feeds: StdMutex::new(HashMap::new()),
+            refreshes: Arc::new(Refreshes::new(settings)),
             gauges: Arc::new(Gauges::default()),
             shutdown,
         });
@@ -142,25 +137,41 @@ impl Hub {
     }
 
     /// The feed of `query`, started if none runs.
-    fn feed<M: Metric>(self: &Arc<Self>, query: Query<M>) -> Arc<dyn Snapshots> {
+    fn feed<M: Metric>(self: &Arc<Self>, query: Query<M>) -> Arc<dyn SharedFeed> {
         let key = query.canonical_key();
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(feed) = feeds.get(&key).and_then(Weak::upgrade) {
             return feed;
         }
-        let (updates, _) = broadcast::channel(FEED_QUEUE);
-        let feed = Arc::new(Feed::<M> {
-            query,
-            state: Mutex::new(FeedState::default()),
-            updates,
-        });
-        let shared: Arc<dyn Snapshots> = feed.clone();
+        let feed = Arc::new(Feed::new(query, FEED_QUEUE));
+        let shared: Arc<dyn SharedFeed> = feed.clone();
         feeds.insert(key.clone(), Arc::downgrade(&shared));
         feeds.retain(|_, feed| feed.strong_count() > 0);
         drop(feeds);
         self.gauges.feeds.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(run_feed(self.clone(), key, feed, self.triggers.subscribe()));
+        let hub = self.clone();
+        let triggers = self.triggers.subscribe();
+        tokio::spawn(async move {
+            let (refreshes, store) = (hub.refreshes.clone(), hub.store.clone());
+            run_feed(feed, refreshes, store, triggers, hub.shutdown.clone()).await;
+            hub.forget(&key);
+            hub.gauges.feeds.fetch_sub(1, Ordering::Relaxed);
+        });
         shared
+    }
+
+    /// What this process's feeds are doing.
+    pub(crate) fn feed_activity(&self) -> FeedActivity {
+        let behind = {
+            let feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+            feeds
+                .values()
+                .filter_map(Weak::upgrade)
+                .map(|feed| feed.behind())
+                .max()
+                .unwrap_or_default()
+        };
+        self.refreshes.activity(behind)
     }
 
     fn forget(&self, key: &str) {
@@ -216,8 +227,13 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
             let Some(hub) = hub.upgrade() else { return };
             match CommitDelta::decode(message.get_payload_bytes()) {
                 Ok(delta) => {
-                    hub.watermark.send_modify(|w| advance(w, &delta));
+                    let mut missed = false;
+                    hub.watermark.send_modify(|w| missed = advance(w, &delta));
                     let _ = hub.triggers.send(Trigger::Commit(Arc::new(delta)));
+                    if missed {
+                        tracing::debug!("a commit delta was missed; feeds re-read");
+                        let _ = hub.triggers.send(Trigger::Resync);
+                    }
                 }
                 Err(error) => tracing::warn!(error = %error, "undecodable commit delta ignored"),
             }
@@ -226,13 +242,21 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
     }
 }
 
-fn advance(watermark: &mut Watermark, delta: &CommitDelta) {
+/// Moves `watermark` past `delta`; true if a commit before it was missed
+/// (it starts past the partition's last known offset).
+fn advance(watermark: &mut Watermark, delta: &CommitDelta) -> bool {
+    let mut missed = false;
     match watermark
         .offsets
         .iter_mut()
         .find(|o| o.partition == delta.partition)
     {
-        Some(offset) => offset.next_offset = offset.next_offset.max(delta.next_offset),
+        Some(offset) => {
+            missed = delta
+                .previous_next_offset
+                .is_some_and(|previous| previous > offset.next_offset);
+            offset.next_offset = offset.next_offset.max(delta.next_offset);
+        }
         None => {
             watermark.offsets.push(PartitionOffset {
                 partition: delta.partition,
@@ -249,162 +273,7 @@ fn advance(watermark: &mut Watermark, delta: &CommitDelta) {
     {
         watermark.latest_event_time = Some(time);
     }
-}
-
-/// One subscribed query, shared by its subscribers.
-struct Feed<M: Metric> {
-    query: Query<M>,
-    state: Mutex<FeedState<M::Response>>,
-    updates: broadcast::Sender<Arc<FeedUpdate>>,
-}
-
-struct FeedState<R> {
-    version: u64,
-    current: Option<(ResolvedWindow, R)>,
-}
-
-impl<R> Default for FeedState<R> {
-    fn default() -> Self {
-        Self {
-            version: 0,
-            current: None,
-        }
-    }
-}
-
-struct FeedUpdate {
-    version: u64,
-    delta: Delta,
-}
-
-/// A feed's current result and version, with a receiver of every later
-/// delta.
-type FeedSnapshot = (u64, snapshot::Result, broadcast::Receiver<Arc<FeedUpdate>>);
-
-/// What a stream needs of its feed, whatever the metric.
-trait Snapshots: Send + Sync {
-    /// The current result, computing it if needed; the receiver is taken
-    /// under the same lock, so no delta is missed or repeated.
-    fn snapshot<'a>(&'a self, store: &'a StoreClient)
-    -> BoxFuture<'a, Result<FeedSnapshot, Error>>;
-}
-
-impl<M: Metric> Snapshots for Feed<M> {
-    fn snapshot<'a>(
-        &'a self,
-        store: &'a StoreClient,
-    ) -> BoxFuture<'a, Result<FeedSnapshot, Error>> {
-        Box::pin(async move {
-            let mut state = self.state.lock().await;
-            let result = match &state.current {
-                Some((_, result)) => result.clone(),
-                None => {
-                    let window = self.query.window(Utc::now(), &store.retention, "")?;
-                    let result = store.run(&self.query, window).await?;
-                    state.current = Some((window, result.clone()));
-                    result
-                }
-            };
-            Ok((state.version, M::snapshot(result), self.updates.subscribe()))
-        })
-    }
-}
-
-impl<M: Metric> Feed<M> {
-    /// Re-runs the query; publishes the difference if there is one.
-    async fn refresh(&self, store: &StoreClient) -> Result<(), Error> {
-        let window = self.query.window(Utc::now(), &store.retention, "")?;
-        let result = store.run(&self.query, window).await?;
-        let mut state = self.state.lock().await;
-        let change = match &state.current {
-            Some((_, old)) => M::diff(old, &result),
-            None => None,
-        };
-        state.current = Some((window, result));
-        if let Some(change) = change {
-            state.version += 1;
-            let _ = self.updates.send(Arc::new(FeedUpdate {
-                version: state.version,
-                delta: Delta {
-                    change: Some(change),
-                },
-            }));
-        }
-        Ok(())
-    }
-
-    async fn window(&self) -> Option<ResolvedWindow> {
-        self.state.lock().await.current.as_ref().map(|(w, _)| *w)
-    }
-}
-
-/// A feed's loop: recompute on relevant commits and bucket boundaries, until
-/// no subscriber is left or the server shuts down.
-async fn run_feed<M: Metric>(
-    hub: Arc<Hub>,
-    key: String,
-    feed: Arc<Feed<M>>,
-    mut triggers: broadcast::Receiver<Trigger>,
-) {
-    let mut idle = tokio::time::interval(FEED_IDLE_CHECK);
-    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let rolling = feed.query.is_rolling();
-    loop {
-        let boundary = next_boundary(rolling);
-        let mut dirty = tokio::select! {
-            () = hub.shutdown.cancelled() => break,
-            _ = idle.tick() => {
-                if feed.updates.receiver_count() == 0 && Arc::strong_count(&feed) <= 1 {
-                    break;
-                }
-                false
-            }
-            () = tokio::time::sleep(boundary) => rolling,
-            trigger = triggers.recv() => match trigger {
-                Ok(trigger) => touches(feed.window().await, &trigger),
-                Err(broadcast::error::RecvError::Lagged(_)) => true,
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-        };
-        // Fold every queued notification into one recomputation.
-        loop {
-            match triggers.try_recv() {
-                Ok(trigger) => dirty |= touches(feed.window().await, &trigger),
-                Err(broadcast::error::TryRecvError::Lagged(_)) => dirty = true,
-                Err(_) => break,
-            }
-        }
-        if dirty && let Err(error) = feed.refresh(&hub.store).await {
-            tracing::debug!(error = %error, "feed refresh failed; retrying on the next trigger");
-        }
-    }
-    hub.forget(&key);
-    hub.gauges.feeds.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// How long until a rolling window may move: the next minute boundary (every
-/// bucket boundary is one); a recomputation that finds no change sends
-/// nothing. Fixed windows never move.
-fn next_boundary(rolling: bool) -> Duration {
-    if !rolling {
-        return Duration::from_secs(3600);
-    }
-    let now_ms = Utc::now().timestamp_millis();
-    let step_ms = Granularity::Minute.seconds() * 1000;
-    let next = (now_ms.div_euclid(step_ms) + 1) * step_ms;
-    // Just past the boundary, so the new bucket is the current one.
-    Duration::from_millis(u64::try_from(next - now_ms).unwrap_or(1000) + 5)
-}
-
-/// Whether a commit changed buckets inside `window`.
-fn touches(window: Option<ResolvedWindow>, trigger: &Trigger) -> bool {
-    match (window, trigger) {
-        (Some(window), Trigger::Commit(delta)) => delta.minutes.iter().any(|m| {
-            m.minute_start
-                .is_some_and(|t| (window.start..window.end).contains(&t.seconds))
-        }),
-        _ => true,
-    }
+    missed
 }
 
 /// Ends the stream count when a stream is dropped, however it ends.
@@ -424,7 +293,7 @@ impl Drop for StreamGuard {
 }
 
 struct SubscriptionState {
-    feed: Arc<dyn Snapshots>,
+    feed: Arc<dyn SharedFeed>,
     store: StoreClient,
     version: u64,
     updates: broadcast::Receiver<Arc<FeedUpdate>>,

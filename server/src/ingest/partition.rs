@@ -310,14 +310,15 @@ impl<D: DeadLetters> Applier<'_, D> {
         now: DateTime<Utc>,
     ) -> Result<(), ConsumeError> {
         if let Some(earliest) = fetched.skipped_to {
-            let watermark = writer.position().watermark_ms;
-            let empty = BatchAggregate::new(watermark, HashMap::new(), 0);
+            let position = writer.position();
+            let empty = BatchAggregate::new(position.watermark_ms, HashMap::new(), 0);
             let write = BatchWrite {
                 next_offset: earliest,
                 now_ms: now.timestamp_millis(),
                 ..BatchWrite::default()
             };
             writer.commit(&empty, write).await?;
+            self.publish(&empty, position.stored, (earliest, earliest));
         }
         for chunk in fetched
             .records
@@ -361,7 +362,7 @@ impl<D: DeadLetters> Applier<'_, D> {
             committed,
             round_trips,
         );
-        self.publish(&batch, first.offset, next_offset);
+        self.publish(&batch, position.stored, (first.offset, next_offset));
         Ok(())
     }
 
@@ -451,13 +452,19 @@ impl<D: DeadLetters> Applier<'_, D> {
     }
 
     /// Hands the batch's delta to the publisher, which can drop it but never
-    /// delays the partition.
-    fn publish(&self, batch: &BatchAggregate, first_offset: i64, next_offset: i64) {
-        if batch.applied > 0 {
-            let delta = batch.delta(self.partition, first_offset, next_offset);
-            if self.deltas.try_send(delta.encode_to_vec()).is_err() {
-                self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// delays the partition. Every commit publishes one, even one that
+    /// counted nothing, so subscribers can tell from `previous` (the stored
+    /// offset the commit moved from) that they missed one.
+    fn publish(
+        &self,
+        batch: &BatchAggregate,
+        previous: Option<i64>,
+        (first_offset, next_offset): (i64, i64),
+    ) {
+        let mut delta = batch.delta(self.partition, first_offset, next_offset);
+        delta.previous_next_offset = previous;
+        if self.deltas.try_send(delta.encode_to_vec()).is_err() {
+            self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

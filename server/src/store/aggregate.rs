@@ -342,6 +342,7 @@ impl BatchAggregate {
             watermark: self.watermark_ms.map(timestamp_from_millis),
             events_applied: self.applied,
             minutes,
+            previous_next_offset: None,
         }
     }
 }

@@ -3,12 +3,15 @@
 
 use redis::aio::ConnectionLike;
 use rtap::v1::{
-    EngagementDelta, EventType, GetEngagementRequest, GetEngagementResponse, SessionStats,
-    TimeWindow, delta, snapshot,
+    CommitDelta, EngagementDelta, EventType, GetEngagementRequest, GetEngagementResponse,
+    SessionStats, TimeWindow, delta, snapshot,
 };
 
 use crate::{
-    analytics::metric::{Metric, Reads, SOURCES, Violations, ratio, ratio_i64},
+    analytics::{
+        metric::{Metric, Reads, SOURCES, Touched, Violations, everything_if, ratio, ratio_i64},
+        window::ResolvedWindow,
+    },
     error::Error,
     infra::time::{duration_from_micros, duration_micros},
     store::{Counter, UserSet},
@@ -118,6 +121,24 @@ impl Metric for Engagement {
             session_total_events_change: new_sessions.2 - old_sessions.2,
             range: new.range,
         }))
+    }
+
+    /// Re-read whole (its unique users are a union of HyperLogLogs) when
+    /// the shop's sessions changed, or the product's (or the shop's) views
+    /// or users.
+    fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
+        let product = request.product_id;
+        everything_if(window, delta, |minute| {
+            !minute.sessions.is_empty()
+                || if product > 0 {
+                    minute.products_with_users.contains(&product)
+                        || minute.counts.iter().any(|c| {
+                            c.product_id == product && c.r#type == EventType::ProductView as i32
+                        })
+                } else {
+                    minute.counts.iter().any(|c| c.events != 0)
+                }
+        })
     }
 
     fn snapshot(result: Self::Response) -> snapshot::Result {

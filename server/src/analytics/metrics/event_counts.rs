@@ -5,15 +5,21 @@ use std::collections::{BTreeSet, HashMap};
 
 use redis::aio::ConnectionLike;
 use rtap::v1::{
-    EventCount, EventCountBucket, EventCountsDelta, EventType, GetEventCountsRequest,
-    GetEventCountsResponse, TimeWindow, delta, snapshot,
+    CommitDelta, CountChange, EventCount, EventCountBucket, EventCountsDelta, EventType,
+    GetEventCountsRequest, GetEventCountsResponse, TimeWindow, delta, snapshot,
 };
 
 use crate::{
-    analytics::metric::{EVENT_TYPES, Metric, Reads, SOURCES, Violations, distinct, selected},
+    analytics::{
+        metric::{
+            EVENT_TYPES, Metric, Reads, SOURCES, Touched, Violations, admits, distinct, minutes_in,
+            selected,
+        },
+        window::ResolvedWindow,
+    },
     error::Error,
     infra::time::timestamp_from_seconds,
-    store::{Counter, Granularity},
+    store::{Bucket, Counter, Granularity},
 };
 
 /// GetEventCounts.
@@ -53,63 +59,78 @@ impl Metric for EventCounts {
         request: &Self::Request,
         reads: Reads<'_, C>,
     ) -> Result<Self::Response, Error> {
-        let Reads {
-            connection,
-            reader,
-            window,
-            ..
-        } = reads;
-        let pairs = pairs(request);
-        let buckets = window.buckets();
-        let rows = if request.product_id > 0 {
-            let fields: Vec<String> = pairs
-                .iter()
-                .map(|&(event_type, source)| {
-                    Counter::ProductEvents {
-                        event_type,
-                        source,
-                        product: request.product_id,
-                    }
-                    .field()
-                })
-                .collect();
-            reader.fields(connection, &buckets, &fields).await?
-        } else if window.granularity == Granularity::Minute {
-            let minutes: Vec<i64> = buckets.iter().map(|b| b.start).collect();
-            reader.minute_events(connection, &minutes, &pairs).await?
-        } else {
-            let fields: Vec<String> = pairs
-                .iter()
-                .map(|&(event_type, source)| Counter::Events { event_type, source }.field())
-                .collect();
-            reader.fields(connection, &buckets, &fields).await?
-        };
-        let buckets = buckets
-            .iter()
-            .zip(rows)
-            .map(|(bucket, row)| {
-                let counts: Vec<EventCount> = pairs
-                    .iter()
-                    .zip(row)
-                    .filter(|(_, count)| *count != 0)
-                    .map(|(&(event_type, source), count)| EventCount {
-                        event_type,
-                        source,
-                        count,
-                    })
-                    .collect();
-                EventCountBucket {
-                    start_time: Some(timestamp_from_seconds(bucket.start)),
-                    total: counts.iter().map(|c| c.count).sum(),
-                    counts,
-                }
-            })
-            .collect();
+        let window = reads.window;
+        let buckets = read_buckets(request, reads, &window.buckets()).await?;
         Ok(GetEventCountsResponse {
             granularity: window.proto_granularity(),
             range: Some(window.range()),
             buckets,
         })
+    }
+
+    /// The buckets holding a minute with a count the request selects.
+    fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
+        let selects = |count: &CountChange| {
+            count.events != 0
+                && admits(&request.event_types, count.r#type)
+                && admits(&request.sources, count.source)
+                && (request.product_id == 0 || count.product_id == request.product_id)
+        };
+        Touched::buckets(
+            minutes_in(window, delta)
+                .filter(|(_, minute)| minute.counts.iter().any(selects))
+                .map(|(start, _)| window.granularity.bucket_start(start))
+                .collect(),
+        )
+    }
+
+    /// Re-reads the named buckets only, and reports the changes of those.
+    async fn refresh<C: ConnectionLike + Send>(
+        request: &Self::Request,
+        reads: Reads<'_, C>,
+        held: &mut Self::Response,
+        buckets: &BTreeSet<i64>,
+    ) -> Result<Option<delta::Change>, Error> {
+        let window = reads.window;
+        let wanted: Vec<Bucket> = buckets
+            .iter()
+            .filter(|start| (window.start..window.end).contains(*start))
+            .map(|start| Bucket {
+                granularity: window.granularity,
+                start: *start,
+            })
+            .collect();
+        let step = window.granularity.seconds();
+        let fresh = read_buckets(request, reads, &wanted).await?;
+        // Every bucket's place first: `held` changes only if all fit.
+        let mut places = Vec::with_capacity(fresh.len());
+        for bucket in &fresh {
+            let start = bucket.start_time.map_or(0, |t| t.seconds);
+            let index = usize::try_from((start - window.start) / step)
+                .ok()
+                .filter(|index| {
+                    held.buckets
+                        .get(*index)
+                        .is_some_and(|slot| slot.start_time == bucket.start_time)
+                })
+                .ok_or_else(|| {
+                    Error::Internal("a feed's buckets do not match its window".into())
+                })?;
+            places.push(index);
+        }
+        let mut changed = Vec::new();
+        for (index, bucket) in places.into_iter().zip(fresh) {
+            let slot = &mut held.buckets[index];
+            changed.extend(bucket_change(slot, &bucket));
+            *slot = bucket;
+        }
+        Ok((!changed.is_empty()).then(|| {
+            delta::Change::EventCounts(EventCountsDelta {
+                buckets: changed,
+                removed_bucket_start_times: Vec::new(),
+                range: held.range,
+            })
+        }))
     }
 
     fn diff(old: &Self::Response, new: &Self::Response) -> Option<delta::Change> {
@@ -150,6 +171,65 @@ impl Metric for EventCounts {
     fn snapshot(result: Self::Response) -> snapshot::Result {
         snapshot::Result::EventCounts(result)
     }
+}
+
+/// The counts of `buckets` (all of the reads' granularity), in their order.
+async fn read_buckets<C: ConnectionLike + Send>(
+    request: &GetEventCountsRequest,
+    reads: Reads<'_, C>,
+    buckets: &[Bucket],
+) -> Result<Vec<EventCountBucket>, Error> {
+    let Reads {
+        connection,
+        reader,
+        window,
+        ..
+    } = reads;
+    let pairs = pairs(request);
+    let rows = if request.product_id > 0 {
+        let fields: Vec<String> = pairs
+            .iter()
+            .map(|&(event_type, source)| {
+                Counter::ProductEvents {
+                    event_type,
+                    source,
+                    product: request.product_id,
+                }
+                .field()
+            })
+            .collect();
+        reader.fields(connection, buckets, &fields).await?
+    } else if window.granularity == Granularity::Minute {
+        let minutes: Vec<i64> = buckets.iter().map(|b| b.start).collect();
+        reader.minute_events(connection, &minutes, &pairs).await?
+    } else {
+        let fields: Vec<String> = pairs
+            .iter()
+            .map(|&(event_type, source)| Counter::Events { event_type, source }.field())
+            .collect();
+        reader.fields(connection, buckets, &fields).await?
+    };
+    Ok(buckets
+        .iter()
+        .zip(rows)
+        .map(|(bucket, row)| {
+            let counts: Vec<EventCount> = pairs
+                .iter()
+                .zip(row)
+                .filter(|(_, count)| *count != 0)
+                .map(|(&(event_type, source), count)| EventCount {
+                    event_type,
+                    source,
+                    count,
+                })
+                .collect();
+            EventCountBucket {
+                start_time: Some(timestamp_from_seconds(bucket.start)),
+                total: counts.iter().map(|c| c.count).sum(),
+                counts,
+            }
+        })
+        .collect())
 }
 
 /// Every `(event type, source)` the request reads.

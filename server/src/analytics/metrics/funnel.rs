@@ -5,12 +5,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use redis::aio::ConnectionLike;
 use rtap::v1::{
-    Funnel as FunnelResult, FunnelChange, FunnelDelta, GetFunnelRequest, GetFunnelResponse, Source,
-    TimeWindow, delta, snapshot,
+    CommitDelta, Funnel as FunnelResult, FunnelChange, FunnelDelta, GetFunnelRequest,
+    GetFunnelResponse, Source, TimeWindow, delta, snapshot,
 };
 
 use crate::{
-    analytics::metric::{Metric, Reads, SOURCES, Violations, distinct, ratio, selected},
+    analytics::{
+        metric::{
+            Metric, Reads, SOURCES, Touched, Violations, admits, distinct, everything_if, ratio,
+            selected,
+        },
+        window::ResolvedWindow,
+    },
     error::Error,
     store::{Counter, FunnelStage},
 };
@@ -174,6 +180,20 @@ impl Metric for Funnel {
             changes,
             range: new.range,
         }))
+    }
+
+    /// Re-read whole (a few counters of the window's cover) when a selected
+    /// source's sessions started or reached a stage.
+    fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
+        everything_if(window, delta, |minute| {
+            minute.sessions.iter().any(|s| {
+                admits(&request.sources, s.source)
+                    && (s.sessions != 0
+                        || s.reached_product_view != 0
+                        || s.reached_add_to_cart != 0
+                        || s.reached_purchase != 0)
+            })
+        })
     }
 
     fn snapshot(result: Self::Response) -> snapshot::Result {

@@ -5,12 +5,15 @@ use std::collections::{HashMap, HashSet};
 
 use redis::aio::ConnectionLike;
 use rtap::v1::{
-    GetTopProductsRequest, GetTopProductsResponse, ProductRanking, ProductScore, TimeWindow,
-    TopProductsDelta, delta, snapshot,
+    CommitDelta, EventType, GetTopProductsRequest, GetTopProductsResponse, ProductRanking,
+    ProductScore, TimeWindow, TopProductsDelta, delta, snapshot,
 };
 
 use crate::{
-    analytics::metric::{Metric, Reads, Violations},
+    analytics::{
+        metric::{Metric, Reads, Touched, Violations, everything_if},
+        window::ResolvedWindow,
+    },
     error::Error,
     store::Ranking,
 };
@@ -107,6 +110,23 @@ impl Metric for TopProducts {
             removed_product_ids: removed,
             range: new.range,
         }))
+    }
+
+    /// Re-read whole (a ranking is a union of sorted sets) when a product
+    /// had an event of the type it ranks.
+    fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
+        let ranked = match ranking(request.ranking) {
+            Some(Ranking::Views) => EventType::ProductView,
+            Some(Ranking::AddToCarts) => EventType::AddToCart,
+            Some(Ranking::Purchases | Ranking::Revenue) => EventType::Purchase,
+            None => return Touched::Nothing,
+        } as i32;
+        everything_if(window, delta, |minute| {
+            minute
+                .counts
+                .iter()
+                .any(|c| c.product_id > 0 && c.r#type == ranked)
+        })
     }
 
     fn snapshot(result: Self::Response) -> snapshot::Result {

@@ -3,12 +3,15 @@
 
 use redis::aio::ConnectionLike;
 use rtap::v1::{
-    GetUniqueUsersRequest, GetUniqueUsersResponse, Source, TimeWindow, UniqueUsersDelta, delta,
-    snapshot,
+    CommitDelta, GetUniqueUsersRequest, GetUniqueUsersResponse, Source, TimeWindow,
+    UniqueUsersDelta, delta, snapshot,
 };
 
 use crate::{
-    analytics::metric::{Metric, Reads, Violations},
+    analytics::{
+        metric::{Metric, Reads, Touched, Violations, everything_if},
+        window::ResolvedWindow,
+    },
     error::Error,
     store::UserSet,
 };
@@ -66,6 +69,22 @@ impl Metric for UniqueUsers {
             unique_users_change: change,
             range: new.range,
         }))
+    }
+
+    /// A union of HyperLogLogs cannot be re-read in part: any new user of
+    /// the set re-reads it.
+    fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
+        let (product, source) = (request.product_id, request.source);
+        everything_if(window, delta, |minute| {
+            if product > 0 {
+                minute.products_with_users.contains(&product)
+            } else {
+                minute
+                    .counts
+                    .iter()
+                    .any(|c| c.events != 0 && (source == 0 || c.source == source))
+            }
+        })
     }
 
     fn snapshot(result: Self::Response) -> snapshot::Result {

@@ -1,0 +1,470 @@
+//! Many distinct subscriptions against a live pipeline: every stream's
+//! snapshot plus its deltas equals its unary query at the end, and a feed
+//! that misses a commit's delta re-reads and ends exact.
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::{Context, ensure};
+use chrono::Utc;
+use common::{
+    TestDatabase, TestServer,
+    pipeline::{PARTITIONS, event, ingest_config, produce, redis, wait_caught_up},
+};
+use prost::Message;
+use rtap::v1::{
+    CommitDelta, EventType, GetEngagementRequest, GetEventCountsRequest, GetFunnelRequest,
+    GetPipelineStatusRequest, GetTopProductsRequest, GetUniqueUsersRequest, Granularity,
+    InteractionEvent, ProductRanking, Source, SubscribeRequest, SubscribeResponse, TimeWindow,
+    analytics_service_client::AnalyticsServiceClient, delta, snapshot, subscribe_request,
+    subscribe_response, time_window::Window,
+};
+use rtap_server::{
+    config::Role,
+    store::{Bucket, Counter, commit::load_state, keys::PartitionKeys},
+};
+use tokio_stream::StreamExt;
+use tonic::{Streaming, transport::Channel};
+
+type Client = AnalyticsServiceClient<Channel>;
+
+fn trailing(seconds: i64) -> Option<TimeWindow> {
+    Some(TimeWindow {
+        window: Some(Window::Trailing(prost_types::Duration {
+            seconds,
+            nanos: 0,
+        })),
+    })
+}
+
+/// What a client holds of a result, in a form a delta applies to and the
+/// unary result compares with (derived fields, like rates, left out).
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Model {
+    /// Event counts: (bucket start, type, source) → count; unique users:
+    /// (0, 0, 0) → users; engagement: (0, field, 0) → value; top products:
+    /// (product, 0, 0) → value; funnel: (source, stage, 0) → sessions.
+    values: BTreeMap<(i64, i32, i32), i64>,
+}
+
+impl Model {
+    fn set(&mut self, key: (i64, i32, i32), value: i64) {
+        self.values.insert(key, value);
+        self.values.retain(|_, v| *v != 0);
+    }
+
+    fn add(&mut self, key: (i64, i32, i32), by: i64) {
+        *self.values.entry(key).or_default() += by;
+        self.values.retain(|_, v| *v != 0);
+    }
+
+    fn of(result: &snapshot::Result) -> Self {
+        let mut model = Self::default();
+        let micros = |d: &Option<prost_types::Duration>| {
+            d.map_or(0, |d| d.seconds * 1_000_000 + i64::from(d.nanos) / 1000)
+        };
+        match result {
+            snapshot::Result::EventCounts(r) => {
+                for bucket in &r.buckets {
+                    let start = bucket.start_time.map_or(0, |t| t.seconds);
+                    for c in &bucket.counts {
+                        model.set((start, c.event_type, c.source), c.count);
+                    }
+                }
+            }
+            snapshot::Result::UniqueUsers(r) => model.set((0, 0, 0), r.unique_users),
+            snapshot::Result::Engagement(r) => {
+                let sessions = r.sessions.unwrap_or_default();
+                model.set((0, 0, 0), r.unique_users);
+                model.set((0, 1, 0), r.product_views);
+                model.set((0, 2, 0), micros(&r.total_dwell_time));
+                model.set((0, 3, 0), sessions.session_count);
+                model.set((0, 4, 0), micros(&sessions.total_length));
+                model.set((0, 5, 0), sessions.total_events);
+            }
+            snapshot::Result::TopProducts(r) => {
+                for p in &r.products {
+                    model.set((p.product_id, 0, 0), p.value);
+                }
+            }
+            snapshot::Result::Funnel(r) => {
+                for f in &r.funnels {
+                    let source = i64::from(f.source);
+                    model.set((source, 0, 0), f.sessions);
+                    model.set((source, 1, 0), f.product_view_sessions);
+                    model.set((source, 2, 0), f.add_to_cart_sessions);
+                    model.set((source, 3, 0), f.purchase_sessions);
+                }
+            }
+        }
+        model
+    }
+
+    fn apply(&mut self, change: &delta::Change) {
+        let micros = |d: &Option<prost_types::Duration>| {
+            d.map_or(0, |d| d.seconds * 1_000_000 + i64::from(d.nanos) / 1000)
+        };
+        match change {
+            delta::Change::EventCounts(d) => {
+                for bucket in &d.buckets {
+                    let start = bucket.start_time.map_or(0, |t| t.seconds);
+                    for c in &bucket.counts {
+                        self.add((start, c.event_type, c.source), c.count);
+                    }
+                }
+                for removed in &d.removed_bucket_start_times {
+                    self.values
+                        .retain(|(start, _, _), _| *start != removed.seconds);
+                }
+            }
+            delta::Change::UniqueUsers(d) => self.add((0, 0, 0), d.unique_users_change),
+            delta::Change::Engagement(d) => {
+                self.add((0, 0, 0), d.unique_users_change);
+                self.add((0, 1, 0), d.product_views_change);
+                self.add((0, 2, 0), micros(&d.total_dwell_time_change));
+                self.add((0, 3, 0), d.session_count_change);
+                self.add((0, 4, 0), micros(&d.session_total_length_change));
+                self.add((0, 5, 0), d.session_total_events_change);
+            }
+            delta::Change::TopProducts(d) => {
+                for p in &d.upserted {
+                    self.set((p.product_id, 0, 0), p.value);
+                }
+                for id in &d.removed_product_ids {
+                    self.values.remove(&(*id, 0, 0));
+                }
+            }
+            delta::Change::Funnel(d) => {
+                for c in &d.changes {
+                    let source = i64::from(c.source);
+                    self.add((source, 0, 0), c.sessions_change);
+                    self.add((source, 1, 0), c.product_view_sessions_change);
+                    self.add((source, 2, 0), c.add_to_cart_sessions_change);
+                    self.add((source, 3, 0), c.purchase_sessions_change);
+                }
+            }
+        }
+    }
+}
+
+/// The unary result of a subscribed query, as a model.
+async fn unary(client: &mut Client, query: &subscribe_request::Query) -> anyhow::Result<Model> {
+    use subscribe_request::Query as Q;
+    let result = match query.clone() {
+        Q::EventCounts(r) => {
+            snapshot::Result::EventCounts(client.get_event_counts(r).await?.into_inner())
+        }
+        Q::UniqueUsers(r) => {
+            snapshot::Result::UniqueUsers(client.get_unique_users(r).await?.into_inner())
+        }
+        Q::Engagement(r) => {
+            snapshot::Result::Engagement(client.get_engagement(r).await?.into_inner())
+        }
+        Q::TopProducts(r) => {
+            snapshot::Result::TopProducts(client.get_top_products(r).await?.into_inner())
+        }
+        Q::Funnel(r) => snapshot::Result::Funnel(client.get_funnel(r).await?.into_inner()),
+    };
+    Ok(Model::of(&result))
+}
+
+/// One open subscription and what its client holds.
+struct Subscribed {
+    query: subscribe_request::Query,
+    stream: Streaming<SubscribeResponse>,
+    model: Model,
+    sequence: u64,
+}
+
+impl Subscribed {
+    async fn open(client: &mut Client, query: subscribe_request::Query) -> anyhow::Result<Self> {
+        let stream = client
+            .subscribe(SubscribeRequest {
+                query: Some(query.clone()),
+                heartbeat_interval: None,
+            })
+            .await?
+            .into_inner();
+        let mut subscribed = Self {
+            query,
+            stream,
+            model: Model::default(),
+            sequence: 0,
+        };
+        subscribed.read_one().await?;
+        Ok(subscribed)
+    }
+
+    async fn read_one(&mut self) -> anyhow::Result<()> {
+        let message = tokio::time::timeout(Duration::from_secs(30), self.stream.next())
+            .await
+            .context("no message within 30 s")?
+            .context("the stream ended")??;
+        self.sequence += 1;
+        ensure!(
+            message.sequence == self.sequence,
+            "no sequence number skipped"
+        );
+        match &message.update {
+            Some(subscribe_response::Update::Snapshot(snapshot)) => {
+                self.model = Model::of(snapshot.result.as_ref().context("a result")?);
+            }
+            Some(subscribe_response::Update::Delta(delta)) => {
+                self.model.apply(delta.change.as_ref().context("a change")?);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Reads until what the client holds equals the unary query.
+    async fn settle(&mut self, client: &mut Client) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let expected = unary(client, &self.query).await?;
+            if self.model == expected {
+                return Ok(());
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}: held {:?} != unary {:?}",
+                self.query,
+                self.model,
+                expected
+            );
+            self.read_one().await?;
+        }
+    }
+}
+
+/// 194 distinct queries: products × windows × kinds, 40 of them
+/// trailing-day minute series.
+fn distinct_queries() -> Vec<subscribe_request::Query> {
+    use subscribe_request::Query as Q;
+    let mut queries = Vec::new();
+    for product in 1..=40 {
+        queries.push(Q::EventCounts(GetEventCountsRequest {
+            window: trailing(24 * 3600),
+            granularity: Granularity::Minute as i32,
+            product_id: product,
+            ..Default::default()
+        }));
+        queries.push(Q::EventCounts(GetEventCountsRequest {
+            window: trailing(3600),
+            product_id: product,
+            event_types: vec![EventType::ProductView as i32],
+            ..Default::default()
+        }));
+        queries.push(Q::EventCounts(GetEventCountsRequest {
+            window: trailing(6 * 3600),
+            granularity: Granularity::Hour as i32,
+            product_id: product,
+            ..Default::default()
+        }));
+    }
+    for product in 1..=20 {
+        queries.push(Q::UniqueUsers(GetUniqueUsersRequest {
+            window: trailing(3600),
+            product_id: product,
+            ..Default::default()
+        }));
+    }
+    for product in 1..=15 {
+        queries.push(Q::Engagement(GetEngagementRequest {
+            window: trailing(2 * 3600),
+            product_id: product,
+        }));
+    }
+    for ranking in [
+        ProductRanking::Views,
+        ProductRanking::AddToCarts,
+        ProductRanking::Purchases,
+        ProductRanking::Revenue,
+    ] {
+        for limit in [1, 5, 10] {
+            for hours in [1, 3] {
+                queries.push(Q::TopProducts(GetTopProductsRequest {
+                    window: trailing(hours * 3600),
+                    ranking: ranking as i32,
+                    limit,
+                }));
+            }
+        }
+    }
+    let sources = [Source::Web, Source::MobileApp, Source::Server].map(|s| s as i32);
+    for minutes in [30, 60, 120, 240, 420] {
+        for subset in [vec![], vec![sources[0]], vec![sources[1], sources[2]]] {
+            queries.push(Q::Funnel(GetFunnelRequest {
+                window: trailing(minutes * 60),
+                sources: subset,
+            }));
+        }
+    }
+    queries
+}
+
+/// A wave of events over the last 20 minutes: views, carts and purchases
+/// of products 1..=250 from every source.
+fn wave(seed: i64, count: i64) -> Vec<InteractionEvent> {
+    let now = Utc::now();
+    (0..count)
+        .map(|i| {
+            let user = seed * 10_000 + i;
+            let mut event = event(user, now - chrono::Duration::seconds((i * 7) % 1200));
+            event.product_id = (i * 13 + seed) % 250 + 1;
+            event.source =
+                [Source::Web, Source::MobileApp, Source::Server][(i % 3) as usize] as i32;
+            event.r#type = match i % 5 {
+                0..=2 => EventType::ProductView,
+                3 => EventType::AddToCart,
+                _ => EventType::Purchase,
+            } as i32;
+            event.quantity = if event.r#type == EventType::ProductView as i32 {
+                0
+            } else {
+                1
+            };
+            event.amount_micros = if event.r#type == EventType::Purchase as i32 {
+                1_000_000 * (i % 9 + 1)
+            } else {
+                0
+            };
+            event.dwell_time =
+                (event.r#type == EventType::ProductView as i32).then_some(prost_types::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                });
+            event
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn distinct_subscriptions_end_equal_to_their_unary_queries() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = ingest_config(&database);
+    config.role = Role::All;
+    let brokers = config.kafka_brokers[0].clone();
+    produce(&brokers, &config.events_topic, &wave(0, 300)).await?;
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    // A thousand streams on one connection: with HTTP/2's default 64 KiB
+    // connection window the server would have to cut their messages into
+    // frames so small that the client's h2 calls it abuse.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))?
+        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(1 << 20))
+        .connect()
+        .await?;
+    let mut client = AnalyticsServiceClient::new(channel);
+
+    let mut subscriptions = Vec::new();
+    for query in distinct_queries() {
+        subscriptions.push(Subscribed::open(&mut client, query).await?);
+    }
+    let status = client
+        .get_pipeline_status(GetPipelineStatusRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        status.active_feeds,
+        i64::try_from(subscriptions.len())?,
+        "every query has a feed of its own"
+    );
+
+    for seed in 1..=4 {
+        produce(&brokers, &config.events_topic, &wave(seed, 500)).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    for subscribed in &mut subscriptions {
+        subscribed.settle(&mut client).await?;
+    }
+    let activity = client
+        .get_pipeline_status(GetPipelineStatusRequest {})
+        .await?
+        .into_inner()
+        .feed_activity
+        .context("feed activity")?;
+    assert!(
+        activity.partial_refreshes > 0,
+        "minute series re-read only their changed buckets: {activity:?}"
+    );
+    assert!(activity.skipped_deltas > 0, "{activity:?}");
+
+    drop(subscriptions);
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn a_feed_that_misses_a_commit_delta_rereads_and_ends_exact() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = ingest_config(&database);
+    config.role = Role::All;
+    let brokers = config.kafka_brokers[0].clone();
+    let now = Utc::now();
+    let events: Vec<_> = (1..=30).map(|user| event(user, now)).collect();
+    produce(&brokers, &config.events_topic, &events).await?;
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    let mut client = AnalyticsServiceClient::new(server.channel());
+    // `event` views product 3 from the mobile app.
+    let query = subscribe_request::Query::EventCounts(GetEventCountsRequest {
+        window: trailing(3600),
+        granularity: Granularity::Minute as i32,
+        product_id: 3,
+        ..Default::default()
+    });
+    let mut subscribed = Subscribed::open(&mut client, query).await?;
+    subscribed.settle(&mut client).await?;
+
+    // A commit whose delta never came: its counts land in Redis, and the
+    // next delta the feed sees starts past the offset it knew.
+    let keys = PartitionKeys::new(&config.redis_namespace, 0);
+    let mut redis = redis().await?;
+    let stored = load_state(&mut redis, &keys)
+        .await?
+        .offset
+        .context("partition 0 has a stored offset")?;
+    let minute = Bucket::containing(rtap_server::store::Granularity::Minute, now.timestamp());
+    let field = Counter::ProductEvents {
+        event_type: EventType::ProductView as i32,
+        source: Source::MobileApp as i32,
+        product: 3,
+    }
+    .field();
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(keys.counters(minute))
+        .arg(&field)
+        .arg(5)
+        .query_async(&mut redis)
+        .await?;
+    let later = CommitDelta {
+        partition: 0,
+        first_offset: stored + 10,
+        next_offset: stored + 11,
+        previous_next_offset: Some(stored + 10),
+        ..CommitDelta::default()
+    };
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(rtap_server::store::keys::deltas_channel(
+            &config.redis_namespace,
+        ))
+        .arg(later.encode_to_vec())
+        .query_async(&mut redis)
+        .await?;
+    let before = subscribed.model.clone();
+    subscribed.settle(&mut client).await?;
+    ensure!(
+        subscribed.model != before,
+        "the missed counts reached the subscriber"
+    );
+
+    drop(subscribed);
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
