@@ -4,15 +4,21 @@
 //! 2. fan-out: resident memory per subscription with 10,000 open, and the
 //!    spread between the first and last subscriber receiving one change;
 //! 3. query latency: a 24-hour minute series and a top 10, next to
-//!    `redis-benchmark` PING round trips on the same Redis.
+//!    `redis-benchmark` PING round trips on the same Redis;
+//! 4. distinct feeds: levels of subscriptions that share no feed, under
+//!    ingest (see `subscribe_parts/distinct_feeds.rs`).
 //!
 //! `cargo bench -p rtap-server --bench subscribe` after
 //! `scripts/services.sh up`; `RTAP_BENCH_PARTS=query` (or `freshness`,
-//! `fanout`, comma-separated) runs only those parts. Targets: freshness p50 ≤ 20 ms and p99 ≤ 100 ms;
-//! ≤ 16 KiB per subscription; query p99 ≤ 5 ms.
+//! `fanout`, `distinct`, comma-separated) runs only those parts. Targets:
+//! freshness p50 ≤ 20 ms and p99 ≤ 100 ms; ≤ 16 KiB per subscription; query
+//! p99 ≤ 5 ms; distinct feeds: freshness p99 ≤ 100 ms and GetUser p99 ≤ 2 ×
+//! its value without subscriptions.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "subscribe_parts/distinct_feeds.rs"]
+mod distinct_feeds;
 
 use std::{
     process::Stdio,
@@ -146,7 +152,8 @@ async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
     let writer =
         Arc::new(EventWriter::connect(&config.kafka_brokers[0], &config.events_topic).await?);
 
-    // `RTAP_BENCH_PARTS` (e.g. `query`) runs a subset: freshness, fanout, query.
+    // `RTAP_BENCH_PARTS` (e.g. `query`) runs a subset: freshness, fanout,
+    // query, distinct.
     let parts = std::env::var("RTAP_BENCH_PARTS").unwrap_or_default();
     let run = |part: &str| parts.is_empty() || parts.split(',').any(|p| p.trim() == part);
     let result = async {
@@ -158,6 +165,10 @@ async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
         }
         if run("query") {
             query_latency(&channel, &writer, &config.redis_url).await?;
+        }
+        if run("distinct") {
+            distinct_feeds::distinct_feeds(&addr, &channel, &writer, pid, &config.redis_url)
+                .await?;
         }
         Ok::<_, anyhow::Error>(())
     }

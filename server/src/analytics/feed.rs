@@ -15,6 +15,7 @@
 //! makes the feed re-read everything.
 
 use std::{
+    collections::BTreeSet,
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -31,7 +32,7 @@ use tokio::{
 };
 
 use super::{
-    metric::{Metric, Query, Touched},
+    metric::{Metric, Query, Refreshed, Touched},
     store_client::StoreClient,
     window::ResolvedWindow,
 };
@@ -68,6 +69,7 @@ pub(crate) struct Refreshes {
     skipped: AtomicI64,
     read_micros: AtomicI64,
     waiting: AtomicI64,
+    failed: AtomicI64,
 }
 
 impl Refreshes {
@@ -80,6 +82,7 @@ impl Refreshes {
             skipped: AtomicI64::new(0),
             read_micros: AtomicI64::new(0),
             waiting: AtomicI64::new(0),
+            failed: AtomicI64::new(0),
         }
     }
 
@@ -101,6 +104,7 @@ impl Refreshes {
             }),
             refresh_slots: i32::try_from(self.settings.refresh_slots).unwrap_or(i32::MAX),
             waiting_feeds: self.waiting.load(Ordering::Relaxed),
+            failed_refreshes: self.failed.load(Ordering::Relaxed),
         }
     }
 }
@@ -173,12 +177,6 @@ impl<M: Metric> SharedFeed for Feed<M> {
     }
 }
 
-/// Whether a refresh re-read part of the result or all of it.
-enum Refreshed {
-    Partly,
-    Whole,
-}
-
 impl<M: Metric> Feed<M> {
     /// A feed of `query`, publishing on a channel of `queue` updates.
     pub(crate) fn new(query: Query<M>, queue: usize) -> Self {
@@ -224,29 +222,38 @@ impl<M: Metric> Feed<M> {
 
     /// Re-reads what `touched` names (everything if the window moved);
     /// publishes the change if there is one.
-    async fn refresh(&self, store: &StoreClient, touched: Touched) -> Result<Refreshed, Error> {
+    /// Returns whether it re-read the whole result.
+    async fn refresh(&self, store: &StoreClient, touched: Touched) -> Result<bool, Error> {
         let window = self.query.window(Utc::now(), &store.retention, "")?;
         let mut state = self.state.lock().await;
-        let (refreshed, change) = match (&mut state.current, touched) {
-            (Some((held_window, held)), Touched::Buckets(buckets)) if *held_window == window => {
-                let change = store
-                    .feed_refresh(&self.query, window, held, &buckets)
+        let refreshed = match (&mut state.current, touched) {
+            (Some((held_window, held)), Touched::Buckets(buckets)) => {
+                let refreshed = store
+                    .feed_refresh(&self.query, (*held_window, window), held, &buckets)
                     .await?;
-                (Refreshed::Partly, change)
+                *held_window = window;
+                refreshed
             }
             (Some((held_window, held)), _) => {
                 let fresh = store.feed_run(&self.query, window).await?;
                 let change = M::diff(held, &fresh);
                 (*held_window, *held) = (window, fresh);
-                (Refreshed::Whole, change)
+                Refreshed {
+                    change,
+                    whole: true,
+                }
             }
             (None, _) => {
                 let fresh = store.feed_run(&self.query, window).await?;
                 state.current = Some((window, fresh));
-                (Refreshed::Whole, None)
+                Refreshed {
+                    change: None,
+                    whole: true,
+                }
             }
         };
-        if let Some(change) = change {
+        let whole = refreshed.whole;
+        if let Some(change) = refreshed.change {
             state.version += 1;
             let _ = self.updates.send(Arc::new(FeedUpdate {
                 version: state.version,
@@ -255,7 +262,7 @@ impl<M: Metric> Feed<M> {
                 },
             }));
         }
-        Ok(refreshed)
+        Ok(whole)
     }
 }
 
@@ -281,7 +288,8 @@ pub(crate) async fn run_feed<M: Metric>(
             _ = idle.tick() => if !feed.is_subscribed() { break },
             () = tokio::time::sleep(next_boundary(rolling)) => {
                 if rolling {
-                    feed.mark(&mut dirty, Touched::Everything);
+                    // Nothing changed in place; the window may have moved.
+                    feed.mark(&mut dirty, Touched::Buckets(BTreeSet::new()));
                 }
             }
             trigger = triggers.recv() => match trigger {
@@ -310,17 +318,15 @@ pub(crate) async fn run_feed<M: Metric>(
                 let Ok(_slot) = slot else { break };
                 let reading = Instant::now();
                 match feed.refresh(&store, work).await {
-                    Ok(refreshed) => {
+                    Ok(whole) => {
                         let micros = i64::try_from(reading.elapsed().as_micros()).unwrap_or(i64::MAX);
                         refreshes.read_micros.fetch_add(micros, Ordering::Relaxed);
-                        let count = match refreshed {
-                            Refreshed::Partly => &refreshes.partial,
-                            Refreshed::Whole => &refreshes.full,
-                        };
+                        let count = if whole { &refreshes.full } else { &refreshes.partial };
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(error) => {
                         tracing::debug!(error = %error, "feed refresh failed; retrying");
+                        refreshes.failed.fetch_add(1, Ordering::Relaxed);
                         feed.mark(&mut dirty, Touched::Everything);
                         not_before = Instant::now() + RETRY_AFTER_FAILURE;
                     }

@@ -58,27 +58,55 @@ pub(crate) trait Metric: Send + Sync + 'static {
     /// else.
     fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched;
 
-    /// Brings `held` (read over `reads.window`) up to date after `touched`
-    /// named `buckets` of it, and returns the change. The default re-reads
-    /// everything; a metric whose [`Self::touched`] names buckets re-reads
-    /// only those.
+    /// Brings `held` (read over `held_window`) up to date for `reads.window`
+    /// after `touched` named `buckets` of it (none: only the window may have
+    /// moved). The default re-reads everything, unless nothing changed; a
+    /// metric whose [`Self::touched`] names buckets re-reads only those, and
+    /// the buckets a rolling window gained.
     fn refresh<C: ConnectionLike + Send>(
         request: &Self::Request,
         reads: Reads<'_, C>,
         held: &mut Self::Response,
+        held_window: ResolvedWindow,
         buckets: &BTreeSet<i64>,
-    ) -> impl Future<Output = Result<Option<delta::Change>, Error>> + Send {
-        let _ = buckets;
+    ) -> impl Future<Output = Result<Refreshed, Error>> + Send {
         async move {
-            let fresh = Self::read(request, reads).await?;
-            let change = Self::diff(held, &fresh);
-            *held = fresh;
-            Ok(change)
+            if held_window == reads.window && buckets.is_empty() {
+                return Ok(Refreshed {
+                    change: None,
+                    whole: false,
+                });
+            }
+            reread::<Self, C>(request, reads, held).await
         }
     }
 
     /// The result as a Subscribe snapshot.
     fn snapshot(result: Self::Response) -> snapshot::Result;
+}
+
+/// What a refresh did.
+#[derive(Debug)]
+pub struct Refreshed {
+    /// The change of the result, if any.
+    pub change: Option<delta::Change>,
+    /// Whether it re-read the whole result.
+    pub whole: bool,
+}
+
+/// Re-reads all of `held`, and returns the change.
+pub async fn reread<M: Metric + ?Sized, C: ConnectionLike + Send>(
+    request: &M::Request,
+    reads: Reads<'_, C>,
+    held: &mut M::Response,
+) -> Result<Refreshed, Error> {
+    let fresh = M::read(request, reads).await?;
+    let change = M::diff(held, &fresh);
+    *held = fresh;
+    Ok(Refreshed {
+        change,
+        whole: true,
+    })
 }
 
 /// A request of metric `M` whose fields are valid (its window is resolved
@@ -155,23 +183,23 @@ impl<M: Metric> Query<M> {
         M::touched(&self.request, window, delta)
     }
 
-    /// Brings `held`, read over `window`, up to date after `buckets` of it
-    /// changed; returns the change.
+    /// Brings `held`, read over `held_window`, up to date for `window`
+    /// after `buckets` of it changed.
     pub async fn refresh<C: ConnectionLike + Send>(
         &self,
         connection: &mut C,
         reader: &MetricReader,
-        (window, retention): (ResolvedWindow, &Retention),
+        (held_window, window, retention): (ResolvedWindow, ResolvedWindow, &Retention),
         held: &mut M::Response,
         buckets: &BTreeSet<i64>,
-    ) -> Result<Option<delta::Change>, Error> {
+    ) -> Result<Refreshed, Error> {
         let reads = Reads {
             connection,
             reader,
             window,
             retention,
         };
-        M::refresh(&self.request, reads, held, buckets).await
+        M::refresh(&self.request, reads, held, held_window, buckets).await
     }
 }
 
@@ -181,7 +209,8 @@ pub enum Touched {
     /// Nothing: no read needed.
     #[default]
     Nothing,
-    /// The buckets starting at these times (Unix seconds) only.
+    /// The buckets starting at these times (Unix seconds) only; none: only
+    /// a rolling window may have moved (re-read what it gained).
     Buckets(BTreeSet<i64>),
     /// Anything: re-read the whole result.
     Everything,

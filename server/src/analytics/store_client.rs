@@ -4,10 +4,10 @@
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use redis::aio::ConnectionManager;
-use rtap::v1::{PartitionOffset, Watermark, delta};
+use rtap::v1::{PartitionOffset, Watermark};
 
 use super::{
-    metric::{Metric, Query},
+    metric::{Metric, Query, Refreshed},
     window::ResolvedWindow,
 };
 use crate::{
@@ -115,22 +115,22 @@ impl StoreClient {
             .await
     }
 
-    /// Brings a feed's `held` result over `window` up to date after
-    /// `buckets` of it changed, on the feeds' connection.
+    /// Brings a feed's `held` result, read over `held_window`, up to date
+    /// for `window` after `buckets` of it changed, on the feeds' connection.
     pub(crate) async fn feed_refresh<M: Metric>(
         &self,
         query: &Query<M>,
-        window: ResolvedWindow,
+        (held_window, window): (ResolvedWindow, ResolvedWindow),
         held: &mut M::Response,
         buckets: &BTreeSet<i64>,
-    ) -> Result<Option<delta::Change>, Error> {
+    ) -> Result<Refreshed, Error> {
         let mut connection = self.feed_connection.get().await?;
         let reader = self.reader(&mut connection).await?;
         query
             .refresh(
                 &mut connection,
                 &reader,
-                (window, &self.retention),
+                (held_window, window, &self.retention),
                 held,
                 buckets,
             )

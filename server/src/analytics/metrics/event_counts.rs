@@ -1,7 +1,7 @@
 //! GetEventCounts: events per bucket by type and source, for every product or
 //! one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use redis::aio::ConnectionLike;
 use rtap::v1::{
@@ -12,8 +12,8 @@ use rtap::v1::{
 use crate::{
     analytics::{
         metric::{
-            EVENT_TYPES, Metric, Reads, SOURCES, Touched, Violations, admits, distinct, minutes_in,
-            selected,
+            EVENT_TYPES, Metric, Reads, Refreshed, SOURCES, Touched, Violations, admits, distinct,
+            minutes_in, reread, selected,
         },
         window::ResolvedWindow,
     },
@@ -84,53 +84,28 @@ impl Metric for EventCounts {
         )
     }
 
-    /// Re-reads the named buckets only, and reports the changes of those.
+    /// Re-reads the named buckets, and those a rolling window gained; keeps
+    /// the others.
     async fn refresh<C: ConnectionLike + Send>(
         request: &Self::Request,
         reads: Reads<'_, C>,
         held: &mut Self::Response,
+        held_window: ResolvedWindow,
         buckets: &BTreeSet<i64>,
-    ) -> Result<Option<delta::Change>, Error> {
+    ) -> Result<Refreshed, Error> {
         let window = reads.window;
-        let wanted: Vec<Bucket> = buckets
-            .iter()
-            .filter(|start| (window.start..window.end).contains(*start))
-            .map(|start| Bucket {
-                granularity: window.granularity,
-                start: *start,
-            })
-            .collect();
-        let step = window.granularity.seconds();
-        let fresh = read_buckets(request, reads, &wanted).await?;
-        // Every bucket's place first: `held` changes only if all fit.
-        let mut places = Vec::with_capacity(fresh.len());
-        for bucket in &fresh {
-            let start = bucket.start_time.map_or(0, |t| t.seconds);
-            let index = usize::try_from((start - window.start) / step)
-                .ok()
-                .filter(|index| {
-                    held.buckets
-                        .get(*index)
-                        .is_some_and(|slot| slot.start_time == bucket.start_time)
-                })
-                .ok_or_else(|| {
-                    Error::Internal("a feed's buckets do not match its window".into())
-                })?;
-            places.push(index);
+        if held_window.granularity != window.granularity {
+            return reread::<Self, C>(request, reads, held).await;
         }
-        let mut changed = Vec::new();
-        for (index, bucket) in places.into_iter().zip(fresh) {
-            let slot = &mut held.buckets[index];
-            changed.extend(bucket_change(slot, &bucket));
-            *slot = bucket;
-        }
-        Ok((!changed.is_empty()).then(|| {
-            delta::Change::EventCounts(EventCountsDelta {
-                buckets: changed,
-                removed_bucket_start_times: Vec::new(),
-                range: held.range,
-            })
-        }))
+        let change = if held_window == window {
+            patch(request, reads, held, buckets).await?
+        } else {
+            roll(request, reads, held, buckets).await?
+        };
+        Ok(Refreshed {
+            change: change.map(delta::Change::EventCounts),
+            whole: false,
+        })
     }
 
     fn diff(old: &Self::Response, new: &Self::Response) -> Option<delta::Change> {
@@ -171,6 +146,119 @@ impl Metric for EventCounts {
     fn snapshot(result: Self::Response) -> snapshot::Result {
         snapshot::Result::EventCounts(result)
     }
+}
+
+/// Re-reads `buckets` of `held` (same window) in place; the change of
+/// those.
+async fn patch<C: ConnectionLike + Send>(
+    request: &GetEventCountsRequest,
+    reads: Reads<'_, C>,
+    held: &mut GetEventCountsResponse,
+    buckets: &BTreeSet<i64>,
+) -> Result<Option<EventCountsDelta>, Error> {
+    let window = reads.window;
+    let wanted: Vec<Bucket> = buckets
+        .iter()
+        .filter(|start| (window.start..window.end).contains(*start))
+        .map(|start| Bucket {
+            granularity: window.granularity,
+            start: *start,
+        })
+        .collect();
+    let step = window.granularity.seconds();
+    let fresh = read_buckets(request, reads, &wanted).await?;
+    // Every bucket's place first: `held` changes only if all fit.
+    let mut places = Vec::with_capacity(fresh.len());
+    for bucket in &fresh {
+        let start = bucket.start_time.map_or(0, |t| t.seconds);
+        let index = usize::try_from((start - window.start) / step)
+            .ok()
+            .filter(|index| {
+                held.buckets
+                    .get(*index)
+                    .is_some_and(|slot| slot.start_time == bucket.start_time)
+            })
+            .ok_or_else(|| Error::Internal("a feed's buckets do not match its window".into()))?;
+        places.push(index);
+    }
+    let mut changed = Vec::new();
+    for (index, bucket) in places.into_iter().zip(fresh) {
+        let slot = &mut held.buckets[index];
+        changed.extend(bucket_change(slot, &bucket));
+        *slot = bucket;
+    }
+    Ok((!changed.is_empty()).then(|| EventCountsDelta {
+        buckets: changed,
+        removed_bucket_start_times: Vec::new(),
+        range: held.range,
+    }))
+}
+
+/// Moves `held` to the reads' window (same granularity): keeps the buckets both share unless named in `buckets`,
+/// reads the rest, drops those left behind.
+async fn roll<C: ConnectionLike + Send>(
+    request: &GetEventCountsRequest,
+    reads: Reads<'_, C>,
+    held: &mut GetEventCountsResponse,
+    buckets: &BTreeSet<i64>,
+) -> Result<Option<EventCountsDelta>, Error> {
+    let window = reads.window;
+    let mut kept: BTreeMap<i64, EventCountBucket> = std::mem::take(&mut held.buckets)
+        .into_iter()
+        .filter_map(|b| Some((b.start_time?.seconds, b)))
+        .collect();
+    let removed: Vec<prost_types::Timestamp> = kept
+        .keys()
+        .filter(|start| !(window.start..window.end).contains(*start))
+        .map(|start| timestamp_from_seconds(*start))
+        .collect();
+    let all = window.buckets();
+    let wanted: Vec<Bucket> = all
+        .iter()
+        .filter(|b| buckets.contains(&b.start) || !kept.contains_key(&b.start))
+        .copied()
+        .collect();
+    let fresh = match read_buckets(request, reads, &wanted).await {
+        Ok(fresh) => fresh,
+        Err(error) => {
+            // `held` stays as it was.
+            held.buckets = kept.into_values().collect();
+            return Err(error);
+        }
+    };
+    let mut fresh: BTreeMap<i64, EventCountBucket> = fresh
+        .into_iter()
+        .filter_map(|b| Some((b.start_time?.seconds, b)))
+        .collect();
+    let mut changed = Vec::new();
+    let mut now_held = Vec::with_capacity(all.len());
+    for bucket in &all {
+        let old = kept.remove(&bucket.start);
+        let new = fresh.remove(&bucket.start);
+        let current = match (old, new) {
+            (Some(old), Some(new)) => {
+                changed.extend(bucket_change(&old, &new));
+                new
+            }
+            (Some(old), None) => old,
+            (None, Some(new)) => {
+                changed.push(new.clone());
+                new
+            }
+            (None, None) => EventCountBucket {
+                start_time: Some(timestamp_from_seconds(bucket.start)),
+                ..EventCountBucket::default()
+            },
+        };
+        now_held.push(current);
+    }
+    held.buckets = now_held;
+    held.range = Some(window.range());
+    Ok(Some(EventCountsDelta {
+        buckets: changed,
+        removed_bucket_start_times: removed,
+        range: held.range,
+    }))
 }
 
 /// The counts of `buckets` (all of the reads' granularity), in their order.
