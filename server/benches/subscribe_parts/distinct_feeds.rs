@@ -69,17 +69,25 @@ pub(crate) async fn distinct_feeds(
     let mut redis = redis::Client::open(redis_url)?
         .get_multiplexed_async_connection()
         .await?;
-    let base = load(channel, writer, &mut redis, user, 1000).await?;
+    // Products of their own for every phase: a subscriber's total counts
+    // only the phase it measures.
+    let base = load(channel, writer, &mut redis, user, (1_000_000, 1000)).await?;
     println!(
         "distinct feeds baseline, no subscriptions, {RATE} events/s: GetUser p99 {:.2} ms, Redis CPU {:.0} ms/s",
         base.get_user_p99_ms,
         base.redis_cpu_per_second * 1000.0,
     );
+    let mut first = 1;
     for level in levels {
-        let holds = level_run(addr, channel, writer, pid, &mut redis, user, level, &base).await?;
+        let products = (first, i64::try_from(level)?);
+        let holds = level_run(
+            addr, channel, writer, pid, &mut redis, user, products, &base,
+        )
+        .await?;
         if !holds {
             break;
         }
+        first += products.1;
     }
     Ok(())
 }
@@ -94,17 +102,16 @@ async fn level_run(
     pid: u32,
     redis: &mut redis::aio::MultiplexedConnection,
     user: i64,
-    level: usize,
+    (first, level): (i64, i64),
     base: &Load,
 ) -> anyhow::Result<bool> {
     let before = rss_kib(pid)?;
     let opened = Instant::now();
-    let (readers, arrivals) = subscribe_all(addr, level).await?;
+    let (readers, arrivals) = subscribe_all(addr, first, level).await?;
     let opening = opened.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid)?;
-    let products = i64::try_from(level)?;
-    let phase = load(channel, writer, redis, user, products).await?;
+    let phase = load(channel, writer, redis, user, (first, level)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut latencies = Vec::new();
     let mut missing = 0;
@@ -159,11 +166,12 @@ async fn level_run(
 /// Per product, the totals its subscriber saw and when.
 type Arrivals = HashMap<i64, Arc<Mutex<Vec<(Instant, i64)>>>>;
 
-/// Opens a trailing-day minute series of products 1..=`level`, each read by
-/// a task of its own; returns once every snapshot came.
+/// Opens a trailing-day minute series of `level` products from `first`,
+/// each read by a task of its own; returns once every snapshot came.
 async fn subscribe_all(
     addr: &str,
-    level: usize,
+    first: i64,
+    level: i64,
 ) -> anyhow::Result<(Vec<tokio::task::JoinHandle<()>>, Arrivals)> {
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
@@ -175,11 +183,10 @@ async fn subscribe_all(
                 .await?,
         );
     }
-    let (ready, mut readied) = mpsc::channel(level.max(1));
+    let (ready, mut readied) = mpsc::channel(usize::try_from(level)?.max(1));
     let mut readers = Vec::new();
     let mut arrivals = Arrivals::new();
-    for index in 0..level {
-        let product = i64::try_from(index)? + 1;
+    for (index, product) in (first..first + level).enumerate() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         arrivals.insert(product, seen.clone());
         let mut client = AnalyticsServiceClient::new(channels[index % CONNECTIONS].clone());
@@ -196,10 +203,13 @@ async fn subscribe_all(
                 )),
                 heartbeat_interval: None,
             };
-            let Ok(stream) = client.subscribe(request).await else {
-                return;
+            let mut stream = match client.subscribe(request).await {
+                Ok(stream) => stream.into_inner(),
+                Err(status) => {
+                    let _ = ready.send(Err(status)).await;
+                    return;
+                }
             };
-            let mut stream = stream.into_inner();
             let mut total = 0;
             let mut first = true;
             while let Some(Ok(message)) = stream.next().await {
@@ -207,28 +217,29 @@ async fn subscribe_all(
                 total = if snapshot { change } else { total + change };
                 seen.lock().await.push((Instant::now(), total));
                 if std::mem::take(&mut first) {
-                    let _ = ready.send(()).await;
+                    let _ = ready.send(Ok(())).await;
                 }
             }
         }));
     }
     drop(ready);
     for _ in 0..level {
-        tokio::time::timeout(Duration::from_secs(600), readied.recv())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("a subscription failed before its snapshot"))?;
+        tokio::time::timeout(Duration::from_secs(120), readied.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("no snapshot within 120 s"))?
+            .ok_or_else(|| anyhow::anyhow!("a subscription ended before its snapshot"))??;
     }
     Ok((readers, arrivals))
 }
 
-/// Produces views of products 1..=`products` at [`RATE`] for [`SECONDS`]
-/// while calling GetUser every 10 ms.
+/// Produces views of `count` products from `first` at [`RATE`] for
+/// [`SECONDS`] while calling GetUser every 10 ms.
 async fn load(
     channel: &Channel,
     writer: &Arc<EventWriter>,
     redis: &mut redis::aio::MultiplexedConnection,
     user: i64,
-    products: i64,
+    (first, count): (i64, i64),
 ) -> anyhow::Result<Load> {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut users = UserServiceClient::new(channel.clone());
@@ -260,7 +271,7 @@ async fn load(
         let events: Vec<_> = (0..per_tick)
             .map(|i| {
                 let mut view = event(i64::try_from(i).unwrap_or(0) + 1, now);
-                view.product_id = next_product % products + 1;
+                view.product_id = first + next_product % count;
                 next_product += 1;
                 view
             })

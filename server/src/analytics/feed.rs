@@ -86,6 +86,23 @@ impl Refreshes {
         }
     }
 
+    /// Waits for a refresh slot. Taken after the feed's state lock, never
+    /// before: a task holding a slot never waits for a lock.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let slot = self.slots.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        slot.map_err(|_| Error::Internal("the feed refresh slots are closed".into()))
+    }
+
+    /// Counts one refresh that read for `read`.
+    fn count(&self, whole: bool, read: Duration) {
+        let micros = i64::try_from(read.as_micros()).unwrap_or(i64::MAX);
+        self.read_micros.fetch_add(micros, Ordering::Relaxed);
+        let count = if whole { &self.full } else { &self.partial };
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counts so far; `max_behind` comes from the feeds.
     pub(crate) fn activity(&self, max_behind: Duration) -> FeedActivity {
         let partial = self.partial.load(Ordering::Relaxed);
@@ -118,6 +135,8 @@ pub(crate) struct Feed<M: Metric> {
     /// started; -1 when the feed is current).
     behind_since_ms: AtomicI64,
     started: Instant,
+    /// The process's refresh budget, which first reads share too.
+    refreshes: Arc<Refreshes>,
 }
 
 struct FeedState<R> {
@@ -156,6 +175,9 @@ impl<M: Metric> SharedFeed for Feed<M> {
             let result = match &state.current {
                 Some((_, result)) => result.clone(),
                 None => {
+                    // A burst of new subscriptions queues for the refresh
+                    // slots rather than flooding Redis.
+                    let _slot = self.refreshes.slot().await?;
                     let window = self.query.window(Utc::now(), &store.retention, "")?;
                     let result = store.feed_run(&self.query, window).await?;
                     state.current = Some((window, result.clone()));
@@ -178,8 +200,9 @@ impl<M: Metric> SharedFeed for Feed<M> {
 }
 
 impl<M: Metric> Feed<M> {
-    /// A feed of `query`, publishing on a channel of `queue` updates.
-    pub(crate) fn new(query: Query<M>, queue: usize) -> Self {
+    /// A feed of `query`, publishing on a channel of `queue` updates, reading
+    /// within `refreshes`.
+    pub(crate) fn new(query: Query<M>, queue: usize, refreshes: Arc<Refreshes>) -> Self {
         let (updates, _) = broadcast::channel(queue);
         Self {
             query,
@@ -190,6 +213,7 @@ impl<M: Metric> Feed<M> {
             updates,
             behind_since_ms: AtomicI64::new(-1),
             started: Instant::now(),
+            refreshes,
         }
     }
 
@@ -222,10 +246,11 @@ impl<M: Metric> Feed<M> {
 
     /// Re-reads what `touched` names (everything if the window moved);
     /// publishes the change if there is one.
-    /// Returns whether it re-read the whole result.
-    async fn refresh(&self, store: &StoreClient, touched: Touched) -> Result<bool, Error> {
-        let window = self.query.window(Utc::now(), &store.retention, "")?;
+    async fn refresh(&self, store: &StoreClient, touched: Touched) -> Result<(), Error> {
         let mut state = self.state.lock().await;
+        let _slot = self.refreshes.slot().await?;
+        let reading = Instant::now();
+        let window = self.query.window(Utc::now(), &store.retention, "")?;
         let refreshed = match (&mut state.current, touched) {
             (Some((held_window, held)), Touched::Buckets(buckets)) => {
                 let refreshed = store
@@ -252,7 +277,7 @@ impl<M: Metric> Feed<M> {
                 }
             }
         };
-        let whole = refreshed.whole;
+        self.refreshes.count(refreshed.whole, reading.elapsed());
         if let Some(change) = refreshed.change {
             state.version += 1;
             let _ = self.updates.send(Arc::new(FeedUpdate {
@@ -262,7 +287,7 @@ impl<M: Metric> Feed<M> {
                 },
             }));
         }
-        Ok(whole)
+        Ok(())
     }
 }
 
@@ -309,21 +334,12 @@ pub(crate) async fn run_feed<M: Metric>(
                 let work = std::mem::take(&mut dirty);
                 let started = Instant::now();
                 not_before = started + refreshes.settings.refresh_interval;
-                refreshes.waiting.fetch_add(1, Ordering::Relaxed);
-                let slot = tokio::select! {
+                let refreshed = tokio::select! {
                     () = shutdown.cancelled() => break,
-                    slot = refreshes.slots.acquire() => slot,
+                    refreshed = feed.refresh(&store, work) => refreshed,
                 };
-                refreshes.waiting.fetch_sub(1, Ordering::Relaxed);
-                let Ok(_slot) = slot else { break };
-                let reading = Instant::now();
-                match feed.refresh(&store, work).await {
-                    Ok(whole) => {
-                        let micros = i64::try_from(reading.elapsed().as_micros()).unwrap_or(i64::MAX);
-                        refreshes.read_micros.fetch_add(micros, Ordering::Relaxed);
-                        let count = if whole { &refreshes.full } else { &refreshes.partial };
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
+                match refreshed {
+                    Ok(()) => {}
                     Err(error) => {
                         tracing::debug!(error = %error, "feed refresh failed; retrying");
                         refreshes.failed.fetch_add(1, Ordering::Relaxed);

@@ -143,7 +143,7 @@ impl Hub {
         if let Some(feed) = feeds.get(&key).and_then(Weak::upgrade) {
             return feed;
         }
-        let feed = Arc::new(Feed::new(query, FEED_QUEUE));
+        let feed = Arc::new(Feed::new(query, FEED_QUEUE, self.refreshes.clone()));
         let shared: Arc<dyn SharedFeed> = feed.clone();
         feeds.insert(key.clone(), Arc::downgrade(&shared));
         feeds.retain(|_, feed| feed.strong_count() > 0);
