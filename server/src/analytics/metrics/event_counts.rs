@@ -194,8 +194,9 @@ async fn patch<C: ConnectionLike + Send>(
     }))
 }
 
-/// Moves `held` to the reads' window (same granularity): keeps the buckets both share unless named in `buckets`,
-/// reads the rest, drops those left behind.
+/// Moves `held` to the reads' window (same granularity): keeps the buckets
+/// both windows share unless named in `buckets`, reads the rest, drops
+/// those left behind.
 async fn roll<C: ConnectionLike + Send>(
     request: &GetEventCountsRequest,
     reads: Reads<'_, C>,
