@@ -217,6 +217,11 @@ impl<M: Metric> Feed<M> {
         }
     }
 
+    /// The product whose commits alone concern it, if any.
+    pub(crate) fn product_interest(&self) -> Option<i64> {
+        self.query.product_interest()
+    }
+
     pub(crate) fn is_rolling(&self) -> bool {
         self.query.is_rolling()
     }

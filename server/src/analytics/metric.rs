@@ -58,6 +58,14 @@ pub(crate) trait Metric: Send + Sync + 'static {
     /// else.
     fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched;
 
+    /// The one product whose mention a commit needs to change the result,
+    /// if there is one: the hub then wakes the feed only for commits that
+    /// mention it (in its counts or its users). `None`: every commit may.
+    fn product_interest(request: &Self::Request) -> Option<i64> {
+        let _ = request;
+        None
+    }
+
     /// Brings `held` (read over `held_window`) up to date for `reads.window`
     /// after `touched` named `buckets` of it (none: only the window may have
     /// moved). The default re-reads everything, unless nothing changed; a
@@ -176,6 +184,11 @@ impl<M: Metric> Query<M> {
             retention,
         };
         M::read(&self.request, reads).await
+    }
+
+    /// The product whose commits alone can change the result, if any.
+    pub fn product_interest(&self) -> Option<i64> {
+        M::product_interest(&self.request)
     }
 
     /// What `delta` changed in the result over `window`.

@@ -1,7 +1,11 @@
 //! The analytics service's access to the metric store: one shared,
 //! reconnecting connection, the ranking cache, and the stored watermark.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex as StdMutex},
+    time::Duration,
+};
 
 use redis::aio::ConnectionManager;
 use rtap::v1::{PartitionOffset, Watermark};
@@ -35,6 +39,18 @@ pub(crate) struct StoreClient {
     pub(crate) retention: Retention,
     /// Unions of settled ranking buckets, shared by every query.
     settled: Arc<SettledRankings>,
+    /// The partitions feeds read, as last discovered: feeds refresh
+    /// thousands of times a second, and a partition appears only with its
+    /// first commit, whose delta clears this ([`Self::partition_seen`]).
+    feed_partitions: Arc<StdMutex<KnownPartitions>>,
+}
+
+/// Partitions as last discovered, and how many times they were cleared
+/// (a discovery that started before a clear does not store its answer).
+#[derive(Default)]
+struct KnownPartitions {
+    cleared: u64,
+    partitions: Option<Vec<i32>>,
 }
 
 impl StoreClient {
@@ -70,6 +86,7 @@ impl StoreClient {
             namespace,
             retention,
             settled: Arc::new(SettledRankings::new(retention)),
+            feed_partitions: Arc::default(),
         }
     }
 
@@ -109,7 +126,7 @@ impl StoreClient {
         window: ResolvedWindow,
     ) -> Result<M::Response, Error> {
         let mut connection = self.feed_connection.get().await?;
-        let reader = self.reader(&mut connection).await?;
+        let reader = self.feed_reader(&mut connection).await?;
         query
             .run(&mut connection, &reader, window, &self.retention)
             .await
@@ -125,7 +142,7 @@ impl StoreClient {
         buckets: &BTreeSet<i64>,
     ) -> Result<Refreshed, Error> {
         let mut connection = self.feed_connection.get().await?;
-        let reader = self.reader(&mut connection).await?;
+        let reader = self.feed_reader(&mut connection).await?;
         query
             .refresh(
                 &mut connection,
@@ -135,6 +152,49 @@ impl StoreClient {
                 buckets,
             )
             .await
+    }
+
+    /// A partition of the namespace committed: if feeds did not know it,
+    /// they discover the partitions again.
+    pub(crate) fn partition_seen(&self, partition: i32) {
+        let mut known = self
+            .feed_partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if known
+            .partitions
+            .as_ref()
+            .is_some_and(|partitions| !partitions.contains(&partition))
+        {
+            known.cleared += 1;
+            known.partitions = None;
+        }
+    }
+
+    /// A reader of every consumed partition, for feeds: as last discovered.
+    async fn feed_reader(&self, connection: &mut ConnectionManager) -> Result<MetricReader, Error> {
+        let (cleared, partitions) = {
+            let known = self
+                .feed_partitions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            (known.cleared, known.partitions.clone())
+        };
+        let partitions = match partitions {
+            Some(partitions) => partitions,
+            None => {
+                let partitions = self.reader(connection).await?.partitions();
+                let mut known = self
+                    .feed_partitions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if known.cleared == cleared {
+                    known.partitions = Some(partitions.clone());
+                }
+                partitions
+            }
+        };
+        Ok(MetricReader::new(&self.namespace, partitions).with_settled(self.settled.clone()))
     }
 
     /// A reader of every consumed partition.

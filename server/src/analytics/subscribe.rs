@@ -51,6 +51,9 @@ use crate::{
 pub(crate) const FEED_QUEUE: usize = 64;
 /// Commit notifications the hub buffers for its feeds.
 const HUB_QUEUE: usize = 1024;
+/// Commit notifications buffered for the feeds of one product (a feed that
+/// falls further behind re-reads everything).
+const PRODUCT_QUEUE: usize = 64;
 
 /// Live counts of this process's subscriptions, for operators and leak
 /// tests.
@@ -68,7 +71,11 @@ pub(crate) type Subscription = Pin<Box<dyn Stream<Item = SubscribeResponse> + Se
 /// The process's fan-out point.
 pub(crate) struct Hub {
     store: StoreClient,
+    /// Every commit, for feeds any commit may concern.
     triggers: broadcast::Sender<Trigger>,
+    /// The commits that mention a product, for feeds of that product only:
+    /// a commit wakes the few feeds it concerns, not every feed.
+    by_product: StdMutex<HashMap<i64, broadcast::Sender<Trigger>>>,
     watermark: watch::Sender<Watermark>,
     /// Running feeds by their query's canonical key.
     feeds: StdMutex<HashMap<String, Weak<dyn SharedFeed>>>,
@@ -88,6 +95,7 @@ impl Hub {
         let hub = Arc::new(Self {
             store,
             triggers,
+            by_product: StdMutex::new(HashMap::new()),
             watermark: watch::Sender::new(Watermark::default()),
             feeds: StdMutex::new(HashMap::new()),
             refreshes: Arc::new(Refreshes::new(settings)),
@@ -150,7 +158,16 @@ impl Hub {
         drop(feeds);
         self.gauges.feeds.fetch_add(1, Ordering::Relaxed);
         let hub = self.clone();
-        let triggers = self.triggers.subscribe();
+        let triggers = match feed.product_interest() {
+            Some(product) => self
+                .by_product
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(product)
+                .or_insert_with(|| broadcast::channel(PRODUCT_QUEUE).0)
+                .subscribe(),
+            None => self.triggers.subscribe(),
+        };
         tokio::spawn(async move {
             let (refreshes, store) = (hub.refreshes.clone(), hub.store.clone());
             run_feed(feed, refreshes, store, triggers, hub.shutdown.clone()).await;
@@ -179,6 +196,46 @@ impl Hub {
         if feeds.get(key).is_some_and(|f| f.strong_count() == 0) {
             feeds.remove(key);
         }
+        drop(feeds);
+        self.by_product
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, sender| sender.receiver_count() > 0);
+    }
+
+    /// Passes `trigger` to every feed, or (a commit) to the feeds it may
+    /// concern: those of any commit, and those of the products it mentions.
+    fn trigger(&self, trigger: Trigger) {
+        let by_product = self.by_product.lock().unwrap_or_else(|e| e.into_inner());
+        match &trigger {
+            Trigger::Resync => {
+                for sender in by_product.values() {
+                    let _ = sender.send(trigger.clone());
+                }
+            }
+            Trigger::Commit(delta) => {
+                let mut products: Vec<i64> = delta
+                    .minutes
+                    .iter()
+                    .flat_map(|m| {
+                        m.counts
+                            .iter()
+                            .map(|c| c.product_id)
+                            .chain(m.products_with_users.iter().copied())
+                    })
+                    .filter(|product| *product > 0)
+                    .collect();
+                products.sort_unstable();
+                products.dedup();
+                for product in products {
+                    if let Some(sender) = by_product.get(&product) {
+                        let _ = sender.send(trigger.clone());
+                    }
+                }
+            }
+        }
+        drop(by_product);
+        let _ = self.triggers.send(trigger);
     }
 }
 
@@ -215,7 +272,7 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
             if let Ok(watermark) = hub.store.watermark().await {
                 hub.watermark.send_replace(watermark);
             }
-            let _ = hub.triggers.send(Trigger::Resync);
+            hub.trigger(Trigger::Resync);
         }
         let mut messages = pubsub.on_message();
         loop {
@@ -227,12 +284,13 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
             let Some(hub) = hub.upgrade() else { return };
             match CommitDelta::decode(message.get_payload_bytes()) {
                 Ok(delta) => {
+                    hub.store.partition_seen(delta.partition);
                     let mut missed = false;
                     hub.watermark.send_modify(|w| missed = advance(w, &delta));
-                    let _ = hub.triggers.send(Trigger::Commit(Arc::new(delta)));
+                    hub.trigger(Trigger::Commit(Arc::new(delta)));
                     if missed {
                         tracing::debug!("a commit delta was missed; feeds re-read");
-                        let _ = hub.triggers.send(Trigger::Resync);
+                        hub.trigger(Trigger::Resync);
                     }
                 }
                 Err(error) => tracing::warn!(error = %error, "undecodable commit delta ignored"),

@@ -68,6 +68,10 @@ impl Metric for EventCounts {
         })
     }
 
+    fn product_interest(request: &Self::Request) -> Option<i64> {
+        (request.product_id > 0).then_some(request.product_id)
+    }
+
     /// The buckets holding a minute with a count the request selects.
     fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
         let selects = |count: &CountChange| {

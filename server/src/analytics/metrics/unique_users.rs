@@ -71,6 +71,10 @@ impl Metric for UniqueUsers {
         }))
     }
 
+    fn product_interest(request: &Self::Request) -> Option<i64> {
+        (request.product_id > 0).then_some(request.product_id)
+    }
+
     /// A union of HyperLogLogs cannot be re-read in part: any new user of
     /// the set re-reads it.
     fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
