@@ -301,11 +301,11 @@ impl<M: Metric> Feed<M> {
 /// refresh interval, in one of the shared refresh slots.
 pub(crate) async fn run_feed<M: Metric>(
     feed: Arc<Feed<M>>,
-    refreshes: Arc<Refreshes>,
     store: StoreClient,
     mut triggers: broadcast::Receiver<Trigger>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let refreshes = feed.refreshes.clone();
     let mut idle = tokio::time::interval(Duration::from_secs(1));
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let rolling = feed.is_rolling();

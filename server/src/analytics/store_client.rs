@@ -157,18 +157,29 @@ impl StoreClient {
     /// A partition of the namespace committed: if feeds did not know it,
     /// they discover the partitions again.
     pub(crate) fn partition_seen(&self, partition: i32) {
+        let known = self
+            .feed_partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let unknown = known
+            .partitions
+            .as_ref()
+            .is_some_and(|partitions| !partitions.contains(&partition));
+        drop(known);
+        if unknown {
+            self.forget_partitions();
+        }
+    }
+
+    /// Feeds discover the partitions again (after deltas may have been
+    /// missed: a new partition's first among them).
+    pub(crate) fn forget_partitions(&self) {
         let mut known = self
             .feed_partitions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if known
-            .partitions
-            .as_ref()
-            .is_some_and(|partitions| !partitions.contains(&partition))
-        {
-            known.cleared += 1;
-            known.partitions = None;
-        }
+        known.cleared += 1;
+        known.partitions = None;
     }
 
     /// A reader of every consumed partition, for feeds: as last discovered.

@@ -169,8 +169,7 @@ impl Hub {
             None => self.triggers.subscribe(),
         };
         tokio::spawn(async move {
-            let (refreshes, store) = (hub.refreshes.clone(), hub.store.clone());
-            run_feed(feed, refreshes, store, triggers, hub.shutdown.clone()).await;
+            run_feed(feed, hub.store.clone(), triggers, hub.shutdown.clone()).await;
             hub.forget(&key);
             hub.gauges.feeds.fetch_sub(1, Ordering::Relaxed);
         });
@@ -209,6 +208,8 @@ impl Hub {
         let by_product = self.by_product.lock().unwrap_or_else(|e| e.into_inner());
         match &trigger {
             Trigger::Resync => {
+                // Deltas may have been missed, a new partition's first too.
+                self.store.forget_partitions();
                 for sender in by_product.values() {
                     let _ = sender.send(trigger.clone());
                 }
@@ -300,20 +301,22 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
     }
 }
 
-/// Moves `watermark` past `delta`; true if a commit before it was missed
-/// (it starts past the partition's last known offset).
+/// Moves `watermark` past `delta`; true if a commit before it was missed:
+/// it starts past the partition's last known offset, or it is not its
+/// partition's first commit and the partition was unknown (the watermark
+/// loaded at connection holds every partition committed before).
 fn advance(watermark: &mut Watermark, delta: &CommitDelta) -> bool {
-    let mut missed = false;
-    match watermark
+    let missed = match watermark
         .offsets
         .iter_mut()
         .find(|o| o.partition == delta.partition)
     {
         Some(offset) => {
-            missed = delta
+            let missed = delta
                 .previous_next_offset
                 .is_some_and(|previous| previous > offset.next_offset);
             offset.next_offset = offset.next_offset.max(delta.next_offset);
+            missed
         }
         None => {
             watermark.offsets.push(PartitionOffset {
@@ -321,8 +324,9 @@ fn advance(watermark: &mut Watermark, delta: &CommitDelta) -> bool {
                 next_offset: delta.next_offset,
             });
             watermark.offsets.sort_unstable_by_key(|o| o.partition);
+            delta.previous_next_offset.is_some()
         }
-    }
+    };
     let later = |t: &prost_types::Timestamp| (t.seconds, t.nanos);
     if let Some(time) = delta.watermark
         && watermark
@@ -421,5 +425,45 @@ async fn next_message(
         };
         let message = state.message(update);
         return Some((message, state));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(partition: i32, previous: Option<i64>, next_offset: i64) -> CommitDelta {
+        CommitDelta {
+            partition,
+            first_offset: previous.unwrap_or(0),
+            next_offset,
+            previous_next_offset: previous,
+            ..CommitDelta::default()
+        }
+    }
+
+    #[test]
+    fn a_commit_that_starts_past_the_known_offset_reveals_a_missed_one() {
+        let mut watermark = Watermark::default();
+        assert!(
+            !advance(&mut watermark, &commit(0, None, 10)),
+            "a first commit"
+        );
+        assert!(
+            !advance(&mut watermark, &commit(0, Some(10), 20)),
+            "the next one"
+        );
+        assert!(
+            advance(&mut watermark, &commit(0, Some(30), 40)),
+            "20..30 missed"
+        );
+        // A late delta of a commit already passed is no gap.
+        assert!(!advance(&mut watermark, &commit(0, Some(20), 30)));
+        assert_eq!(watermark.offsets[0].next_offset, 40);
+        // An unknown partition whose delta is not its first: one was missed.
+        assert!(advance(&mut watermark, &commit(1, Some(5), 9)));
+        // Deltas of ingest versions without the field are never gaps.
+        assert!(!advance(&mut watermark, &commit(2, None, 3)));
+        assert!(!advance(&mut watermark, &commit(2, None, 90)));
     }
 }
