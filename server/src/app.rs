@@ -24,6 +24,9 @@ use crate::{
 /// overflows when many clients connect at once (after a restart, say), and
 /// the overflow is reset; the kernel caps this at `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
+/// Added to `--max-clock-skew` for how far ahead of this process's clock a
+/// commit may count events: another process's clock may run ahead.
+const FEED_CLOCK_MARGIN: Duration = Duration::from_secs(60);
 
 /// HTTP/2 receive window of one request stream: the most a client can send
 /// ahead of a handler that reads slower than it sends (a `TrackStream`
@@ -220,6 +223,7 @@ fn add_api(
     let feeds = FeedSettings {
         refresh_interval: config.feed_refresh_interval,
         refresh_slots: usize::try_from(config.feed_refresh_slots).unwrap_or(1),
+        ahead: config.max_clock_skew + FEED_CLOCK_MARGIN,
     };
     let hub = Hub::start(store, feeds, shutdown.clone());
     router

@@ -1,18 +1,28 @@
 //! A feed: one subscribed query, shared by all its subscribers, kept current
 //! at a cost that grows with what changed.
 //!
-//! Each commit's `CommitDelta` tells the feed what changed; the metric says
-//! which part of its result that touches ([`Metric::touched`]): nothing (no
-//! read at all), some buckets (only those are re-read: a day of minutes
-//! costs what one minute does), or everything (unique users and rankings,
-//! which cannot be re-read in part). Re-reads take absolute values from the
-//! store, so a result is exact whatever the order deltas arrive in: a bucket
-//! re-read after its last change holds it. Changes are coalesced: a feed
-//! reads at most once per `--feed-refresh-interval`, never twice at once,
-//! and every feed of the process shares `--feed-refresh-slots` concurrent
-//! reads on a connection of their own, so feeds never starve unary calls or
-//! ingest. A missed delta (the hub lagged, or a commit's delta never came)
-//! makes the feed re-read everything.
+//! Each commit's `CommitDelta` tells the feed what changed.
+//! - Additive metrics (event counts: sums of what commits add) apply it to
+//!   the result they hold, in memory, and read Redis only to start or to
+//!   resync. Their reads see each partition at one stored offset (a `MULTI`
+//!   block per partition), and the feed keeps those offsets: a delta whose
+//!   commit the read already held is skipped, a later one is added, one that
+//!   does not follow (a rebuild, a partition the read did not know) makes
+//!   the feed re-read. They also hold the buckets past the window's end that
+//!   commits counted in (events may be up to the clock skew ahead), so a
+//!   rolling window moves without a read.
+//! - Other metrics say which part of their result a commit touches
+//!   ([`Metric::touched`]): nothing (no read at all), some buckets (only
+//!   those are re-read), or everything (unique users and rankings, which
+//!   cannot be re-read in part). Re-reads take absolute values from the
+//!   store, so a result is exact whatever the order deltas arrive in.
+//!   Changes are coalesced: a feed reads at most once per
+//!   `--feed-refresh-interval`, never twice at once, and every feed of the
+//!   process shares `--feed-refresh-slots` concurrent reads on a connection
+//!   of their own, so feeds never starve unary calls or ingest.
+//!
+//! A missed delta (the hub lagged, or a commit's delta never came) makes the
+//! feed re-read everything.
 
 use std::{
     collections::BTreeSet,
@@ -25,7 +35,7 @@ use std::{
 
 use chrono::Utc;
 use futures_util::future::BoxFuture;
-use rtap::v1::{CommitDelta, Delta, FeedActivity, snapshot};
+use rtap::v1::{CommitDelta, Delta, FeedActivity, delta, snapshot};
 use tokio::{
     sync::{Mutex, Semaphore, broadcast},
     time::Instant,
@@ -36,7 +46,11 @@ use super::{
     store_client::StoreClient,
     window::ResolvedWindow,
 };
-use crate::{error::Error, infra::time::duration_from_micros, store::Granularity};
+use crate::{
+    error::Error,
+    infra::time::duration_from_micros,
+    store::{Granularity, read::Offsets},
+};
 
 /// How long a feed waits after a failed refresh before it tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -49,6 +63,10 @@ pub(crate) struct FeedSettings {
     pub(crate) refresh_interval: Duration,
     /// Refreshes of the process's feeds running at once.
     pub(crate) refresh_slots: usize,
+    /// How far past now a commit may count events (the ingest's clock
+    /// skew, plus a margin for clocks that differ between processes):
+    /// additive feeds read the buckets up to there with their window.
+    pub(crate) ahead: Duration,
 }
 
 /// What a feed is woken by.
@@ -70,6 +88,7 @@ pub(crate) struct Refreshes {
     read_micros: AtomicI64,
     waiting: AtomicI64,
     failed: AtomicI64,
+    applied: AtomicI64,
 }
 
 impl Refreshes {
@@ -83,6 +102,7 @@ impl Refreshes {
             read_micros: AtomicI64::new(0),
             waiting: AtomicI64::new(0),
             failed: AtomicI64::new(0),
+            applied: AtomicI64::new(0),
         }
     }
 
@@ -122,6 +142,7 @@ impl Refreshes {
             refresh_slots: i32::try_from(self.settings.refresh_slots).unwrap_or(i32::MAX),
             waiting_feeds: self.waiting.load(Ordering::Relaxed),
             failed_refreshes: self.failed.load(Ordering::Relaxed),
+            applied_deltas: self.applied.load(Ordering::Relaxed),
         }
     }
 }
@@ -129,7 +150,7 @@ impl Refreshes {
 /// One subscribed query, shared by its subscribers.
 pub(crate) struct Feed<M: Metric> {
     query: Query<M>,
-    state: Mutex<FeedState<M::Response>>,
+    state: Mutex<FeedState<M>>,
     updates: broadcast::Sender<Arc<FeedUpdate>>,
     /// When the oldest change not yet read was seen (ms since the feed
     /// started; -1 when the feed is current).
@@ -139,9 +160,74 @@ pub(crate) struct Feed<M: Metric> {
     refreshes: Arc<Refreshes>,
 }
 
-struct FeedState<R> {
+struct FeedState<M: Metric> {
     version: u64,
-    current: Option<(ResolvedWindow, R)>,
+    current: Option<Held<M>>,
+}
+
+impl<M: Metric> FeedState<M> {
+    /// Numbers `change` and sends it to the feed's subscribers.
+    fn publish(&mut self, updates: &broadcast::Sender<Arc<FeedUpdate>>, change: delta::Change) {
+        self.version += 1;
+        let _ = updates.send(Arc::new(FeedUpdate {
+            version: self.version,
+            delta: Delta {
+                change: Some(change),
+            },
+        }));
+    }
+}
+
+/// A feed's result, and what it needs to keep it current.
+struct Held<M: Metric> {
+    window: ResolvedWindow,
+    result: M::Response,
+    /// Additive metrics: buckets past the window's end.
+    ahead: M::Ahead,
+    /// Additive metrics: the stored offsets the result is exact at; `None`
+    /// when unknown (every commit then makes the feed re-read).
+    as_of: Option<Offsets>,
+}
+
+/// Where a commit stands against the offsets a result is exact at.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// The result holds it already.
+    Held,
+    /// It comes after what the result holds (commits in between that this
+    /// feed did not see concerned other feeds: the hub tells every feed of a
+    /// delta missed).
+    After,
+    /// It does not follow: a rebuild started the partition over, or the
+    /// read did not know the partition.
+    Unknown,
+}
+
+/// Where `delta` stands against `as_of`, which moves past it if it comes
+/// after.
+fn standing(as_of: &mut Offsets, delta: &CommitDelta) -> Standing {
+    let known = as_of.get(&delta.partition).copied().flatten();
+    let standing = match (known, delta.previous_next_offset) {
+        // The partition's first commit, after a read that found none.
+        (None, None) => Standing::After,
+        (Some(at), Some(_)) if delta.next_offset <= at => Standing::Held,
+        (Some(at), Some(previous)) if previous >= at => Standing::After,
+        _ => Standing::Unknown,
+    };
+    if standing == Standing::After {
+        as_of.insert(delta.partition, Some(delta.next_offset));
+    }
+    standing
+}
+
+/// What a commit did to an additive feed.
+enum Applied {
+    /// Changed its result (and the change went out).
+    Changed,
+    /// Changed nothing it shows, or was held already.
+    Nothing,
+    /// It cannot tell: re-read everything.
+    Reread,
 }
 
 /// A delta of a feed's result, numbered.
@@ -173,14 +259,14 @@ impl<M: Metric> SharedFeed for Feed<M> {
         Box::pin(async move {
             let mut state = self.state.lock().await;
             let result = match &state.current {
-                Some((_, result)) => result.clone(),
+                Some(held) => held.result.clone(),
                 None => {
                     // A burst of new subscriptions queues for the refresh
                     // slots rather than flooding Redis.
                     let _slot = self.refreshes.slot().await?;
-                    let window = self.query.window(Utc::now(), &store.retention, "")?;
-                    let result = store.feed_run(&self.query, window).await?;
-                    state.current = Some((window, result.clone()));
+                    let held = self.read(store).await?;
+                    let result = held.result.clone();
+                    state.current = Some(held);
                     result
                 }
             };
@@ -231,9 +317,120 @@ impl<M: Metric> Feed<M> {
         self.updates.receiver_count() > 0 || Arc::strong_count(self) > 1
     }
 
+    /// Reads the whole result (and, for an additive metric, the buckets
+    /// ahead of the window and the offsets it is exact at).
+    async fn read(&self, store: &StoreClient) -> Result<Held<M>, Error> {
+        let now = Utc::now();
+        let window = self.query.window(now, &store.retention, "")?;
+        let until = if M::ADDITIVE {
+            let step = window.granularity.seconds();
+            let ahead = i64::try_from(self.refreshes.settings.ahead.as_secs()).unwrap_or(0);
+            window.granularity.bucket_start(now.timestamp() + ahead) + step
+        } else {
+            window.end
+        };
+        let (result, ahead, as_of) = store.feed_read(&self.query, window, until).await?;
+        Ok(Held {
+            window,
+            result,
+            ahead,
+            as_of: as_of.filter(|_| M::ADDITIVE),
+        })
+    }
+
+    /// Applies a commit to an additive feed's held result, in memory.
+    async fn apply(&self, delta: &CommitDelta) -> Applied {
+        let mut state = self.state.lock().await;
+        let Some(held) = state.current.as_mut() else {
+            // The first read, still to come, holds it: the commit came first.
+            return Applied::Nothing;
+        };
+        let Some(as_of) = held.as_of.as_mut() else {
+            return Applied::Reread;
+        };
+        match standing(as_of, delta) {
+            Standing::Held => return Applied::Nothing,
+            Standing::Unknown => return Applied::Reread,
+            Standing::After => {}
+        }
+        // Events later than the read could see must not have been counted
+        // before it: an ingest allowing more clock skew than this server
+        // expects could have.
+        let ahead = i64::try_from(self.refreshes.settings.ahead.as_secs()).unwrap_or(0);
+        let latest = Utc::now().timestamp() + ahead;
+        if delta
+            .minutes
+            .iter()
+            .any(|m| m.minute_start.is_some_and(|t| t.seconds > latest))
+        {
+            return Applied::Reread;
+        }
+        let request = self.query.request();
+        let applied = M::apply(
+            request,
+            &held.window,
+            (&mut held.result, &mut held.ahead),
+            delta,
+        );
+        match applied {
+            Ok(Some(change)) => {
+                state.publish(&self.updates, change);
+                Applied::Changed
+            }
+            Ok(None) => Applied::Nothing,
+            Err(_) => Applied::Reread,
+        }
+    }
+
+    /// What a rolling window's move at a bucket boundary leaves to read:
+    /// an additive feed moves in memory (everything if it cannot), others
+    /// read the buckets the window gained.
+    async fn moved(&self, store: &StoreClient) -> Touched {
+        if !M::ADDITIVE {
+            Touched::Buckets(BTreeSet::new())
+        } else if self.roll(store).await {
+            Touched::Nothing
+        } else {
+            Touched::Everything
+        }
+    }
+
+    /// Moves an additive feed's rolling window to now, in memory; `false`
+    /// if it must re-read.
+    async fn roll(&self, store: &StoreClient) -> bool {
+        let mut state = self.state.lock().await;
+        let Some(held) = state.current.as_mut() else {
+            return true;
+        };
+        let Ok(window) = self.query.window(Utc::now(), &store.retention, "") else {
+            return false;
+        };
+        let rolled = M::roll(
+            self.query.request(),
+            (held.window, window),
+            (&mut held.result, &mut held.ahead),
+        );
+        match rolled {
+            Ok(change) => {
+                held.window = window;
+                if let Some(change) = change {
+                    state.publish(&self.updates, change);
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// What a trigger changed in the held result.
     async fn touched_by(&self, trigger: &Trigger) -> Touched {
-        let window = self.state.lock().await.current.as_ref().map(|(w, _)| *w);
+        let window = self
+            .state
+            .lock()
+            .await
+            .current
+            .as_ref()
+            .map(|held| held.window);
         match (trigger, window) {
             (Trigger::Commit(delta), Some(window)) => self.query.touched(&window, delta),
             _ => Touched::Everything,
@@ -255,27 +452,31 @@ impl<M: Metric> Feed<M> {
         let mut state = self.state.lock().await;
         let _slot = self.refreshes.slot().await?;
         let reading = Instant::now();
-        let window = self.query.window(Utc::now(), &store.retention, "")?;
         let refreshed = match (&mut state.current, touched) {
-            (Some((held_window, held)), Touched::Buckets(buckets)) => {
+            (Some(held), Touched::Buckets(buckets)) if !M::ADDITIVE => {
+                let window = self.query.window(Utc::now(), &store.retention, "")?;
                 let refreshed = store
-                    .feed_refresh(&self.query, (*held_window, window), held, &buckets)
+                    .feed_refresh(
+                        &self.query,
+                        (held.window, window),
+                        &mut held.result,
+                        &buckets,
+                    )
                     .await?;
-                *held_window = window;
+                held.window = window;
                 refreshed
             }
-            (Some((held_window, held)), _) => {
-                let fresh = store.feed_run(&self.query, window).await?;
-                let change = M::diff(held, &fresh);
-                (*held_window, *held) = (window, fresh);
+            (Some(held), _) => {
+                let fresh = self.read(store).await?;
+                let change = M::diff(&held.result, &fresh.result);
+                *held = fresh;
                 Refreshed {
                     change,
                     whole: true,
                 }
             }
             (None, _) => {
-                let fresh = store.feed_run(&self.query, window).await?;
-                state.current = Some((window, fresh));
+                state.current = Some(self.read(store).await?);
                 Refreshed {
                     change: None,
                     whole: true,
@@ -284,13 +485,7 @@ impl<M: Metric> Feed<M> {
         };
         self.refreshes.count(refreshed.whole, reading.elapsed());
         if let Some(change) = refreshed.change {
-            state.version += 1;
-            let _ = self.updates.send(Arc::new(FeedUpdate {
-                version: state.version,
-                delta: Delta {
-                    change: Some(change),
-                },
-            }));
+            state.publish(&self.updates, change);
         }
         Ok(())
     }
@@ -311,18 +506,31 @@ pub(crate) async fn run_feed<M: Metric>(
     let rolling = feed.is_rolling();
     let mut dirty = Touched::Nothing;
     let mut not_before = Instant::now();
+    // Kept across iterations: a sleep made afresh each time something else
+    // woke the loop would skip a boundary that passed a moment before.
+    let mut boundary = Instant::now() + next_boundary(rolling);
     loop {
         let due = (!dirty.is_nothing()).then_some(not_before);
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = idle.tick() => if !feed.is_subscribed() { break },
-            () = tokio::time::sleep(next_boundary(rolling)) => {
+            () = tokio::time::sleep_until(boundary) => {
+                boundary = Instant::now() + next_boundary(rolling);
                 if rolling {
-                    // Nothing changed in place; the window may have moved.
-                    feed.mark(&mut dirty, Touched::Buckets(BTreeSet::new()));
+                    let moved = feed.moved(&store).await;
+                    feed.mark(&mut dirty, moved);
                 }
             }
             trigger = triggers.recv() => match trigger {
+                Ok(Trigger::Commit(delta)) if M::ADDITIVE => match feed.apply(&delta).await {
+                    Applied::Changed => {
+                        refreshes.applied.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Applied::Nothing => {
+                        refreshes.skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Applied::Reread => feed.mark(&mut dirty, Touched::Everything),
+                },
                 Ok(trigger) => {
                     let touched = feed.touched_by(&trigger).await;
                     if touched.is_nothing() {
@@ -372,4 +580,66 @@ fn next_boundary(rolling: bool) -> Duration {
     let next = (now_ms.div_euclid(step_ms) + 1) * step_ms;
     // Just past the boundary, so the new bucket is the current one.
     Duration::from_millis(u64::try_from(next - now_ms).unwrap_or(1000) + 5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(partition: i32, previous: Option<i64>, next_offset: i64) -> CommitDelta {
+        CommitDelta {
+            partition,
+            next_offset,
+            previous_next_offset: previous,
+            ..CommitDelta::default()
+        }
+    }
+
+    #[test]
+    fn a_commit_the_read_held_is_skipped_and_a_later_one_moves_the_offsets() {
+        let mut as_of = Offsets::from([(0, Some(100)), (1, Some(50))]);
+        assert_eq!(
+            standing(&mut as_of, &commit(0, Some(90), 100)),
+            Standing::Held
+        );
+        assert_eq!(
+            standing(&mut as_of, &commit(0, Some(100), 120)),
+            Standing::After
+        );
+        // Commits of partition 0 between 120 and 130 concerned other feeds.
+        assert_eq!(
+            standing(&mut as_of, &commit(0, Some(130), 140)),
+            Standing::After
+        );
+        assert_eq!(as_of, Offsets::from([(0, Some(140)), (1, Some(50))]));
+    }
+
+    #[test]
+    fn a_commit_that_does_not_follow_the_read_makes_the_feed_reread() {
+        // A rebuild starts the partition over: no previous offset.
+        let mut as_of = Offsets::from([(0, Some(100))]);
+        assert_eq!(
+            standing(&mut as_of, &commit(0, None, 20)),
+            Standing::Unknown
+        );
+        // Straddles the offset read.
+        assert_eq!(
+            standing(&mut as_of, &commit(0, Some(90), 110)),
+            Standing::Unknown
+        );
+        // A partition the read did not know, past its first commit.
+        assert_eq!(
+            standing(&mut as_of, &commit(3, Some(10), 20)),
+            Standing::Unknown
+        );
+        assert_eq!(as_of, Offsets::from([(0, Some(100))]));
+    }
+
+    #[test]
+    fn the_first_commit_of_a_partition_the_read_found_empty_follows_it() {
+        let mut as_of = Offsets::from([(0, None)]);
+        assert_eq!(standing(&mut as_of, &commit(0, None, 7)), Standing::After);
+        assert_eq!(standing(&mut as_of, &commit(2, None, 3)), Standing::After);
+        assert_eq!(as_of, Offsets::from([(0, Some(7)), (2, Some(3))]));
+    }
 }

@@ -25,9 +25,20 @@ pub(crate) trait Metric: Send + Sync + 'static {
     /// The result (the unary response, and the Snapshot's oneof field).
     type Response: Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static;
 
+    /// What an additive feed keeps of the buckets past its window's end,
+    /// which a rolling window takes in as it moves (`()` for metrics that
+    /// are not additive).
+    type Ahead: Default + Send + Sync + 'static;
+
     /// The name of the request in Subscribe's `query` oneof; prefixes the
     /// fields of its violations there and its feeds' keys.
     const NAME: &'static str;
+
+    /// Whether the result is a sum of what commits add, so a feed applies
+    /// each commit's published change to the result it holds
+    /// ([`Self::apply`], [`Self::roll`]) and reads Redis only to start or to
+    /// resync. Otherwise feeds re-read what [`Self::touched`] names.
+    const ADDITIVE: bool = false;
 
     /// Adds a violation for every invalid field but the window (which
     /// depends on the time the query runs).
@@ -91,7 +102,48 @@ pub(crate) trait Metric: Send + Sync + 'static {
 
     /// The result as a Subscribe snapshot.
     fn snapshot(result: Self::Response) -> snapshot::Result;
+
+    /// Reads the result and, for an additive metric, the buckets past the
+    /// window's end that start before `until` (Unix seconds), with the same
+    /// reads (so at the same stored offsets).
+    fn read_ahead<C: ConnectionLike + Send>(
+        request: &Self::Request,
+        reads: Reads<'_, C>,
+        until: i64,
+    ) -> impl Future<Output = Result<(Self::Response, Self::Ahead), Error>> + Send {
+        let _ = until;
+        async move { Ok((Self::read(request, reads).await?, Self::Ahead::default())) }
+    }
+
+    /// Adds what `delta` counted to `held` (over `window`) and to `ahead`;
+    /// the change of `held`, if any. `Err` when `held` cannot take it (the
+    /// feed re-reads). Only additive metrics are asked.
+    fn apply(
+        request: &Self::Request,
+        window: &ResolvedWindow,
+        (held, ahead): (&mut Self::Response, &mut Self::Ahead),
+        delta: &CommitDelta,
+    ) -> Result<Option<delta::Change>, Reread> {
+        let _ = (request, window, held, ahead, delta);
+        Err(Reread)
+    }
+
+    /// Moves an additive `held` from `held_window` to `window`, taking the
+    /// buckets it gains from `ahead`; the change, if any. `Err` when it
+    /// cannot (the granularity changed).
+    fn roll(
+        request: &Self::Request,
+        (held_window, window): (ResolvedWindow, ResolvedWindow),
+        (held, ahead): (&mut Self::Response, &mut Self::Ahead),
+    ) -> Result<Option<delta::Change>, Reread> {
+        let _ = (request, held_window, window, held, ahead);
+        Err(Reread)
+    }
 }
+
+/// A held result cannot take a change in memory: the feed re-reads it.
+#[derive(Debug)]
+pub(crate) struct Reread;
 
 /// What a refresh did.
 #[derive(Debug)]
@@ -184,6 +236,28 @@ impl<M: Metric> Query<M> {
             retention,
         };
         M::read(&self.request, reads).await
+    }
+
+    /// [`Self::run`], with the buckets ahead of the window until `until`.
+    pub(crate) async fn run_ahead<C: ConnectionLike + Send>(
+        &self,
+        connection: &mut C,
+        reader: &MetricReader,
+        (window, until): (ResolvedWindow, i64),
+        retention: &Retention,
+    ) -> Result<(M::Response, M::Ahead), Error> {
+        let reads = Reads {
+            connection,
+            reader,
+            window,
+            retention,
+        };
+        M::read_ahead(&self.request, reads, until).await
+    }
+
+    /// The request.
+    pub(crate) fn request(&self) -> &M::Request {
+        &self.request
     }
 
     /// The product whose commits alone can change the result, if any.

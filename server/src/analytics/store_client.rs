@@ -20,7 +20,7 @@ use crate::{
     store::{
         Retention,
         commit::{PartitionState, load_states},
-        read::MetricReader,
+        read::{MetricReader, Offsets},
         settled::SettledRankings,
         status::{PartitionVitals, Totals},
     },
@@ -119,17 +119,21 @@ impl StoreClient {
             .await
     }
 
-    /// [`Self::run`] for a feed, on the feeds' connection.
-    pub(crate) async fn feed_run<M: Metric>(
+    /// [`Self::run`] for a feed, on the feeds' connection, with the buckets
+    /// ahead of the window until `until` (additive metrics) and the stored
+    /// offsets the reads saw, when they all saw the same.
+    pub(crate) async fn feed_read<M: Metric>(
         &self,
         query: &Query<M>,
         window: ResolvedWindow,
-    ) -> Result<M::Response, Error> {
+        until: i64,
+    ) -> Result<(M::Response, M::Ahead, Option<Offsets>), Error> {
         let mut connection = self.feed_connection.get().await?;
         let reader = self.feed_reader(&mut connection).await?;
-        query
-            .run(&mut connection, &reader, window, &self.retention)
-            .await
+        let (result, ahead) = query
+            .run_ahead(&mut connection, &reader, (window, until), &self.retention)
+            .await?;
+        Ok((result, ahead, reader.observed()))
     }
 
     /// Brings a feed's `held` result, read over `held_window`, up to date

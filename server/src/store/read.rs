@@ -5,10 +5,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
-use redis::aio::ConnectionLike;
+use redis::{FromRedisValue, Value, aio::ConnectionLike};
 
 use super::{
     Bucket, Counter, Ranking, StoreError, UserSet,
@@ -22,6 +22,23 @@ use super::{
 pub struct MetricReader {
     partitions: Vec<PartitionKeys>,
     settled: Option<Arc<SettledRankings>>,
+    /// The stored offsets its counter reads saw (see [`Self::observed`]).
+    observed: Arc<Mutex<Observed>>,
+}
+
+/// Each partition's stored next offset (`None`: nothing committed yet).
+pub(crate) type Offsets = BTreeMap<i32, Option<i64>>;
+
+/// What the counter reads of one reader saw of the stored offsets.
+#[derive(Debug, Default)]
+enum Observed {
+    /// No counter read ran.
+    #[default]
+    Nothing,
+    /// Every one saw these.
+    Offsets(Offsets),
+    /// They saw different ones.
+    Mixed,
 }
 
 impl MetricReader {
@@ -33,7 +50,82 @@ impl MetricReader {
                 .map(|p| PartitionKeys::new(namespace, p))
                 .collect(),
             settled: None,
+            observed: Arc::default(),
         }
+    }
+
+    /// The stored offsets at which the counter reads ([`Self::fields`],
+    /// [`Self::minute_events`] and what builds on them) of this reader (and
+    /// its clones) read, when they all read at the same ones: what they
+    /// returned is exactly what the commits before those offsets wrote.
+    pub(crate) fn observed(&self) -> Option<Offsets> {
+        match &*self.observed.lock().unwrap_or_else(|e| e.into_inner()) {
+            Observed::Offsets(offsets) => Some(offsets.clone()),
+            Observed::Nothing | Observed::Mixed => None,
+        }
+    }
+
+    /// Runs `commands(partition)` on every partition, each partition's in a
+    /// `MULTI` block with a read of its stored offset, so they see the
+    /// partition as of one commit (every commit is one transaction on its
+    /// partition's keys); records the offsets. Replies come by partition,
+    /// in command order.
+    async fn at_offsets<T: FromRedisValue>(
+        &self,
+        connection: &mut impl ConnectionLike,
+        commands: impl Fn(&PartitionKeys) -> Vec<redis::Cmd>,
+    ) -> Result<Vec<Vec<T>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for keys in &self.partitions {
+            pipe.cmd("MULTI").ignore();
+            pipe.cmd("HGET")
+                .arg(keys.state())
+                .arg(state_field::OFFSET)
+                .ignore();
+            for command in commands(keys) {
+                pipe.add_command(command).ignore();
+            }
+            pipe.cmd("EXEC");
+        }
+        let blocks: Vec<Value> = if self.partitions.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(connection).await?
+        };
+        let mut offsets = Offsets::new();
+        let mut replies = Vec::with_capacity(blocks.len());
+        for (keys, block) in self.partitions.iter().zip(blocks) {
+            let mut items = match block {
+                Value::Array(items) if !items.is_empty() => items.into_iter(),
+                other => {
+                    return Err(StoreError::Corrupt {
+                        key: keys.state(),
+                        detail: format!("a read of the partition replied {other:?}"),
+                    });
+                }
+            };
+            let offset = items.next().map(Option::<i64>::from_redis_value);
+            let offset = offset.transpose().map_err(redis::RedisError::from)?;
+            offsets.insert(keys.partition(), offset.flatten());
+            replies.push(
+                items
+                    .map(T::from_redis_value)
+                    .collect::<Result<Vec<T>, _>>()
+                    .map_err(redis::RedisError::from)?,
+            );
+        }
+        self.observe(offsets);
+        Ok(replies)
+    }
+
+    /// Notes that a read saw `offsets`.
+    fn observe(&self, offsets: Offsets) {
+        let mut observed = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        *observed = match std::mem::take(&mut *observed) {
+            Observed::Nothing => Observed::Offsets(offsets),
+            Observed::Offsets(seen) if seen == offsets => Observed::Offsets(seen),
+            Observed::Offsets(_) | Observed::Mixed => Observed::Mixed,
+        };
     }
 
     /// The same reader, reading settled ranking buckets through `cache`.
@@ -114,20 +206,26 @@ impl MetricReader {
         fields: &[String],
     ) -> Result<Vec<Vec<i64>>, StoreError> {
         let mut rows = vec![vec![0; fields.len()]; buckets.len()];
-        if fields.is_empty() || buckets.is_empty() || self.partitions.is_empty() {
+        if fields.is_empty() || buckets.is_empty() {
             return Ok(rows);
         }
-        let mut pipe = redis::pipe();
-        for keys in &self.partitions {
-            for bucket in buckets {
-                pipe.cmd("HMGET").arg(keys.counters(*bucket)).arg(fields);
-            }
-        }
-        let replies: Vec<Vec<Option<i64>>> = pipe.query_async(connection).await?;
-        for (index, reply) in replies.into_iter().enumerate() {
-            let row = &mut rows[index % buckets.len()];
-            for (total, value) in row.iter_mut().zip(reply) {
-                *total += value.unwrap_or(0);
+        let partitions: Vec<Vec<Vec<Option<i64>>>> = self
+            .at_offsets(connection, |keys| {
+                buckets
+                    .iter()
+                    .map(|bucket| {
+                        let mut command = redis::cmd("HMGET");
+                        command.arg(keys.counters(*bucket)).arg(fields);
+                        command
+                    })
+                    .collect()
+            })
+            .await?;
+        for replies in partitions {
+            for (row, reply) in rows.iter_mut().zip(replies) {
+                for (total, value) in row.iter_mut().zip(reply) {
+                    *total += value.unwrap_or(0);
+                }
             }
         }
         Ok(rows)
@@ -146,7 +244,7 @@ impl MetricReader {
     ) -> Result<Vec<Vec<i64>>, StoreError> {
         const WIDTH: usize = 4;
         let mut rows = vec![vec![0; pairs.len()]; minutes.len()];
-        if pairs.is_empty() || minutes.is_empty() || self.partitions.is_empty() {
+        if pairs.is_empty() || minutes.is_empty() {
             return Ok(rows);
         }
         // The first and last minute index read of each day.
@@ -157,22 +255,25 @@ impl MetricReader {
             *range = (range.0.min(index), range.1.max(index));
         }
         let width = WIDTH as i64;
-        let mut pipe = redis::pipe();
-        for keys in &self.partitions {
-            for (day, (first, last)) in &days {
-                for (event_type, source) in pairs {
-                    pipe.cmd("GETRANGE")
-                        .arg(keys.minute_series(*day, *event_type, *source))
-                        .arg(first * width)
-                        .arg(last * width + width - 1);
+        let partitions: Vec<Vec<Vec<u8>>> = self
+            .at_offsets(connection, |keys| {
+                let mut commands = Vec::with_capacity(days.len() * pairs.len());
+                for (day, (first, last)) in &days {
+                    for (event_type, source) in pairs {
+                        let mut command = redis::cmd("GETRANGE");
+                        command
+                            .arg(keys.minute_series(*day, *event_type, *source))
+                            .arg(first * width)
+                            .arg(last * width + width - 1);
+                        commands.push(command);
+                    }
                 }
-            }
-        }
-        let replies: Vec<Vec<u8>> = pipe.query_async(connection).await?;
+                commands
+            })
+            .await?;
         // Replies come by partition, then day, then pair; a series shorter
         // than the range read (or missing) has zeros past its end.
         let per_day = pairs.len();
-        let per_partition = days.len() * per_day;
         let slots: HashMap<i64, (usize, i64)> = days
             .iter()
             .enumerate()
@@ -187,8 +288,10 @@ impl MetricReader {
             let Ok(offset) = usize::try_from(index - first).map(|i| i * WIDTH) else {
                 continue;
             };
-            for partition in replies.chunks(per_partition) {
-                let day_replies = &partition[slot * per_day..(slot + 1) * per_day];
+            for partition in &partitions {
+                let Some(day_replies) = partition.get(slot * per_day..(slot + 1) * per_day) else {
+                    continue;
+                };
                 for (total, bytes) in row.iter_mut().zip(day_replies) {
                     if let Some(&[a, b, c, d]) = bytes.get(offset..offset + WIDTH) {
                         *total += i64::from(u32::from_be_bytes([a, b, c, d]));

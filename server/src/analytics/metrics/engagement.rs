@@ -33,6 +33,7 @@ struct Totals {
 impl Metric for Engagement {
     type Request = GetEngagementRequest;
     type Response = GetEngagementResponse;
+    type Ahead = ();
     const NAME: &'static str = "engagement";
 
     fn validate(request: &Self::Request, violations: &mut Violations) {

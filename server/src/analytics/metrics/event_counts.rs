@@ -12,8 +12,8 @@ use rtap::v1::{
 use crate::{
     analytics::{
         metric::{
-            EVENT_TYPES, Metric, Reads, Refreshed, SOURCES, Touched, Violations, admits, distinct,
-            minutes_in, reread, selected,
+            EVENT_TYPES, Metric, Reads, Reread, SOURCES, Touched, Violations, admits, distinct,
+            minutes_in, selected,
         },
         window::ResolvedWindow,
     },
@@ -28,7 +28,10 @@ pub(crate) struct EventCounts;
 impl Metric for EventCounts {
     type Request = GetEventCountsRequest;
     type Response = GetEventCountsResponse;
+    /// Buckets past the window's end that commits counted in, by start.
+    type Ahead = BTreeMap<i64, EventCountBucket>;
     const NAME: &'static str = "event_counts";
+    const ADDITIVE: bool = true;
 
     fn validate(request: &Self::Request, violations: &mut Violations) {
         for (index, value) in request.event_types.iter().enumerate() {
@@ -74,42 +77,140 @@ impl Metric for EventCounts {
 
     /// The buckets holding a minute with a count the request selects.
     fn touched(request: &Self::Request, window: &ResolvedWindow, delta: &CommitDelta) -> Touched {
-        let selects = |count: &CountChange| {
-            count.events != 0
-                && admits(&request.event_types, count.r#type)
-                && admits(&request.sources, count.source)
-                && (request.product_id == 0 || count.product_id == request.product_id)
-        };
         Touched::buckets(
             minutes_in(window, delta)
-                .filter(|(_, minute)| minute.counts.iter().any(selects))
+                .filter(|(_, minute)| minute.counts.iter().any(|c| selects(request, c)))
                 .map(|(start, _)| window.granularity.bucket_start(start))
                 .collect(),
         )
     }
 
-    /// Re-reads the named buckets, and those a rolling window gained; keeps
-    /// the others.
-    async fn refresh<C: ConnectionLike + Send>(
+    async fn read_ahead<C: ConnectionLike + Send>(
         request: &Self::Request,
         reads: Reads<'_, C>,
-        held: &mut Self::Response,
-        held_window: ResolvedWindow,
-        buckets: &BTreeSet<i64>,
-    ) -> Result<Refreshed, Error> {
+        until: i64,
+    ) -> Result<(Self::Response, Self::Ahead), Error> {
         let window = reads.window;
-        if held_window.granularity != window.granularity {
-            return reread::<Self, C>(request, reads, held).await;
-        }
-        let change = if held_window == window {
-            patch(request, reads, held, buckets).await?
-        } else {
-            roll(request, reads, held, buckets).await?
+        let mut buckets = window.buckets();
+        let inside = buckets.len();
+        let step = window.granularity.seconds();
+        buckets.extend(
+            (0..)
+                .map(|i| window.end + i * step)
+                .take_while(|start| *start < until)
+                .map(|start| Bucket {
+                    granularity: window.granularity,
+                    start,
+                }),
+        );
+        let mut held = read_buckets(request, reads, &buckets).await?;
+        let ahead = held
+            .split_off(inside)
+            .into_iter()
+            .filter(|bucket| !bucket.counts.is_empty())
+            .filter_map(|bucket| Some((bucket.start_time?.seconds, bucket)))
+            .collect();
+        let result = GetEventCountsResponse {
+            granularity: window.proto_granularity(),
+            range: Some(window.range()),
+            buckets: held,
         };
-        Ok(Refreshed {
-            change: change.map(delta::Change::EventCounts),
-            whole: false,
-        })
+        Ok((result, ahead))
+    }
+
+    /// Adds the commit's selected counts to their buckets: those of the
+    /// window change (and the change is their increase), later ones wait in
+    /// `ahead`, earlier ones are out of the window for good.
+    fn apply(
+        request: &Self::Request,
+        window: &ResolvedWindow,
+        (held, ahead): (&mut Self::Response, &mut Self::Ahead),
+        delta: &CommitDelta,
+    ) -> Result<Option<delta::Change>, Reread> {
+        let mut added: BTreeMap<i64, BTreeMap<(i32, i32), i64>> = BTreeMap::new();
+        for minute in &delta.minutes {
+            let Some(start) = minute.minute_start.map(|t| t.seconds) else {
+                continue;
+            };
+            let bucket = window.granularity.bucket_start(start);
+            if bucket < window.start {
+                continue;
+            }
+            for count in minute.counts.iter().filter(|c| selects(request, c)) {
+                *added
+                    .entry(bucket)
+                    .or_default()
+                    .entry((count.r#type, count.source))
+                    .or_default() += count.events;
+            }
+        }
+        let step = window.granularity.seconds();
+        let mut changed = Vec::new();
+        for (start, counts) in added {
+            if start >= window.end {
+                let bucket = ahead.entry(start).or_insert_with(|| empty_bucket(start));
+                add_counts(bucket, &counts);
+                continue;
+            }
+            let slot = usize::try_from((start - window.start) / step)
+                .ok()
+                .and_then(|index| held.buckets.get_mut(index))
+                .filter(|slot| slot.start_time.map(|t| t.seconds) == Some(start))
+                .ok_or(Reread)?;
+            changed.push(add_counts(slot, &counts));
+        }
+        Ok((!changed.is_empty()).then(|| {
+            delta::Change::EventCounts(EventCountsDelta {
+                buckets: changed,
+                removed_bucket_start_times: Vec::new(),
+                range: held.range,
+            })
+        }))
+    }
+
+    /// Drops the buckets left behind, takes those gained from `ahead` (a
+    /// bucket no commit counted in since the read is empty).
+    fn roll(
+        _request: &Self::Request,
+        (held_window, window): (ResolvedWindow, ResolvedWindow),
+        (held, ahead): (&mut Self::Response, &mut Self::Ahead),
+    ) -> Result<Option<delta::Change>, Reread> {
+        if held_window.granularity != window.granularity {
+            return Err(Reread);
+        }
+        if held_window == window {
+            return Ok(None);
+        }
+        let mut kept: BTreeMap<i64, EventCountBucket> = std::mem::take(&mut held.buckets)
+            .into_iter()
+            .filter_map(|b| Some((b.start_time?.seconds, b)))
+            .collect();
+        let removed: Vec<prost_types::Timestamp> = kept
+            .keys()
+            .filter(|start| !(window.start..window.end).contains(*start))
+            .map(|start| timestamp_from_seconds(*start))
+            .collect();
+        let mut gained = Vec::new();
+        held.buckets = window
+            .buckets()
+            .into_iter()
+            .map(|bucket| {
+                kept.remove(&bucket.start).unwrap_or_else(|| {
+                    let taken = ahead
+                        .remove(&bucket.start)
+                        .unwrap_or_else(|| empty_bucket(bucket.start));
+                    gained.push(taken.clone());
+                    taken
+                })
+            })
+            .collect();
+        ahead.retain(|start, _| *start >= window.end);
+        held.range = Some(window.range());
+        Ok(Some(delta::Change::EventCounts(EventCountsDelta {
+            buckets: gained,
+            removed_bucket_start_times: removed,
+            range: held.range,
+        })))
     }
 
     fn diff(old: &Self::Response, new: &Self::Response) -> Option<delta::Change> {
@@ -150,120 +251,6 @@ impl Metric for EventCounts {
     fn snapshot(result: Self::Response) -> snapshot::Result {
         snapshot::Result::EventCounts(result)
     }
-}
-
-/// Re-reads `buckets` of `held` (same window) in place; the change of
-/// those.
-async fn patch<C: ConnectionLike + Send>(
-    request: &GetEventCountsRequest,
-    reads: Reads<'_, C>,
-    held: &mut GetEventCountsResponse,
-    buckets: &BTreeSet<i64>,
-) -> Result<Option<EventCountsDelta>, Error> {
-    let window = reads.window;
-    let wanted: Vec<Bucket> = buckets
-        .iter()
-        .filter(|start| (window.start..window.end).contains(*start))
-        .map(|start| Bucket {
-            granularity: window.granularity,
-            start: *start,
-        })
-        .collect();
-    let step = window.granularity.seconds();
-    let fresh = read_buckets(request, reads, &wanted).await?;
-    // Every bucket's place first: `held` changes only if all fit.
-    let mut places = Vec::with_capacity(fresh.len());
-    for bucket in &fresh {
-        let start = bucket.start_time.map_or(0, |t| t.seconds);
-        let index = usize::try_from((start - window.start) / step)
-            .ok()
-            .filter(|index| {
-                held.buckets
-                    .get(*index)
-                    .is_some_and(|slot| slot.start_time == bucket.start_time)
-            })
-            .ok_or_else(|| Error::Internal("a feed's buckets do not match its window".into()))?;
-        places.push(index);
-    }
-    let mut changed = Vec::new();
-    for (index, bucket) in places.into_iter().zip(fresh) {
-        let slot = &mut held.buckets[index];
-        changed.extend(bucket_change(slot, &bucket));
-        *slot = bucket;
-    }
-    Ok((!changed.is_empty()).then(|| EventCountsDelta {
-        buckets: changed,
-        removed_bucket_start_times: Vec::new(),
-        range: held.range,
-    }))
-}
-
-/// Moves `held` to the reads' window (same granularity): keeps the buckets
-/// both windows share unless named in `buckets`, reads the rest, drops
-/// those left behind.
-async fn roll<C: ConnectionLike + Send>(
-    request: &GetEventCountsRequest,
-    reads: Reads<'_, C>,
-    held: &mut GetEventCountsResponse,
-    buckets: &BTreeSet<i64>,
-) -> Result<Option<EventCountsDelta>, Error> {
-    let window = reads.window;
-    let mut kept: BTreeMap<i64, EventCountBucket> = std::mem::take(&mut held.buckets)
-        .into_iter()
-        .filter_map(|b| Some((b.start_time?.seconds, b)))
-        .collect();
-    let removed: Vec<prost_types::Timestamp> = kept
-        .keys()
-        .filter(|start| !(window.start..window.end).contains(*start))
-        .map(|start| timestamp_from_seconds(*start))
-        .collect();
-    let all = window.buckets();
-    let wanted: Vec<Bucket> = all
-        .iter()
-        .filter(|b| buckets.contains(&b.start) || !kept.contains_key(&b.start))
-        .copied()
-        .collect();
-    let fresh = match read_buckets(request, reads, &wanted).await {
-        Ok(fresh) => fresh,
-        Err(error) => {
-            // `held` stays as it was.
-            held.buckets = kept.into_values().collect();
-            return Err(error);
-        }
-    };
-    let mut fresh: BTreeMap<i64, EventCountBucket> = fresh
-        .into_iter()
-        .filter_map(|b| Some((b.start_time?.seconds, b)))
-        .collect();
-    let mut changed = Vec::new();
-    let mut now_held = Vec::with_capacity(all.len());
-    for bucket in &all {
-        let old = kept.remove(&bucket.start);
-        let new = fresh.remove(&bucket.start);
-        let current = match (old, new) {
-            (Some(old), Some(new)) => {
-                changed.extend(bucket_change(&old, &new));
-                new
-            }
-            (Some(old), None) => old,
-            (None, Some(new)) => {
-                changed.push(new.clone());
-                new
-            }
-            (None, None) => EventCountBucket {
-                start_time: Some(timestamp_from_seconds(bucket.start)),
-                ..EventCountBucket::default()
-            },
-        };
-        now_held.push(current);
-    }
-    held.buckets = now_held;
-    held.range = Some(window.range());
-    Ok(Some(EventCountsDelta {
-        buckets: changed,
-        removed_bucket_start_times: removed,
-        range: held.range,
-    }))
 }
 
 /// The counts of `buckets` (all of the reads' granularity), in their order.
@@ -325,6 +312,59 @@ async fn read_buckets<C: ConnectionLike + Send>(
         .collect())
 }
 
+/// Whether the request counts `count`.
+fn selects(request: &GetEventCountsRequest, count: &CountChange) -> bool {
+    count.events != 0
+        && admits(&request.event_types, count.r#type)
+        && admits(&request.sources, count.source)
+        && (request.product_id == 0 || count.product_id == request.product_id)
+}
+
+/// A bucket with no events.
+fn empty_bucket(start: i64) -> EventCountBucket {
+    EventCountBucket {
+        start_time: Some(timestamp_from_seconds(start)),
+        ..EventCountBucket::default()
+    }
+}
+
+/// Adds `counts` (by type and source) to `bucket`, keeping its counts in
+/// the order reads give them (by type, then source); the increase.
+fn add_counts(
+    bucket: &mut EventCountBucket,
+    counts: &BTreeMap<(i32, i32), i64>,
+) -> EventCountBucket {
+    let mut increase = Vec::with_capacity(counts.len());
+    for (&(event_type, source), &count) in counts {
+        let key = |c: &EventCount| (c.event_type, c.source);
+        match bucket
+            .counts
+            .binary_search_by_key(&(event_type, source), key)
+        {
+            Ok(index) => bucket.counts[index].count += count,
+            Err(index) => bucket.counts.insert(
+                index,
+                EventCount {
+                    event_type,
+                    source,
+                    count,
+                },
+            ),
+        }
+        bucket.total += count;
+        increase.push(EventCount {
+            event_type,
+            source,
+            count,
+        });
+    }
+    EventCountBucket {
+        start_time: bucket.start_time,
+        total: increase.iter().map(|c| c.count).sum(),
+        counts: increase,
+    }
+}
+
 /// Every `(event type, source)` the request reads.
 fn pairs(request: &GetEventCountsRequest) -> Vec<(i32, i32)> {
     let sources = selected(&request.sources, &SOURCES);
@@ -363,4 +403,147 @@ fn bucket_change(before: &EventCountBucket, after: &EventCountBucket) -> Option<
         total: after.total - before.total,
         counts: changes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rtap::v1::{MinuteChange, Source};
+
+    use super::*;
+
+    const MINUTE: i64 = 60;
+    const T0: i64 = 1_800_000_000 / MINUTE * MINUTE;
+
+    fn window(start: i64, minutes: i64) -> ResolvedWindow {
+        ResolvedWindow {
+            granularity: Granularity::Minute,
+            start,
+            end: start + minutes * MINUTE,
+        }
+    }
+
+    fn held(window: &ResolvedWindow) -> GetEventCountsResponse {
+        GetEventCountsResponse {
+            granularity: window.proto_granularity(),
+            range: Some(window.range()),
+            buckets: window
+                .buckets()
+                .iter()
+                .map(|b| empty_bucket(b.start))
+                .collect(),
+        }
+    }
+
+    fn views(minute: i64, product_id: i64, source: Source, events: i64) -> MinuteChange {
+        MinuteChange {
+            minute_start: Some(timestamp_from_seconds(minute)),
+            counts: vec![CountChange {
+                r#type: EventType::ProductView.into(),
+                source: source.into(),
+                product_id,
+                events,
+                ..CountChange::default()
+            }],
+            ..MinuteChange::default()
+        }
+    }
+
+    fn counts(bucket: &EventCountBucket) -> Vec<(i32, i32, i64)> {
+        bucket
+            .counts
+            .iter()
+            .map(|c| (c.event_type, c.source, c.count))
+            .collect()
+    }
+
+    #[test]
+    fn a_commit_adds_the_selected_counts_in_read_order_and_sends_the_increase() {
+        let request = GetEventCountsRequest {
+            product_id: 7,
+            ..GetEventCountsRequest::default()
+        };
+        let window = window(T0, 3);
+        let mut result = held(&window);
+        let mut ahead = BTreeMap::new();
+        let delta = CommitDelta {
+            minutes: vec![
+                views(T0 + MINUTE, 7, Source::MobileApp, 2),
+                views(T0 + MINUTE, 7, Source::Web, 1),
+                views(T0 + MINUTE, 8, Source::Web, 5),
+                views(T0 - MINUTE, 7, Source::Web, 4),
+                views(T0 + 3 * MINUTE, 7, Source::Web, 3),
+            ],
+            ..CommitDelta::default()
+        };
+        let change = EventCounts::apply(&request, &window, (&mut result, &mut ahead), &delta);
+        let Ok(Some(delta::Change::EventCounts(change))) = change else {
+            panic!("expected a change, got {change:?}");
+        };
+        let view = i32::from(EventType::ProductView);
+        let (web, app) = (i32::from(Source::Web), i32::from(Source::MobileApp));
+        assert_eq!(change.buckets.len(), 1);
+        assert_eq!(counts(&change.buckets[0]), [(view, web, 1), (view, app, 2)]);
+        assert_eq!(change.buckets[0].total, 3);
+        assert_eq!(counts(&result.buckets[1]), [(view, web, 1), (view, app, 2)]);
+        assert_eq!(result.buckets[1].total, 3);
+        assert_eq!(result.buckets[0].total + result.buckets[2].total, 0);
+        // The minute past the window waits ahead.
+        assert_eq!(ahead.get(&(T0 + 3 * MINUTE)).map(|b| b.total), Some(3));
+    }
+
+    #[test]
+    fn rolling_takes_the_buckets_counted_ahead_and_drops_those_left_behind() {
+        let request = GetEventCountsRequest::default();
+        let before = window(T0, 3);
+        let mut result = held(&before);
+        let mut ahead = BTreeMap::new();
+        let delta = CommitDelta {
+            minutes: vec![views(T0 + 3 * MINUTE, 1, Source::Web, 5)],
+            ..CommitDelta::default()
+        };
+        let applied = EventCounts::apply(&request, &before, (&mut result, &mut ahead), &delta);
+        assert!(matches!(applied, Ok(None)), "{applied:?}");
+        let after = window(T0 + 2 * MINUTE, 3);
+        let rolled = EventCounts::roll(&request, (before, after), (&mut result, &mut ahead));
+        let Ok(Some(delta::Change::EventCounts(change))) = rolled else {
+            panic!("expected a change, got {rolled:?}");
+        };
+        let starts = |buckets: &[EventCountBucket]| -> Vec<i64> {
+            buckets
+                .iter()
+                .filter_map(|b| Some(b.start_time?.seconds))
+                .collect()
+        };
+        assert_eq!(
+            starts(&result.buckets),
+            [T0 + 2 * MINUTE, T0 + 3 * MINUTE, T0 + 4 * MINUTE]
+        );
+        assert_eq!(result.buckets[1].total, 5);
+        assert_eq!(starts(&change.buckets), [T0 + 3 * MINUTE, T0 + 4 * MINUTE]);
+        let removed: Vec<i64> = change
+            .removed_bucket_start_times
+            .iter()
+            .map(|t| t.seconds)
+            .collect();
+        assert_eq!(removed, [T0, T0 + MINUTE]);
+        assert_eq!(change.range, Some(after.range()));
+        assert!(ahead.is_empty());
+    }
+
+    #[test]
+    fn a_window_of_another_granularity_cannot_roll() {
+        let request = GetEventCountsRequest::default();
+        let before = window(T0, 3);
+        let after = ResolvedWindow {
+            granularity: Granularity::Hour,
+            ..before
+        };
+        let mut result = held(&before);
+        let rolled = EventCounts::roll(
+            &request,
+            (before, after),
+            (&mut result, &mut BTreeMap::new()),
+        );
+        assert!(rolled.is_err());
+    }
 }

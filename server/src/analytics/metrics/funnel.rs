@@ -90,6 +90,7 @@ impl Stages {
 impl Metric for Funnel {
     type Request = GetFunnelRequest;
     type Response = GetFunnelResponse;
+    type Ahead = ();
     const NAME: &'static str = "funnel";
 
     fn validate(request: &Self::Request, violations: &mut Violations) {

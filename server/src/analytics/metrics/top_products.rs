@@ -29,6 +29,7 @@ pub(crate) struct TopProducts;
 impl Metric for TopProducts {
     type Request = GetTopProductsRequest;
     type Response = GetTopProductsResponse;
+    type Ahead = ();
     const NAME: &'static str = "top_products";
 
     fn validate(request: &Self::Request, violations: &mut Violations) {

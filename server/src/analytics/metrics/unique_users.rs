@@ -22,6 +22,7 @@ pub(crate) struct UniqueUsers;
 impl Metric for UniqueUsers {
     type Request = GetUniqueUsersRequest;
     type Response = GetUniqueUsersResponse;
+    type Ahead = ();
     const NAME: &'static str = "unique_users";
 
     fn validate(request: &Self::Request, violations: &mut Violations) {
