@@ -4,11 +4,14 @@
 # installed; else install it (apt-get for PostgreSQL and Redis, cargo for
 # Nisshi).
 #
-#   scripts/services.sh up       bring all three up (and create database `rtap`)
-#   scripts/services.sh down     stop what this script started
-#   scripts/services.sh status   say what is reachable
+#   scripts/services.sh up        bring all three up (and create database `rtap`)
+#   scripts/services.sh cluster   also a Redis Cluster on loopback: 6 nodes,
+#                                 3 primaries and 3 replicas (reused if up)
+#   scripts/services.sh down      stop what this script started
+#   scripts/services.sh status    say what is reachable
 #
-# Ports: RTAP_POSTGRES_PORT (5432), RTAP_REDIS_PORT (6379), RTAP_KAFKA_PORT (9092).
+# Ports: RTAP_POSTGRES_PORT (5432), RTAP_REDIS_PORT (6379), RTAP_KAFKA_PORT
+# (9092), RTAP_REDIS_CLUSTER_PORT (7000: the cluster's nodes take 7000-7005).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,6 +19,8 @@ RUN_DIR=${RTAP_RUN_DIR:-$ROOT/.run}
 PG_PORT=${RTAP_POSTGRES_PORT:-5432}
 REDIS_PORT=${RTAP_REDIS_PORT:-6379}
 KAFKA_PORT=${RTAP_KAFKA_PORT:-9092}
+CLUSTER_PORT=${RTAP_REDIS_CLUSTER_PORT:-7000}
+CLUSTER_NODES=6
 NISSHI_VERSION=0.7.0-pre.2
 export PGPASSWORD=${PGPASSWORD:-postgres}
 
@@ -99,6 +104,52 @@ redis_up() {
   log "Redis ready on 127.0.0.1:$REDIS_PORT"
 }
 
+cluster_ports() { seq "$CLUSTER_PORT" $((CLUSTER_PORT + CLUSTER_NODES - 1)); }
+
+cluster_ok() {
+  redis-cli -h 127.0.0.1 -p "$CLUSTER_PORT" cluster info 2>/dev/null | grep -q '^cluster_state:ok'
+}
+
+# A Redis Cluster of six redis-server processes (3 primaries, 3 replicas)
+# with a short node timeout, so tests can fail a primary over in seconds.
+cluster_up() {
+  command -v redis-server >/dev/null || apt_install redis-server redis-tools
+  if cluster_ok; then
+    log "Redis Cluster ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
+    return
+  fi
+  local port dir nodes=()
+  for port in $(cluster_ports); do
+    nodes+=("127.0.0.1:$port")
+    port_open "$port" && continue
+    dir="$RUN_DIR/cluster/$port"
+    rm -rf "$dir" && mkdir -p "$dir"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+      --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
+      --dir "$dir" --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >&2 \
+      || die "Redis Cluster node $port did not start (see $dir/redis.log)"
+    touch "$RUN_DIR/cluster.started"
+    wait_for_port "$port" "Redis Cluster node" 10
+  done
+  log "creating the Redis Cluster"
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$RUN_DIR/cluster-create.log" 2>&1 \
+    || die "redis-cli --cluster create failed (see $RUN_DIR/cluster-create.log)"
+  local i
+  for ((i = 0; i < 100; i++)); do cluster_ok && break; sleep 0.1; done
+  cluster_ok || die "the Redis Cluster did not reach cluster_state:ok"
+  log "Redis Cluster ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
+}
+
+cluster_down() {
+  [[ -f $RUN_DIR/cluster.started ]] || return 0
+  log "stopping the Redis Cluster"
+  local port
+  for port in $(cluster_ports); do
+    redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
+  done
+  rm -rf "$RUN_DIR/cluster" "$RUN_DIR/cluster.started"
+}
+
 nisshi_installed() { nisshi --version 2>/dev/null | grep -qF "$NISSHI_VERSION"; }
 
 kafka_up() {
@@ -136,6 +187,7 @@ up() {
 }
 
 down() {
+  cluster_down
   if [[ -f $RUN_DIR/nisshi.pid ]]; then
     local pid
     pid=$(cat "$RUN_DIR/nisshi.pid")
@@ -166,12 +218,14 @@ status() {
     echo "redis:    down"; failed=1
   fi
   if port_open "$KAFKA_PORT"; then echo "kafka:    up (127.0.0.1:$KAFKA_PORT)"; else echo "kafka:    down"; failed=1; fi
+  if cluster_ok; then echo "cluster:  up (127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1)))"; fi
   return "$failed"
 }
 
 case "${1:-}" in
   up) up ;;
+  cluster) up; cluster_up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|cluster|down|status" >&2; exit 2 ;;
 esac

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test against real services: brings PostgreSQL, Redis and the
-# Kafka broker up (scripts/services.sh), then `cargo test` on the workspace,
-# and closes with one line adding up every test binary's results.
+# Runs every test against real services: brings PostgreSQL, Redis (and a
+# local Redis Cluster) and the Kafka broker up (scripts/services.sh), then
+# `cargo test` on the workspace, and closes with one line adding up every
+# test binary's results.
 # Extra arguments go to cargo test (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/services.sh up
+scripts/services.sh cluster
 mkdir -p .run
 log=.run/test.log
 status=0

@@ -200,9 +200,10 @@ async fn ingest(config: &Config, raw: &RawFetch) -> anyhow::Result<Ingest> {
     let commands_before = command_stats(&mut connection).await?;
     let cpu_before = CpuTimes::now();
     let started = Instant::now();
+    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
     let pipeline = tokio::spawn(consumer::run(
         PipelineSettings::from_config(config),
-        redis,
+        nodes,
         stats.clone(),
         shutdown.clone(),
     ));

@@ -17,7 +17,7 @@ use crate::{
         IngestApi,
         consumer::{self, PipelineSettings, PipelineStats},
     },
-    store::Retention,
+    store::{Retention, nodes::Nodes},
 };
 
 /// Connections the kernel queues for `accept`. The standard library's 128
@@ -106,8 +106,7 @@ pub async fn serve(
     config.validate().map_err(Error::Config)?;
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
     let (database, schema_gate) = Database::connect_lazy(&config).await?;
-    let redis = redis::Client::open(config.redis_url.as_str())
-        .map_err(|error| Error::Config(format!("REDIS_URL is invalid: {error}")))?;
+    let redis = config.redis_nodes().map_err(Error::Config)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::report_not_serving(&health_reporter, WATCHED).await;
@@ -171,7 +170,7 @@ pub async fn serve(
 fn spawn_background(
     config: &Config,
     (database, schema_gate): (&Database, SchemaGate),
-    redis: &redis::Client,
+    redis: &Nodes,
     health_reporter: tonic_health::server::HealthReporter,
     shutdown: &CancellationToken,
 ) -> TaskTracker {
@@ -211,11 +210,11 @@ fn add_api(
     router: tonic::transport::server::Router,
     config: &Config,
     database: Database,
-    redis: &redis::Client,
+    redis: &Nodes,
     shutdown: &CancellationToken,
 ) -> tonic::transport::server::Router {
     let store = StoreClient::new(
-        redis.clone(),
+        redis,
         config.redis_namespace.clone(),
         Retention::from_config(config),
         config.dependency_timeout,

@@ -6,6 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::store::{StoreError, nodes::Nodes};
+
 /// `rtap-server [FLAGS] [serve|migrate]`.
 #[derive(Debug, Parser)]
 #[command(
@@ -63,7 +65,8 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// Redis URL of the metric store.
+    /// Redis URL of the metric store; with `--redis-cluster`, the URLs of
+    /// one or more seed nodes of a Redis Cluster, comma-separated.
     #[arg(
         long,
         env = "REDIS_URL",
@@ -72,6 +75,11 @@ pub struct Config {
         global = true
     )]
     pub redis_url: String,
+
+    /// The metric store is a Redis Cluster reached through the seed nodes of
+    /// `--redis-url`.
+    #[arg(long, env = "RTAP_REDIS_CLUSTER", global = true)]
+    pub redis_cluster: bool,
 
     /// Prefix of every Redis key RTAP writes, so several deployments (or
     /// tests) can share one Redis. Letters, digits, `_`, `-` and `.` only.
@@ -398,6 +406,25 @@ impl Config {
     }
 
     /// Checks the rules that span several settings.
+    /// The metric store's nodes, as `--redis-url` and `--redis-cluster` say.
+    pub fn redis_nodes(&self) -> Result<Nodes, String> {
+        let invalid = |error: StoreError| format!("REDIS_URL is invalid: {error}");
+        if self.redis_cluster {
+            let seeds: Vec<String> = self
+                .redis_url
+                .split(',')
+                .map(str::trim)
+                .filter(|seed| !seed.is_empty())
+                .map(str::to_owned)
+                .collect();
+            Nodes::cluster(&seeds).map_err(invalid)
+        } else {
+            let client = redis::Client::open(self.redis_url.as_str())
+                .map_err(|error| invalid(error.into()))?;
+            Ok(Nodes::single(client))
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.hour_retention < self.minute_retention || self.day_retention < self.hour_retention {
             return Err(

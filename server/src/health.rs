@@ -12,7 +12,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use redis::aio::MultiplexedConnection;
 use rskafka::client::Client as KafkaClient;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -20,6 +19,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     database::Database,
     infra::{kafka, reconnect::Reconnecting},
+    store::nodes::Nodes,
 };
 
 /// Consecutive failed checks after which a dependency that was up is
@@ -52,7 +52,7 @@ pub(crate) struct Watched {
 pub(crate) struct DependencyStatus {
     /// PostgreSQL answered and the schema is migrated.
     pub(crate) postgres: bool,
-    /// Redis answered PING.
+    /// Redis answered PING (every primary, on a cluster).
     pub(crate) redis: bool,
     /// A Kafka broker returned cluster metadata.
     pub(crate) kafka: bool,
@@ -85,7 +85,7 @@ pub(crate) async fn report_not_serving(reporter: &HealthReporter, watched: &[Wat
 /// one after a failure so the next check reconnects.
 pub(crate) struct DependencyProbe {
     database: Database,
-    redis: Reconnecting<MultiplexedConnection, redis::RedisError>,
+    redis: Nodes,
     kafka: Reconnecting<Arc<KafkaClient>, rskafka::client::error::Error>,
     timeout: Duration,
 }
@@ -94,16 +94,13 @@ impl DependencyProbe {
     /// A probe whose every call is bounded by `timeout`.
     pub(crate) fn new(
         database: Database,
-        redis: redis::Client,
+        redis: Nodes,
         kafka_brokers: Vec<String>,
         timeout: Duration,
     ) -> Self {
         Self {
             database,
-            redis: Reconnecting::new(move || {
-                let redis = redis.clone();
-                async move { redis.get_multiplexed_async_connection().await }
-            }),
+            redis,
             kafka: Reconnecting::new(move || {
                 let brokers = kafka_brokers.clone();
                 async move { kafka::client(&brokers, timeout).await.map(Arc::new) }
@@ -123,16 +120,7 @@ impl DependencyProbe {
                 Err("schema migrations not applied yet".to_owned())
             }
         };
-        let redis = bounded(timeout, async {
-            let mut connection = self.redis.get().await?;
-            let pinged = redis::cmd("PING")
-                .query_async::<String>(&mut connection)
-                .await;
-            if pinged.is_err() {
-                self.redis.drop_connection().await;
-            }
-            pinged.map(|_| ())
-        });
+        let redis = bounded(timeout, self.redis.ping());
         let kafka = bounded(timeout, async {
             let client = self.kafka.get().await?;
             let listed = client.list_topics().await;

@@ -378,7 +378,7 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     // And subtraction is real: the hours of the run minus all their minutes
     // leave every ranking score and counter at zero.
     let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
-    let mut connection = redis().await?;
+    let connection = redis().await?;
     let mut nothing = Vec::new();
     for hour_start in (hour(first)..=hour(last)).step_by(3600) {
         nothing.push((Bucket::containing(store::Granularity::Hour, hour_start), 1));
@@ -390,7 +390,7 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
         }));
     }
     let scores = reader
-        .ranking(&mut connection, &nothing, Ranking::Views)
+        .ranking(&connection, &nothing, Ranking::Views)
         .await?;
     assert!(
         !scores.is_empty() && scores.values().all(|s| *s == 0),
@@ -400,10 +400,10 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
         Counter::Sessions { source: 1 }.field(),
         Counter::TotalDwell { source: 2 }.field(),
     ];
-    let totals = reader.totals(&mut connection, &nothing, &fields).await?;
+    let totals = reader.totals(&connection, &nothing, &fields).await?;
     assert_eq!(totals, [0, 0]);
     let hours: Vec<(Bucket, i64)> = nothing.iter().filter(|(_, s)| *s > 0).copied().collect();
-    let counted = reader.totals(&mut connection, &hours, &fields).await?;
+    let counted = reader.totals(&connection, &hours, &fields).await?;
     assert!(counted.iter().all(|c| *c > 0), "{counted:?}");
 
     // The pipeline's vital signs.
@@ -484,7 +484,7 @@ async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow
     let cached =
         MetricReader::new(&config.redis_namespace, 0..PARTITIONS).with_settled(cache.clone());
     let plain = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
-    let mut connection = redis().await?;
+    let connection = redis().await?;
     let mut analytics = client(&server);
     let api_top = |analytics: &mut AnalyticsServiceClient<Channel>| {
         let mut analytics = analytics.clone();
@@ -516,17 +516,11 @@ async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow
     let partitions = u64::try_from(PARTITIONS)?;
     let versions = settled_versions(&config.redis_namespace).await?;
     assert!(versions.iter().all(Option::is_some), "{versions:?}");
-    let first = cached
-        .ranking(&mut connection, &cover, Ranking::Views)
-        .await?;
+    let first = cached.ranking(&connection, &cover, Ranking::Views).await?;
     assert_eq!(cache.stats(), (partitions, 0));
-    let second = cached
-        .ranking(&mut connection, &cover, Ranking::Views)
-        .await?;
+    let second = cached.ranking(&connection, &cover, Ranking::Views).await?;
     assert_eq!(cache.stats(), (2 * partitions, partitions));
-    let truth = plain
-        .ranking(&mut connection, &cover, Ranking::Views)
-        .await?;
+    let truth = plain.ranking(&connection, &cover, Ranking::Views).await?;
     assert_eq!(first, truth);
     assert_eq!(second, truth);
     assert_eq!(truth.get(&5), Some(&60));
@@ -539,14 +533,10 @@ async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow
     produce(brokers, topic, &[view(7, 5, Utc::now())]).await?;
     wait_caught_up(&config, Duration::from_secs(60)).await?;
     assert_eq!(settled_versions(&config.redis_namespace).await?, versions);
-    let truth = plain
-        .ranking(&mut connection, &cover, Ranking::Views)
-        .await?;
+    let truth = plain.ranking(&connection, &cover, Ranking::Views).await?;
     assert_eq!(truth.get(&5), Some(&61));
     assert_eq!(
-        cached
-            .ranking(&mut connection, &cover, Ranking::Views)
-            .await?,
+        cached.ranking(&connection, &cover, Ranking::Views).await?,
         truth
     );
     assert_eq!(cache.stats(), (3 * partitions, 2 * partitions));
@@ -563,17 +553,13 @@ async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow
         .filter(|(a, b)| a != b)
         .count();
     assert_eq!(changed, 1, "{versions:?} -> {late_versions:?}");
-    let truth = plain
-        .ranking(&mut connection, &cover, Ranking::Views)
-        .await?;
+    let truth = plain.ranking(&connection, &cover, Ranking::Views).await?;
     assert_eq!(
         truth.get(&1),
         Some(&(first.get(&1).copied().unwrap_or(0) + 1))
     );
     assert_eq!(
-        cached
-            .ranking(&mut connection, &cover, Ranking::Views)
-            .await?,
+        cached.ranking(&connection, &cover, Ranking::Views).await?,
         truth
     );
     assert_eq!(cache.stats(), (4 * partitions, 3 * partitions - 1));

@@ -11,12 +11,12 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use common::{
     PrivateBroker, TcpProxy, TestDatabase, TestServer,
     pipeline::{
-        PARTITIONS, applied, buckets, days, event, ingest_config, produce, redis, redis_estimate,
-        redis_url, settled_versions, simulate, source_number, states, wait_caught_up,
+        PARTITIONS, applied, assert_matches_truth, buckets, event, ingest_config, produce, redis,
+        redis_url, settled_versions, simulate, states, wait_caught_up,
     },
 };
 use prost::Message;
@@ -29,7 +29,7 @@ use rtap_server::{
     Config,
     ingest::dead_letter::{REASON_HEADER, SOURCE_OFFSET_HEADER},
     store::{
-        Bucket, Counter, FunnelStage, Granularity, Ranking, Retention, StoreError, UserSet,
+        Bucket, Counter, Granularity, Ranking, Retention, StoreError,
         aggregate::{BatchAggregate, BucketChanges, SessionState},
         commit::{self, CommitMeta, CommitSettings, PartitionState},
         hll,
@@ -39,226 +39,6 @@ use rtap_server::{
         session_epoch,
     },
 };
-use rtap_simulator::truth::GroundTruth;
-
-/// `buckets`, each added.
-fn signed(buckets: &[Bucket]) -> Vec<(Bucket, i64)> {
-    buckets.iter().map(|b| (*b, 1)).collect()
-}
-
-/// Compares every aggregate with the ground truth.
-async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyhow::Result<()> {
-    let mut connection = redis().await?;
-    let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
-    let first = truth.first_event_time.context("events were produced")?;
-    let last = truth.last_event_time.context("events were produced")?;
-
-    // The pipeline's own counters.
-    let partition_states = states(&config.redis_namespace).await?;
-    let applied: i64 = partition_states.iter().map(|s| s.applied).sum();
-    let duplicates: i64 = partition_states.iter().map(|s| s.duplicates).sum();
-    let dead: i64 = partition_states
-        .iter()
-        .flat_map(|s| s.dead_lettered.values())
-        .sum();
-    ensure!(
-        applied == i64::try_from(truth.events)?,
-        "applied {applied} of {} events; states {partition_states:?}; truth records {} duplicates {}",
-        truth.events,
-        truth.records,
-        truth.duplicates
-    );
-    ensure!(
-        duplicates == i64::try_from(truth.duplicates)?,
-        "duplicates {duplicates} != {}",
-        truth.duplicates
-    );
-    let malformed: u64 = truth.malformed.values().sum();
-    ensure!(dead == i64::try_from(malformed)?, "dead-lettered {dead}");
-
-    // Counts per source and type, at each granularity.
-    for granularity in Granularity::ALL {
-        let counters = reader
-            .counters(&mut connection, &buckets(granularity, first, last))
-            .await?;
-        for (key, expected) in &truth.events_by_source_and_type {
-            let (source, event_type) = key.split_once('/').context("SOURCE/TYPE")?;
-            let event_type = EventType::from_str_name(event_type).context("type")? as i32;
-            let field = Counter::Events {
-                event_type,
-                source: source_number(source)?,
-            }
-            .field();
-            let actual = counters.get(&field).copied().unwrap_or(0);
-            ensure!(
-                actual == i64::try_from(*expected)?,
-                "{granularity:?} {key}: {actual} counted, {expected} produced"
-            );
-        }
-    }
-
-    // Events per minute.
-    for (minute, expected) in &truth.events_per_minute {
-        let start: DateTime<Utc> = minute.parse()?;
-        let counters = reader
-            .counters(
-                &mut connection,
-                &[Bucket::containing(Granularity::Minute, start.timestamp())],
-            )
-            .await?;
-        let actual: i64 = counters
-            .iter()
-            .filter(|(field, _)| field.starts_with("e:"))
-            .map(|(_, v)| v)
-            .sum();
-        ensure!(
-            actual == i64::try_from(*expected)?,
-            "minute {minute}: {actual} counted, {expected} produced"
-        );
-    }
-    // The dense minute series holds what the minute buckets' hashes hold.
-    let minutes = buckets(Granularity::Minute, first, last);
-    let pairs: Vec<(i32, i32)> = (1..=6)
-        .flat_map(|event_type| (1..=3).map(move |source| (event_type, source)))
-        .collect();
-    let fields: Vec<String> = pairs
-        .iter()
-        .map(|&(event_type, source)| Counter::Events { event_type, source }.field())
-        .collect();
-    let from_hashes = reader.fields(&mut connection, &minutes, &fields).await?;
-    let starts: Vec<i64> = minutes.iter().map(|b| b.start).collect();
-    let from_series = reader
-        .minute_events(&mut connection, &starts, &pairs)
-        .await?;
-    ensure!(
-        from_series == from_hashes,
-        "minute series differ from the minute hashes"
-    );
-    ensure!(
-        from_series.iter().flatten().sum::<i64>() == i64::try_from(truth.events)?,
-        "minute series total"
-    );
-
-    // Products, funnel and users, over the whole run.
-    let days = days(truth)?;
-    let counters = reader.counters(&mut connection, &days).await?;
-    let sum = |fields: &[Counter]| -> i64 {
-        fields
-            .iter()
-            .map(|c| counters.get(&c.field()).copied().unwrap_or(0))
-            .sum()
-    };
-    let sources: Vec<i32> = [Source::Web, Source::MobileApp, Source::Server]
-        .iter()
-        .map(|s| *s as i32)
-        .collect();
-    let views = reader
-        .ranking(&mut connection, &signed(&days), Ranking::Views)
-        .await?;
-    let revenue_ranking = reader
-        .ranking(&mut connection, &signed(&days), Ranking::Revenue)
-        .await?;
-    for (product, expected) in &truth.products {
-        let product = *product;
-        let per_source = |make: &dyn Fn(i32) -> Counter| -> Vec<Counter> {
-            sources.iter().map(|s| make(*s)).collect()
-        };
-        let events = |event_type: EventType| {
-            sum(&per_source(&|source| Counter::ProductEvents {
-                event_type: event_type as i32,
-                source,
-                product,
-            }))
-        };
-        let quantity = |event_type: EventType| {
-            sum(&per_source(&|source| Counter::Quantity {
-                event_type: event_type as i32,
-                source,
-                product,
-            }))
-        };
-        let actual = (
-            events(EventType::ProductView),
-            sum(&per_source(&|source| Counter::Dwell { source, product })),
-            events(EventType::AddToCart),
-            quantity(EventType::AddToCart),
-            events(EventType::Purchase),
-            quantity(EventType::Purchase),
-            sum(&per_source(&|source| Counter::ProductRevenue {
-                source,
-                product,
-            })),
-        );
-        let wanted = (
-            i64::try_from(expected.views)?,
-            expected.dwell_micros,
-            i64::try_from(expected.add_to_carts)?,
-            i64::try_from(expected.items_added)?,
-            i64::try_from(expected.purchases)?,
-            i64::try_from(expected.items_purchased)?,
-            expected.revenue_micros,
-        );
-        ensure!(
-            actual == wanted,
-            "product {product}: (views, dwell, carts, items, purchases, items, revenue) {actual:?} != {wanted:?}"
-        );
-        ensure!(views.get(&product).copied().unwrap_or(0) == wanted.0);
-        ensure!(revenue_ranking.get(&product).copied().unwrap_or(0) == wanted.6);
-        let users = reader
-            .unique_users(&mut connection, &days, UserSet::Product(product))
-            .await?;
-        let estimate = redis_estimate(truth.product_user_ids(product)).await?;
-        ensure!(
-            users == estimate,
-            "product {product}: {users} unique users counted, where Redis estimates {estimate} \
-             for the {} true ones",
-            expected.unique_users
-        );
-    }
-    let revenue = sum(&sources
-        .iter()
-        .map(|s| Counter::Revenue { source: *s })
-        .collect::<Vec<_>>());
-    ensure!(revenue == truth.revenue_micros, "revenue {revenue}");
-
-    for (source, expected) in &truth.funnel {
-        let source = source_number(source)?;
-        let funnel = |stage| sum(&[Counter::Funnel { stage, source }]);
-        let actual = (
-            sum(&[Counter::Sessions { source }]),
-            funnel(FunnelStage::ProductView),
-            funnel(FunnelStage::AddToCart),
-            funnel(FunnelStage::Purchase),
-        );
-        let wanted = (
-            i64::try_from(expected.sessions)?,
-            i64::try_from(expected.product_view_sessions)?,
-            i64::try_from(expected.add_to_cart_sessions)?,
-            i64::try_from(expected.purchase_sessions)?,
-        );
-        ensure!(
-            actual == wanted,
-            "funnel of source {source}: {actual:?} != {wanted:?}"
-        );
-    }
-    let session_events: i64 = sources
-        .iter()
-        .map(|s| sum(&[Counter::SessionEvents { source: *s }]))
-        .sum();
-    ensure!(session_events == i64::try_from(truth.events)?);
-
-    let users = reader
-        .unique_users(&mut connection, &days, UserSet::All)
-        .await?;
-    let estimate = redis_estimate(truth.user_ids()).await?;
-    ensure!(
-        users == estimate,
-        "{users} unique users counted, where Redis estimates {estimate} for the {} true ones",
-        truth.unique_users
-    );
-
-    Ok(())
-}
 
 /// Dead letters of `topic`: (reason header, source offset header).
 async fn dead_letters(brokers: &str, topic: &str) -> anyhow::Result<Vec<(String, String)>> {
@@ -394,7 +174,7 @@ async fn duplicates_are_counted_once_across_restarts_and_old_events_are_dead_let
     let hours = buckets(Granularity::Hour, now - chrono::Duration::hours(1), now);
     let views = reader
         .counter(
-            &mut connection,
+            &connection,
             &hours,
             Counter::ProductEvents {
                 event_type: EventType::ProductView as i32,

@@ -6,10 +6,10 @@
 
 use std::{collections::BTreeSet, future::Future};
 
+use crate::store::nodes::Route;
 use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
 use chrono::{DateTime, Utc};
 use prost::Message;
-use redis::aio::ConnectionLike;
 use rtap::v1::{CommitDelta, EventType, MinuteChange, Source, TimeWindow, delta, snapshot};
 
 use super::window::{self, ResolvedWindow, SignedBucket};
@@ -56,7 +56,7 @@ pub(crate) trait Metric: Send + Sync + 'static {
     }
 
     /// Reads the result from the metric store.
-    fn read<C: ConnectionLike + Send>(
+    fn read<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
     ) -> impl Future<Output = Result<Self::Response, Error>> + Send;
@@ -82,7 +82,7 @@ pub(crate) trait Metric: Send + Sync + 'static {
     /// moved). The default re-reads everything, unless nothing changed; a
     /// metric whose [`Self::touched`] names buckets re-reads only those, and
     /// the buckets a rolling window gained.
-    fn refresh<C: ConnectionLike + Send>(
+    fn refresh<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
         held: &mut Self::Response,
@@ -106,7 +106,7 @@ pub(crate) trait Metric: Send + Sync + 'static {
     /// Reads the result and, for an additive metric, the buckets past the
     /// window's end that start before `until` (Unix seconds), with the same
     /// reads (so at the same stored offsets).
-    fn read_ahead<C: ConnectionLike + Send>(
+    fn read_ahead<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
         until: i64,
@@ -155,7 +155,7 @@ pub struct Refreshed {
 }
 
 /// Re-reads all of `held`, and returns the change.
-pub async fn reread<M: Metric + ?Sized, C: ConnectionLike + Send>(
+pub async fn reread<M: Metric + ?Sized, C: Route>(
     request: &M::Request,
     reads: Reads<'_, C>,
     held: &mut M::Response,
@@ -222,15 +222,15 @@ impl<M: Metric> Query<M> {
 
     /// Runs the query over `window`, reading buckets still kept under
     /// `retention`.
-    pub(crate) async fn run<C: ConnectionLike + Send>(
+    pub(crate) async fn run<C: Route>(
         &self,
-        connection: &mut C,
+        route: &C,
         reader: &MetricReader,
         window: ResolvedWindow,
         retention: &Retention,
     ) -> Result<M::Response, Error> {
         let reads = Reads {
-            connection,
+            route,
             reader,
             window,
             retention,
@@ -239,15 +239,15 @@ impl<M: Metric> Query<M> {
     }
 
     /// [`Self::run`], with the buckets ahead of the window until `until`.
-    pub(crate) async fn run_ahead<C: ConnectionLike + Send>(
+    pub(crate) async fn run_ahead<C: Route>(
         &self,
-        connection: &mut C,
+        route: &C,
         reader: &MetricReader,
         (window, until): (ResolvedWindow, i64),
         retention: &Retention,
     ) -> Result<(M::Response, M::Ahead), Error> {
         let reads = Reads {
-            connection,
+            route,
             reader,
             window,
             retention,
@@ -272,16 +272,16 @@ impl<M: Metric> Query<M> {
 
     /// Brings `held`, read over `held_window`, up to date for `window`
     /// after `buckets` of it changed.
-    pub async fn refresh<C: ConnectionLike + Send>(
+    pub async fn refresh<C: Route>(
         &self,
-        connection: &mut C,
+        route: &C,
         reader: &MetricReader,
         (held_window, window, retention): (ResolvedWindow, ResolvedWindow, &Retention),
         held: &mut M::Response,
         buckets: &BTreeSet<i64>,
     ) -> Result<Refreshed, Error> {
         let reads = Reads {
-            connection,
+            route,
             reader,
             window,
             retention,
@@ -366,8 +366,8 @@ pub fn admits(filter: &[i32], value: i32) -> bool {
 
 /// What a metric reads with: the store, and the window it covers.
 pub(crate) struct Reads<'a, C> {
-    /// The Redis connection.
-    pub(crate) connection: &'a mut C,
+    /// The connections to the partitions' nodes.
+    pub(crate) route: &'a C,
     /// The partitions read.
     pub(crate) reader: &'a MetricReader,
     /// The window.

@@ -1,5 +1,5 @@
-//! The analytics service's access to the metric store: one shared,
-//! reconnecting connection, the ranking cache, and the stored watermark.
+//! The analytics service's access to the metric store: shared connections
+//! to its nodes, the ranking cache, and the stored watermark.
 
 use std::{
     collections::BTreeSet,
@@ -7,7 +7,6 @@ use std::{
     time::Duration,
 };
 
-use redis::aio::ConnectionManager;
 use rtap::v1::{PartitionOffset, Watermark};
 
 use super::{
@@ -16,10 +15,11 @@ use super::{
 };
 use crate::{
     error::Error,
-    infra::{reconnect::Reconnecting, time::timestamp_from_millis},
+    infra::time::timestamp_from_millis,
     store::{
         Retention,
         commit::{PartitionState, load_states},
+        nodes::Nodes,
         read::{MetricReader, Offsets},
         settled::SettledRankings,
         status::{PartitionVitals, Totals},
@@ -29,11 +29,11 @@ use crate::{
 /// Shared metric-store access of the analytics service.
 #[derive(Clone)]
 pub(crate) struct StoreClient {
-    pub(super) client: redis::Client,
-    connection: Arc<Reconnecting<ConnectionManager, Error>>,
-    /// Feeds read through a connection of their own: a burst of feed
+    /// The nodes, through shared connections (one per node).
+    pub(super) nodes: Nodes,
+    /// Feeds read through connections of their own: a burst of feed
     /// refreshes never queues a unary call behind it.
-    feed_connection: Arc<Reconnecting<ConnectionManager, Error>>,
+    feed_nodes: Nodes,
     namespace: String,
     /// Bucket retentions, for window resolution.
     pub(crate) retention: Retention,
@@ -54,35 +54,16 @@ struct KnownPartitions {
 }
 
 impl StoreClient {
-    /// Access to `namespace` through `client`; calls give up after `timeout`.
+    /// Access to `namespace` on `nodes`; calls give up after `timeout`.
     pub(crate) fn new(
-        client: redis::Client,
+        nodes: &Nodes,
         namespace: String,
         retention: Retention,
         timeout: Duration,
     ) -> Self {
-        let connection = || {
-            let connect = client.clone();
-            Arc::new(Reconnecting::new(move || {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1);
-                let client = connect.clone();
-                async move {
-                    ConnectionManager::new_with_config(client, config)
-                        .await
-                        .map_err(|e| Error::Unavailable {
-                            dependency: "redis",
-                            reason: e.to_string(),
-                        })
-                }
-            }))
-        };
         Self {
-            connection: connection(),
-            feed_connection: connection(),
-            client,
+            nodes: nodes.with_timeout(timeout),
+            feed_nodes: nodes.with_timeout(timeout),
             namespace,
             retention,
             settled: Arc::new(SettledRankings::new(retention)),
@@ -95,15 +76,9 @@ impl StoreClient {
         &self.namespace
     }
 
-    /// A (shared, multiplexed) connection; UNAVAILABLE if Redis is down.
-    pub(crate) async fn connection(&self) -> Result<ConnectionManager, Error> {
-        self.connection.get().await
-    }
-
     /// Every consumed partition's stored state.
     pub(crate) async fn partition_states(&self) -> Result<Vec<(i32, PartitionState)>, Error> {
-        let mut connection = self.connection().await?;
-        Ok(load_states(&mut connection, &self.namespace).await?)
+        Ok(load_states(&self.nodes, &self.namespace).await?)
     }
 
     /// Runs `query` over `window` on every consumed partition.
@@ -112,10 +87,9 @@ impl StoreClient {
         query: &Query<M>,
         window: ResolvedWindow,
     ) -> Result<M::Response, Error> {
-        let mut connection = self.connection().await?;
-        let reader = self.reader(&mut connection).await?;
+        let reader = self.reader(&self.nodes).await?;
         query
-            .run(&mut connection, &reader, window, &self.retention)
+            .run(&self.nodes, &reader, window, &self.retention)
             .await
     }
 
@@ -128,10 +102,9 @@ impl StoreClient {
         window: ResolvedWindow,
         until: i64,
     ) -> Result<(M::Response, M::Ahead, Option<Offsets>), Error> {
-        let mut connection = self.feed_connection.get().await?;
-        let reader = self.feed_reader(&mut connection).await?;
+        let reader = self.feed_reader().await?;
         let (result, ahead) = query
-            .run_ahead(&mut connection, &reader, (window, until), &self.retention)
+            .run_ahead(&self.feed_nodes, &reader, (window, until), &self.retention)
             .await?;
         Ok((result, ahead, reader.observed()))
     }
@@ -145,11 +118,10 @@ impl StoreClient {
         held: &mut M::Response,
         buckets: &BTreeSet<i64>,
     ) -> Result<Refreshed, Error> {
-        let mut connection = self.feed_connection.get().await?;
-        let reader = self.feed_reader(&mut connection).await?;
+        let reader = self.feed_reader().await?;
         query
             .refresh(
-                &mut connection,
+                &self.feed_nodes,
                 &reader,
                 (held_window, window, &self.retention),
                 held,
@@ -187,7 +159,7 @@ impl StoreClient {
     }
 
     /// A reader of every consumed partition, for feeds: as last discovered.
-    async fn feed_reader(&self, connection: &mut ConnectionManager) -> Result<MetricReader, Error> {
+    async fn feed_reader(&self) -> Result<MetricReader, Error> {
         let (cleared, partitions) = {
             let known = self
                 .feed_partitions
@@ -198,7 +170,7 @@ impl StoreClient {
         let partitions = match partitions {
             Some(partitions) => partitions,
             None => {
-                let partitions = self.reader(connection).await?.partitions();
+                let partitions = self.reader(&self.feed_nodes).await?.partitions();
                 let mut known = self
                     .feed_partitions
                     .lock()
@@ -213,8 +185,8 @@ impl StoreClient {
     }
 
     /// A reader of every consumed partition.
-    async fn reader(&self, connection: &mut ConnectionManager) -> Result<MetricReader, Error> {
-        Ok(MetricReader::discover(connection, &self.namespace)
+    async fn reader(&self, nodes: &Nodes) -> Result<MetricReader, Error> {
+        Ok(MetricReader::discover(nodes, &self.namespace)
             .await?
             .with_settled(self.settled.clone()))
     }

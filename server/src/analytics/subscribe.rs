@@ -246,13 +246,14 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_MAX);
     loop {
         let Some(strong) = hub.upgrade() else { return };
-        let client = strong.store.client.clone();
+        let nodes = strong.store.nodes.clone();
         let channel = deltas_channel(strong.store.namespace());
         drop(strong);
         let connected = async {
+            let client = nodes.client_for_key(&channel).await?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            Ok::<_, crate::store::StoreError>(pubsub)
         };
         let mut pubsub = tokio::select! {
             () = shutdown.cancelled() => return,

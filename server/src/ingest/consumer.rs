@@ -51,8 +51,9 @@ use crate::{
     retry::{Backoff, RECONNECT_MAX},
     store::{
         Retention, StoreError,
-        commit::{CommitSettings, Committed},
+        commit::{self, CommitSettings, Committed},
         keys::{PartitionKeys, deltas_channel},
+        nodes::{Nodes, is_moved_or_down},
         writer::PartitionWriter,
     },
 };
@@ -203,7 +204,7 @@ impl PipelineStats {
 /// is down is retried with backoff.
 pub async fn run(
     settings: PipelineSettings,
-    redis: redis::Client,
+    redis: Nodes,
     stats: Arc<PipelineStats>,
     shutdown: CancellationToken,
 ) {
@@ -296,7 +297,7 @@ struct PartitionConsumer {
     settings: Arc<PipelineSettings>,
     keys: PartitionKeys,
     dead_letter_partition: i32,
-    redis: redis::Client,
+    redis: Nodes,
     deltas: mpsc::Sender<Vec<u8>>,
     stats: Arc<PipelineStats>,
 }
@@ -319,8 +320,15 @@ impl PartitionConsumer {
                 consumed = self.consume(&mut redis, &mut writer, &mut backoff) => consumed,
             };
             let Err(error) = consumed;
-            if matches!(&error, ConsumeError::Store(StoreError::Redis(_))) {
+            if let ConsumeError::Store(StoreError::Redis(redis_error)) = &error {
+                // A new connection next time, to the slot's owner as the
+                // cluster says then: nothing goes on on this one.
                 redis = None;
+                if is_moved_or_down(redis_error)
+                    && let Err(error) = self.redis.refresh().await
+                {
+                    tracing::warn!(partition, error = %error, "cannot read the Redis Cluster's slots");
+                }
             }
             let delay = if let ConsumeError::Leased { .. } = &error {
                 // A standby: ask again soon, so that it takes over within the
@@ -354,8 +362,9 @@ impl PartitionConsumer {
         }
     }
 
-    /// The task's own Redis connection, kept across attempts until a Redis
-    /// error: it never reconnects by itself (see `store::writer`).
+    /// The task's own Redis connection, to the node holding the partition,
+    /// kept across attempts until a Redis error: it never reconnects by
+    /// itself, nor follows a slot that moved (see `store::writer`).
     async fn connection(
         &self,
         redis: &mut Option<MultiplexedConnection>,
@@ -371,6 +380,8 @@ impl PartitionConsumer {
             .set_response_timeout(Some(timeout * 4));
         let connection = self
             .redis
+            .client_for(&self.keys)
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         Ok(redis.insert(connection).clone())
@@ -387,15 +398,10 @@ impl PartitionConsumer {
         let settings = &self.settings;
         let connection = self.connection(redis).await?;
         let lease = (settings.owner.clone(), settings.lease);
-        let opened = PartitionWriter::open(
-            connection,
-            self.keys.clone(),
-            &settings.namespace,
-            lease,
-            settings.commit,
-        )
-        .await?;
+        let opened =
+            PartitionWriter::open(connection, self.keys.clone(), lease, settings.commit).await?;
         let writer = writer.insert(opened.map_err(|holder| ConsumeError::Leased { holder })?);
+        commit::register_partition(&self.redis, &settings.namespace, &self.keys).await?;
         let kafka = kafka::client(&settings.brokers, settings.dependency_timeout).await?;
         let source = kafka
             .partition_client(

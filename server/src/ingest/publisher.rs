@@ -3,21 +3,22 @@
 //! drop a delta but never delays or fails a commit (subscribers that miss
 //! one resync).
 
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::infra::reconnect::Reconnecting;
+use crate::store::{
+    StoreError,
+    nodes::{Nodes, Route},
+};
 
 /// Publishes the deltas of `queued` on `channel` in order until `shutdown`;
 /// a failed publish is logged (once per outage) and dropped.
 pub(crate) async fn publish_deltas(
-    redis: redis::Client,
+    redis: Nodes,
     channel: String,
     mut queued: mpsc::Receiver<Vec<u8>>,
     shutdown: CancellationToken,
 ) {
-    let connection = Reconnecting::new(move || ConnectionManager::new(redis.clone()));
     let mut failing = false;
     loop {
         let delta = tokio::select! {
@@ -25,12 +26,13 @@ pub(crate) async fn publish_deltas(
             delta = queued.recv() => match delta { Some(delta) => delta, None => return },
         };
         let publish = async {
-            let mut connection = connection.get().await?;
+            let mut connection = redis.connection(&channel).await?;
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(delta)
                 .query_async::<i64>(&mut connection)
                 .await
+                .map_err(StoreError::from)
         };
         // Reaching Redis can take long while it is unreachable: never past
         // shutdown.

@@ -26,6 +26,7 @@ use crate::{
         StoreError,
         commit::{load_state, release_lease, take_lease},
         keys::PartitionKeys,
+        nodes::{Nodes, Route},
     },
 };
 
@@ -37,11 +38,10 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Error> {
     let mut settings = PipelineSettings::from_config(config);
     settings.owner = format!("rebuild/{}", consumer_id());
-    let client = redis::Client::open(config.redis_url.as_str())
-        .map_err(|e| Error::Config(format!("REDIS_URL is invalid: {e}")))?;
-    let mut redis = ConnectionManager::new(client.clone())
-        .await
-        .map_err(|e| unavailable("redis", e))?;
+    let redis = config
+        .redis_nodes()
+        .map_err(Error::Config)?
+        .with_timeout(config.dependency_timeout);
     let kafka = kafka::client(&config.kafka_brokers, config.dependency_timeout)
         .await
         .map_err(|e| unavailable("kafka", e))?;
@@ -51,10 +51,11 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
         .iter()
         .map(|p| PartitionKeys::new(&config.redis_namespace, *p))
         .collect();
-    take_every_lease(&mut redis, &keys, &settings, config).await?;
+    take_every_lease(&redis, &keys, &settings, config).await?;
     let targets = targets(&kafka, &config.events_topic, &partitions).await?;
     for partition_keys in &keys {
-        let deleted = delete_partition(&mut redis, partition_keys)
+        let mut connection = redis.connection(&partition_keys.state()).await?;
+        let deleted = delete_partition(&mut connection, partition_keys)
             .await
             .map_err(Error::from)?;
         tracing::info!(
@@ -67,7 +68,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
     let owner = settings.owner.clone();
     let stats = Arc::new(PipelineStats::default());
     let stop = shutdown.child_token();
-    let pipeline = tokio::spawn(consumer::run(settings, client, stats, stop.clone()));
+    let pipeline = tokio::spawn(consumer::run(settings, redis.clone(), stats, stop.clone()));
     let started = Instant::now();
     let outcome = loop {
         tokio::select! {
@@ -76,7 +77,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
             )),
             () = tokio::time::sleep(PROGRESS_INTERVAL) => {}
         }
-        match report_progress(&mut redis, &keys, &targets, started).await {
+        match report_progress(&redis, &keys, &targets, started).await {
             Ok(true) => break Ok(()),
             Ok(false) => {}
             Err(error) => break Err(error),
@@ -85,7 +86,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
     stop.cancel();
     let _ = pipeline.await;
     for partition_keys in &keys {
-        release_lease(&mut redis, partition_keys, &owner)
+        let mut connection = redis.connection(&partition_keys.state()).await?;
+        release_lease(&mut connection, partition_keys, &owner)
             .await
             .map_err(Error::from)?;
     }
@@ -129,18 +131,25 @@ async fn partitions_to_rebuild(
 /// Every partition's lease, or none: a partition held by a consumer gives
 /// back the leases already taken and fails, naming the holder.
 async fn take_every_lease(
-    redis: &mut ConnectionManager,
+    redis: &Nodes,
     keys: &[PartitionKeys],
     settings: &PipelineSettings,
     config: &Config,
 ) -> Result<(), Error> {
     for (index, partition_keys) in keys.iter().enumerate() {
-        let taken = take_lease(redis, partition_keys, &settings.owner, settings.lease)
-            .await
-            .map_err(Error::from)?;
+        let mut connection = redis.connection(&partition_keys.state()).await?;
+        let taken = take_lease(
+            &mut connection,
+            partition_keys,
+            &settings.owner,
+            settings.lease,
+        )
+        .await
+        .map_err(Error::from)?;
         if let Err(holder) = taken {
             for taken_keys in &keys[..index] {
-                release_lease(redis, taken_keys, &settings.owner)
+                let mut connection = redis.connection(&taken_keys.state()).await?;
+                release_lease(&mut connection, taken_keys, &settings.owner)
                     .await
                     .map_err(Error::from)?;
             }
@@ -182,7 +191,7 @@ async fn targets(
 
 /// Logs each partition's progress; whether every one reached its target.
 async fn report_progress(
-    redis: &mut ConnectionManager,
+    redis: &Nodes,
     keys: &[PartitionKeys],
     targets: &BTreeMap<i32, (i64, i64)>,
     started: Instant,
@@ -191,7 +200,8 @@ async fn report_progress(
     for partition_keys in keys {
         let partition = partition_keys.partition();
         let (earliest, end) = targets.get(&partition).copied().unwrap_or((0, 0));
-        let state = load_state(redis, partition_keys)
+        let mut connection = redis.connection(&partition_keys.state()).await?;
+        let state = load_state(&mut connection, partition_keys)
             .await
             .map_err(Error::from)?;
         let at = state.offset.unwrap_or(earliest).min(end);
@@ -217,7 +227,8 @@ async fn report_progress(
     Ok(done)
 }
 
-/// Deletes every key of the partition except its lease.
+/// Deletes every key of the partition except its lease (all on the node
+/// that holds the partition's slot: its `SCAN` finds them).
 async fn delete_partition(
     redis: &mut ConnectionManager,
     keys: &PartitionKeys,

@@ -7,31 +7,27 @@ use std::sync::{
     atomic::{AtomicI64, Ordering},
 };
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::PipelineSettings;
-use crate::{
-    infra::reconnect::Reconnecting,
-    store::{
-        StoreError, commit,
-        keys::PartitionKeys,
-        status::{PartitionVitals, Totals},
-    },
+use crate::store::{
+    StoreError, commit,
+    keys::PartitionKeys,
+    nodes::{Nodes, Route},
+    status::{PartitionVitals, Totals},
 };
 
 /// Logs until `shutdown`; `high_watermarks` are the latest each partition's
 /// fetcher saw (negative: none yet).
 pub(crate) async fn log_status(
     settings: Arc<PipelineSettings>,
-    redis: redis::Client,
+    redis: Nodes,
     high_watermarks: Vec<(i32, Arc<AtomicI64>)>,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(settings.status_log_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    let connection = Reconnecting::new(move || ConnectionManager::new(redis.clone()));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -41,12 +37,11 @@ pub(crate) async fn log_status(
         // shutdown.
         let read = tokio::select! {
             () = shutdown.cancelled() => return,
-            read = vitals(&settings.namespace, &connection, &high_watermarks) => read,
+            read = vitals(&settings.namespace, &redis, &high_watermarks) => read,
         };
         match read {
             Ok(vitals) => log(&vitals),
             Err(error) => {
-                connection.drop_connection().await;
                 tracing::warn!(error = %error, "pipeline status: cannot read partition states");
             }
         }
@@ -55,14 +50,14 @@ pub(crate) async fn log_status(
 
 async fn vitals(
     namespace: &str,
-    connection: &Reconnecting<ConnectionManager, redis::RedisError>,
+    nodes: &Nodes,
     high_watermarks: &[(i32, Arc<AtomicI64>)],
 ) -> Result<Vec<PartitionVitals>, StoreError> {
-    let mut redis = connection.get().await?;
     let mut vitals = Vec::with_capacity(high_watermarks.len());
     for (partition, high_watermark) in high_watermarks {
         let keys = PartitionKeys::new(namespace, *partition);
         let high_watermark = high_watermark.load(Ordering::Relaxed);
+        let mut redis = nodes.connection(&keys.state()).await?;
         vitals.push(PartitionVitals {
             partition: *partition,
             state: commit::load_state(&mut redis, &keys).await?,

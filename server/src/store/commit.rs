@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use foldhash::HashSet;
-
+use futures_util::future::try_join_all;
 use redis::{Pipeline, Script, aio::ConnectionLike};
 
 use super::{
@@ -38,6 +38,7 @@ use super::{
     hll,
     keys::{PartitionKeys, SessionField, state_field},
     mirror::{Mirror, REPLIES_PER_BUCKET, Written},
+    nodes::Route,
     settled,
 };
 
@@ -121,30 +122,34 @@ pub async fn load_state(
 
 /// The state of every partition consumed in `namespace`, by partition.
 pub(crate) async fn load_states(
-    connection: &mut impl ConnectionLike,
+    route: &impl Route,
     namespace: &str,
 ) -> Result<Vec<(i32, PartitionState)>, StoreError> {
-    let partitions = super::read::MetricReader::discover(connection, namespace)
+    let partitions = super::read::MetricReader::discover(route, namespace)
         .await?
         .partitions();
-    let mut states = Vec::with_capacity(partitions.len());
-    for partition in partitions {
+    let states = try_join_all(partitions.into_iter().map(|partition| async move {
         let keys = PartitionKeys::new(namespace, partition);
-        states.push((partition, load_state(connection, &keys).await?));
-    }
-    Ok(states)
+        let mut connection = route.connection(&keys.state()).await?;
+        Ok::<_, StoreError>((partition, load_state(&mut connection, &keys).await?))
+    }));
+    states.await
 }
 
-/// Records that `keys`' partition is consumed, for readers to merge it.
+/// Records that `keys`' partition is consumed, for readers to merge it (the
+/// set of partitions has a slot of its own: not on the partition's
+/// connection).
 pub(crate) async fn register_partition(
-    connection: &mut impl ConnectionLike,
+    route: &impl Route,
     namespace: &str,
     keys: &PartitionKeys,
 ) -> Result<(), StoreError> {
+    let key = super::keys::partitions(namespace);
+    let mut connection = route.connection(&key).await?;
     redis::cmd("SADD")
-        .arg(super::keys::partitions(namespace))
+        .arg(&key)
         .arg(keys.partition())
-        .query_async::<()>(connection)
+        .query_async::<()>(&mut connection)
         .await?;
     Ok(())
 }

@@ -115,7 +115,7 @@ impl PartitionKeys {
     }
 
     /// The state hash.
-    pub(crate) fn state(&self) -> String {
+    pub fn state(&self) -> String {
         format!("{}state", self.prefix)
     }
 

@@ -15,6 +15,7 @@ pub mod hll;
 pub(crate) mod id_mirror;
 pub mod keys;
 pub mod mirror;
+pub mod nodes;
 pub mod read;
 pub(crate) mod session_mirror;
 pub mod settled;
@@ -417,6 +418,12 @@ pub enum StoreError {
         /// The partition.
         partition: i32,
         /// What Redis said.
+        detail: String,
+    },
+    /// The Redis Cluster's slot map cannot be read or lacks a slot.
+    #[error("redis cluster: {detail}")]
+    Cluster {
+        /// What is wrong.
         detail: String,
     },
     /// A stored value is not what RTAP writes.

@@ -2,17 +2,23 @@
 //! rankings are summed, unique users are counted per partition (a union of
 //! the partition's buckets) and summed, which is exact to HyperLogLog error
 //! because a user lives on one partition.
+//!
+//! Each partition's commands go in one pipeline of their own, to the node
+//! that holds the partition (its hash slot's primary on a cluster), all
+//! partitions at once; the replies are merged here.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
 
-use redis::{FromRedisValue, Value, aio::ConnectionLike};
+use futures_util::future::try_join_all;
+use redis::{FromRedisValue, Value};
 
 use super::{
     Bucket, Counter, Ranking, StoreError, UserSet,
     keys::{PartitionKeys, state_field},
+    nodes::Route,
     series_position,
     settled::{self, SettledRankings},
 };
@@ -65,6 +71,29 @@ impl MetricReader {
         }
     }
 
+    /// Runs `pipeline(partition)` on every partition, concurrently, each
+    /// through the connection `route` gives for it; the replies by
+    /// partition. A node that answers it moved or fails makes `route` look
+    /// the owners up again (the call still fails: reads are cheap to retry).
+    async fn per_partition<R: Route, T: FromRedisValue + Send>(
+        &self,
+        route: &R,
+        pipeline: impl Fn(&PartitionKeys) -> redis::Pipeline,
+    ) -> Result<Vec<T>, StoreError> {
+        let pipeline = &pipeline;
+        try_join_all(self.partitions.iter().map(|keys| async move {
+            let mut connection = route.connection(&keys.state()).await?;
+            let replied = pipeline(keys).query_async(&mut connection).await;
+            if let Err(error) = &replied
+                && super::nodes::is_moved_or_down(error)
+            {
+                route.moved().await;
+            }
+            Ok::<T, StoreError>(replied?)
+        }))
+        .await
+    }
+
     /// Runs `commands(partition)` on every partition, each partition's in a
     /// `MULTI` block with a read of its stored offset, so they see the
     /// partition as of one commit (every commit is one transaction on its
@@ -72,38 +101,26 @@ impl MetricReader {
     /// in command order.
     async fn at_offsets<T: FromRedisValue>(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         commands: impl Fn(&PartitionKeys) -> Vec<redis::Cmd>,
     ) -> Result<Vec<Vec<T>>, StoreError> {
-        let mut pipe = redis::pipe();
-        for keys in &self.partitions {
-            pipe.cmd("MULTI").ignore();
-            pipe.cmd("HGET")
-                .arg(keys.state())
-                .arg(state_field::OFFSET)
-                .ignore();
-            for command in commands(keys) {
-                pipe.add_command(command).ignore();
-            }
-            pipe.cmd("EXEC");
-        }
-        let blocks: Vec<Value> = if self.partitions.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(connection).await?
-        };
+        let blocks: Vec<Vec<Value>> = self
+            .per_partition(route, |keys| {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("HGET")
+                    .arg(keys.state())
+                    .arg(state_field::OFFSET);
+                for command in commands(keys) {
+                    pipe.add_command(command);
+                }
+                pipe
+            })
+            .await?;
         let mut offsets = Offsets::new();
         let mut replies = Vec::with_capacity(blocks.len());
         for (keys, block) in self.partitions.iter().zip(blocks) {
-            let mut items = match block {
-                Value::Array(items) if !items.is_empty() => items.into_iter(),
-                other => {
-                    return Err(StoreError::Corrupt {
-                        key: keys.state(),
-                        detail: format!("a read of the partition replied {other:?}"),
-                    });
-                }
-            };
+            let mut items = block.into_iter();
             let offset = items.next().map(Option::<i64>::from_redis_value);
             let offset = offset.transpose().map_err(redis::RedisError::from)?;
             offsets.insert(keys.partition(), offset.flatten());
@@ -139,18 +156,20 @@ impl MetricReader {
     /// (look fields up with [`Counter::field`]).
     pub async fn counters(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         buckets: &[Bucket],
     ) -> Result<HashMap<String, i64>, StoreError> {
-        let mut pipe = redis::pipe();
-        for keys in &self.partitions {
-            for bucket in buckets {
-                pipe.cmd("HGETALL").arg(keys.counters(*bucket));
-            }
-        }
-        let replies: Vec<HashMap<String, i64>> = pipe.query_async(connection).await?;
+        let partitions: Vec<Vec<HashMap<String, i64>>> = self
+            .per_partition(route, |keys| {
+                let mut pipe = redis::pipe();
+                for bucket in buckets {
+                    pipe.cmd("HGETALL").arg(keys.counters(*bucket));
+                }
+                pipe
+            })
+            .await?;
         let mut totals = HashMap::new();
-        for reply in replies {
+        for reply in partitions.into_iter().flatten() {
             for (field, value) in reply {
                 *totals.entry(field).or_default() += value;
             }
@@ -161,29 +180,30 @@ impl MetricReader {
     /// One counter, summed over `buckets` and partitions.
     pub async fn counter(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         buckets: &[Bucket],
         counter: Counter,
     ) -> Result<i64, StoreError> {
         let field = counter.field();
-        let mut pipe = redis::pipe();
-        for keys in &self.partitions {
-            for bucket in buckets {
-                pipe.cmd("HGET").arg(keys.counters(*bucket)).arg(&field);
-            }
-        }
-        let replies: Vec<Option<i64>> = pipe.query_async(connection).await?;
-        Ok(replies.into_iter().flatten().sum())
+        let partitions: Vec<Vec<Option<i64>>> = self
+            .per_partition(route, |keys| {
+                let mut pipe = redis::pipe();
+                for bucket in buckets {
+                    pipe.cmd("HGET").arg(keys.counters(*bucket)).arg(&field);
+                }
+                pipe
+            })
+            .await?;
+        Ok(partitions.into_iter().flatten().flatten().sum())
     }
 
     /// The partitions of `namespace` that ingest has consumed.
-    pub(crate) async fn discover(
-        connection: &mut impl ConnectionLike,
-        namespace: &str,
-    ) -> Result<Self, StoreError> {
+    pub(crate) async fn discover(route: &impl Route, namespace: &str) -> Result<Self, StoreError> {
+        let key = super::keys::partitions(namespace);
+        let mut connection = route.connection(&key).await?;
         let mut partitions: Vec<i32> = redis::cmd("SMEMBERS")
-            .arg(super::keys::partitions(namespace))
-            .query_async(connection)
+            .arg(&key)
+            .query_async(&mut connection)
             .await?;
         partitions.sort_unstable();
         Ok(Self::new(namespace, partitions))
@@ -201,7 +221,7 @@ impl MetricReader {
     /// (in `buckets` order), one value per field (in `fields` order).
     pub async fn fields(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         buckets: &[Bucket],
         fields: &[String],
     ) -> Result<Vec<Vec<i64>>, StoreError> {
@@ -210,7 +230,7 @@ impl MetricReader {
             return Ok(rows);
         }
         let partitions: Vec<Vec<Vec<Option<i64>>>> = self
-            .at_offsets(connection, |keys| {
+            .at_offsets(route, |keys| {
                 buckets
                     .iter()
                     .map(|bucket| {
@@ -238,7 +258,7 @@ impl MetricReader {
     /// what one minute does.
     pub async fn minute_events(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         minutes: &[i64],
         pairs: &[(i32, i32)],
     ) -> Result<Vec<Vec<i64>>, StoreError> {
@@ -256,7 +276,7 @@ impl MetricReader {
         }
         let width = WIDTH as i64;
         let partitions: Vec<Vec<Vec<u8>>> = self
-            .at_offsets(connection, |keys| {
+            .at_offsets(route, |keys| {
                 let mut commands = Vec::with_capacity(days.len() * pairs.len());
                 for (day, (first, last)) in &days {
                     for (event_type, source) in pairs {
@@ -306,12 +326,12 @@ impl MetricReader {
     /// sign) and partitions: one total per field.
     pub async fn totals(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         buckets: &[(Bucket, i64)],
         fields: &[String],
     ) -> Result<Vec<i64>, StoreError> {
         let plain: Vec<Bucket> = buckets.iter().map(|(bucket, _)| *bucket).collect();
-        let rows = self.fields(connection, &plain, fields).await?;
+        let rows = self.fields(route, &plain, fields).await?;
         let mut totals = vec![0; fields.len()];
         for (row, (_, sign)) in rows.into_iter().zip(buckets) {
             for (total, value) in totals.iter_mut().zip(row) {
@@ -325,32 +345,34 @@ impl MetricReader {
     /// one `(counter, total)` per counter, so callers decode by name.
     pub(crate) async fn counter_totals(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         buckets: &[(Bucket, i64)],
         counters: &[Counter],
     ) -> Result<Vec<(Counter, i64)>, StoreError> {
         let fields: Vec<String> = counters.iter().map(Counter::field).collect();
-        let totals = self.totals(connection, buckets, &fields).await?;
+        let totals = self.totals(route, buckets, &fields).await?;
         Ok(counters.iter().copied().zip(totals).collect())
     }
 
     /// Distinct users of `set` over `buckets`.
     pub async fn unique_users(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         buckets: &[Bucket],
         set: UserSet,
     ) -> Result<u64, StoreError> {
         if buckets.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for keys in &self.partitions {
-            let hlls: Vec<String> = buckets.iter().map(|b| keys.users(*b, set)).collect();
-            pipe.cmd("PFCOUNT").arg(hlls);
-        }
-        let replies: Vec<u64> = pipe.query_async(connection).await?;
-        Ok(replies.into_iter().sum())
+        let replies: Vec<(u64,)> = self
+            .per_partition(route, |keys| {
+                let hlls: Vec<String> = buckets.iter().map(|b| keys.users(*b, set)).collect();
+                let mut pipe = redis::pipe();
+                pipe.cmd("PFCOUNT").arg(hlls);
+                pipe
+            })
+            .await?;
+        Ok(replies.into_iter().map(|(users,)| users).sum())
     }
 
     /// Scores of every product in `ranking` over signed `buckets` (each
@@ -362,7 +384,7 @@ impl MetricReader {
     /// horizon are read from Redis once per settled version.
     pub async fn ranking(
         &self,
-        connection: &mut impl ConnectionLike,
+        route: &impl Route,
         buckets: &[(Bucket, i64)],
         ranking: Ranking,
     ) -> Result<HashMap<i64, i64>, StoreError> {
@@ -380,7 +402,6 @@ impl MetricReader {
             }
         }
         let cache = self.settled.as_ref().filter(|_| !settled.is_empty());
-        let mut pipe = redis::pipe();
         let mut cached = Vec::with_capacity(self.partitions.len());
         for keys in &self.partitions {
             let key = settled::UnionKey {
@@ -389,11 +410,24 @@ impl MetricReader {
                 buckets: settled.clone(),
             };
             let held = cache.and_then(|cache| cache.get(&key, now));
-            let version = held.as_ref().map_or("", |union| union.version.as_str());
-            ranking_script(&mut pipe, keys, ranking, &settled, &fresh, version, now);
             cached.push((key, held));
         }
-        let replies: Vec<(String, String, String, String)> = pipe.query_async(connection).await?;
+        let versions: HashMap<i32, &str> = cached
+            .iter()
+            .map(|(key, held)| {
+                let version = held.as_ref().map_or("", |union| union.version.as_str());
+                (key.partition, version)
+            })
+            .collect();
+        let replies: Vec<((String, String, String, String),)> = self
+            .per_partition(route, |keys| {
+                let version = versions.get(&keys.partition()).copied().unwrap_or("");
+                let mut pipe = redis::pipe();
+                ranking_script(&mut pipe, keys, ranking, &settled, &fresh, version, now);
+                pipe
+            })
+            .await?;
+        let replies = replies.into_iter().map(|(reply,)| reply);
         for ((keys, (key, held)), (version, outcome, settled_pairs, fresh_pairs)) in
             self.partitions.iter().zip(cached).zip(replies)
         {

@@ -105,13 +105,12 @@ pub(crate) struct PartitionWriter {
 
 impl PartitionWriter {
     /// Takes the lease of `keys`' partition for `owner` on `connection` (a
-    /// connection no other task uses), reads where the partition stands and
-    /// registers it for readers. `Ok(Err(holder))` when another process
-    /// holds the lease.
+    /// connection no other task uses, to the node holding the partition)
+    /// and reads where the partition stands. `Ok(Err(holder))` when another
+    /// process holds the lease.
     pub(crate) async fn open(
         mut connection: MultiplexedConnection,
         keys: PartitionKeys,
-        namespace: &str,
         (owner, lease): (String, Duration),
         settings: CommitSettings,
     ) -> Result<Result<Self, String>, StoreError> {
@@ -119,7 +118,6 @@ impl PartitionWriter {
             return Ok(Err(holder));
         }
         let state = commit::load_state(&mut connection, &keys).await?;
-        commit::register_partition(&mut connection, namespace, &keys).await?;
         Ok(Ok(Self {
             connection,
             position: Position::from(&state),

@@ -392,13 +392,26 @@ pub async fn delete_redis_namespace(
     namespace: &str,
     partitions: i32,
 ) -> anyhow::Result<()> {
-    let mut connection = redis_connection(url).await?;
+    let nodes = rtap_server::store::nodes::Nodes::single(redis::Client::open(url)?);
+    delete_namespace_on(&nodes, namespace, partitions).await
+}
+
+/// Deletes the keys of `partitions` of `namespace`, each on the node that
+/// holds it.
+pub async fn delete_namespace_on(
+    nodes: &rtap_server::store::nodes::Nodes,
+    namespace: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    use rtap_server::store::nodes::Route;
     for partition in 0..partitions {
-        let pattern = rtap_server::store::keys::PartitionKeys::new(namespace, partition).pattern();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(&pattern)
+        let keys = rtap_server::store::keys::PartitionKeys::new(namespace, partition);
+        let mut connection = nodes.connection(&keys.state()).await?;
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(keys.pattern())
             .query_async(&mut connection)
             .await?;
+        let keys = found;
         for chunk in keys.chunks(1000) {
             redis::cmd("UNLINK")
                 .arg(chunk)

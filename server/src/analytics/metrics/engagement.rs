@@ -1,7 +1,7 @@
 //! GetEngagement: users, product views and dwell time of the shop or one
 //! product, with the shop's session statistics.
 
-use redis::aio::ConnectionLike;
+use crate::store::nodes::Route;
 use rtap::v1::{
     CommitDelta, EngagementDelta, EventType, GetEngagementRequest, GetEngagementResponse,
     SessionStats, TimeWindow, delta, snapshot,
@@ -44,21 +44,21 @@ impl Metric for Engagement {
         (request.window.as_ref(), 0)
     }
 
-    async fn read<C: ConnectionLike + Send>(
+    async fn read<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
     ) -> Result<Self::Response, Error> {
         let product = request.product_id;
         let cover = reads.cover();
         let Reads {
-            connection,
+            route,
             reader,
             window,
             ..
         } = reads;
         let mut totals = Totals::default();
         for (counter, value) in reader
-            .counter_totals(connection, &cover, &counters(product))
+            .counter_totals(route, &cover, &counters(product))
             .await?
         {
             let total = match counter {
@@ -77,7 +77,7 @@ impl Metric for Engagement {
             UserSet::All
         };
         let users = reader
-            .unique_users(connection, &window.covering_buckets(), set)
+            .unique_users(route, &window.covering_buckets(), set)
             .await?;
         let users = i64::try_from(users).unwrap_or(i64::MAX);
         Ok(GetEngagementResponse {

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use redis::aio::ConnectionLike;
+use crate::store::nodes::Route;
 use rtap::v1::{
     CommitDelta, CountChange, EventCount, EventCountBucket, EventCountsDelta, EventType,
     GetEventCountsRequest, GetEventCountsResponse, TimeWindow, delta, snapshot,
@@ -58,7 +58,7 @@ impl Metric for EventCounts {
         }
     }
 
-    async fn read<C: ConnectionLike + Send>(
+    async fn read<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
     ) -> Result<Self::Response, Error> {
@@ -85,7 +85,7 @@ impl Metric for EventCounts {
         )
     }
 
-    async fn read_ahead<C: ConnectionLike + Send>(
+    async fn read_ahead<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
         until: i64,
@@ -254,13 +254,13 @@ impl Metric for EventCounts {
 }
 
 /// The counts of `buckets` (all of the reads' granularity), in their order.
-async fn read_buckets<C: ConnectionLike + Send>(
+async fn read_buckets<C: Route>(
     request: &GetEventCountsRequest,
     reads: Reads<'_, C>,
     buckets: &[Bucket],
 ) -> Result<Vec<EventCountBucket>, Error> {
     let Reads {
-        connection,
+        route,
         reader,
         window,
         ..
@@ -278,16 +278,16 @@ async fn read_buckets<C: ConnectionLike + Send>(
                 .field()
             })
             .collect();
-        reader.fields(connection, buckets, &fields).await?
+        reader.fields(route, buckets, &fields).await?
     } else if window.granularity == Granularity::Minute {
         let minutes: Vec<i64> = buckets.iter().map(|b| b.start).collect();
-        reader.minute_events(connection, &minutes, &pairs).await?
+        reader.minute_events(route, &minutes, &pairs).await?
     } else {
         let fields: Vec<String> = pairs
             .iter()
             .map(|&(event_type, source)| Counter::Events { event_type, source }.field())
             .collect();
-        reader.fields(connection, buckets, &fields).await?
+        reader.fields(route, buckets, &fields).await?
     };
     Ok(buckets
         .iter()

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use redis::aio::ConnectionLike;
+use crate::store::nodes::Route;
 use rtap::v1::{
     CommitDelta, Funnel as FunnelResult, FunnelChange, FunnelDelta, GetFunnelRequest,
     GetFunnelResponse, Source, TimeWindow, delta, snapshot,
@@ -108,7 +108,7 @@ impl Metric for Funnel {
         }
     }
 
-    async fn read<C: ConnectionLike + Send>(
+    async fn read<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
     ) -> Result<Self::Response, Error> {
@@ -125,7 +125,7 @@ impl Metric for Funnel {
             sources.iter().map(|s| (*s, Stages::default())).collect();
         for (counter, value) in reads
             .reader
-            .counter_totals(reads.connection, &cover, &counters)
+            .counter_totals(reads.route, &cover, &counters)
             .await?
         {
             let (source, stage) = match counter {

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use redis::aio::ConnectionLike;
+use crate::store::nodes::Route;
 use rtap::v1::{
     CommitDelta, EventType, GetTopProductsRequest, GetTopProductsResponse, ProductRanking,
     ProductScore, TimeWindow, TopProductsDelta, delta, snapshot,
@@ -58,16 +58,13 @@ impl Metric for TopProducts {
         }
     }
 
-    async fn read<C: ConnectionLike + Send>(
+    async fn read<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
     ) -> Result<Self::Response, Error> {
         let ranking = ranking(request.ranking).unwrap_or(Ranking::Views);
         let cover = reads.cover();
-        let scores = reads
-            .reader
-            .ranking(reads.connection, &cover, ranking)
-            .await?;
+        let scores = reads.reader.ranking(reads.route, &cover, ranking).await?;
         let mut products: Vec<ProductScore> = scores
             .into_iter()
             .filter(|(_, value)| *value != 0)

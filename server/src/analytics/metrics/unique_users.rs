@@ -1,7 +1,7 @@
 //! GetUniqueUsers: distinct users over the window, of every event, a source
 //! or a product.
 
-use redis::aio::ConnectionLike;
+use crate::store::nodes::Route;
 use rtap::v1::{
     CommitDelta, GetUniqueUsersRequest, GetUniqueUsersResponse, Source, TimeWindow,
     UniqueUsersDelta, delta, snapshot,
@@ -36,7 +36,7 @@ impl Metric for UniqueUsers {
         (request.window.as_ref(), 0)
     }
 
-    async fn read<C: ConnectionLike + Send>(
+    async fn read<C: Route>(
         request: &Self::Request,
         reads: Reads<'_, C>,
     ) -> Result<Self::Response, Error> {
@@ -52,7 +52,7 @@ impl Metric for UniqueUsers {
         let window = reads.window;
         let users = reads
             .reader
-            .unique_users(reads.connection, &window.covering_buckets(), set)
+            .unique_users(reads.route, &window.covering_buckets(), set)
             .await?;
         Ok(GetUniqueUsersResponse {
             granularity: window.proto_granularity(),
