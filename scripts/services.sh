@@ -7,6 +7,9 @@
 #   scripts/services.sh up        bring all three up (and create database `rtap`)
 #   scripts/services.sh cluster   also a Redis Cluster on loopback: 6 nodes,
 #                                 3 primaries and 3 replicas (reused if up)
+#   scripts/services.sh cluster-node PORT
+#                                 restart one stopped node of that cluster (it
+#                                 rejoins from its nodes.conf; tests kill nodes)
 #   scripts/services.sh down      stop what this script started
 #   scripts/services.sh status    say what is reachable
 #
@@ -115,21 +118,18 @@ cluster_ok() {
 cluster_up() {
   command -v redis-server >/dev/null || apt_install redis-server redis-tools
   if cluster_ok; then
+    # A node a test stopped rejoins.
+    local stopped
+    for stopped in $(cluster_ports); do port_open "$stopped" || cluster_node "$stopped"; done
     log "Redis Cluster ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
     return
   fi
-  local port dir nodes=()
+  local port nodes=()
   for port in $(cluster_ports); do
     nodes+=("127.0.0.1:$port")
     port_open "$port" && continue
-    dir="$RUN_DIR/cluster/$port"
-    rm -rf "$dir" && mkdir -p "$dir"
-    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-      --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
-      --dir "$dir" --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >&2 \
-      || die "Redis Cluster node $port did not start (see $dir/redis.log)"
-    touch "$RUN_DIR/cluster.started"
-    wait_for_port "$port" "Redis Cluster node" 10
+    rm -rf "$RUN_DIR/cluster/$port"
+    cluster_node "$port"
   done
   log "creating the Redis Cluster"
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$RUN_DIR/cluster-create.log" 2>&1 \
@@ -138,6 +138,20 @@ cluster_up() {
   for ((i = 0; i < 100; i++)); do cluster_ok && break; sleep 0.1; done
   cluster_ok || die "the Redis Cluster did not reach cluster_state:ok"
   log "Redis Cluster ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
+}
+
+# Starts the cluster node on port $1 (as a new node, or rejoining from the
+# nodes.conf it left).
+cluster_node() {
+  local port=$1 dir="$RUN_DIR/cluster/$1"
+  port_open "$port" && return 0
+  mkdir -p "$dir"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+    --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
+    --dir "$dir" --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >&2 \
+    || die "Redis Cluster node $port did not start (see $dir/redis.log)"
+  touch "$RUN_DIR/cluster.started"
+  wait_for_port "$port" "Redis Cluster node" 10
 }
 
 cluster_down() {
@@ -225,7 +239,8 @@ status() {
 case "${1:-}" in
   up) up ;;
   cluster) up; cluster_up ;;
+  cluster-node) mkdir -p "$RUN_DIR"; cluster_node "${2:?usage: $0 cluster-node PORT}" ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|cluster|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|cluster|cluster-node PORT|down|status" >&2; exit 2 ;;
 esac

@@ -30,6 +30,9 @@ use rtap_server::{
 };
 use tokio_stream::StreamExt;
 
+/// One test at a time: one kills a primary of the shared cluster.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn seeds() -> String {
     std::env::var("RTAP_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
         "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
@@ -61,6 +64,7 @@ async fn on_cluster(mut config: Config) -> anyhow::Result<(Config, Nodes)> {
 #[tokio::test]
 async fn simulated_traffic_is_counted_exactly_with_partitions_on_several_primaries()
 -> anyhow::Result<()> {
+    let _alone = SERIAL.lock().await;
     let database = TestDatabase::create().await?;
     let (config, nodes) = on_cluster(ingest_config(&database)).await?;
     let brokers = config.kafka_brokers[0].clone();
@@ -84,6 +88,7 @@ async fn simulated_traffic_is_counted_exactly_with_partitions_on_several_primari
 
 #[tokio::test]
 async fn queries_and_subscriptions_read_every_primary() -> anyhow::Result<()> {
+    let _alone = SERIAL.lock().await;
     let database = TestDatabase::create().await?;
     let (mut config, nodes) = on_cluster(ingest_config(&database)).await?;
     config.role = Role::All;
@@ -154,4 +159,85 @@ async fn queries_and_subscriptions_read_every_primary() -> anyhow::Result<()> {
     server.stop().await?;
     common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
+}
+
+/// The port of the primary that holds `keys` now.
+async fn primary_port(nodes: &Nodes, keys: &PartitionKeys) -> anyhow::Result<u16> {
+    nodes.refresh().await?;
+    match nodes.client_for(keys).await?.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(_, port) => Ok(*port),
+        other => anyhow::bail!("unexpected node address {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
+-> anyhow::Result<()> {
+    let _alone = SERIAL.lock().await;
+    let database = TestDatabase::create().await?;
+    let (config, nodes) = on_cluster(ingest_config(&database)).await?;
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(&brokers, &config.events_topic, 60_000, 31, &[]).await?;
+    let server = TestServer::start(config.clone()).await?;
+
+    // Once ingest is under way, SIGKILL the primary of partition 0.
+    let keys = PartitionKeys::new(&config.redis_namespace, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while applied_on(&nodes, &config).await? == 0 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "ingest did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = primary_port(&nodes, &keys).await?;
+    let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut node)
+        .await?;
+    let pid = info
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .context("INFO names the process")?
+        .trim()
+        .to_owned();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()?;
+    ensure!(killed.success(), "kill -9 {pid}");
+
+    // Its replica takes the slots over; the killed node then rejoins as a
+    // replica, as the local cluster was.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if matches!(primary_port(&nodes, &keys).await, Ok(now) if now != port) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no failover of {port} within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    let restarted = std::process::Command::new(script)
+        .args(["cluster-node", &port.to_string()])
+        .status()?;
+    ensure!(restarted.success(), "restart node {port}");
+
+    wait_caught_up(&config, Duration::from_secs(120)).await?;
+    assert_matches_truth(&config, &truth).await?;
+
+    server.stop().await?;
+    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// Events counted so far over every partition of `config`'s namespace.
+async fn applied_on(nodes: &Nodes, config: &Config) -> anyhow::Result<i64> {
+    let states = common::pipeline::states_on(nodes, &config.redis_namespace).await?;
+    Ok(states.iter().map(|s| s.applied).sum())
 }
