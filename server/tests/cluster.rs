@@ -15,7 +15,8 @@ use chrono::Utc;
 use common::{
     TestDatabase, TestServer,
     pipeline::{
-        PARTITIONS, assert_matches_truth, event, ingest_config, produce, simulate, wait_caught_up,
+        PARTITIONS, assert_matches_truth, event, ingest_config, produce, server_command, simulate,
+        wait_caught_up,
     },
 };
 use rtap::v1::{
@@ -95,24 +96,8 @@ async fn queries_and_subscriptions_read_every_primary() -> anyhow::Result<()> {
     let brokers = config.kafka_brokers[0].clone();
     let server = TestServer::start(config.clone()).await?;
     let mut client = AnalyticsServiceClient::new(server.channel());
-    let request = GetEventCountsRequest {
-        window: Some(TimeWindow {
-            window: Some(Window::Trailing(prost_types::Duration {
-                seconds: 3600,
-                nanos: 0,
-            })),
-        }),
-        granularity: Granularity::Minute as i32,
-        product_id: 3,
-        ..GetEventCountsRequest::default()
-    };
-    let mut stream = client
-        .subscribe(SubscribeRequest {
-            query: Some(subscribe_request::Query::EventCounts(request.clone())),
-            ..SubscribeRequest::default()
-        })
-        .await?
-        .into_inner();
+    let request = product_views();
+    let mut stream = subscribe(&mut client, &request).await?;
 
     // Users 1..=60 land on every partition, so on several primaries.
     let now = Utc::now();
@@ -120,27 +105,7 @@ async fn queries_and_subscriptions_read_every_primary() -> anyhow::Result<()> {
     produce(&brokers, &config.events_topic, &events).await?;
     wait_caught_up(&config, Duration::from_secs(60)).await?;
 
-    let mut streamed = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while streamed < 60 {
-        let message = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .context("the subscription streamed every event within 30 s")?
-            .context("the stream stayed open")??;
-        match message.update {
-            Some(subscribe_response::Update::Snapshot(snapshot)) => {
-                if let Some(rtap::v1::snapshot::Result::EventCounts(counts)) = snapshot.result {
-                    streamed = counts.buckets.iter().map(|b| b.total).sum();
-                }
-            }
-            Some(subscribe_response::Update::Delta(change)) => {
-                if let Some(delta::Change::EventCounts(counts)) = change.change {
-                    streamed += counts.buckets.iter().map(|b| b.total).sum::<i64>();
-                }
-            }
-            _ => {}
-        }
-    }
+    let streamed = streamed_total(&mut stream, 0, 60).await?;
     ensure!(streamed == 60, "streamed {streamed} events, produced 60");
     let counted: i64 = client
         .get_event_counts(request)
@@ -159,6 +124,65 @@ async fn queries_and_subscriptions_read_every_primary() -> anyhow::Result<()> {
     server.stop().await?;
     common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
+}
+
+/// Product 3's views (what `event` produces) over the last hour.
+fn product_views() -> GetEventCountsRequest {
+    GetEventCountsRequest {
+        window: Some(TimeWindow {
+            window: Some(Window::Trailing(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            })),
+        }),
+        granularity: Granularity::Minute as i32,
+        product_id: 3,
+        ..GetEventCountsRequest::default()
+    }
+}
+
+type Stream = tonic::Streaming<rtap::v1::SubscribeResponse>;
+
+async fn subscribe(
+    client: &mut AnalyticsServiceClient<tonic::transport::Channel>,
+    request: &GetEventCountsRequest,
+) -> anyhow::Result<Stream> {
+    Ok(client
+        .subscribe(SubscribeRequest {
+            query: Some(subscribe_request::Query::EventCounts(request.clone())),
+            ..SubscribeRequest::default()
+        })
+        .await?
+        .into_inner())
+}
+
+/// Reads `stream` (whose client held `held` events) until its snapshot plus
+/// deltas count `expected` events; the count it reached.
+async fn streamed_total(stream: &mut Stream, held: i64, expected: i64) -> anyhow::Result<i64> {
+    let mut streamed = held;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while streamed < expected {
+        let message = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .with_context(|| {
+                format!("the subscription streamed {expected} events within 30 s (got {streamed})")
+            })?
+            .context("the stream stayed open")??;
+        match message.update {
+            Some(subscribe_response::Update::Snapshot(snapshot)) => {
+                if let Some(rtap::v1::snapshot::Result::EventCounts(counts)) = snapshot.result {
+                    streamed = counts.buckets.iter().map(|b| b.total).sum();
+                }
+            }
+            Some(subscribe_response::Update::Delta(change)) => {
+                if let Some(delta::Change::EventCounts(counts)) = change.change {
+                    streamed += counts.buckets.iter().map(|b| b.total).sum::<i64>();
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(streamed)
 }
 
 /// The port of the primary that holds `keys` now.
@@ -240,4 +264,85 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
 async fn applied_on(nodes: &Nodes, config: &Config) -> anyhow::Result<i64> {
     let states = common::pipeline::states_on(nodes, &config.redis_namespace).await?;
     Ok(states.iter().map(|s| s.applied).sum())
+}
+
+#[tokio::test]
+async fn two_ingest_and_two_api_processes_share_a_cluster_and_a_killed_ingest_is_taken_over()
+-> anyhow::Result<()> {
+    let _alone = SERIAL.lock().await;
+    let database = TestDatabase::create().await?;
+    let (config, nodes) = on_cluster(ingest_config(&database)).await?;
+    let brokers = config.kafka_brokers[0].clone();
+    let spawn = || {
+        server_command(
+            env!("CARGO_BIN_EXE_rtap-server"),
+            &config,
+            &["--partition-lease", "2s"],
+        )
+        .spawn()
+        .context("spawn rtap-server --role ingest")
+    };
+    let mut ingest = [spawn()?, spawn()?];
+    let api = |config: &Config| {
+        let mut config = config.clone();
+        config.role = Role::Api;
+        TestServer::start(config)
+    };
+    let apis = [api(&config).await?, api(&config).await?];
+    let request = product_views();
+    let mut clients = apis
+        .each_ref()
+        .map(|api| AnalyticsServiceClient::new(api.channel()));
+    let mut streams = Vec::new();
+    for client in &mut clients {
+        streams.push(subscribe(client, &request).await?);
+    }
+
+    // Whichever process holds each partition's lease counts it; both API
+    // processes stream every event.
+    let now = Utc::now();
+    let first: Vec<_> = (1..=60).map(|user| event(user, now)).collect();
+    produce(&brokers, &config.events_topic, &first).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    let mut held = Vec::new();
+    for stream in &mut streams {
+        held.push(streamed_total(stream, 0, 60).await?);
+    }
+
+    // SIGKILL one: the other takes its partitions over when the leases end.
+    ingest[0].start_kill()?;
+    ingest[0].wait().await?;
+    let second: Vec<_> = (61..=120).map(|user| event(user, now)).collect();
+    produce(&brokers, &config.events_topic, &second).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    for (stream, held) in streams.iter_mut().zip(held) {
+        let streamed = streamed_total(stream, held, 120).await?;
+        ensure!(
+            streamed == 120,
+            "a subscriber counted {streamed} events, produced 120"
+        );
+    }
+    for client in &mut clients {
+        let counted: i64 = client
+            .get_event_counts(request.clone())
+            .await?
+            .into_inner()
+            .buckets
+            .iter()
+            .map(|b| b.total)
+            .sum();
+        ensure!(
+            counted == 120,
+            "an API process counted {counted} events, produced 120"
+        );
+    }
+
+    drop(streams);
+    ingest[1].start_kill()?;
+    ingest[1].wait().await?;
+    for api in apis {
+        api.stop().await?;
+    }
+    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
 }

@@ -16,7 +16,7 @@ use common::{
     PrivateBroker, TcpProxy, TestDatabase, TestServer,
     pipeline::{
         PARTITIONS, applied, assert_matches_truth, buckets, event, ingest_config, produce, redis,
-        redis_url, settled_versions, simulate, states, wait_caught_up,
+        redis_url, server_command, settled_versions, simulate, states, wait_caught_up,
     },
 };
 use prost::Message;
@@ -244,29 +244,10 @@ fn first_time(event: &InteractionEvent) -> i64 {
     event.occurred_at.map_or(0, |t| t.seconds)
 }
 
-/// `rtap-server` with `config`'s services, namespace and topics.
-fn server_command(config: &Config, args: &[&str]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"));
-    command
-        .args(args)
-        .args(["--role", "ingest", "--listen-addr", "127.0.0.1:0"])
-        .args(["--database-url", &config.database_url])
-        .args(["--redis-url", &config.redis_url])
-        .args(["--redis-namespace", &config.redis_namespace])
-        .args(["--kafka-brokers", &config.kafka_brokers.join(",")])
-        .args(["--events-topic", &config.events_topic])
-        .args(["--dead-letter-topic", &config.dead_letter_topic])
-        .args(["--events-partitions", &PARTITIONS.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
-
 /// `rtap-server --role ingest` as a child process, for crash tests. A short
 /// lease, so each restart takes over the killed one's partitions quickly.
 fn spawn_server(config: &Config, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
-    let mut command = server_command(config, extra);
+    let mut command = server_command(env!("CARGO_BIN_EXE_rtap-server"), config, extra);
     command.args(["--partition-lease", "1s"]);
     Ok(command.spawn()?)
 }
@@ -423,9 +404,13 @@ async fn a_standby_takes_over_within_the_lease_after_a_sigkill() -> anyhow::Resu
     let config = ingest_config(&database);
     let lease = Duration::from_secs(3);
     let spawn = || {
-        server_command(&config, &["--partition-lease", "3s"])
-            .spawn()
-            .context("spawn rtap-server")
+        server_command(
+            env!("CARGO_BIN_EXE_rtap-server"),
+            &config,
+            &["--partition-lease", "3s"],
+        )
+        .spawn()
+        .context("spawn rtap-server")
     };
     let mut active = spawn()?;
     let active_pid = active.id().context("pid")?;
@@ -472,7 +457,7 @@ async fn sigterm_with_redis_unreachable_stops_within_the_grace_period() -> anyho
     });
     let mut unreachable = config.clone();
     unreachable.redis_url = format!("redis://{hole}/");
-    let mut child = server_command(&unreachable, &[])
+    let mut child = server_command(env!("CARGO_BIN_EXE_rtap-server"), &unreachable, &[])
         .args(["--shutdown-grace", "2s"])
         .args([
             "--status-log-interval",
@@ -698,7 +683,7 @@ async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_con
 
     // A consumer holds the partitions: rebuild refuses and changes nothing.
     let before = snapshot_namespace(&config).await?;
-    let refused = server_command(&config, &["rebuild"])
+    let refused = server_command(env!("CARGO_BIN_EXE_rtap-server"), &config, &["rebuild"])
         .stderr(Stdio::piped())
         .output()
         .await?;
@@ -710,7 +695,7 @@ async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_con
     assert_eq!(before, live);
     let live_versions = settled_versions(&config.redis_namespace).await?;
 
-    let rebuilt = server_command(&config, &["rebuild"])
+    let rebuilt = server_command(env!("CARGO_BIN_EXE_rtap-server"), &config, &["rebuild"])
         .stderr(Stdio::piped())
         .output()
         .await?;

@@ -142,7 +142,7 @@ async fn level_run(
     println!(
         "distinct feeds {level}: opened in {:.1} s; freshness p50 {:.1} ms, p99 {p99:.1} ms ({} measured, {missing} never seen); \
          GetUser p99 {:.2} ms = {ratio:.2} x baseline; Redis CPU {:.0} ms/s above baseline; \
-         server RSS {before} KiB -> {after} KiB = {:.0} KiB per feed; {} partial and {} full refreshes, {} deltas skipped; \
+         server RSS {before} KiB -> {after} KiB = {:.0} KiB per feed; {} deltas applied in memory, {} partial and {} full refreshes, {} deltas skipped; \
          targets (p99 <= 100 ms, GetUser <= 2 x) {}",
         opening.as_secs_f64(),
         percentile(&latencies, 0.5),
@@ -150,6 +150,7 @@ async fn level_run(
         phase.get_user_p99_ms,
         (phase.redis_cpu_per_second - base.redis_cpu_per_second) * 1000.0,
         after.saturating_sub(before) as f64 / level as f64,
+        activity.applied_deltas,
         activity.partial_refreshes,
         activity.full_refreshes,
         activity.skipped_deltas,

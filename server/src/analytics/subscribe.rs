@@ -26,7 +26,7 @@ use std::{
 };
 
 use chrono::Utc;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::Stream;
 use prost::Message;
 use rtap::v1::{
     CommitDelta, FeedActivity, Heartbeat, PartitionOffset, Snapshot, SubscribeResponse, Watermark,
@@ -44,7 +44,7 @@ use crate::{
     error::Error,
     infra::time::timestamp_from_seconds,
     retry::{Backoff, RECONNECT_MAX},
-    store::keys::deltas_channel,
+    store::delta_channel::{DeltaListener, Heard},
 };
 
 /// Deltas a feed keeps for slow subscribers before they must resync.
@@ -202,6 +202,23 @@ impl Hub {
             .retain(|_, sender| sender.receiver_count() > 0);
     }
 
+    /// Takes in a published delta.
+    fn heard(&self, payload: &[u8]) {
+        match CommitDelta::decode(payload) {
+            Ok(delta) => {
+                self.store.partition_seen(delta.partition);
+                let mut missed = false;
+                self.watermark.send_modify(|w| missed = advance(w, &delta));
+                self.trigger(Trigger::Commit(Arc::new(delta)));
+                if missed {
+                    tracing::debug!("a commit delta was missed; feeds re-read");
+                    self.trigger(Trigger::Resync);
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "undecodable commit delta ignored"),
+        }
+    }
+
     /// Passes `trigger` to every feed, or (a commit) to the feeds it may
     /// concern: those of any commit, and those of the products it mentions.
     fn trigger(&self, trigger: Trigger) {
@@ -247,18 +264,12 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
     loop {
         let Some(strong) = hub.upgrade() else { return };
         let nodes = strong.store.nodes.clone();
-        let channel = deltas_channel(strong.store.namespace());
+        let namespace = strong.store.namespace().to_owned();
         drop(strong);
-        let connected = async {
-            let client = nodes.client_for_key(&channel).await?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, crate::store::StoreError>(pubsub)
-        };
-        let mut pubsub = tokio::select! {
+        let mut listener = tokio::select! {
             () = shutdown.cancelled() => return,
-            connected = connected => match connected {
-                Ok(pubsub) => pubsub,
+            connected = DeltaListener::connect(&nodes, &namespace) => match connected {
+                Ok(listener) => listener,
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %error, retry_in = ?delay, "cannot listen to ingest deltas");
@@ -276,26 +287,20 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
             }
             hub.trigger(Trigger::Resync);
         }
-        let mut messages = pubsub.on_message();
         loop {
-            let message = tokio::select! {
+            let heard = tokio::select! {
                 () = shutdown.cancelled() => return,
-                message = messages.next() => message,
+                heard = listener.next() => heard,
             };
-            let Some(message) = message else { break };
             let Some(hub) = hub.upgrade() else { return };
-            match CommitDelta::decode(message.get_payload_bytes()) {
-                Ok(delta) => {
-                    hub.store.partition_seen(delta.partition);
-                    let mut missed = false;
-                    hub.watermark.send_modify(|w| missed = advance(w, &delta));
-                    hub.trigger(Trigger::Commit(Arc::new(delta)));
-                    if missed {
-                        tracing::debug!("a commit delta was missed; feeds re-read");
-                        hub.trigger(Trigger::Resync);
-                    }
+            match heard {
+                Ok(Some(Heard::Delta(payload))) => hub.heard(&payload),
+                Ok(Some(Heard::Gap)) => hub.trigger(Trigger::Resync),
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(error = %error, "ingest delta channel failed");
+                    break;
                 }
-                Err(error) => tracing::warn!(error = %error, "undecodable commit delta ignored"),
             }
         }
         tracing::warn!("lost the ingest delta channel; reconnecting");

@@ -52,7 +52,7 @@ use crate::{
     store::{
         Retention, StoreError,
         commit::{self, CommitSettings, Committed},
-        keys::{PartitionKeys, deltas_channel},
+        keys::PartitionKeys,
         nodes::{Nodes, is_moved_or_down},
         writer::PartitionWriter,
     },
@@ -241,7 +241,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     tasks.spawn(publisher::publish_deltas(
         redis.clone(),
-        deltas_channel(&settings.namespace),
+        settings.namespace.clone(),
         queued,
         shutdown.clone(),
     ));
@@ -298,7 +298,7 @@ struct PartitionConsumer {
     keys: PartitionKeys,
     dead_letter_partition: i32,
     redis: Nodes,
-    deltas: mpsc::Sender<Vec<u8>>,
+    deltas: mpsc::Sender<publisher::Published>,
     stats: Arc<PipelineStats>,
 }
 

@@ -34,6 +34,7 @@ use super::{
     consumer::{PipelineSettings, PipelineStats},
     dead_letter::{DeadLetterSink, dead_letter},
     dedupe::{Dedupe, EventId},
+    publisher::Published,
     validate::{self, Reason, Rejection},
 };
 use crate::store::{
@@ -295,7 +296,7 @@ pub(crate) struct Applier<'a, D> {
     /// Counters of this process.
     pub(crate) stats: &'a PipelineStats,
     /// The publisher's queue.
-    pub(crate) deltas: &'a mpsc::Sender<Vec<u8>>,
+    pub(crate) deltas: &'a mpsc::Sender<Published>,
     /// The partition.
     pub(crate) partition: i32,
 }
@@ -463,7 +464,11 @@ impl<D: DeadLetters> Applier<'_, D> {
     ) {
         let mut delta = batch.delta(self.partition, first_offset, next_offset);
         delta.previous_next_offset = previous;
-        if self.deltas.try_send(delta.encode_to_vec()).is_err() {
+        if self
+            .deltas
+            .try_send((self.partition, delta.encode_to_vec()))
+            .is_err()
+        {
             self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -660,7 +665,7 @@ mod tests {
         settings: PipelineSettings,
         dead_letters: FakeDeadLetters,
         stats: PipelineStats,
-        deltas: (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>),
+        deltas: (mpsc::Sender<Published>, mpsc::Receiver<Published>),
     }
 
     impl Harness {

@@ -6,17 +6,18 @@
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{
-    StoreError,
-    nodes::{Nodes, Route},
-};
+use crate::store::{delta_channel, nodes::Nodes};
 
-/// Publishes the deltas of `queued` on `channel` in order until `shutdown`;
-/// a failed publish is logged (once per outage) and dropped.
+/// A commit's `CommitDelta`, encoded, with its partition.
+pub(crate) type Published = (i32, Vec<u8>);
+
+/// Publishes the deltas of `queued` (encoded, by partition) of `namespace`
+/// in order until `shutdown`; a failed publish is logged (once per outage)
+/// and dropped.
 pub(crate) async fn publish_deltas(
     redis: Nodes,
-    channel: String,
-    mut queued: mpsc::Receiver<Vec<u8>>,
+    namespace: String,
+    mut queued: mpsc::Receiver<Published>,
     shutdown: CancellationToken,
 ) {
     let mut failing = false;
@@ -25,15 +26,8 @@ pub(crate) async fn publish_deltas(
             () = shutdown.cancelled() => return,
             delta = queued.recv() => match delta { Some(delta) => delta, None => return },
         };
-        let publish = async {
-            let mut connection = redis.connection(&channel).await?;
-            redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(delta)
-                .query_async::<i64>(&mut connection)
-                .await
-                .map_err(StoreError::from)
-        };
+        let (partition, delta) = delta;
+        let publish = delta_channel::publish(&redis, &namespace, partition, &delta);
         // Reaching Redis can take long while it is unreachable: never past
         // shutdown.
         let published = tokio::select! {

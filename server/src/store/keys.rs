@@ -83,7 +83,7 @@ impl redis::ToRedisArgs for SessionField<'_> {
     }
 }
 
-/// Name of the pub/sub channel that carries commit deltas.
+/// Name of the pub/sub channel that carries commit deltas on one Redis.
 pub fn deltas_channel(namespace: &str) -> String {
     format!("{namespace}:deltas")
 }
@@ -112,6 +112,12 @@ impl PartitionKeys {
     /// Who consumes the partition: the owner's id, expiring unless renewed.
     pub fn lease(&self) -> String {
         format!("{}lease", self.prefix)
+    }
+
+    /// The shard channel of the partition's commit deltas on a cluster (see
+    /// `store::delta_channel`).
+    pub fn deltas(&self) -> String {
+        format!("{}deltas", self.prefix)
     }
 
     /// The state hash.

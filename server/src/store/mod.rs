@@ -11,6 +11,7 @@
 
 pub mod aggregate;
 pub mod commit;
+pub(crate) mod delta_channel;
 pub mod hll;
 pub(crate) mod id_mirror;
 pub mod keys;

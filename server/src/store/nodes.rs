@@ -167,6 +167,14 @@ impl Nodes {
         matches!(*self.inner.topology, Topology::Cluster { .. })
     }
 
+    /// The seed nodes, on a cluster.
+    pub(crate) fn cluster_seeds(&self) -> Option<Vec<ConnectionInfo>> {
+        match &*self.inner.topology {
+            Topology::Single(_) => None,
+            Topology::Cluster { seeds, .. } => Some(seeds.clone()),
+        }
+    }
+
     /// A client of the node that holds `key` (its slot's primary).
     pub async fn client_for_key(&self, key: &str) -> Result<Client, StoreError> {
         match &*self.inner.topology {

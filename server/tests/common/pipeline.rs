@@ -1,7 +1,7 @@
 //! Helpers of the tests that run the ingest pipeline: simulated traffic with
 //! its ground truth, hand-built events, and waiting for ingest to catch up.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
 use anyhow::{Context, ensure};
 use chrono::{DateTime, Utc};
@@ -531,4 +531,25 @@ pub async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyho
     );
 
     Ok(())
+}
+
+/// `rtap-server` (the `binary` cargo built for the test) with `config`'s
+/// services, namespace and topics.
+pub fn server_command(binary: &str, config: &Config, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .args(args)
+        .args(["--role", "ingest", "--listen-addr", "127.0.0.1:0"])
+        .args(["--database-url", &config.database_url])
+        .args(["--redis-url", &config.redis_url])
+        .args(["--redis-namespace", &config.redis_namespace])
+        .args(["--kafka-brokers", &config.kafka_brokers.join(",")])
+        .args(["--events-topic", &config.events_topic])
+        .args(["--dead-letter-topic", &config.dead_letter_topic])
+        .args(["--events-partitions", &PARTITIONS.to_string()])
+        .args(config.redis_cluster.then_some("--redis-cluster"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    command
 }
