@@ -665,6 +665,40 @@ async fn snapshot_namespace(config: &Config) -> anyhow::Result<BTreeMap<String, 
 }
 
 #[tokio::test]
+async fn a_topic_that_gained_partitions_stops_ingest_until_a_rebuild() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = ingest_config(&database);
+    let brokers = config.kafka_brokers[0].clone();
+    // The metrics were built when the topic had two partitions.
+    let mut connection = redis().await?;
+    redis::cmd("SET")
+        .arg(rtap_server::store::keys::topic_partitions(
+            &config.redis_namespace,
+        ))
+        .arg(PARTITIONS - 1)
+        .query_async::<()>(&mut connection)
+        .await?;
+    let truth = simulate(&brokers, &config.events_topic, 2_000, 67, &[]).await?;
+    let server = TestServer::start(config.clone()).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        applied(&config.redis_namespace).await? == 0,
+        "ingest waits for a rebuild instead of counting users twice"
+    );
+    server.stop().await?;
+
+    let rebuilt = server_command(env!("CARGO_BIN_EXE_rtap-server"), &config, &["rebuild"])
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    let log = String::from_utf8_lossy(&rebuilt.stderr);
+    ensure!(rebuilt.status.success(), "{log}");
+    assert_matches_truth(&config, &truth).await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
 async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_consumed()
 -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;

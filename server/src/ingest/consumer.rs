@@ -60,6 +60,9 @@ use crate::{
 
 /// Deltas waiting to be published; past this, new ones are dropped.
 const DELTA_QUEUE: usize = 1024;
+/// How often ingest that waits for a rebuild (the topic gained partitions)
+/// looks again.
+const TOPIC_CHECK_AGAIN: Duration = Duration::from_secs(10);
 
 /// Everything the pipeline needs from the configuration.
 #[derive(Debug, Clone)]
@@ -223,6 +226,9 @@ pub async fn run(
             }
         }
     };
+    if !topic_partitions_unchanged(&settings, &redis, events_partitions.len(), &shutdown).await {
+        return;
+    }
     let partitions = if settings.partitions.is_empty() {
         events_partitions
     } else {
@@ -270,6 +276,45 @@ pub async fn run(
     ));
     while tasks.join_next().await.is_some() {}
     tracing::info!("ingest stopped");
+}
+
+/// Waits until the events topic's `count` partitions are those the metrics
+/// were built from (recorded on first run): a topic that gained partitions
+/// moved users between them, and only a rebuild can count them right.
+/// `false` at shutdown.
+async fn topic_partitions_unchanged(
+    settings: &PipelineSettings,
+    redis: &Nodes,
+    count: usize,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
+    loop {
+        let delay = match commit::check_topic_partitions(redis, &settings.namespace, count).await {
+            Ok(None) => return true,
+            Ok(Some(recorded)) => {
+                tracing::error!(
+                    topic = %settings.topic,
+                    partitions = count,
+                    recorded,
+                    namespace = %settings.namespace,
+                    "the events topic has {count} partitions but the metrics were built from {recorded}: \
+                     users moved between partitions and unique users would be counted twice; \
+                     ingest waits until `rtap-server rebuild` recomputes the metrics"
+                );
+                TOPIC_CHECK_AGAIN
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %error, retry_in = ?delay, "ingest cannot reach Redis yet");
+                delay
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 async fn prepare_topics(settings: &PipelineSettings) -> Result<(Vec<i32>, Vec<i32>), String> {

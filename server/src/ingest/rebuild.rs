@@ -24,7 +24,7 @@ use crate::{
     infra::kafka::{self, high_watermark},
     store::{
         StoreError,
-        commit::{load_state, release_lease, take_lease},
+        commit::{forget_topic_partitions, load_state, release_lease, take_lease},
         keys::PartitionKeys,
         nodes::{Nodes, Route},
     },
@@ -64,6 +64,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Err
             "dropped aggregates and offset"
         );
     }
+
+    // The metrics are recomputed from the topic as it is now.
+    forget_topic_partitions(&redis, &config.redis_namespace).await?;
 
     let owner = settings.owner.clone();
     let stats = Arc::new(PipelineStats::default());

@@ -154,6 +154,44 @@ pub(crate) async fn register_partition(
     Ok(())
 }
 
+/// Records that the metrics of `namespace` are built from an events topic of
+/// `count` partitions, unless a count is recorded already; that count when
+/// it differs. Events are keyed by user, so a topic that gained partitions
+/// sends some users' events to another partition than before: their
+/// sessions and unique-user sets would be split, and counted twice.
+pub(crate) async fn check_topic_partitions(
+    route: &impl Route,
+    namespace: &str,
+    count: usize,
+) -> Result<Option<i64>, StoreError> {
+    let key = super::keys::topic_partitions(namespace);
+    let mut connection = route.connection(&key).await?;
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    let recorded: Option<i64> = redis::cmd("SET")
+        .arg(&key)
+        .arg(count)
+        .arg("NX")
+        .arg("GET")
+        .query_async(&mut connection)
+        .await?;
+    Ok(recorded.filter(|recorded| *recorded != count))
+}
+
+/// Forgets the partition count of `namespace` (a rebuild recomputes the
+/// metrics from the topic as it is).
+pub(crate) async fn forget_topic_partitions(
+    route: &impl Route,
+    namespace: &str,
+) -> Result<(), StoreError> {
+    let key = super::keys::topic_partitions(namespace);
+    let mut connection = route.connection(&key).await?;
+    redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<()>(&mut connection)
+        .await?;
+    Ok(())
+}
+
 /// Takes or renews the lease of `keys`' partition for `owner`, valid for
 /// `ttl`. Returns the current holder when another process holds it.
 pub(crate) async fn take_lease(

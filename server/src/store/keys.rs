@@ -53,6 +53,12 @@ pub(crate) mod state_field {
     pub(crate) const LAST_COMMIT_MS: &str = "last_commit_ms";
 }
 
+/// The events topic's partition count the metrics of `namespace` were built
+/// from (see `store::commit::check_topic_partitions`).
+pub fn topic_partitions(namespace: &str) -> String {
+    format!("{namespace}:topic_partitions")
+}
+
 /// The set of partition numbers that ingest has consumed in `namespace`
 /// (added by each partition's consumer when it starts), so readers know
 /// which partitions to merge without asking Kafka.
