@@ -199,7 +199,9 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
 -> anyhow::Result<()> {
     let _alone = SERIAL.lock().await;
     let database = TestDatabase::create().await?;
-    let (config, nodes) = on_cluster(ingest_config(&database)).await?;
+    let (mut config, nodes) = on_cluster(ingest_config(&database)).await?;
+    // Small commits, so ingest is still under way when the primary dies.
+    config.commit_max_events = 100;
     let brokers = config.kafka_brokers[0].clone();
     let truth = simulate(&brokers, &config.events_topic, 60_000, 31, &[]).await?;
     let server = TestServer::start(config.clone()).await?;
@@ -215,6 +217,7 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let port = primary_port(&nodes, &keys).await?;
+    let before = applied_on(&nodes, &config).await?;
     let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
         .get_multiplexed_async_connection()
         .await?;
@@ -253,6 +256,10 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
     ensure!(restarted.success(), "restart node {port}");
 
     wait_caught_up(&config, Duration::from_secs(120)).await?;
+    ensure!(
+        before < applied_on(&nodes, &config).await?,
+        "ingest went on after the primary died"
+    );
     assert_matches_truth(&config, &truth).await?;
 
     server.stop().await?;
@@ -343,6 +350,125 @@ async fn two_ingest_and_two_api_processes_share_a_cluster_and_a_killed_ingest_is
     for api in apis {
         api.stop().await?;
     }
+    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// The id of the cluster node listening on `port`.
+async fn node_id(port: u16) -> anyhow::Result<String> {
+    let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_multiplexed_async_connection()
+        .await?;
+    Ok(redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut node)
+        .await?)
+}
+
+/// Moves `slot` from the primary on `from` to the one on `to`, key by key,
+/// as `redis-cli --cluster reshard` does.
+async fn migrate_slot(slot: u16, from: u16, to: u16) -> anyhow::Result<()> {
+    let connect = |port: u16| async move {
+        anyhow::Ok(
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+                .get_multiplexed_async_connection()
+                .await?,
+        )
+    };
+    let (mut source, mut target) = (connect(from).await?, connect(to).await?);
+    let (source_id, target_id) = (node_id(from).await?, node_id(to).await?);
+    let set_slot = |state: &'static str, id: String| {
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        command
+    };
+    set_slot("IMPORTING", source_id)
+        .query_async::<()>(&mut target)
+        .await?;
+    set_slot("MIGRATING", target_id.clone())
+        .query_async::<()>(&mut source)
+        .await?;
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(50)
+            .query_async(&mut source)
+            .await?;
+        if keys.is_empty() {
+            break;
+        }
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("REPLACE")
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async::<()>(&mut source)
+            .await?;
+        // Ingest keeps committing while the slot moves.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for port in [to, from] {
+        set_slot("NODE", target_id.clone())
+            .query_async::<()>(&mut connect(port).await?)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_partition_whose_slot_moves_mid_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let _alone = SERIAL.lock().await;
+    let database = TestDatabase::create().await?;
+    let (mut config, nodes) = on_cluster(ingest_config(&database)).await?;
+    // Small commits, so ingest is still under way when the slot moves.
+    config.commit_max_events = 100;
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(&brokers, &config.events_topic, 60_000, 37, &[]).await?;
+    let server = TestServer::start(config.clone()).await?;
+
+    let keys = PartitionKeys::new(&config.redis_namespace, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while applied_on(&nodes, &config).await? == 0 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "ingest did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let from = primary_port(&nodes, &keys).await?;
+    // Another primary: the owner of some other key's slot.
+    let mut probe = 0u16;
+    let to = loop {
+        let key = format!("probe-{probe}");
+        let client = nodes.client_for_key(&key).await?;
+        if let redis::ConnectionAddr::Tcp(_, port) = client.get_connection_info().addr()
+            && *port != from
+        {
+            break *port;
+        }
+        probe += 1;
+    };
+    let slot = rtap_server::store::nodes::slot(keys.state().as_bytes());
+    let before = applied_on(&nodes, &config).await?;
+    migrate_slot(slot, from, to).await?;
+    ensure!(
+        primary_port(&nodes, &keys).await? == to,
+        "partition 0's slot {slot} moved from {from} to {to}"
+    );
+
+    wait_caught_up(&config, Duration::from_secs(120)).await?;
+    ensure!(
+        before < applied_on(&nodes, &config).await?,
+        "ingest went on while the slot moved"
+    );
+    assert_matches_truth(&config, &truth).await?;
+
+    server.stop().await?;
     common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
 }
