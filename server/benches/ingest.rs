@@ -9,9 +9,15 @@
 //! machine in each phase, and the consumer's work that needs no Redis timed
 //! alone: with them, the highest ratio the machine's cores allow.
 //!
-//! `cargo bench -p rtap-server --bench ingest` after `scripts/services.sh up`.
-//! `RTAP_BENCH_EVENTS` (default 1,000,000) and `RTAP_BENCH_PARTITIONS`
-//! (default 4) adjust it. Target: ingest ≥ 0.8 × raw fetch.
+//! The catch-up runs against each Redis deployment of `RTAP_BENCH_REDIS`
+//! (default `single,cluster`: the one Redis, then the local Redis Cluster of
+//! `scripts/services.sh cluster`, seeds in `RTAP_TEST_REDIS_CLUSTER`), each
+//! into a namespace of its own, and prints cluster / single.
+//!
+//! `cargo bench -p rtap-server --bench ingest` after `scripts/services.sh
+//! cluster`. `RTAP_BENCH_EVENTS` (default 1,000,000) and
+//! `RTAP_BENCH_PARTITIONS` (default 4) adjust it. Targets: ingest ≥ 0.8 × raw
+//! fetch; on the cluster ≥ 0.8 × on one Redis.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -26,6 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use clap::Parser;
 use common::{TestDatabase, test_config};
 use cpu_times::CpuTimes;
@@ -38,7 +45,12 @@ use rtap_server::{
         dedupe::Dedupe,
         validate::{self, TimeBounds},
     },
-    store::{aggregate::BatchAggregate, commit::load_state, keys::PartitionKeys},
+    store::{
+        aggregate::BatchAggregate,
+        commit::load_state,
+        keys::PartitionKeys,
+        nodes::{Nodes, Route},
+    },
 };
 use rtap_simulator::config::SimulatorConfig;
 use tokio_util::sync::CancellationToken;
@@ -70,15 +82,42 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
             .await?,
     );
     let raw = raw_fetch(&client, &config).await?;
-    let ingest = ingest(&config, &raw).await?;
-    report(&config, &raw, ingest)?;
+    let mut rates = BTreeMap::new();
+    let deployments = std::env::var("RTAP_BENCH_REDIS").unwrap_or_else(|_| "single,cluster".into());
+    for deployment in deployments.split(',').map(str::trim) {
+        let mut config = config.clone();
+        config.redis_namespace = format!("{}-{deployment}", config.redis_namespace);
+        match deployment {
+            "single" => {}
+            "cluster" => {
+                config.redis_url = std::env::var("RTAP_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
+                    "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+                });
+                config.redis_cluster = true;
+            }
+            other => {
+                anyhow::bail!("RTAP_BENCH_REDIS: unknown deployment {other:?} (single, cluster)")
+            }
+        }
+        println!("--- Redis: {deployment}");
+        let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
+        let ingest = ingest(&config, &nodes, &raw).await?;
+        rates.insert(deployment.to_owned(), report(&config, &raw, ingest)?);
+        common::delete_namespace_on(&nodes, &config.redis_namespace, partitions).await?;
+    }
+    if let (Some(single), Some(cluster)) = (rates.get("single"), rates.get("cluster")) {
+        println!(
+            "cluster / single ingest: {:.2} (target >= 0.8; the cluster's six nodes share this machine's cores)",
+            cluster / single
+        );
+    }
     // A broker with memory storage (the test broker) would keep the
     // million events until restarted.
     client
         .controller_client()?
         .delete_topic(config.events_topic.as_str(), 10_000)
         .await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, partitions).await
+    Ok(())
 }
 
 /// Fills the topic with `events` events of the simulator's model, over the
@@ -187,34 +226,73 @@ struct Ingest {
     pings: Vec<Duration>,
 }
 
+/// Every node of the deployment (primaries and replicas of a cluster).
+async fn every_node(config: &Config, nodes: &Nodes) -> anyhow::Result<Vec<redis::Client>> {
+    if !config.redis_cluster {
+        return Ok(vec![redis::Client::open(config.redis_url.as_str())?]);
+    }
+    let seed = nodes
+        .primaries()
+        .await?
+        .into_iter()
+        .next()
+        .context("a primary")?;
+    let mut connection = seed.get_multiplexed_async_connection().await?;
+    let listing: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut connection)
+        .await?;
+    // `<id> <host:port@bus> <flags> …` per node.
+    listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1)?.split('@').next())
+        .map(|address| Ok(redis::Client::open(format!("redis://{address}"))?))
+        .collect()
+}
+
+/// Redis CPU seconds and command stats summed over `nodes`.
+async fn redis_totals(
+    nodes: &[redis::Client],
+) -> anyhow::Result<(f64, BTreeMap<String, (u64, u64)>)> {
+    let (mut cpu, mut commands) = (0.0, BTreeMap::new());
+    for node in nodes {
+        let mut connection = node.get_multiplexed_async_connection().await?;
+        cpu += redis_cpu_seconds(&mut connection).await?;
+        for (command, (calls, usec)) in command_stats(&mut connection).await? {
+            let total: &mut (u64, u64) = commands.entry(command).or_default();
+            *total = (total.0 + calls, total.1 + usec);
+        }
+    }
+    Ok((cpu, commands))
+}
+
 /// The pipeline, from offset 0 into a fresh namespace, until every
 /// partition's stored offset reaches its high watermark.
-async fn ingest(config: &Config, raw: &RawFetch) -> anyhow::Result<Ingest> {
+async fn ingest(config: &Config, nodes: &Nodes, raw: &RawFetch) -> anyhow::Result<Ingest> {
     let stats = Arc::new(PipelineStats::default());
     let shutdown = CancellationToken::new();
-    let redis = redis::Client::open(config.redis_url.as_str())?;
-    let mut connection = redis.get_multiplexed_async_connection().await?;
+    let every = every_node(config, nodes).await?;
     let probing = CancellationToken::new();
-    let probe = tokio::spawn(probe_redis(redis.clone(), probing.clone()));
-    let redis_cpu_before = redis_cpu_seconds(&mut connection).await?;
-    let commands_before = command_stats(&mut connection).await?;
+    let first = PartitionKeys::new(&config.redis_namespace, 0);
+    let probe = tokio::spawn(probe_redis(
+        nodes.client_for(&first).await?,
+        probing.clone(),
+    ));
+    let (redis_cpu_before, commands_before) = redis_totals(&every).await?;
     let cpu_before = CpuTimes::now();
     let started = Instant::now();
-    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
     let pipeline = tokio::spawn(consumer::run(
         PipelineSettings::from_config(config),
-        nodes,
+        nodes.clone(),
         stats.clone(),
         shutdown.clone(),
     ));
     loop {
         let mut caught_up = true;
         for (partition, end) in &raw.high_watermarks {
-            let state = load_state(
-                &mut connection,
-                &PartitionKeys::new(&config.redis_namespace, *partition),
-            )
-            .await?;
+            let keys = PartitionKeys::new(&config.redis_namespace, *partition);
+            let mut connection = nodes.connection(&keys.state()).await?;
+            let state = load_state(&mut connection, &keys).await?;
             caught_up &= state.offset == Some(*end);
         }
         if caught_up {
@@ -224,8 +302,8 @@ async fn ingest(config: &Config, raw: &RawFetch) -> anyhow::Result<Ingest> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_before.and_then(CpuTimes::until_now);
-    let redis_cpu = redis_cpu_seconds(&mut connection).await? - redis_cpu_before;
-    let commands_after = command_stats(&mut connection).await?;
+    let (redis_cpu_after, commands_after) = redis_totals(&every).await?;
+    let redis_cpu = redis_cpu_after - redis_cpu_before;
     // The offsets are in Redis before each commit's reply reaches the
     // consumer, which then counts it: let the last replies be counted.
     let counted = Instant::now();
@@ -249,8 +327,8 @@ async fn ingest(config: &Config, raw: &RawFetch) -> anyhow::Result<Ingest> {
     })
 }
 
-/// Prints the figures of the raw fetch and the catch-up.
-fn report(config: &Config, raw: &RawFetch, mut ingest: Ingest) -> anyhow::Result<()> {
+/// Prints the figures of the raw fetch and the catch-up; the ingest rate.
+fn report(config: &Config, raw: &RawFetch, mut ingest: Ingest) -> anyhow::Result<f64> {
     let stats = &ingest.stats;
     let records = stats.records.load(Ordering::Relaxed);
     let commits = stats.commits.load(Ordering::Relaxed).max(1);
@@ -271,16 +349,17 @@ fn report(config: &Config, raw: &RawFetch, mut ingest: Ingest) -> anyhow::Result
         stats.dead_lettered.load(Ordering::Relaxed),
     );
     println!(
-        "redis: {commits} commits, {:.0} events per commit, {:.3} commands per event \
+        "redis: {commits} commits ({:.0} a second), {:.0} events per commit, {:.3} commands per event \
          in the commit transactions, {:.2} round trips per commit (prefetch, offset check, \
          transaction, and values the consumer's mirror lacked)",
+        commits as f64 / ingest_seconds,
         records as f64 / commits as f64,
         commands as f64 / records.max(1) as f64,
         round_trips as f64 / commits as f64,
     );
     println!(
-        "redis CPU while catching up: {:.2} us per event, {:.0}% of one core \
-         (Redis runs commands on one thread)",
+        "redis CPU while catching up (summed over its nodes): {:.2} us per event, {:.0}% of one core \
+         (Redis runs commands on one thread per node)",
         redis_cpu * 1e6 / records.max(1) as f64,
         redis_cpu * 100.0 / ingest_seconds,
     );
@@ -326,7 +405,7 @@ fn report(config: &Config, raw: &RawFetch, mut ingest: Ingest) -> anyhow::Result
     } else {
         println!("CPU per event and the ratio ceiling: unknown (read from /proc: Linux only)");
     }
-    Ok(())
+    Ok(ingest_rate)
 }
 
 /// The machine's CPU per event in the raw fetch and in ingest (each given as
