@@ -10,7 +10,9 @@
 //!
 //! `cargo bench -p rtap-server --bench subscribe` after
 //! `scripts/services.sh up`; `RTAP_BENCH_PARTS=query` (or `freshness`,
-//! `fanout`, `distinct`, comma-separated) runs only those parts. Targets:
+//! `fanout`, `distinct`, comma-separated) runs only those parts;
+//! `RTAP_BENCH_REDIS=single,cluster` runs them on one Redis and then on the
+//! local Redis Cluster (`scripts/services.sh cluster`). Targets:
 //! freshness p50 ≤ 20 ms and p99 ≤ 100 ms; ≤ 16 KiB per subscription; query
 //! p99 ≤ 5 ms; distinct feeds: freshness p99 ≤ 100 ms and GetUser p99 ≤ 2 ×
 //! its value without subscriptions.
@@ -39,6 +41,7 @@ use rtap::v1::{
     analytics_service_client::AnalyticsServiceClient, delta, subscribe_request, subscribe_response,
     time_window::Window,
 };
+use rtap_server::Config;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -116,6 +119,34 @@ fn main() -> anyhow::Result<()> {
 async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
     let mut config = test_config(database);
     config.events_partitions = PARTITIONS;
+    // `RTAP_BENCH_REDIS` (default `single`; `single,cluster` for both in one
+    // run) names the deployments the server runs against.
+    let deployments = std::env::var("RTAP_BENCH_REDIS").unwrap_or_else(|_| "single".into());
+    for deployment in deployments.split(',').map(str::trim) {
+        let mut config = config.clone();
+        match deployment {
+            "single" => {}
+            "cluster" => {
+                config.redis_url = std::env::var("RTAP_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
+                    "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+                });
+                config.redis_cluster = true;
+                config.redis_namespace = format!("{}-cluster", config.redis_namespace);
+                config.events_topic = format!("{}-cluster", config.events_topic);
+            }
+            other => {
+                anyhow::bail!("RTAP_BENCH_REDIS: unknown deployment {other:?} (single, cluster)")
+            }
+        }
+        println!("--- Redis: {deployment}");
+        run_parts(&config).await?;
+    }
+    Ok(())
+}
+
+/// Runs the parts `RTAP_BENCH_PARTS` names against a server process on
+/// `config`'s Redis.
+async fn run_parts(config: &Config) -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -124,6 +155,9 @@ async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"));
     if let Ok(wait) = std::env::var("RTAP_FETCH_MAX_WAIT") {
         command.args(["--fetch-max-wait", &wait]);
+    }
+    if config.redis_cluster {
+        command.arg("--redis-cluster");
     }
     let mut server = command
         .args(["--listen-addr", &addr])
@@ -151,6 +185,8 @@ async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
     .await?;
     let writer =
         Arc::new(EventWriter::connect(&config.kafka_brokers[0], &config.events_topic).await?);
+    // The first node: the baseline of PING round trips.
+    let redis_url = config.redis_url.split(',').next().unwrap_or_default();
 
     // `RTAP_BENCH_PARTS` (e.g. `query`) runs a subset: freshness, fanout,
     // query, distinct.
@@ -164,18 +200,18 @@ async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
             fan_out(&addr, &writer, pid).await?;
         }
         if run("query") {
-            query_latency(&channel, &writer, &config.redis_url).await?;
+            query_latency(&channel, &writer, redis_url).await?;
         }
         if run("distinct") {
-            distinct_feeds::distinct_feeds(&addr, &channel, &writer, pid, &config.redis_url)
-                .await?;
+            distinct_feeds::distinct_feeds(&addr, &channel, &writer, pid, redis_url).await?;
         }
         Ok::<_, anyhow::Error>(())
     }
     .await;
     server.start_kill()?;
     server.wait().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
+    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
     result
 }
 
