@@ -216,8 +216,26 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let port = primary_port(&nodes, &keys).await?;
     let before = applied_on(&nodes, &config).await?;
+    let port = kill_primary(&nodes, &keys).await?;
+    restart_node(port)?;
+
+    wait_caught_up(&config, Duration::from_secs(120)).await?;
+    ensure!(
+        before < applied_on(&nodes, &config).await?,
+        "ingest went on after the primary died"
+    );
+    assert_matches_truth(&config, &truth).await?;
+
+    server.stop().await?;
+    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// SIGKILLs the primary that holds `keys` and waits until its replica took
+/// its slots over; the killed node's port.
+async fn kill_primary(nodes: &Nodes, keys: &PartitionKeys) -> anyhow::Result<u16> {
+    let port = primary_port(nodes, keys).await?;
     let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
         .get_multiplexed_async_connection()
         .await?;
@@ -235,13 +253,10 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
         .args(["-9", &pid])
         .status()?;
     ensure!(killed.success(), "kill -9 {pid}");
-
-    // Its replica takes the slots over; the killed node then rejoins as a
-    // replica, as the local cluster was.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if matches!(primary_port(&nodes, &keys).await, Ok(now) if now != port) {
-            break;
+        if matches!(primary_port(nodes, keys).await, Ok(now) if now != port) {
+            return Ok(port);
         }
         ensure!(
             tokio::time::Instant::now() < deadline,
@@ -249,22 +264,17 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Starts the stopped node on `port` again: it rejoins as a replica, as the
+/// local cluster was.
+fn restart_node(port: u16) -> anyhow::Result<()> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
     let restarted = std::process::Command::new(script)
         .args(["cluster-node", &port.to_string()])
         .status()?;
     ensure!(restarted.success(), "restart node {port}");
-
-    wait_caught_up(&config, Duration::from_secs(120)).await?;
-    ensure!(
-        before < applied_on(&nodes, &config).await?,
-        "ingest went on after the primary died"
-    );
-    assert_matches_truth(&config, &truth).await?;
-
-    server.stop().await?;
-    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
-    database.drop().await
+    Ok(())
 }
 
 /// Events counted so far over every partition of `config`'s namespace.
@@ -468,6 +478,68 @@ async fn a_partition_whose_slot_moves_mid_ingest_loses_and_doubles_nothing() -> 
     );
     assert_matches_truth(&config, &truth).await?;
 
+    server.stop().await?;
+    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn servers_killed_at_random_moments_count_every_event_exactly_once_on_a_cluster()
+-> anyhow::Result<()> {
+    let _alone = SERIAL.lock().await;
+    let database = TestDatabase::create().await?;
+    let (config, nodes) = on_cluster(ingest_config(&database)).await?;
+    common::pipeline::killed_at_random_moments(env!("CARGO_BIN_EXE_rtap-server"), &config).await?;
+    common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn a_subscription_held_across_a_failover_ends_equal_to_the_unary_query() -> anyhow::Result<()>
+{
+    let _alone = SERIAL.lock().await;
+    let database = TestDatabase::create().await?;
+    let (mut config, nodes) = on_cluster(ingest_config(&database)).await?;
+    config.role = Role::All;
+    let brokers = config.kafka_brokers[0].clone();
+    let server = TestServer::start(config.clone()).await?;
+    let mut client = AnalyticsServiceClient::new(server.channel());
+    let request = product_views();
+    let mut stream = subscribe(&mut client, &request).await?;
+    let now = Utc::now();
+    let first: Vec<_> = (1..=60).map(|user| event(user, now)).collect();
+    produce(&brokers, &config.events_topic, &first).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    let held = streamed_total(&mut stream, 0, 60).await?;
+
+    // The primary of partition 0 (its data and its shard channel) dies.
+    let keys = PartitionKeys::new(&config.redis_namespace, 0);
+    let port = kill_primary(&nodes, &keys).await?;
+    let second: Vec<_> = (61..=120).map(|user| event(user, now)).collect();
+    produce(&brokers, &config.events_topic, &second).await?;
+    wait_caught_up(&config, Duration::from_secs(120)).await?;
+    restart_node(port)?;
+    // The stream stayed open: deltas, or a resync snapshot, bring it to
+    // what the query counts.
+    let streamed = streamed_total(&mut stream, held, 120).await?;
+    ensure!(
+        streamed == 120,
+        "the subscriber counted {streamed} events, produced 120"
+    );
+    let counted: i64 = client
+        .get_event_counts(request)
+        .await?
+        .into_inner()
+        .buckets
+        .iter()
+        .map(|b| b.total)
+        .sum();
+    ensure!(
+        counted == 120,
+        "the query counted {counted} events, produced 120"
+    );
+
+    drop(stream);
     server.stop().await?;
     common::delete_namespace_on(&nodes, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await

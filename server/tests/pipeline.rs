@@ -15,8 +15,9 @@ use chrono::Utc;
 use common::{
     PrivateBroker, TcpProxy, TestDatabase, TestServer,
     pipeline::{
-        PARTITIONS, applied, assert_matches_truth, buckets, event, ingest_config, produce, redis,
-        redis_url, server_command, settled_versions, simulate, states, wait_caught_up,
+        PARTITIONS, applied, assert_matches_truth, buckets, event, ingest_config,
+        killed_at_random_moments, produce, redis, redis_url, server_command, settled_versions,
+        simulate, states, wait_caught_up,
     },
 };
 use prost::Message;
@@ -244,51 +245,11 @@ fn first_time(event: &InteractionEvent) -> i64 {
     event.occurred_at.map_or(0, |t| t.seconds)
 }
 
-/// `rtap-server --role ingest` as a child process, for crash tests. A short
-/// lease, so each restart takes over the killed one's partitions quickly.
-fn spawn_server(config: &Config, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
-    let mut command = server_command(env!("CARGO_BIN_EXE_rtap-server"), config, extra);
-    command.args(["--partition-lease", "1s"]);
-    Ok(command.spawn()?)
-}
-
 #[tokio::test]
 async fn a_server_killed_at_random_moments_counts_every_event_exactly_once() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let config = ingest_config(&database);
-    let brokers = config.kafka_brokers[0].clone();
-    let truth = simulate(
-        &brokers,
-        &config.events_topic,
-        200_000,
-        23,
-        &["--duplicate-share", "0.01", "--malformed-share", "0.005"],
-    )
-    .await?;
-
-    // Small commits, so kills land between and during many of them.
-    let extra = ["--commit-max-events", "300", "--fetch-max-bytes", "65536"];
-    let mut rng = rand::rng();
-    let mut kills = 0;
-    for _ in 0..8 {
-        let mut child = spawn_server(&config, &extra)?;
-        let alive = Duration::from_millis(rng.random_range(100..600));
-        tokio::time::sleep(alive).await;
-        child.start_kill()?; // SIGKILL
-        child.wait().await?;
-        kills += 1;
-    }
-    let applied_before_last_run = applied(&config.redis_namespace).await?;
-    assert!(
-        applied_before_last_run > 0 && applied_before_last_run < i64::try_from(truth.events)?,
-        "the killed servers made progress but did not finish ({kills} kills, {applied_before_last_run} applied)"
-    );
-
-    let mut child = spawn_server(&config, &extra)?;
-    wait_caught_up(&config, Duration::from_secs(180)).await?;
-    child.start_kill()?;
-    child.wait().await?;
-    assert_matches_truth(&config, &truth).await?;
+    killed_at_random_moments(env!("CARGO_BIN_EXE_rtap-server"), &config).await?;
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
 }

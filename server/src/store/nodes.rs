@@ -286,11 +286,14 @@ impl Nodes {
         if let Some(connection) = shared.get(&address) {
             return Ok(connection.clone());
         }
-        let mut config = ConnectionManagerConfig::new().set_number_of_retries(1);
+        // Replies wait unbounded unless a timeout was asked for: the redis
+        // crate's default of 500 ms fails reads that wait behind a large
+        // commit. Connecting keeps the crate's bound by default.
+        let mut config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_response_timeout(self.inner.timeout);
         if let Some(timeout) = self.inner.timeout {
-            config = config
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout));
+            config = config.set_connection_timeout(Some(timeout));
         }
         let connection = ConnectionManager::new_with_config(client, config).await?;
         shared.insert(address, connection.clone());

@@ -553,3 +553,54 @@ pub fn server_command(binary: &str, config: &Config, args: &[&str]) -> tokio::pr
         .kill_on_drop(true);
     command
 }
+
+/// Simulated traffic ingested by `rtap-server` processes (`binary`, short
+/// leases, small commits) SIGKILLed at random moments, eight times, then by
+/// one that finishes: every aggregate equals the ground truth.
+pub async fn killed_at_random_moments(binary: &str, config: &Config) -> anyhow::Result<()> {
+    use rand::Rng;
+    let brokers = config.kafka_brokers[0].clone();
+    let truth = simulate(
+        &brokers,
+        &config.events_topic,
+        200_000,
+        23,
+        &["--duplicate-share", "0.01", "--malformed-share", "0.005"],
+    )
+    .await?;
+    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
+    let applied = || async {
+        let states = states_on(&nodes, &config.redis_namespace).await?;
+        anyhow::Ok(states.iter().map(|s| s.applied).sum::<i64>())
+    };
+    // Small commits, so kills land between and during many of them; a
+    // short lease, so each restart takes over the killed one's partitions.
+    let extra = [
+        "--commit-max-events",
+        "300",
+        "--fetch-max-bytes",
+        "65536",
+        "--partition-lease",
+        "1s",
+    ];
+    let mut kills = 0;
+    for _ in 0..8 {
+        let mut child = server_command(binary, config, &extra).spawn()?;
+        let alive = Duration::from_millis(rand::rng().random_range(100..600));
+        tokio::time::sleep(alive).await;
+        child.start_kill()?; // SIGKILL
+        child.wait().await?;
+        kills += 1;
+    }
+    let applied_before_last_run = applied().await?;
+    ensure!(
+        applied_before_last_run > 0 && applied_before_last_run < i64::try_from(truth.events)?,
+        "the killed servers made progress but did not finish ({kills} kills, {applied_before_last_run} applied)"
+    );
+
+    let mut child = server_command(binary, config, &extra).spawn()?;
+    wait_caught_up(config, Duration::from_secs(180)).await?;
+    child.start_kill()?;
+    child.wait().await?;
+    assert_matches_truth(config, &truth).await
+}
