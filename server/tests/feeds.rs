@@ -594,3 +594,65 @@ async fn a_feed_that_misses_a_commit_delta_rereads_and_ends_exact() -> anyhow::R
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
 }
+
+#[tokio::test]
+async fn a_lost_delta_of_a_partitions_last_commit_is_noticed_from_the_stored_offsets()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = ingest_config(&database);
+    config.role = Role::All;
+    let brokers = config.kafka_brokers[0].clone();
+    let now = Utc::now();
+    let events: Vec<_> = (1..=30).map(|user| event(user, now)).collect();
+    produce(&brokers, &config.events_topic, &events).await?;
+    let server = TestServer::start(config.clone()).await?;
+    wait_caught_up(&config, Duration::from_secs(60)).await?;
+    let mut client = AnalyticsServiceClient::new(server.channel());
+    let query = subscribe_request::Query::EventCounts(GetEventCountsRequest {
+        window: trailing(3600),
+        granularity: Granularity::Minute as i32,
+        product_id: 3,
+        ..Default::default()
+    });
+    let subscribed = Subscribed::open(&mut client, query).await?;
+    subscribed.settle(&mut client).await?;
+
+    // A commit whose delta never came, and no commit after it: its counts
+    // and offset land in Redis, nothing is published.
+    let keys = PartitionKeys::new(&config.redis_namespace, 0);
+    let mut redis = redis().await?;
+    let stored = load_state(&mut redis, &keys)
+        .await?
+        .offset
+        .context("partition 0 has a stored offset")?;
+    let minute = Bucket::containing(rtap_server::store::Granularity::Minute, now.timestamp());
+    let field = Counter::ProductEvents {
+        event_type: EventType::ProductView as i32,
+        source: Source::MobileApp as i32,
+        product: 3,
+    }
+    .field();
+    redis::pipe()
+        .atomic()
+        .cmd("HINCRBY")
+        .arg(keys.counters(minute))
+        .arg(&field)
+        .arg(5)
+        .cmd("HSET")
+        .arg(keys.state())
+        .arg("offset")
+        .arg(stored + 1)
+        .query_async::<()>(&mut redis)
+        .await?;
+    let before = subscribed.model().await;
+    subscribed.settle(&mut client).await?;
+    ensure!(
+        subscribed.model().await != before,
+        "the counts of the commit whose delta was lost reached the subscriber"
+    );
+
+    drop(subscribed);
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}

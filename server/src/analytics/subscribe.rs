@@ -16,7 +16,7 @@
 //!   in the channel and never delays others or ingest.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     pin::Pin,
     sync::{
         Arc, Mutex as StdMutex, Weak,
@@ -51,6 +51,8 @@ use crate::{
 pub(crate) const FEED_QUEUE: usize = 64;
 /// Commit notifications the hub buffers for its feeds.
 const HUB_QUEUE: usize = 1024;
+/// How often the hub compares the stored offsets with the deltas it saw.
+const STORED_OFFSETS_CHECK: Duration = Duration::from_secs(1);
 /// Commit notifications buffered for the feeds of one product (a feed that
 /// falls further behind re-reads everything).
 const PRODUCT_QUEUE: usize = 64;
@@ -202,6 +204,51 @@ impl Hub {
             .retain(|_, sender| sender.receiver_count() > 0);
     }
 
+    /// Compares the stored offsets with the deltas seen: a partition whose
+    /// offset stored at the previous check has still not been seen missed
+    /// a delta that no later commit revealed (the last before a pause, or
+    /// one published to a node that then failed): feeds re-read, and the
+    /// offsets count as seen. `behind` carries the offsets not seen yet
+    /// from one check to the next.
+    async fn check_stored_offsets(&self, behind: &mut BTreeMap<i32, i64>) {
+        let Ok(stored) = self.store.watermark().await else {
+            return;
+        };
+        let seen = |partition: i32| {
+            self.watermark
+                .borrow()
+                .offsets
+                .iter()
+                .find(|o| o.partition == partition)
+                .map_or(-1, |o| o.next_offset)
+        };
+        let missed = behind
+            .iter()
+            .any(|(partition, stored_then)| seen(*partition) < *stored_then);
+        if missed {
+            tracing::debug!("a commit's delta never came; feeds re-read");
+            self.watermark.send_modify(|watermark| {
+                for offset in &stored.offsets {
+                    advance(
+                        watermark,
+                        &CommitDelta {
+                            partition: offset.partition,
+                            next_offset: offset.next_offset,
+                            ..CommitDelta::default()
+                        },
+                    );
+                }
+            });
+            self.trigger(Trigger::Resync);
+        }
+        *behind = stored
+            .offsets
+            .iter()
+            .filter(|o| o.next_offset > seen(o.partition))
+            .map(|o| (o.partition, o.next_offset))
+            .collect();
+    }
+
     /// Takes in a published delta.
     fn heard(&self, payload: &[u8]) {
         match CommitDelta::decode(payload) {
@@ -287,10 +334,17 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
             }
             hub.trigger(Trigger::Resync);
         }
+        let mut checks = tokio::time::interval(STORED_OFFSETS_CHECK);
+        let mut behind = BTreeMap::new();
         loop {
             let heard = tokio::select! {
                 () = shutdown.cancelled() => return,
                 heard = listener.next() => heard,
+                _ = checks.tick() => {
+                    let Some(hub) = hub.upgrade() else { return };
+                    hub.check_stored_offsets(&mut behind).await;
+                    continue;
+                }
             };
             let Some(hub) = hub.upgrade() else { return };
             match heard {
