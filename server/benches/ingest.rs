@@ -90,10 +90,7 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         match deployment {
             "single" => {}
             "cluster" => {
-                config.redis_url = std::env::var("RTAP_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
-                    "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
-                });
-                config.redis_cluster = true;
+                common::use_cluster(&mut config);
             }
             other => {
                 anyhow::bail!("RTAP_BENCH_REDIS: unknown deployment {other:?} (single, cluster)")

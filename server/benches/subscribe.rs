@@ -127,10 +127,7 @@ async fn bench(database: &TestDatabase) -> anyhow::Result<()> {
         match deployment {
             "single" => {}
             "cluster" => {
-                config.redis_url = std::env::var("RTAP_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
-                    "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
-                });
-                config.redis_cluster = true;
+                common::use_cluster(&mut config);
                 config.redis_namespace = format!("{}-cluster", config.redis_namespace);
                 config.events_topic = format!("{}-cluster", config.events_topic);
             }

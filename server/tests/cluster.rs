@@ -34,17 +34,10 @@ use tokio_stream::StreamExt;
 /// One test at a time: one kills a primary of the shared cluster.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn seeds() -> String {
-    std::env::var("RTAP_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
-        "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
-    })
-}
-
 /// `config` pointed at the cluster, with a namespace whose partitions sit
 /// on at least two primaries (so every test crosses nodes).
 async fn on_cluster(mut config: Config) -> anyhow::Result<(Config, Nodes)> {
-    config.redis_url = seeds();
-    config.redis_cluster = true;
+    common::use_cluster(&mut config);
     let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
     let base = config.redis_namespace.clone();
     for attempt in 0.. {
@@ -208,14 +201,7 @@ async fn a_primary_killed_mid_ingest_fails_over_and_nothing_is_lost_or_doubled()
 
     // Once ingest is under way, SIGKILL the primary of partition 0.
     let keys = PartitionKeys::new(&config.redis_namespace, 0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while applied_on(&nodes, &config).await? == 0 {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "ingest did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_ingest(&nodes, &config).await?;
     let before = applied_on(&nodes, &config).await?;
     let port = kill_primary(&nodes, &keys).await?;
     restart_node(port)?;
@@ -274,6 +260,19 @@ fn restart_node(port: u16) -> anyhow::Result<()> {
         .args(["cluster-node", &port.to_string()])
         .status()?;
     ensure!(restarted.success(), "restart node {port}");
+    Ok(())
+}
+
+/// Waits until ingest counted its first events.
+async fn wait_for_ingest(nodes: &Nodes, config: &Config) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while applied_on(nodes, config).await? == 0 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "ingest did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }
 
@@ -442,14 +441,7 @@ async fn a_partition_whose_slot_moves_mid_ingest_loses_and_doubles_nothing() -> 
     let server = TestServer::start(config.clone()).await?;
 
     let keys = PartitionKeys::new(&config.redis_namespace, 0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while applied_on(&nodes, &config).await? == 0 {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "ingest did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_ingest(&nodes, &config).await?;
     let from = primary_port(&nodes, &keys).await?;
     // Another primary: the owner of some other key's slot.
     let mut probe = 0u16;

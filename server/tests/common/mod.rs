@@ -113,6 +113,15 @@ pub fn test_config(database: &TestDatabase) -> Config {
     config
 }
 
+/// Points `config` at the local Redis Cluster (`scripts/services.sh
+/// cluster`), or at the seed nodes in `RTAP_TEST_REDIS_CLUSTER`.
+pub fn use_cluster(config: &mut Config) {
+    config.redis_url = std::env::var("RTAP_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
+        "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+    });
+    config.redis_cluster = true;
+}
+
 /// An in-process `rtap-server`.
 pub struct TestServer {
     /// Where it listens.
