@@ -22,7 +22,7 @@ use std::{
         Arc, Mutex as StdMutex, Weak,
         atomic::{AtomicI64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use chrono::Utc;
@@ -53,6 +53,10 @@ pub(crate) const FEED_QUEUE: usize = 64;
 const HUB_QUEUE: usize = 1024;
 /// How often the hub compares the stored offsets with the deltas it saw.
 const STORED_OFFSETS_CHECK: Duration = Duration::from_secs(1);
+/// How long a stored offset may stay unseen before its delta counts as
+/// lost: deltas of a busy ingest can trail their commit by a second or
+/// more, and a false alarm makes every feed re-read.
+const LOST_DELTA_GRACE: Duration = Duration::from_secs(4);
 /// Commit notifications buffered for the feeds of one product (a feed that
 /// falls further behind re-reads everything).
 const PRODUCT_QUEUE: usize = 64;
@@ -205,12 +209,13 @@ impl Hub {
     }
 
     /// Compares the stored offsets with the deltas seen: a partition whose
-    /// offset stored at the previous check has still not been seen missed
-    /// a delta that no later commit revealed (the last before a pause, or
+    /// stored offset has stayed unseen for `LOST_DELTA_GRACE` missed a
+    /// delta that no later commit revealed (the last before a pause, or
     /// one published to a node that then failed): feeds re-read, and the
-    /// offsets count as seen. `behind` carries the offsets not seen yet
-    /// from one check to the next.
-    async fn check_stored_offsets(&self, behind: &mut BTreeMap<i32, i64>) {
+    /// offsets count as seen. `behind` carries, from one check to the
+    /// next, each partition's oldest unseen stored offset and when it was
+    /// first stored-but-unseen.
+    async fn check_stored_offsets(&self, behind: &mut BTreeMap<i32, (i64, Instant)>) {
         let Ok(stored) = self.store.watermark().await else {
             return;
         };
@@ -222,9 +227,10 @@ impl Hub {
                 .find(|o| o.partition == partition)
                 .map_or(-1, |o| o.next_offset)
         };
-        let missed = behind
-            .iter()
-            .any(|(partition, stored_then)| seen(*partition) < *stored_then);
+        let now = Instant::now();
+        let missed = behind.iter().any(|(partition, (stored_then, since))| {
+            seen(*partition) < *stored_then && now.duration_since(*since) >= LOST_DELTA_GRACE
+        });
         if missed {
             tracing::debug!("a commit's delta never came; feeds re-read");
             self.watermark.send_modify(|watermark| {
@@ -241,12 +247,14 @@ impl Hub {
             });
             self.trigger(Trigger::Resync);
         }
-        *behind = stored
-            .offsets
-            .iter()
-            .filter(|o| o.next_offset > seen(o.partition))
-            .map(|o| (o.partition, o.next_offset))
-            .collect();
+        behind.retain(|partition, (stored_then, _)| seen(*partition) < *stored_then);
+        for offset in &stored.offsets {
+            if offset.next_offset > seen(offset.partition) {
+                behind
+                    .entry(offset.partition)
+                    .or_insert((offset.next_offset, now));
+            }
+        }
     }
 
     /// Takes in a published delta.
@@ -337,7 +345,9 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
         let mut checks = tokio::time::interval(STORED_OFFSETS_CHECK);
         let mut behind = BTreeMap::new();
         loop {
+            // Deltas first: a check must not run while deltas wait unread.
             let heard = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => return,
                 heard = listener.next() => heard,
                 _ = checks.tick() => {
