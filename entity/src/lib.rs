@@ -1,4 +1,5 @@
-//! SeaORM entities of RTAP's catalog, stored in PostgreSQL.
+//! SeaORM entities of RTAP's PostgreSQL tables: the catalog and API keys.
 
+pub mod api_key;
 pub mod product;
 pub mod user;

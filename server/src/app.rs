@@ -8,8 +8,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     analytics::{AnalyticsApi, feed::FeedSettings, store_client::StoreClient, subscribe::Hub},
+    auth::{self, AuthLayer, Gate, KeyCache},
     catalog::{ProductApi, UserApi},
-    config::Config,
+    config::{Auth, Config},
     database::{Database, SchemaGate},
     error::Error,
     health::{self, Dependency, DependencyProbe, Watched},
@@ -116,15 +117,18 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(reflection_error)?;
 
+    let keys = (config.auth == Auth::Keys).then(|| Arc::new(KeyCache::default()));
     let tasks = spawn_background(
         &config,
         (&database, schema_gate),
         &redis,
+        keys.clone(),
         health_reporter,
         &shutdown,
     );
 
     let router = tonic::transport::Server::builder()
+        .layer(AuthLayer::new(Gate::new(keys, config.auth_also.clone())))
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
         .add_service(health_service)
@@ -165,12 +169,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// Starts what runs beside the RPCs: migrations, the health monitor and,
-/// for roles that consume, the ingest pipeline.
+/// Starts what runs beside the RPCs: migrations, the API keys' reloads,
+/// the health monitor and, for roles that consume, the ingest pipeline.
 fn spawn_background(
     config: &Config,
     (database, schema_gate): (&Database, SchemaGate),
     redis: &Nodes,
+    keys: Option<Arc<KeyCache>>,
     health_reporter: tonic_health::server::HealthReporter,
     shutdown: &CancellationToken,
 ) -> TaskTracker {
@@ -179,6 +184,14 @@ fn spawn_background(
         let database = database.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move { database.migrate_until_ready(schema_gate, shutdown).await });
+    }
+    if let Some(keys) = keys {
+        tasks.spawn(auth::keep_fresh(
+            keys,
+            database.clone(),
+            config.auth_refresh_interval,
+            shutdown.clone(),
+        ));
     }
     let probe = DependencyProbe::new(
         database.clone(),
@@ -205,14 +218,17 @@ fn spawn_background(
     tasks
 }
 
+/// The router's layers: the auth gate.
+type Layered = tower_layer::Stack<AuthLayer, tower_layer::Identity>;
+
 /// The API services, for roles that serve it.
 fn add_api(
-    router: tonic::transport::server::Router,
+    router: tonic::transport::server::Router<Layered>,
     config: &Config,
     database: Database,
     redis: &Nodes,
     shutdown: &CancellationToken,
-) -> tonic::transport::server::Router {
+) -> tonic::transport::server::Router<Layered> {
     let store = StoreClient::new(
         redis,
         config.redis_namespace.clone(),

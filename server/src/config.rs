@@ -6,7 +6,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::store::{StoreError, nodes::Nodes};
+use crate::{
+    auth::{KeysAction, OpenService},
+    store::{StoreError, nodes::Nodes},
+};
 
 /// `rtap-server [FLAGS] [serve|migrate]`.
 #[derive(Debug, Parser)]
@@ -25,7 +28,7 @@ pub struct Cli {
 }
 
 /// The server's subcommands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Serve the gRPC API (the default). Applies pending migrations first.
     Serve,
@@ -41,6 +44,13 @@ pub enum Command {
     /// Ask the server at `--listen-addr` for its health; exit 0 if SERVING
     /// (for container health checks and scripts).
     Health,
+    /// Manage API keys in the catalog database (applies pending migrations
+    /// first).
+    Keys {
+        /// What to do with keys.
+        #[command(subcommand)]
+        action: KeysAction,
+    },
 }
 
 /// Every setting of the server.
@@ -186,14 +196,10 @@ pub struct Config {
     pub day_retention: Duration,
 
     /// What this process does: `all` serves the API and consumes Kafka,
-    /// `api` only serves, `ingest` only consumes (and serves health).
-    #[arg(
-        long,
-        env = "RTAP_ROLE",
-        value_enum,
-        default_value_t = Role::All,
-        global = true
-    )]
+    /// `api` only serves, `ingest` only consumes (and serves health). Not
+    /// global, as `keys create --role` is a key's role: give it before a
+    /// subcommand.
+    #[arg(long, env = "RTAP_ROLE", value_enum, default_value_t = Role::All)]
     pub role: Role,
 
     /// Partitions of the events topic this process consumes, comma-separated
@@ -355,6 +361,50 @@ pub struct Config {
     )]
     pub shutdown_grace: Duration,
 
+    /// Authentication of calls: `keys` requires an API key
+    /// (`authorization: Bearer <key>`, see `rtap-server keys`); `none`
+    /// admits everyone, and is refused on a non-loopback address unless
+    /// `--insecure`.
+    #[arg(
+        long,
+        env = "RTAP_AUTH",
+        value_enum,
+        default_value_t = Auth::None,
+        global = true
+    )]
+    pub auth: Auth,
+
+    /// How often the server reloads API keys from PostgreSQL: a revoked key
+    /// is refused by every server within this plus one reload.
+    #[arg(
+        long,
+        env = "RTAP_AUTH_REFRESH_INTERVAL",
+        default_value = "2s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub auth_refresh_interval: Duration,
+
+    /// Services open to everyone by default that should need a key (of any
+    /// role) too, comma-separated: `health`, `reflection`.
+    #[arg(
+        long,
+        env = "RTAP_AUTH_ALSO",
+        value_enum,
+        value_delimiter = ',',
+        global = true
+    )]
+    pub auth_also: Vec<OpenService>,
+
+    /// Serve on a non-loopback address without TLS or without
+    /// authentication anyway (for a private network you trust).
+    #[arg(long, env = "RTAP_INSECURE", global = true)]
+    pub insecure: bool,
+
+    /// API key that `watch` and `health` present to the server.
+    #[arg(long, env = "RTAP_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
+
     /// Log line format; the level comes from `RUST_LOG` (default `info`).
     #[arg(
         long,
@@ -387,6 +437,15 @@ impl Role {
     pub(crate) fn consumes(self) -> bool {
         matches!(self, Self::All | Self::Ingest)
     }
+}
+
+/// How calls are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Auth {
+    /// Every call needs an API key whose role allows the method.
+    Keys,
+    /// No authentication (loopback, or with `--insecure`).
+    None,
 }
 
 /// How log lines are written to standard error.
@@ -434,6 +493,21 @@ impl Config {
         }
         if self.dead_letter_topic == self.events_topic {
             return Err("--dead-letter-topic must differ from --events-topic".into());
+        }
+        self.check_exposure()
+    }
+
+    /// Refuses to serve beyond loopback without authentication (or TLS)
+    /// unless `--insecure` says so deliberately.
+    fn check_exposure(&self) -> Result<(), String> {
+        let ip = self.listen_addr.ip();
+        if ip.is_loopback() || self.insecure {
+            return Ok(());
+        }
+        if self.auth == Auth::None {
+            return Err(format!(
+                "refusing to serve {ip} without authentication: set --auth keys (RTAP_AUTH=keys), or --insecure to accept it"
+            ));
         }
         Ok(())
     }
@@ -486,6 +560,34 @@ mod tests {
         assert_eq!(
             cli.config.kafka_brokers,
             vec!["a:1".to_owned(), "b:2".to_owned()]
+        );
+    }
+
+    #[test]
+    fn serving_beyond_loopback_needs_authentication_or_insecure() {
+        let config = |args: &[&str]| parse(args).expect("parses").config;
+        assert_eq!(config(&[]).validate(), Ok(()));
+        let exposed = config(&["--listen-addr", "0.0.0.0:50051"]).validate();
+        assert!(exposed.is_err_and(|e| e.contains("--auth keys") && e.contains("--insecure")));
+        let insecure = config(&["--listen-addr", "0.0.0.0:50051", "--insecure"]);
+        assert_eq!(insecure.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_key_role_after_keys_create_is_not_the_process_role() {
+        let cli = parse(&[
+            "--role", "api", "keys", "create", "--name", "a", "--role", "reader",
+        ])
+        .expect("parses");
+        assert_eq!(cli.config.role, Role::Api);
+        assert_eq!(
+            cli.command,
+            Some(Command::Keys {
+                action: KeysAction::Create {
+                    name: "a".into(),
+                    role: crate::auth::AccessRole::Reader
+                }
+            })
         );
     }
 

@@ -103,10 +103,16 @@ impl Database {
 
 /// `rtap-server migrate`: one attempt, with a clear error if it fails.
 pub async fn migrate_once(config: &Config) -> Result<(), Error> {
+    connect_migrated(config).await.map(drop)
+}
+
+/// A connection to the database with its schema up to date (one attempt),
+/// for one-off commands such as `rtap-server keys`.
+pub async fn connect_migrated(config: &Config) -> Result<DatabaseConnection, Error> {
     let connection = open_pool(config, false).await?;
     Migrator::up(&connection, None).await?;
-    tracing::info!("database schema is up to date");
-    Ok(())
+    tracing::debug!("database schema is up to date");
+    Ok(connection)
 }
 
 /// The server's pool settings for `url`, waiting at most `timeout` to

@@ -9,6 +9,7 @@
 //!   writes a partition's keys (lease, offset fence, mirrors);
 //! - [`analytics`]: queries and subscriptions over those aggregates; a
 //!   metric kind is one module of [`analytics::metrics`];
+//! - [`auth`]: API keys and roles, checked before any call is routed;
 //! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive;
 //! - [`infra`]: plumbing every room uses and none owns (Kafka clients,
 //!   reconnecting connections, protobuf times, the client side of this API
@@ -21,6 +22,7 @@
 
 pub mod analytics;
 pub mod app;
+pub mod auth;
 mod catalog;
 pub mod config;
 pub mod database;

@@ -4,7 +4,8 @@ use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use rtap_server::{
-    Cli, Command, Config, Error, LogFormat, app, database, infra, ingest::rebuild, shutdown, watch,
+    Cli, Command, Config, Error, LogFormat, app, auth, database, infra, ingest::rebuild, shutdown,
+    watch,
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -38,6 +39,10 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> Result<(), Error> {
     match command {
         Command::Migrate => database::migrate_once(&config).await,
+        Command::Keys { action } => {
+            let db = database::connect_migrated(&config).await?;
+            auth::manage_keys(&db, action).await
+        }
         Command::Health => infra::client::probe_server(&config).await,
         Command::Watch => {
             let shutdown = CancellationToken::new();

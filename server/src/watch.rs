@@ -14,9 +14,12 @@ use rtap::v1::{
 };
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
-use crate::{config::Config, error::Error, infra::client::server_channel};
+use crate::{
+    config::Config,
+    error::Error,
+    infra::client::{ServerChannel, server_channel},
+};
 
 /// The window summarised.
 const WINDOW: Duration = Duration::from_secs(5 * 60);
@@ -81,7 +84,9 @@ fn unavailable(addr: std::net::SocketAddr, status: &tonic::Status) -> Error {
     }
 }
 
-async fn summary(client: &mut AnalyticsServiceClient<Channel>) -> Result<String, tonic::Status> {
+async fn summary(
+    client: &mut AnalyticsServiceClient<ServerChannel>,
+) -> Result<String, tonic::Status> {
     let counts = client
         .get_event_counts(GetEventCountsRequest {
             window: window(),

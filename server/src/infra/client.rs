@@ -3,14 +3,56 @@
 
 use std::time::Duration;
 
+use tonic::{
+    Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
 use crate::{config::Config, error::Error};
 
+/// A channel to this server that presents `--api-key` with every call.
+pub(crate) type ServerChannel = InterceptedService<Channel, BearerKey>;
+
+/// Adds `authorization: Bearer <key>` to every call, when there is a key.
+#[derive(Debug, Clone)]
+pub(crate) struct BearerKey(Option<MetadataValue<Ascii>>);
+
+impl BearerKey {
+    /// The interceptor presenting `key`.
+    pub(crate) fn new(key: Option<&str>) -> Result<Self, Error> {
+        key.map(|key| {
+            MetadataValue::try_from(format!("Bearer {}", key.trim())).map_err(|_| {
+                Error::Config(
+                    "--api-key (RTAP_API_KEY) holds characters gRPC metadata cannot carry".into(),
+                )
+            })
+        })
+        .transpose()
+        .map(Self)
+    }
+}
+
+impl Interceptor for BearerKey {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A channel to the server at `--listen-addr` (loopback when it listens on
-/// every address), each call bounded by `call_timeout` when given.
+/// every address), each call bounded by `call_timeout` when given and
+/// carrying `--api-key`.
 pub(crate) async fn server_channel(
     config: &Config,
     call_timeout: Option<Duration>,
-) -> Result<(tonic::transport::Channel, std::net::SocketAddr), Error> {
+) -> Result<(ServerChannel, std::net::SocketAddr), Error> {
+    let key = BearerKey::new(config.api_key.as_deref())?;
     let mut addr = config.listen_addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -27,7 +69,7 @@ pub(crate) async fn server_channel(
             "cannot connect to {addr} (is rtap-server running? set --listen-addr): {e}"
         ),
     })?;
-    Ok((channel, addr))
+    Ok((InterceptedService::new(channel, key), addr))
 }
 
 /// `rtap-server health`: asks the server at `config.listen_addr` (an

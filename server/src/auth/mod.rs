@@ -1,0 +1,34 @@
+//! Who may call what: API keys (in PostgreSQL, cached in the server), the
+//! roles they carry, and the gate that checks every call before routing.
+//!
+//! - [`key`]: the text of a key, its generation and hashing;
+//! - [`policy`]: the one table of RPC → role;
+//! - [`registry`]: keys in PostgreSQL (`rtap-server keys`);
+//! - [`cache`]: the server's copy of the live keys, reloaded every few
+//!   seconds (how long a revoked key keeps working);
+//! - [`layer`]: the tower layer in front of every service;
+//! - [`manage`]: `rtap-server keys`.
+
+use std::sync::Arc;
+
+mod cache;
+mod key;
+mod layer;
+mod manage;
+pub mod policy;
+mod registry;
+
+pub(crate) use cache::{KeyCache, keep_fresh};
+pub(crate) use layer::{AuthLayer, Gate};
+pub use manage::{KeysAction, run as manage_keys};
+pub use policy::{AccessRole, OpenService};
+
+/// Who made a call: the name and role of the key it presented. Handlers
+/// find it in the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The key's name.
+    pub name: Arc<str>,
+    /// What the key may do.
+    pub role: AccessRole,
+}
