@@ -1,7 +1,7 @@
 //! Assembles the server: dependencies, background tasks and the gRPC router,
 //! and runs it until shutdown.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -14,6 +14,7 @@ use crate::{
     database::{Database, SchemaGate},
     error::Error,
     health::{self, Dependency, DependencyProbe, Watched},
+    infra::{TCP_KEEPALIVE, tls::ReloadingTls},
     ingest::{
         IngestApi,
         consumer::{self, PipelineSettings, PipelineStats},
@@ -105,6 +106,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     config.validate().map_err(Error::Config)?;
+    let tls = config
+        .tls_files()
+        .map(ReloadingTls::load)
+        .transpose()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
     let (database, schema_gate) = Database::connect_lazy(&config).await?;
     let redis = config.redis_nodes().map_err(Error::Config)?;
@@ -140,12 +146,26 @@ pub async fn serve(
         router
     };
 
-    tracing::info!(addr = ?local_addr, "rtap-server listening");
-    // Small unary replies must not wait for Nagle's algorithm.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    let serving = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tracing::info!(addr = ?local_addr, tls = tls.is_some(), auth = ?config.auth, "rtap-server listening");
+    let stopping = shutdown.clone().cancelled_owned();
+    let serving: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls {
+            Some(tls) => {
+                tokio::spawn(
+                    tls.clone()
+                        .keep_fresh(config.tls_reload_interval, shutdown.clone()),
+                );
+                let incoming = tls.incoming(listener, shutdown.clone());
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stopping))
+            }
+            None => {
+                // Small unary replies must not wait for Nagle's algorithm.
+                let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(TCP_KEEPALIVE));
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stopping))
+            }
+        };
     // Everything, RPCs and background tasks alike, gets the grace period
     // from the signal on and not a moment more, whatever a dependency is
     // doing: a task still waiting on one is dropped with the runtime.

@@ -2,12 +2,13 @@
 //! environment-variable fallback and a default that works on a developer
 //! machine with `scripts/services.sh up`.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     auth::{KeysAction, OpenService},
+    infra::tls::TlsFiles,
     store::{StoreError, nodes::Nodes},
 };
 
@@ -396,6 +397,59 @@ pub struct Config {
     )]
     pub auth_also: Vec<OpenService>,
 
+    /// PEM certificate chain of the gRPC port; with `--tls-key`, the port
+    /// serves TLS only. Re-read when the file changes or on SIGHUP.
+    #[arg(long, env = "RTAP_TLS_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "RTAP_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates for mutual TLS: clients must present a
+    /// certificate that chains to one of them.
+    #[arg(long, env = "RTAP_TLS_CLIENT_CA", global = true, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are checked for a change.
+    #[arg(
+        long,
+        env = "RTAP_TLS_RELOAD_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub tls_reload_interval: Duration,
+
+    /// `watch` and `health`: connect with TLS, trusting the server
+    /// certificates that chain to this PEM CA.
+    #[arg(long, env = "RTAP_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// `watch` and `health`: the name the server's certificate must carry
+    /// (default: the host of `--listen-addr`).
+    #[arg(long, env = "RTAP_TLS_SERVER_NAME", global = true)]
+    pub tls_server_name: Option<String>,
+
+    /// `watch` and `health` against a mutual-TLS server: this client's PEM
+    /// certificate (with `--tls-client-key`).
+    #[arg(
+        long,
+        env = "RTAP_TLS_CLIENT_CERT",
+        global = true,
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+
+    /// The PEM private key of `--tls-client-cert`.
+    #[arg(
+        long,
+        env = "RTAP_TLS_CLIENT_KEY",
+        global = true,
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
+
     /// Serve on a non-loopback address without TLS or without
     /// authentication anyway (for a private network you trust).
     #[arg(long, env = "RTAP_INSECURE", global = true)]
@@ -504,12 +558,26 @@ impl Config {
         if ip.is_loopback() || self.insecure {
             return Ok(());
         }
+        if self.tls_files().is_none() {
+            return Err(format!(
+                "refusing to serve {ip} without TLS: set --tls-cert and --tls-key (RTAP_TLS_CERT, RTAP_TLS_KEY), or --insecure to accept it"
+            ));
+        }
         if self.auth == Auth::None {
             return Err(format!(
                 "refusing to serve {ip} without authentication: set --auth keys (RTAP_AUTH=keys), or --insecure to accept it"
             ));
         }
         Ok(())
+    }
+
+    /// The gRPC port's TLS files, when it serves TLS.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 }
 
@@ -568,7 +636,28 @@ mod tests {
         let config = |args: &[&str]| parse(args).expect("parses").config;
         assert_eq!(config(&[]).validate(), Ok(()));
         let exposed = config(&["--listen-addr", "0.0.0.0:50051"]).validate();
+        assert!(exposed.is_err_and(|e| e.contains("--tls-cert") && e.contains("--insecure")));
+        let exposed = config(&[
+            "--listen-addr",
+            "0.0.0.0:50051",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ])
+        .validate();
         assert!(exposed.is_err_and(|e| e.contains("--auth keys") && e.contains("--insecure")));
+        let secured = config(&[
+            "--listen-addr",
+            "0.0.0.0:50051",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--auth",
+            "keys",
+        ]);
+        assert_eq!(secured.validate(), Ok(()));
         let insecure = config(&["--listen-addr", "0.0.0.0:50051", "--insecure"]);
         assert_eq!(insecure.validate(), Ok(()));
     }

@@ -7,7 +7,7 @@ use tonic::{
     Status,
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::Channel,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
 use crate::{config::Config, error::Error};
@@ -57,9 +57,19 @@ pub(crate) async fn server_channel(
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let scheme = if config.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| Error::Config(format!("invalid listen address {addr}: {e}")))?
         .connect_timeout(config.dependency_timeout);
+    if let Some(tls) = client_tls(config)? {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    }
     if let Some(timeout) = call_timeout {
         endpoint = endpoint.timeout(timeout);
     }
@@ -70,6 +80,25 @@ pub(crate) async fn server_channel(
         ),
     })?;
     Ok((InterceptedService::new(channel, key), addr))
+}
+
+/// The TLS settings of `--tls-ca` and friends; none without `--tls-ca`.
+fn client_tls(config: &Config) -> Result<Option<ClientTlsConfig>, Error> {
+    let Some(ca) = &config.tls_ca else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let Some(name) = &config.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_client_cert, &config.tls_client_key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(tls))
 }
 
 /// `rtap-server health`: asks the server at `config.listen_addr` (an

@@ -5,7 +5,8 @@
 //!   failure (every shared Redis and Kafka client of the server);
 //! - [`time`]: protobuf timestamps and durations;
 //! - [`client`]: the client side of this server's own API, for
-//!   `rtap-server watch` and `rtap-server health`.
+//!   `rtap-server watch` and `rtap-server health`;
+//! - [`tls`]: TLS on the gRPC port, reloaded when its files change.
 //!
 //! It imports no room of the server (only the configuration and the error
 //! type), so that every room can import it without a cycle.
@@ -14,3 +15,7 @@ pub mod client;
 pub(crate) mod kafka;
 pub(crate) mod reconnect;
 pub(crate) mod time;
+pub mod tls;
+
+/// Idle time after which a connection gets TCP keepalive probes.
+pub(crate) const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);

@@ -1,0 +1,246 @@
+//! TLS on the gRPC port, with certificates made here: plaintext is refused
+//! cleanly, mutual TLS refuses unknown clients, and a certificate replaced
+//! on disk is served to new connections while open streams go on.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, ensure};
+use common::{TestDatabase, TestServer, test_config};
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use rtap::v1::{
+    GetEventCountsRequest, SubscribeRequest, analytics_service_client::AnalyticsServiceClient,
+    subscribe_request,
+};
+use rtap_server::Config;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// A certificate authority of the test.
+struct Authority {
+    cert: Certificate,
+    key: KeyPair,
+}
+
+impl Authority {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Ok(Self {
+            cert: params.self_signed(&key)?,
+            key,
+        })
+    }
+
+    /// A leaf certificate and its key, PEM, for `usage`.
+    fn issue(&self, usage: ExtendedKeyUsagePurpose) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+}
+
+/// Writes the server's certificate and key into `dir` (atomically, as a
+/// deployment tool renames them in place).
+fn install(dir: &Path, (cert, key): &(String, String)) -> anyhow::Result<()> {
+    for (name, text) in [("server.pem", cert), ("server.key", key)] {
+        let staged = dir.join(format!("{name}.new"));
+        std::fs::write(&staged, text)?;
+        std::fs::rename(&staged, dir.join(name))?;
+    }
+    Ok(())
+}
+
+fn tls_config(database: &TestDatabase, dir: &Path) -> Config {
+    let mut config = test_config(database);
+    config.tls_cert = Some(dir.join("server.pem"));
+    config.tls_key = Some(dir.join("server.key"));
+    config.tls_reload_interval = Duration::from_millis(100);
+    config
+}
+
+/// A TLS channel to `server` trusting `ca`, presenting `identity`.
+async fn connect(
+    server: &TestServer,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> anyhow::Result<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(Endpoint::from_shared(format!("https://{}", server.addr))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+/// Whether a health check over `channel` (or its connection) succeeds.
+async fn healthy(channel: anyhow::Result<Channel>) -> bool {
+    let Ok(channel) = channel else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn plaintext_to_a_tls_port_fails_cleanly_and_tls_with_the_ca_works() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let dir = tempfile::tempdir()?;
+    let ca = Authority::new("RTAP test CA")?;
+    install(dir.path(), &ca.issue(ExtendedKeyUsagePurpose::ServerAuth)?)?;
+    let server = TestServer::start(tls_config(&database, dir.path())).await?;
+
+    ensure!(
+        healthy(connect(&server, &ca.pem(), None).await).await,
+        "TLS with the CA"
+    );
+    let plaintext = tokio::time::timeout(
+        Duration::from_secs(10),
+        HealthClient::new(server.channel()).check(HealthCheckRequest::default()),
+    )
+    .await
+    .context("a plaintext call must fail, not hang")?;
+    ensure!(plaintext.is_err(), "plaintext was answered: {plaintext:?}");
+    let stranger = Authority::new("someone else")?;
+    ensure!(
+        !healthy(connect(&server, &stranger.pem(), None).await).await,
+        "a client that does not trust the server's CA must not connect"
+    );
+    // The failures above cost the server nothing.
+    ensure!(
+        healthy(connect(&server, &ca.pem(), None).await).await,
+        "still serving"
+    );
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_with_a_certificate_of_its_ca() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let dir = tempfile::tempdir()?;
+    let ca = Authority::new("RTAP test CA")?;
+    install(dir.path(), &ca.issue(ExtendedKeyUsagePurpose::ServerAuth)?)?;
+    let clients = Authority::new("RTAP clients")?;
+    std::fs::write(dir.path().join("clients.pem"), clients.pem())?;
+    let mut config = tls_config(&database, dir.path());
+    config.tls_client_ca = Some(dir.path().join("clients.pem"));
+    let server = TestServer::start(config).await?;
+
+    let known = clients.issue(ExtendedKeyUsagePurpose::ClientAuth)?;
+    ensure!(
+        healthy(connect(&server, &ca.pem(), Some(&known)).await).await,
+        "a client certificate of the client CA"
+    );
+    ensure!(
+        !healthy(connect(&server, &ca.pem(), None).await).await,
+        "no client certificate"
+    );
+    let unknown = Authority::new("rogue")?.issue(ExtendedKeyUsagePurpose::ClientAuth)?;
+    ensure!(
+        !healthy(connect(&server, &ca.pem(), Some(&unknown)).await).await,
+        "a client certificate of another CA"
+    );
+
+    server.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_served_to_new_connections_while_open_streams_go_on()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let dir = tempfile::tempdir()?;
+    let old_ca = Authority::new("old CA")?;
+    install(
+        dir.path(),
+        &old_ca.issue(ExtendedKeyUsagePurpose::ServerAuth)?,
+    )?;
+    let mut config = tls_config(&database, dir.path());
+    config.role = rtap_server::config::Role::Api;
+    let server = TestServer::start(config.clone()).await?;
+
+    // A subscription with a heartbeat every second, over the old certificate.
+    let mut analytics = AnalyticsServiceClient::new(connect(&server, &old_ca.pem(), None).await?);
+    let mut stream = analytics
+        .subscribe(SubscribeRequest {
+            query: Some(subscribe_request::Query::EventCounts(
+                GetEventCountsRequest {
+                    window: Some(rtap::v1::TimeWindow {
+                        window: Some(rtap::v1::time_window::Window::Trailing(
+                            prost_types::Duration {
+                                seconds: 600,
+                                nanos: 0,
+                            },
+                        )),
+                    }),
+                    ..Default::default()
+                },
+            )),
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        })
+        .await?
+        .into_inner();
+    stream.message().await?.context("snapshot")?;
+
+    let new_ca = Authority::new("new CA")?;
+    install(
+        dir.path(),
+        &new_ca.issue(ExtendedKeyUsagePurpose::ServerAuth)?,
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !healthy(connect(&server, &new_ca.pem(), None).await).await {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        !healthy(connect(&server, &old_ca.pem(), None).await).await,
+        "new connections get the new certificate only"
+    );
+    // The stream opened before goes on: two more heartbeats.
+    for _ in 0..2 {
+        let message = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .context("the open stream stalled")??
+            .context("the open stream ended")?;
+        ensure!(
+            matches!(
+                message.update,
+                Some(rtap::v1::subscribe_response::Update::Heartbeat(_))
+            ),
+            "{message:?}"
+        );
+    }
+
+    drop(stream);
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, 4).await?;
+    database.drop().await
+}
