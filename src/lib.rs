@@ -1,6 +1,8 @@
 //! RTAP's public contract, generated from `proto/rtap/v1`: the gRPC services
 //! (catalog, analytics, ingest) and the interaction event carried on Kafka.
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod kafka;
 
 /// Version 1 of the RTAP API (`rtap.v1`).

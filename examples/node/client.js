@@ -3,12 +3,14 @@
 //
 //   node client.js 127.0.0.1:50051
 //
-// creates a user and a product, runs each kind of analytics query over the
+// (with RTAP_API_KEY=<key> when the server requires keys, and
+// RTAP_TLS_CA=<CA file> when it serves TLS) creates a user and a product, runs each kind of analytics query over the
 // last hour and follows a subscription for a few messages. It shows the
 // health service, deadlines on every call, and how to read the
 // google.rpc.BadRequest details of an INVALID_ARGUMENT.
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const crypto = require('node:crypto');
 const grpc = require('@grpc/grpc-js');
@@ -63,13 +65,28 @@ function badRequestFields(error) {
 
 const lastHour = () => ({ trailing: { seconds: 3600, nanos: 0 } });
 
+/** An interceptor sending `authorization: Bearer <key>` with every call. */
+function bearerKey(key) {
+  return (options, nextCall) =>
+    new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        metadata.set('authorization', `Bearer ${key}`);
+        next(metadata, listener);
+      },
+    });
+}
+
 class Rtap {
-  constructor(address) {
-    const credentials = grpc.credentials.createInsecure();
-    this.health = new healthPackage.grpc.health.v1.Health(address, credentials);
-    this.users = new rtap.UserService(address, credentials);
-    this.products = new rtap.ProductService(address, credentials);
-    this.analytics = new rtap.AnalyticsService(address, credentials);
+  /** `apiKey` and `tlsCa` (a PEM file) default to RTAP_API_KEY and RTAP_TLS_CA. */
+  constructor(address, { apiKey = process.env.RTAP_API_KEY, tlsCa = process.env.RTAP_TLS_CA } = {}) {
+    const credentials = tlsCa
+      ? grpc.credentials.createSsl(fs.readFileSync(tlsCa))
+      : grpc.credentials.createInsecure();
+    const options = apiKey ? { interceptors: [bearerKey(apiKey)] } : {};
+    this.health = new healthPackage.grpc.health.v1.Health(address, credentials, options);
+    this.users = new rtap.UserService(address, credentials, options);
+    this.products = new rtap.ProductService(address, credentials, options);
+    this.analytics = new rtap.AnalyticsService(address, credentials, options);
   }
 
   async serving() {

@@ -2,12 +2,15 @@
 
     python rtap_client.py 127.0.0.1:50051
 
-creates a user and a product, runs each kind of analytics query over the
+(with RTAP_API_KEY=<key> when the server requires keys, and RTAP_TLS_CA=<CA
+file> when it serves TLS) creates a user and a product, runs each kind of analytics query over the
 last hour, and follows a subscription for a few messages. It shows the
 health service, deadlines on every call, and how to read the
 google.rpc.BadRequest details of an INVALID_ARGUMENT.
 """
 
+import collections
+import os
 import sys
 import uuid
 
@@ -33,11 +36,52 @@ def last_hour() -> analytics_pb2.TimeWindow:
     return analytics_pb2.TimeWindow(trailing=duration_pb2.Duration(seconds=3600))
 
 
-class Rtap:
-    """Stubs of every RTAP service on one channel."""
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
 
-    def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address)
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Sends `authorization: Bearer <key>` with every call (plaintext or TLS)."""
+
+    def __init__(self, key: str):
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            list(details.metadata or []) + [self._header],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
+class Rtap:
+    """Stubs of every RTAP service on one channel. `api_key` and `tls_ca`
+    (a PEM file) default to RTAP_API_KEY and RTAP_TLS_CA."""
+
+    def __init__(self, address: str, api_key: str | None = None, tls_ca: str | None = None):
+        api_key = api_key or os.environ.get("RTAP_API_KEY")
+        tls_ca = tls_ca or os.environ.get("RTAP_TLS_CA")
+        if tls_ca:
+            with open(tls_ca, "rb") as ca:
+                credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+            channel = grpc.secure_channel(address, credentials)
+        else:
+            channel = grpc.insecure_channel(address)
+        self.channel = grpc.intercept_channel(channel, BearerKey(api_key)) if api_key else channel
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.users = catalog_pb2_grpc.UserServiceStub(self.channel)
         self.products = catalog_pb2_grpc.ProductServiceStub(self.channel)

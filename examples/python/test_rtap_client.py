@@ -64,3 +64,11 @@ def test_a_subscription_sends_a_snapshot_then_deltas_in_sequence(rtap):
     kinds = {m.WhichOneof("update") for m in messages[1:]}
     assert "delta" in kinds, f"the simulator's traffic arrives as deltas: {kinds}"
     assert all(m.watermark.offsets for m in messages)
+
+
+@pytest.mark.skipif(not os.environ.get("RTAP_API_KEY"), reason="the server requires no key")
+def test_a_call_with_an_unknown_key_is_unauthenticated():
+    stranger = Rtap(os.environ.get("RTAP_ADDR", "127.0.0.1:50051"), api_key="rtap_0123456789abcdef_" + "A" * 43)
+    with pytest.raises(grpc.RpcError) as error:
+        stranger.event_counts()
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED

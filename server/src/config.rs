@@ -571,6 +571,19 @@ impl Config {
         Ok(())
     }
 
+    /// How `watch` and `health` reach the server.
+    pub fn client_settings(&self) -> rtap::client::ClientSettings {
+        rtap::client::ClientSettings {
+            api_key: self.api_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_server_name: self.tls_server_name.clone(),
+            tls_identity: self
+                .tls_client_cert
+                .clone()
+                .zip(self.tls_client_key.clone()),
+        }
+    }
+
     /// The gRPC port's TLS files, when it serves TLS.
     pub fn tls_files(&self) -> Option<TlsFiles> {
         Some(TlsFiles {

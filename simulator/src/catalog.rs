@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
+use rtap::client::{AuthChannel, ClientError, ClientSettings};
 use rtap::v1::{
     CreateProductRequest, CreateUserRequest, ListProductsRequest, ListUsersRequest, Product, User,
     product_service_client::ProductServiceClient, user_service_client::UserServiceClient,
 };
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 use crate::model::{Population, ProductInfo};
 
@@ -59,9 +60,9 @@ const CATEGORIES: &[&str] = &[
 /// Catalog failures.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    /// The server address is not a valid URI.
-    #[error("invalid server address {0:?}: {1}")]
-    Address(String, String),
+    /// The server address or the TLS settings are unusable.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// An RPC failed.
     #[error("{0}: {1}")]
     Rpc(&'static str, tonic::Status),
@@ -72,6 +73,7 @@ pub enum CatalogError {
 /// and has both users and products, otherwise synthetic.
 pub async fn population(
     server: Option<&str>,
+    settings: &ClientSettings,
     seed_users: u32,
     seed_products: u32,
     synthetic_users: u32,
@@ -81,12 +83,12 @@ pub async fn population(
     let Some(address) = server else {
         return Ok(synthetic());
     };
-    let channel = Channel::from_shared(address.to_owned())
-        .map_err(|e| CatalogError::Address(address.to_owned(), e.to_string()))?
+    let channel = settings
+        .endpoint(address)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
     let channel = match channel.connect().await {
-        Ok(channel) => channel,
+        Ok(channel) => settings.authorize(channel)?,
         Err(error) => {
             tracing::warn!(server = address, error = %error, "catalog unreachable; using synthetic ids");
             return Ok(synthetic());
@@ -113,7 +115,7 @@ pub async fn population(
 
 /// Creates users and products with deterministic names; ones that already
 /// exist are kept, so seeding twice is harmless.
-async fn seed(channel: &Channel, users: u32, products: u32) -> Result<(), CatalogError> {
+async fn seed(channel: &AuthChannel, users: u32, products: u32) -> Result<(), CatalogError> {
     let mut user_client = UserServiceClient::new(channel.clone());
     for i in 0..users as usize {
         let first = FIRST_NAMES[i % FIRST_NAMES.len()];
@@ -169,7 +171,7 @@ async fn seed(channel: &Channel, users: u32, products: u32) -> Result<(), Catalo
     Ok(())
 }
 
-async fn list_users(channel: &Channel) -> Result<Vec<i64>, CatalogError> {
+async fn list_users(channel: &AuthChannel) -> Result<Vec<i64>, CatalogError> {
     let mut client = UserServiceClient::new(channel.clone());
     let mut ids = Vec::new();
     let mut page_token = String::new();
@@ -191,7 +193,7 @@ async fn list_users(channel: &Channel) -> Result<Vec<i64>, CatalogError> {
     }
 }
 
-async fn list_products(channel: &Channel) -> Result<Vec<ProductInfo>, CatalogError> {
+async fn list_products(channel: &AuthChannel) -> Result<Vec<ProductInfo>, CatalogError> {
     let mut client = ProductServiceClient::new(channel.clone());
     let mut products = Vec::new();
     let mut page_token = String::new();

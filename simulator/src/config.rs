@@ -74,6 +74,21 @@ pub struct SimulatorConfig {
     #[arg(long, env = "RTAP_SERVER_ADDR")]
     pub server_addr: Option<String>,
 
+    /// API key presented to `--server-addr` (`authorization: Bearer`);
+    /// listing needs a `reader` key, seeding an `admin` key.
+    #[arg(long, env = "RTAP_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Connect to `--server-addr` with TLS, trusting server certificates
+    /// that chain to this PEM CA.
+    #[arg(long, env = "RTAP_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// The name the server's certificate must carry (default: the host of
+    /// `--server-addr`).
+    #[arg(long, env = "RTAP_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+
     /// Create this many users through the server's UserService first.
     #[arg(long, default_value_t = 0)]
     pub seed_users: u32,

@@ -89,8 +89,15 @@ pub async fn run(
     tracing::info!(seed, start_time = %start_time, "simulation starting (replay with --seed and --start-time)");
     model::validate(&config.model)?;
 
+    let client = rtap::client::ClientSettings {
+        api_key: config.api_key.clone(),
+        tls_ca: config.tls_ca.clone(),
+        tls_server_name: config.tls_server_name.clone(),
+        tls_identity: None,
+    };
     let population = catalog::population(
         config.server_addr.as_deref(),
+        &client,
         config.seed_users,
         config.seed_products,
         config.users,

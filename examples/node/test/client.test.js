@@ -62,3 +62,17 @@ test('a subscription sends a snapshot, then deltas in sequence', async () => {
     `the simulator's traffic arrives as deltas: ${messages.map((m) => m.update)}`,
   );
 });
+
+test('a call with an unknown key is UNAUTHENTICATED', { skip: !process.env.RTAP_API_KEY }, async () => {
+  const stranger = new Rtap(process.env.RTAP_ADDR || '127.0.0.1:50051', {
+    apiKey: `rtap_0123456789abcdef_${'A'.repeat(43)}`,
+  });
+  try {
+    await assert.rejects(stranger.eventCounts(), (error) => {
+      assert.equal(error.code, grpc.status.UNAUTHENTICATED);
+      return true;
+    });
+  } finally {
+    stranger.close();
+  }
+});
