@@ -13,7 +13,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 rtap
+ && useradd --system --uid 10001 rtap \
+ && install -d -o rtap /var/lib/rtap
 COPY --from=build /out/ /usr/local/bin/
 USER rtap
 ENV RTAP_LISTEN_ADDR=0.0.0.0:50051

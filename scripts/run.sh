@@ -2,8 +2,10 @@
 # The whole platform on this machine, in one command:
 #   1. PostgreSQL, Redis and the Kafka broker (scripts/services.sh up);
 #   2. a release build of rtap-server and rtap-simulator;
-#   3. rtap-server on RTAP_LISTEN_ADDR (default 127.0.0.1:50051), waiting
-#      until its health is SERVING;
+#   3. rtap-server on RTAP_LISTEN_ADDR (default 127.0.0.1:50051), API keys
+#      required (RTAP_AUTH=keys), waiting until its health is SERVING; then
+#      a fresh admin key named `run.sh`, written to .run/api-key (the
+#      previous one is revoked);
 #   4. rtap-simulator in the background, seeding the catalog (10000 users,
 #      300 products) and producing RTAP_SIM_RATE events/s (default 25; a user
 #      has one session at a time, so higher rates need more users: about 400
@@ -17,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export RTAP_LISTEN_ADDR=${RTAP_LISTEN_ADDR:-127.0.0.1:50051}
+export RTAP_AUTH=${RTAP_AUTH:-keys}
 RATE=${RTAP_SIM_RATE:-25}
 LOG_DIR=.run
 mkdir -p "$LOG_DIR"
@@ -54,6 +57,16 @@ done
 target/release/rtap-server health >/dev/null 2>&1 \
   || die "rtap-server is not SERVING after 60 s; see $LOG_DIR/rtap-server.log"
 echo "run: rtap-server is SERVING on $RTAP_LISTEN_ADDR (log: $LOG_DIR/rtap-server.log)" >&2
+if [[ $RTAP_AUTH == keys ]]; then
+  target/release/rtap-server keys revoke run.sh >/dev/null 2>&1 || true
+  (umask 077 && target/release/rtap-server keys create --name run.sh --role admin >"$LOG_DIR/api-key" 2>/dev/null) \
+    || die "cannot create an API key; see target/release/rtap-server keys create --help"
+  RTAP_API_KEY=$(cat "$LOG_DIR/api-key")
+  export RTAP_API_KEY
+  echo "run: an admin API key is in $LOG_DIR/api-key; call with -H \"authorization: Bearer \$(cat $LOG_DIR/api-key)\"" >&2
+  # Every server loads new keys within --auth-refresh-interval (2 s).
+  sleep 2.5
+fi
 target/release/rtap-simulator --server-addr "http://$RTAP_LISTEN_ADDR" \
   --seed-users 10000 --seed-products 300 --session-gap 5m --rate "$RATE" --progress none \
   >"$LOG_DIR/rtap-simulator.log" 2>&1 &
