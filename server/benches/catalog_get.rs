@@ -56,6 +56,8 @@ async fn bench(
 ) -> anyhow::Result<()> {
     let mut config = test_config(database);
     config.health_check_interval = Duration::from_secs(1);
+    // One client at full speed: the bench measures capacity, not limits.
+    config.max_calls_per_second = 0;
     let server = TestServer::start_with_catalog(config).await?;
     let db = Database::connect(&database.url).await?;
     db.execute_unprepared(&format!(

@@ -165,6 +165,19 @@ async fn run_parts(config: &Config) -> anyhow::Result<()> {
         .args(["--events-topic", &config.events_topic])
         .args(["--dead-letter-topic", &config.dead_letter_topic])
         .args(["--events-partitions", &PARTITIONS.to_string()])
+        // Thousands of subscriptions from one client: no caller limits.
+        .args([
+            "--max-calls-per-second",
+            "0",
+            "--max-concurrent-streams",
+            "0",
+        ])
+        .args([
+            "--max-subscriptions-per-caller",
+            "0",
+            "--max-subscriptions",
+            "0",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

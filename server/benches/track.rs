@@ -43,6 +43,9 @@ async fn bench(database: &TestDatabase, events: usize) -> anyhow::Result<()> {
     let mut config = test_config(database);
     config.role = Role::Api;
     config.max_stream_events = u32::try_from(events)?;
+    // One client at full speed: the bench measures capacity, not limits.
+    config.max_events_per_second = 0;
+    config.max_calls_per_second = 0;
     let server = TestServer::start(config.clone()).await?;
     let client = IngestServiceClient::new(server.channel());
 

@@ -8,7 +8,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     analytics::{AnalyticsApi, feed::FeedSettings, store_client::StoreClient, subscribe::Hub},
-    auth::{self, AuthLayer, Gate, KeyCache},
+    auth::{self, AuthLayer, Gate, KeyCache, Limits},
     catalog::{ProductApi, UserApi},
     config::{Auth, Config},
     database::{Database, SchemaGate},
@@ -133,15 +133,29 @@ pub async fn serve(
         &shutdown,
     );
 
-    let router = tonic::transport::Server::builder()
-        .layer(AuthLayer::new(Gate::new(keys, config.auth_also.clone())))
+    let limits = Arc::new(Limits::new(config.limit_settings()));
+    let gate = Gate::new(keys, config.auth_also.clone(), limits.clone());
+    let mut server = tonic::transport::Server::builder()
+        .layer(AuthLayer::new(gate))
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+        .max_concurrent_streams(
+            (config.max_concurrent_streams > 0).then_some(config.max_concurrent_streams),
+        )
+        .timeout(config.request_timeout)
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout));
+    if let Some(age) = config.max_connection_age {
+        server = server
+            .max_connection_age(age)
+            .max_connection_age_grace(config.max_connection_age_grace);
+    }
+    let router = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let router = if config.role.serves_api() {
-        add_api(router, &config, database, &redis, &shutdown)
+        add_api(router, &config, database, &redis, limits, &shutdown)
     } else {
         router
     };
@@ -247,6 +261,7 @@ fn add_api(
     config: &Config,
     database: Database,
     redis: &Nodes,
+    limits: Arc<Limits>,
     shutdown: &CancellationToken,
 ) -> tonic::transport::server::Router<Layered> {
     let store = StoreClient::new(
@@ -261,11 +276,28 @@ fn add_api(
         ahead: config.max_clock_skew + FEED_CLOCK_MARGIN,
     };
     let hub = Hub::start(store, feeds, shutdown.clone());
+    let max_message = usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX);
     router
-        .add_service(UserApi::new(database.clone()).into_server())
-        .add_service(ProductApi::new(database).into_server())
-        .add_service(AnalyticsApi::new(hub, config).into_server())
-        .add_service(IngestApi::new(config).into_server())
+        .add_service(
+            UserApi::new(database.clone())
+                .into_server()
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            ProductApi::new(database)
+                .into_server()
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            AnalyticsApi::new(hub, config, limits.subscriptions.clone())
+                .into_server()
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            IngestApi::new(config, limits)
+                .into_server()
+                .max_decoding_message_size(max_message),
+        )
 }
 
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {

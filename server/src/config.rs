@@ -450,6 +450,116 @@ pub struct Config {
     )]
     pub tls_client_key: Option<PathBuf>,
 
+    /// Calls a second one caller may make (a key, or without keys an IP
+    /// address), in bursts of up to a second's worth; over it a call is
+    /// RESOURCE_EXHAUSTED with the time to wait. 0: no limit.
+    #[arg(
+        long,
+        env = "RTAP_MAX_CALLS_PER_SECOND",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub max_calls_per_second: u32,
+
+    /// Events a second one caller may track: over it `Track` is
+    /// RESOURCE_EXHAUSTED and a `TrackStream` is read no faster. 0: no
+    /// limit.
+    #[arg(
+        long,
+        env = "RTAP_MAX_EVENTS_PER_SECOND",
+        default_value_t = 100_000,
+        global = true
+    )]
+    pub max_events_per_second: u32,
+
+    /// Subscriptions one caller may hold open. 0: no limit.
+    #[arg(
+        long,
+        env = "RTAP_MAX_SUBSCRIPTIONS_PER_CALLER",
+        default_value_t = 2_000,
+        global = true
+    )]
+    pub max_subscriptions_per_caller: u32,
+
+    /// Subscriptions this server holds open in all. 0: no limit.
+    #[arg(
+        long,
+        env = "RTAP_MAX_SUBSCRIPTIONS",
+        default_value_t = 20_000,
+        global = true
+    )]
+    pub max_subscriptions: u32,
+
+    /// Calls one HTTP/2 connection may have open at once (HTTP/2's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS). 0: no limit.
+    #[arg(
+        long,
+        env = "RTAP_MAX_CONCURRENT_STREAMS",
+        default_value_t = 2_000,
+        global = true
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Longest a call may take to answer (DEADLINE_EXCEEDED past it; a
+    /// shorter `grpc-timeout` from the client wins). A subscription counts
+    /// until its first message, a `TrackStream` until its reply.
+    #[arg(
+        long,
+        env = "RTAP_REQUEST_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub request_timeout: Duration,
+
+    /// Largest request message a call may send.
+    #[arg(
+        long,
+        env = "RTAP_MAX_MESSAGE_BYTES",
+        default_value_t = 4 * 1024 * 1024,
+        value_parser = clap::value_parser!(u32).range(1024..),
+        global = true
+    )]
+    pub max_message_bytes: u32,
+
+    /// Age after which a connection is asked to close (GOAWAY), so clients
+    /// spread over replicas again; its calls then have
+    /// `--max-connection-age-grace` to finish. Off when unset.
+    #[arg(long, env = "RTAP_MAX_CONNECTION_AGE", value_parser = parse_positive_duration, global = true)]
+    pub max_connection_age: Option<Duration>,
+
+    /// How long calls of a connection past its age may still run.
+    #[arg(
+        long,
+        env = "RTAP_MAX_CONNECTION_AGE_GRACE",
+        default_value = "30s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub max_connection_age_grace: Duration,
+
+    /// HTTP/2 PING sent on a connection idle this long, to find dead
+    /// clients (and their subscriptions).
+    #[arg(
+        long,
+        env = "RTAP_HTTP2_KEEPALIVE_INTERVAL",
+        default_value = "30s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long a keepalive PING may go unanswered before the connection is
+    /// closed.
+    #[arg(
+        long,
+        env = "RTAP_HTTP2_KEEPALIVE_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_positive_duration,
+        global = true
+    )]
+    pub http2_keepalive_timeout: Duration,
+
     /// Serve on a non-loopback address without TLS or without
     /// authentication anyway (for a private network you trust).
     #[arg(long, env = "RTAP_INSECURE", global = true)]
@@ -569,6 +679,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The limits on callers.
+    pub fn limit_settings(&self) -> crate::auth::LimitSettings {
+        crate::auth::LimitSettings {
+            calls_per_second: self.max_calls_per_second,
+            events_per_second: self.max_events_per_second,
+            subscriptions_per_caller: self.max_subscriptions_per_caller,
+            subscriptions: self.max_subscriptions,
+        }
     }
 
     /// How `watch` and `health` reach the server.

@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status};
 use rskafka::client::{error::Error as KafkaError, partition::UnknownTopicHandling};
 
 use crate::{
+    auth::{Caller, StreamSlots},
     error::{Error, FieldViolation},
     infra::{kafka, reconnect::Reconnecting, time::timestamp_from_millis},
     store::status::{PartitionVitals, Totals},
@@ -62,13 +63,20 @@ pub(crate) struct AnalyticsApi {
     /// Kept between status calls (`rtap-server watch` asks every second);
     /// dropped after a failure so the next call reconnects.
     kafka: Arc<Reconnecting<Arc<rskafka::client::Client>, KafkaError>>,
+    /// Open subscriptions, per caller and in all.
+    subscriptions: Arc<StreamSlots>,
 }
 
 impl AnalyticsApi {
     /// The service over `hub`'s store, reporting on the configured topic.
-    pub(crate) fn new(hub: Arc<Hub>, config: &crate::config::Config) -> Self {
+    pub(crate) fn new(
+        hub: Arc<Hub>,
+        config: &crate::config::Config,
+        subscriptions: Arc<StreamSlots>,
+    ) -> Self {
         Self {
             hub,
+            subscriptions,
             topic: config.events_topic.clone(),
             timeout: config.dependency_timeout,
             kafka: Arc::new(Reconnecting::new({
@@ -168,6 +176,7 @@ impl AnalyticsService for AnalyticsApi {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let slot = self.subscriptions.claim(&Caller::of(&request).id)?;
         let request = request.into_inner();
         let Some(requested) = request.query else {
             return Err(Error::InvalidArgument(vec![FieldViolation::new(
@@ -199,7 +208,11 @@ impl AnalyticsService for AnalyticsApi {
             }
         };
         let stream = metrics::open(&self.hub, requested, heartbeat).await?;
-        Ok(Response::new(Box::pin(stream.map(Ok))))
+        // The slot is the stream's: released when the subscriber goes.
+        Ok(Response::new(Box::pin(stream.map(move |message| {
+            let _open = &slot;
+            Ok(message)
+        }))))
     }
 
     async fn get_pipeline_status(

@@ -14,9 +14,10 @@ use tower_service::Service;
 use tracing::{Instrument, instrument::Instrumented};
 
 use super::{
-    Principal,
+    Caller, Principal,
     cache::{KeyCache, Refusal},
-    policy::{self, Need, OpenService},
+    limits::{Limits, exhausted},
+    policy::{self, AccessRole, Need, OpenService},
 };
 
 /// What the gate checks.
@@ -26,55 +27,119 @@ pub(crate) struct Gate {
     keys: Option<Arc<KeyCache>>,
     /// Services normally open that need a key (`--auth-also`).
     closed: Vec<OpenService>,
+    /// How often each caller may call.
+    limits: Arc<Limits>,
+}
+
+/// Who a call is from, once admitted.
+struct Admitted {
+    caller: Caller,
+    principal: Option<Principal>,
 }
 
 impl Gate {
-    /// A gate checking `keys` (none: every call passes).
-    pub(crate) fn new(keys: Option<Arc<KeyCache>>, closed: Vec<OpenService>) -> Self {
-        Self { keys, closed }
+    /// A gate checking `keys` (none: anyone may call) and `limits`.
+    pub(crate) fn new(
+        keys: Option<Arc<KeyCache>>,
+        closed: Vec<OpenService>,
+        limits: Arc<Limits>,
+    ) -> Self {
+        Self {
+            keys,
+            closed,
+            limits,
+        }
     }
 
-    /// Who may make this call to `path`, or the status that refuses it.
-    /// `Ok(None)`: an open method, or authentication is off.
-    fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Principal>, Status> {
-        let Some(keys) = &self.keys else {
-            return Ok(None);
-        };
+    /// Who may make this call, or the status that refuses it. `Ok(None)`:
+    /// an open method (health, reflection), which no limit counts.
+    fn admit<B>(&self, request: &http::Request<B>) -> Result<Option<Admitted>, Status> {
+        let path = request.uri().path();
         let needed = match policy::need(path, &self.closed) {
             Need::Open => return Ok(None),
             Need::AnyKey => None,
             Need::Role(role) => Some(role),
         };
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Err(Status::unauthenticated(
-                "missing API key: send the metadata `authorization: Bearer <key>` \
-                 (an administrator creates keys with `rtap-server keys create`)",
-            ));
+        let principal = match &self.keys {
+            Some(keys) => Some(authenticate(keys, request.headers(), path, needed)?),
+            None => None,
         };
-        let text = bearer(value).ok_or_else(|| {
-            Status::unauthenticated("malformed authorization metadata: expected `Bearer <key>`")
-        })?;
-        let principal = keys.verify(text).map_err(|refusal| match refusal {
-            Refusal::Malformed => Status::unauthenticated(
-                "malformed API key: RTAP keys look like `rtap_<id>_<secret>`",
-            ),
-            Refusal::Invalid => Status::unauthenticated("invalid API key: unknown or revoked"),
-            Refusal::NotLoaded => Status::unavailable(
-                "API keys are not loaded yet (PostgreSQL unreachable or its schema not migrated); retry",
-            ),
-        })?;
-        if let Some(needed) = needed
-            && !principal.role.allows(needed)
-        {
-            return Err(Status::permission_denied(format!(
-                "the key `{}` has the role `{}`; {} needs `{needed}`",
-                principal.name,
-                principal.role,
-                path.trim_start_matches('/'),
-            )));
+        let caller = Caller {
+            id: match &principal {
+                Some(principal) => format!("key:{}", principal.name).into(),
+                None => format!("ip:{}", peer_ip(request.extensions())).into(),
+            },
+        };
+        if let Some(calls) = &self.limits.calls {
+            calls
+                .take(&caller.id, 1)
+                .map_err(|wait| exhausted("too many calls from this caller", wait))?;
         }
-        Ok(Some(principal))
+        if path == TRACK
+            && let Some(events) = &self.limits.events
+        {
+            events
+                .take(&caller.id, 1)
+                .map_err(|wait| exhausted("too many events tracked by this caller", wait))?;
+        }
+        Ok(Some(Admitted { caller, principal }))
     }
+}
+
+/// The unary ingest method, which the events limit counts too (a
+/// `TrackStream` counts its events as it reads them).
+const TRACK: &str = "/rtap.v1.IngestService/Track";
+
+/// The principal of the key in `headers`, if its role allows `needed`.
+fn authenticate(
+    keys: &KeyCache,
+    headers: &http::HeaderMap,
+    path: &str,
+    needed: Option<AccessRole>,
+) -> Result<Principal, Status> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(Status::unauthenticated(
+            "missing API key: send the metadata `authorization: Bearer <key>` \
+             (an administrator creates keys with `rtap-server keys create`)",
+        ));
+    };
+    let text = bearer(value).ok_or_else(|| {
+        Status::unauthenticated("malformed authorization metadata: expected `Bearer <key>`")
+    })?;
+    let principal = keys.verify(text).map_err(|refusal| match refusal {
+        Refusal::Malformed => {
+            Status::unauthenticated("malformed API key: RTAP keys look like `rtap_<id>_<secret>`")
+        }
+        Refusal::Invalid => Status::unauthenticated("invalid API key: unknown or revoked"),
+        Refusal::NotLoaded => Status::unavailable(
+            "API keys are not loaded yet (PostgreSQL unreachable or its schema not migrated); retry",
+        ),
+    })?;
+    if let Some(needed) = needed
+        && !principal.role.allows(needed)
+    {
+        return Err(Status::permission_denied(format!(
+            "the key `{}` has the role `{}`; {} needs `{needed}`",
+            principal.name,
+            principal.role,
+            path.trim_start_matches('/'),
+        )));
+    }
+    Ok(principal)
+}
+
+/// The client's IP address, from what tonic records of the connection.
+fn peer_ip(extensions: &http::Extensions) -> String {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+        .map_or_else(|| "unknown".to_owned(), |addr| addr.ip().to_string())
 }
 
 /// The key of an `authorization` value `Bearer <key>` (the scheme is
@@ -135,15 +200,18 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        match self.gate.admit(request.uri().path(), request.headers()) {
-            Ok(Some(principal)) => {
+        match self.gate.admit(&request) {
+            Ok(Some(Admitted { caller, principal })) => {
                 // Every log line of the call names who made it (never the key).
                 let span = tracing::info_span!(
                     "rpc",
-                    principal = %principal.name,
+                    caller = %caller.id,
                     method = request.uri().path()
                 );
-                request.extensions_mut().insert(principal);
+                request.extensions_mut().insert(caller);
+                if let Some(principal) = principal {
+                    request.extensions_mut().insert(principal);
+                }
                 Either::Right(self.inner.call(request).instrument(span))
             }
             Ok(None) => Either::Right(self.inner.call(request).instrument(tracing::Span::none())),

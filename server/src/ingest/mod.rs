@@ -26,6 +26,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    auth::{Caller, Limits},
     config::Config,
     error::{Error, FieldViolation},
 };
@@ -43,15 +44,18 @@ const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
 #[derive(Clone)]
 pub(crate) struct IngestApi {
     producer: Arc<EventProducer>,
+    /// The events limit holds a `TrackStream` back to its caller's rate.
+    limits: Arc<Limits>,
     bounds: TimeBounds,
     max_stream_events: u64,
 }
 
 impl IngestApi {
     /// The service for `config`; connects to Kafka on first use.
-    pub(crate) fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config, limits: Arc<Limits>) -> Self {
         Self {
             producer: Arc::new(EventProducer::new(config)),
+            limits,
             bounds: TimeBounds::from_config(config),
             max_stream_events: u64::from(config.max_stream_events),
         }
@@ -79,6 +83,7 @@ impl IngestApi {
 
     async fn track_stream_inner(
         &self,
+        caller: &Caller,
         mut stream: Streaming<TrackStreamRequest>,
     ) -> Result<TrackStreamResponse, Error> {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
@@ -91,6 +96,9 @@ impl IngestApi {
                 format!("cannot read the request stream: {}", status.message()),
             )])
         })? {
+            if let Some(events) = &self.limits.events {
+                events.wait(&caller.id, 1).await;
+            }
             if index >= self.max_stream_events {
                 return Err(Error::ResourceExhausted(format!(
                     "a TrackStream call takes at most {} events; events before the limit may \
@@ -168,8 +176,10 @@ impl IngestService for IngestApi {
         &self,
         request: Request<Streaming<TrackStreamRequest>>,
     ) -> Result<Response<TrackStreamResponse>, Status> {
+        let caller = Caller::of(&request);
         Ok(Response::new(
-            self.track_stream_inner(request.into_inner()).await?,
+            self.track_stream_inner(&caller, request.into_inner())
+                .await?,
         ))
     }
 }
