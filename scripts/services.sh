@@ -113,28 +113,55 @@ cluster_ok() {
   redis-cli -h 127.0.0.1 -p "$CLUSTER_PORT" cluster info 2>/dev/null | grep -q '^cluster_state:ok'
 }
 
+# Whether every primary has its replica and no node is failing: what the
+# failover tests need.
+cluster_whole() {
+  local nodes
+  nodes=$(redis-cli -h 127.0.0.1 -p "$CLUSTER_PORT" cluster nodes 2>/dev/null) || return 1
+  ! grep -q 'fail' <<<"$nodes" || return 1
+  [[ $(awk '$3 ~ /master/ && NF > 8' <<<"$nodes" | wc -l) -eq $((CLUSTER_NODES / 2)) ]] || return 1
+  [[ $(awk '$3 ~ /slave/ { print $4 }' <<<"$nodes" | sort -u | wc -l) -eq $((CLUSTER_NODES / 2)) ]]
+}
+
 # A Redis Cluster of six redis-server processes (3 primaries, 3 replicas)
 # with a short node timeout, so tests can fail a primary over in seconds.
+# Nodes a test stopped rejoin; a cluster that does not come back whole (a
+# primary and its replica both lost) is made again from scratch.
 cluster_up() {
   command -v redis-server >/dev/null || apt_install redis-server redis-tools
-  if cluster_ok; then
-    # A node a test stopped rejoins.
-    local stopped
-    for stopped in $(cluster_ports); do port_open "$stopped" || cluster_node "$stopped"; done
+  local port i
+  if [[ -d $RUN_DIR/cluster ]]; then
+    for port in $(cluster_ports); do
+      port_open "$port" || cluster_node "$port"
+      # Replicas fail over however long they were apart from their primary.
+      redis-cli -h 127.0.0.1 -p "$port" config set cluster-replica-validity-factor 0 >/dev/null 2>&1 || true
+    done
+    for ((i = 0; i < 100; i++)); do cluster_ok && cluster_whole && break; sleep 0.1; done
+    if cluster_ok && cluster_whole; then
+      log "Redis Cluster ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
+      return
+    fi
+    log "the Redis Cluster is not whole; making it again"
+    for port in $(cluster_ports); do
+      redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
+    done
+    for port in $(cluster_ports); do
+      for ((i = 0; i < 50; i++)); do port_open "$port" || break; sleep 0.1; done
+    done
+    rm -rf "$RUN_DIR/cluster"
+  elif cluster_ok; then
     log "Redis Cluster ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
     return
   fi
-  local port nodes=()
+  local nodes=()
   for port in $(cluster_ports); do
     nodes+=("127.0.0.1:$port")
-    port_open "$port" && continue
-    rm -rf "$RUN_DIR/cluster/$port"
+    port_open "$port" && die "port $port is taken by something that is not this cluster"
     cluster_node "$port"
   done
   log "creating the Redis Cluster"
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$RUN_DIR/cluster-create.log" 2>&1 \
     || die "redis-cli --cluster create failed (see $RUN_DIR/cluster-create.log)"
-  local i
   for ((i = 0; i < 100; i++)); do cluster_ok && break; sleep 0.1; done
   cluster_ok || die "the Redis Cluster did not reach cluster_state:ok"
   log "Redis Cluster ready on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
@@ -148,6 +175,7 @@ cluster_node() {
   mkdir -p "$dir"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
     --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
+    --cluster-replica-validity-factor 0 \
     --dir "$dir" --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >&2 \
     || die "Redis Cluster node $port did not start (see $dir/redis.log)"
   touch "$RUN_DIR/cluster.started"

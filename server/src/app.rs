@@ -134,7 +134,7 @@ pub async fn serve(
     );
 
     let limits = Arc::new(Limits::new(config.limit_settings()));
-    let gate = Gate::new(keys, config.auth_also.clone(), limits.clone());
+    let gate = Gate::new(keys.clone(), config.auth_also.clone(), limits.clone());
     let mut server = tonic::transport::Server::builder()
         .layer(AuthLayer::new(gate))
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
@@ -155,7 +155,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let router = if config.role.serves_api() {
-        add_api(router, &config, database, &redis, limits, &shutdown)
+        add_api(router, &config, database, &redis, (limits, keys), &shutdown)
     } else {
         router
     };
@@ -261,7 +261,7 @@ fn add_api(
     config: &Config,
     database: Database,
     redis: &Nodes,
-    limits: Arc<Limits>,
+    (limits, keys): (Arc<Limits>, Option<Arc<KeyCache>>),
     shutdown: &CancellationToken,
 ) -> tonic::transport::server::Router<Layered> {
     let store = StoreClient::new(
@@ -289,7 +289,7 @@ fn add_api(
                 .max_decoding_message_size(max_message),
         )
         .add_service(
-            AnalyticsApi::new(hub, config, limits.subscriptions.clone())
+            AnalyticsApi::new(hub, config, limits.subscriptions.clone(), keys)
                 .into_server()
                 .max_decoding_message_size(max_message),
         )

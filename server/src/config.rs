@@ -476,7 +476,7 @@ pub struct Config {
     #[arg(
         long,
         env = "RTAP_MAX_SUBSCRIPTIONS_PER_CALLER",
-        default_value_t = 2_000,
+        default_value_t = 5_000,
         global = true
     )]
     pub max_subscriptions_per_caller: u32,
@@ -485,7 +485,7 @@ pub struct Config {
     #[arg(
         long,
         env = "RTAP_MAX_SUBSCRIPTIONS",
-        default_value_t = 20_000,
+        default_value_t = 50_000,
         global = true
     )]
     pub max_subscriptions: u32,
@@ -495,7 +495,7 @@ pub struct Config {
     #[arg(
         long,
         env = "RTAP_MAX_CONCURRENT_STREAMS",
-        default_value_t = 2_000,
+        default_value_t = 10_000,
         global = true
     )]
     pub max_concurrent_streams: u32,

@@ -592,3 +592,79 @@ async fn every_rpc_admits_exactly_the_roles_that_may_call_it() -> anyhow::Result
     common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     database.drop().await
 }
+
+#[tokio::test]
+async fn a_revoked_key_ends_its_open_subscription_and_is_refused_within_the_bound()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = common::test_config(&database);
+    config.role = rtap_server::config::Role::Api;
+    config.auth = Auth::Keys;
+    config.auth_refresh_interval = Duration::from_millis(200);
+    let server = TestServer::start_with_catalog(config.clone()).await?;
+    let channel = server.channel();
+    let key = keys(
+        &database,
+        &["create", "--name", "wall screen", "--role", "reader"],
+    )
+    .await?;
+    let reader = Caller::bearer("reader", &key);
+    wait_for(&channel, &reader, Duration::from_secs(10), |code| {
+        code == Code::NotFound
+    })
+    .await?;
+
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await?;
+    let request = SubscribeRequest {
+        query: Some(subscribe_request::Query::EventCounts(
+            GetEventCountsRequest {
+                window: Some(rtap::v1::TimeWindow {
+                    window: Some(rtap::v1::time_window::Window::Trailing(
+                        prost_types::Duration {
+                            seconds: 600,
+                            nanos: 0,
+                        },
+                    )),
+                }),
+                ..Default::default()
+            },
+        )),
+        heartbeat_interval: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+    };
+    let codec = tonic_prost::ProstCodec::<SubscribeRequest, ()>::default();
+    let path = http::uri::PathAndQuery::from_static("/rtap.v1.AnalyticsService/Subscribe");
+    let mut stream = grpc
+        .server_streaming(reader.request(request)?, path, codec)
+        .await?
+        .into_inner();
+    stream.message().await?.context("snapshot")?;
+
+    keys(&database, &["revoke", "wall screen"]).await?;
+    let revoked_at = tokio::time::Instant::now();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Err(_) => anyhow::bail!("the stream of a revoked key went on"),
+            Ok(Ok(Some(()))) => continue, // heartbeats until the reload
+            Ok(other) => break other,
+        }
+    };
+    let code = ended.as_ref().err().map(Status::code);
+    ensure!(code == Some(Code::Unauthenticated), "{ended:?}");
+    ensure!(
+        revoked_at.elapsed() < Duration::from_secs(3),
+        "ended {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    wait_for(&channel, &reader, Duration::from_secs(1), |code| {
+        code == Code::Unauthenticated
+    })
+    .await?;
+
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    database.drop().await
+}

@@ -35,7 +35,7 @@ use tonic::{Request, Response, Status};
 use rskafka::client::{error::Error as KafkaError, partition::UnknownTopicHandling};
 
 use crate::{
-    auth::{Caller, StreamSlots},
+    auth::{Caller, KeyCache, Principal, StreamSlots},
     error::{Error, FieldViolation},
     infra::{kafka, reconnect::Reconnecting, time::timestamp_from_millis},
     store::status::{PartitionVitals, Totals},
@@ -65,6 +65,9 @@ pub(crate) struct AnalyticsApi {
     kafka: Arc<Reconnecting<Arc<rskafka::client::Client>, KafkaError>>,
     /// Open subscriptions, per caller and in all.
     subscriptions: Arc<StreamSlots>,
+    /// The API keys, to end a subscription whose key is revoked; `None`
+    /// without authentication.
+    keys: Option<Arc<KeyCache>>,
 }
 
 impl AnalyticsApi {
@@ -73,10 +76,12 @@ impl AnalyticsApi {
         hub: Arc<Hub>,
         config: &crate::config::Config,
         subscriptions: Arc<StreamSlots>,
+        keys: Option<Arc<KeyCache>>,
     ) -> Self {
         Self {
             hub,
             subscriptions,
+            keys,
             topic: config.events_topic.clone(),
             timeout: config.dependency_timeout,
             kafka: Arc::new(Reconnecting::new({
@@ -177,6 +182,7 @@ impl AnalyticsService for AnalyticsApi {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let slot = self.subscriptions.claim(&Caller::of(&request).id)?;
+        let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         let Some(requested) = request.query else {
             return Err(Error::InvalidArgument(vec![FieldViolation::new(
@@ -209,10 +215,14 @@ impl AnalyticsService for AnalyticsApi {
         };
         let stream = metrics::open(&self.hub, requested, heartbeat).await?;
         // The slot is the stream's: released when the subscriber goes.
-        Ok(Response::new(Box::pin(stream.map(move |message| {
+        let stream = stream.map(move |message| {
             let _open = &slot;
             Ok(message)
-        }))))
+        });
+        Ok(Response::new(match (&self.keys, principal) {
+            (Some(keys), Some(principal)) => Box::pin(keys.end_on_revocation(&principal, stream)),
+            _ => Box::pin(stream),
+        }))
     }
 
     async fn get_pipeline_status(

@@ -12,9 +12,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
+use futures_util::{Stream, StreamExt};
 use sea_orm::DatabaseConnection;
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::Status;
 
 use super::{
     Principal,
@@ -47,12 +50,66 @@ pub(crate) enum Refusal {
 }
 
 /// The live keys by key id; `None` until the first load.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct KeyCache {
     keys: RwLock<Option<Arc<HashMap<String, Arc<KnownKey>>>>>,
+    /// Bumped by every reload that dropped a key, for open streams to look.
+    dropped: watch::Sender<u64>,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        Self {
+            keys: RwLock::default(),
+            dropped: watch::Sender::new(0),
+        }
+    }
 }
 
 impl KeyCache {
+    /// Whether the key `key_id` is live (as of the last reload).
+    pub(crate) fn is_live(&self, key_id: &str) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|keys| keys.contains_key(key_id))
+    }
+
+    /// Completes once a reload finds the key `key_id` revoked.
+    pub(crate) async fn revoked(self: Arc<Self>, key_id: Arc<str>) {
+        let mut dropped = self.dropped.subscribe();
+        while self.is_live(&key_id) {
+            if dropped.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// `stream`, ended with UNAUTHENTICATED once `principal`'s key is
+    /// revoked: a key is checked when a call starts, and a subscription
+    /// lives on.
+    pub(crate) fn end_on_revocation<T: Send + 'static>(
+        self: &Arc<Self>,
+        principal: &Principal,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
+        let revoked = Box::pin(self.clone().revoked(principal.key_id.clone()));
+        futures_util::stream::unfold(
+            (Box::pin(stream), Some(revoked)),
+            |(mut stream, revoked)| async move {
+                let mut revoked = revoked?;
+                tokio::select! {
+                    item = stream.next() => item.map(|item| (item, (stream, Some(revoked)))),
+                    () = &mut revoked => Some((
+                        Err(Status::unauthenticated("the API key of this subscription was revoked")),
+                        (stream, None),
+                    )),
+                }
+            },
+        )
+    }
+
     /// Who `text` (a key) authenticates.
     pub(crate) fn verify(&self, text: &str) -> Result<Principal, Refusal> {
         let (id, secret) = key::parse(text).ok_or(Refusal::Malformed)?;
@@ -100,6 +157,7 @@ impl KeyCache {
                     principal: Principal {
                         name: row.name.as_str().into(),
                         role,
+                        key_id: row.key_id.as_str().into(),
                     },
                     secret_hash,
                     last_use: AtomicI64::new(0),
@@ -108,7 +166,13 @@ impl KeyCache {
             keys.insert(row.key_id, known);
         }
         let count = keys.len();
+        let dropped = current
+            .as_ref()
+            .is_some_and(|current| current.keys().any(|id| !keys.contains_key(id)));
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keys));
+        if dropped {
+            self.dropped.send_modify(|generation| *generation += 1);
+        }
         Ok(count)
     }
 }

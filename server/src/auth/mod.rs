@@ -57,4 +57,6 @@ pub struct Principal {
     pub name: Arc<str>,
     /// What the key may do.
     pub role: AccessRole,
+    /// The key's public id (never its secret).
+    pub key_id: Arc<str>,
 }

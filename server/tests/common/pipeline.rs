@@ -537,9 +537,11 @@ pub async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyho
 /// services, namespace and topics.
 pub fn server_command(binary: &str, config: &Config, args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(binary);
+    // `--role` (the process's) goes before a subcommand in `args`.
     command
+        .args(["--role", "ingest"])
         .args(args)
-        .args(["--role", "ingest", "--listen-addr", "127.0.0.1:0"])
+        .args(["--listen-addr", "127.0.0.1:0"])
         .args(["--database-url", &config.database_url])
         .args(["--redis-url", &config.redis_url])
         .args(["--redis-namespace", &config.redis_namespace])
