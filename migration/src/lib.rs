@@ -18,3 +18,13 @@ impl MigratorTrait for Migrator {
         ]
     }
 }
+
+/// Runs `statements` in order: the migrations are plain SQL, each
+/// statement idempotent.
+async fn run_all(manager: &SchemaManager<'_>, statements: &[&str]) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for statement in statements {
+        db.execute_unprepared(statement).await?;
+    }
+    Ok(())
+}

@@ -8,6 +8,8 @@
 
 use sea_orm_migration::prelude::*;
 
+use crate::run_all;
+
 pub struct Migration;
 
 impl MigrationName for Migration {
@@ -49,14 +51,6 @@ const DOWN: &[&str] = &[
     "DROP TABLE IF EXISTS products",
     "DROP TABLE IF EXISTS users",
 ];
-
-async fn run_all(manager: &SchemaManager<'_>, statements: &[&str]) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    for statement in statements {
-        db.execute_unprepared(statement).await?;
-    }
-    Ok(())
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

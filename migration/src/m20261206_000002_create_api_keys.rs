@@ -7,6 +7,8 @@
 
 use sea_orm_migration::prelude::*;
 
+use crate::run_all;
+
 pub struct Migration;
 
 impl MigrationName for Migration {
@@ -30,14 +32,6 @@ const UP: &[&str] = &[
 ];
 
 const DOWN: &[&str] = &["DROP TABLE IF EXISTS api_keys"];
-
-async fn run_all(manager: &SchemaManager<'_>, statements: &[&str]) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    for statement in statements {
-        db.execute_unprepared(statement).await?;
-    }
-    Ok(())
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

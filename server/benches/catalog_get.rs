@@ -7,6 +7,13 @@
 //! show where the time goes: a gRPC call that reads no database (health
 //! Check), and the same look-ups through SeaORM without gRPC.
 //!
+//! Then the same GetUser over TLS with an API key, against plaintext with
+//! no authentication, alternating over the rounds (target ≥ 0.8 × the
+//! plaintext rate), and the health Check three ways (plaintext, TLS, TLS
+//! with a key it must check) to price the key check per call, with the
+//! PostgreSQL transactions the keyed phase made (the check must not touch
+//! it: only the key reloads every 2 s do).
+//!
 //! `cargo bench -p rtap-server --bench catalog_get` after
 //! `scripts/services.sh up`. `RTAP_BENCH_CONCURRENCY` (default 16),
 //! `RTAP_BENCH_SECONDS` (per phase, default 10) and `RTAP_BENCH_ROUNDS`
@@ -26,7 +33,13 @@ use common::{TestDatabase, TestServer, test_config};
 use env_count::env_count;
 use rand::Rng;
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
-use sea_orm::{ConnectionTrait, Database, EntityTrait};
+use rtap_server::config::{Auth, Role};
+use sea_orm::{ConnectionTrait, Database, DbBackend, EntityTrait, Statement};
+use tonic::{
+    Request,
+    metadata::{Ascii, MetadataValue},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const USERS: i64 = 10_000;
@@ -58,7 +71,7 @@ async fn bench(
     config.health_check_interval = Duration::from_secs(1);
     // One client at full speed: the bench measures capacity, not limits.
     config.max_calls_per_second = 0;
-    let server = TestServer::start_with_catalog(config).await?;
+    let server = TestServer::start_with_catalog(config.clone()).await?;
     let db = Database::connect(&database.url).await?;
     db.execute_unprepared(&format!(
         "INSERT INTO users (first_name, last_name, create_time, update_time) \
@@ -72,12 +85,19 @@ async fn bench(
         "concurrency {concurrency}, {} s a phase",
         duration.as_secs()
     );
-    run_clients(&server, Call::GetUser, concurrency, Duration::from_secs(1)).await?;
+    let plaintext = Target::plaintext(&server);
+    run_clients(
+        &plaintext,
+        Call::GetUser,
+        concurrency,
+        Duration::from_secs(1),
+    )
+    .await?;
     let mut latencies = Vec::new();
     let (mut rates, mut pgbench_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let (calls, round_latencies) =
-            run_clients(&server, Call::GetUser, concurrency, duration).await?;
+            run_clients(&plaintext, Call::GetUser, concurrency, duration).await?;
         latencies.extend(round_latencies);
         let rate = calls as f64 / duration.as_secs_f64();
         let pgbench = pgbench_select_only(database, concurrency, duration)?;
@@ -93,7 +113,9 @@ async fn bench(
     let percentile =
         |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     // Where the time goes: gRPC alone, a call that reads no database.
-    let (health_calls, _) = run_clients(&server, Call::HealthCheck, concurrency, duration).await?;
+    let (health_calls, _) =
+        run_clients(&plaintext, Call::HealthCheck, concurrency, duration).await?;
+    secured(database, &config, &plaintext, concurrency, duration, rounds).await?;
     server.stop().await?;
     // And the database alone: the same look-ups through SeaORM, one by one.
     let direct = run_direct(&database.url, concurrency, duration).await?;
@@ -132,28 +154,80 @@ enum Call {
     HealthCheck,
 }
 
+/// Where the callers call: a few HTTP/2 connections (callers share them,
+/// as gRPC clients do), plaintext or TLS, with an API key or none.
+#[derive(Clone)]
+struct Target {
+    channels: Vec<Channel>,
+    key: Option<MetadataValue<Ascii>>,
+}
+
+impl Target {
+    fn plaintext(server: &TestServer) -> Self {
+        Self {
+            channels: (0..CONNECTIONS).map(|_| server.channel()).collect(),
+            key: None,
+        }
+    }
+
+    async fn tls(server: &TestServer, ca: &str, key: Option<&str>) -> anyhow::Result<Self> {
+        let mut channels = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost");
+            channels.push(
+                Endpoint::from_shared(format!("https://{}", server.addr))?
+                    .tls_config(tls)?
+                    .connect()
+                    .await?,
+            );
+        }
+        let key = key.map(|key| format!("Bearer {key}").parse()).transpose()?;
+        Ok(Self { channels, key })
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(key) = &self.key {
+            request.metadata_mut().insert("authorization", key.clone());
+        }
+        request
+    }
+}
+
 async fn run_clients(
-    server: &TestServer,
+    target: &Target,
     call: Call,
     concurrency: u64,
     duration: Duration,
 ) -> anyhow::Result<(u64, Vec<Duration>)> {
     let deadline = Instant::now() + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    // Callers share a few HTTP/2 connections, as gRPC clients do.
-    let channels: Vec<_> = (0..CONNECTIONS).map(|_| server.channel()).collect();
     for caller in 0..concurrency {
-        let channel = channels[usize::try_from(caller).unwrap_or(0) % channels.len()].clone();
+        let channel =
+            target.channels[usize::try_from(caller).unwrap_or(0) % target.channels.len()].clone();
         let mut users = UserServiceClient::new(channel.clone());
         let mut health = HealthClient::new(channel);
+        let target = target.clone();
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let id = rand::rng().random_range(1..=USERS);
                 let started = Instant::now();
                 match call {
-                    Call::GetUser => drop(users.get_user(GetUserRequest { id }).await?),
-                    Call::HealthCheck => drop(health.check(HealthCheckRequest::default()).await?),
+                    Call::GetUser => {
+                        drop(
+                            users
+                                .get_user(target.request(GetUserRequest { id }))
+                                .await?,
+                        );
+                    }
+                    Call::HealthCheck => drop(
+                        health
+                            .check(target.request(HealthCheckRequest::default()))
+                            .await?,
+                    ),
                 }
                 latencies.push(started.elapsed());
             }
@@ -243,4 +317,116 @@ fn pgbench_select_only(
         .and_then(|line| line.split_whitespace().nth(2))
         .and_then(|tps| tps.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no tps line in pgbench's report:\n{report}"))
+}
+
+/// GetUser over TLS with a key against plaintext without authentication,
+/// and what the key check costs a call.
+async fn secured(
+    database: &TestDatabase,
+    config: &rtap_server::Config,
+    plaintext: &Target,
+    concurrency: u64,
+    duration: Duration,
+    rounds: u64,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?
+        .signed_by(&leaf_key, &ca, &ca_key)?;
+    std::fs::write(dir.path().join("server.pem"), leaf.pem())?;
+    std::fs::write(dir.path().join("server.key"), leaf_key.serialize_pem())?;
+    let tls_config = |auth: Auth| {
+        let mut tls = config.clone();
+        tls.role = Role::Api;
+        tls.listen_addr = "127.0.0.1:0".parse().expect("an address");
+        tls.tls_cert = Some(dir.path().join("server.pem"));
+        tls.tls_key = Some(dir.path().join("server.key"));
+        tls.auth = auth;
+        tls.auth_also = vec![rtap_server::auth::OpenService::Health];
+        tls
+    };
+    let keyed_server = TestServer::start(tls_config(Auth::Keys)).await?;
+    let tls_server = TestServer::start(tls_config(Auth::None)).await?;
+    let created = Command::new(env!("CARGO_BIN_EXE_rtap-server"))
+        .args(["keys", "create", "--name", "bench", "--role", "reader"])
+        .args(["--database-url", &database.url])
+        .output()?;
+    anyhow::ensure!(
+        created.status.success(),
+        "keys create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let key = String::from_utf8(created.stdout)?.trim().to_owned();
+    let keyed = Target::tls(&keyed_server, &ca.pem(), Some(&key)).await?;
+    let tls = Target::tls(&tls_server, &ca.pem(), None).await?;
+    // The key is loaded within the reload interval.
+    let started = Instant::now();
+    while run_clients(&keyed, Call::GetUser, 1, Duration::from_millis(10))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the key never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (plain_calls, _) = run_clients(plaintext, Call::GetUser, concurrency, duration).await?;
+        let (keyed_calls, _) = run_clients(&keyed, Call::GetUser, concurrency, duration).await?;
+        let ratio = keyed_calls as f64 / plain_calls as f64;
+        println!(
+            "round {round}: GetUser plaintext {:>8.0} calls/s, TLS + key {:>8.0} calls/s, ratio {ratio:.2}",
+            plain_calls as f64 / duration.as_secs_f64(),
+            keyed_calls as f64 / duration.as_secs_f64(),
+        );
+        ratios.push(ratio);
+    }
+    println!(
+        "ratio TLS + key / plaintext GetUser: {:.2} (median of the rounds; target >= 0.80)",
+        median(&mut ratios)
+    );
+
+    let transactions = || async {
+        let db = Database::connect(&database.url).await?;
+        let row = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT (xact_commit + xact_rollback)::bigint AS n FROM pg_stat_database \
+                 WHERE datname = current_database()",
+            ))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no pg_stat_database row"))?;
+        db.close().await?;
+        anyhow::Ok(row.try_get::<i64>("", "n")?)
+    };
+    let (plain_health, _) =
+        run_clients(plaintext, Call::HealthCheck, concurrency, duration).await?;
+    let (tls_health, _) = run_clients(&tls, Call::HealthCheck, concurrency, duration).await?;
+    let before = transactions().await?;
+    let (keyed_health, _) = run_clients(&keyed, Call::HealthCheck, concurrency, duration).await?;
+    // PostgreSQL publishes its statistics about a second late.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = transactions().await? - before;
+    let per_second = |calls: u64| calls as f64 / duration.as_secs_f64();
+    // Two cores busy: CPU per call is about 2 / rate.
+    let cost_micros = 2e6 * (1.0 / per_second(keyed_health) - 1.0 / per_second(tls_health));
+    println!(
+        "health Check: plaintext {:>8.0}/s, TLS {:>8.0}/s, TLS + key {:>8.0}/s; the key check costs about {cost_micros:.1} us of CPU a call",
+        per_second(plain_health),
+        per_second(tls_health),
+        per_second(keyed_health),
+    );
+    println!(
+        "PostgreSQL transactions during the {} keyed health calls: {during} (the key reloads: one every 2 s; none per call)",
+        keyed_health
+    );
+    keyed_server.stop().await?;
+    tls_server.stop().await
 }

@@ -21,20 +21,8 @@ use rtap::v1::{
 use rtap_server::config::Auth;
 use tonic::{Code, Status, transport::Channel};
 
-/// `rtap-server keys ARGS` against `database`; its standard output.
 async fn keys(database: &TestDatabase, args: &[&str]) -> anyhow::Result<String> {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"))
-        .arg("keys")
-        .args(args)
-        .args(["--database-url", &database.url])
-        .output()
-        .await?;
-    ensure!(
-        output.status.success(),
-        "keys {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+    common::keys_command(database, args).await
 }
 
 /// What a caller presents as `authorization`.
@@ -311,22 +299,7 @@ async fn call_everything(
 async fn subscribe(channel: &Channel, caller: &Caller) -> anyhow::Result<Result<(), Status>> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await?;
-    let request = SubscribeRequest {
-        query: Some(subscribe_request::Query::EventCounts(
-            GetEventCountsRequest {
-                window: Some(rtap::v1::TimeWindow {
-                    window: Some(rtap::v1::time_window::Window::Trailing(
-                        prost_types::Duration {
-                            seconds: 3600,
-                            nanos: 0,
-                        },
-                    )),
-                }),
-                ..Default::default()
-            },
-        )),
-        ..Default::default()
-    };
+    let request = common::counts_subscription(3600, 0);
     let codec = tonic_prost::ProstCodec::<SubscribeRequest, ()>::default();
     let path = http::uri::PathAndQuery::from_static("/rtap.v1.AnalyticsService/Subscribe");
     let result = match grpc
@@ -616,25 +589,7 @@ async fn a_revoked_key_ends_its_open_subscription_and_is_refused_within_the_boun
 
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await?;
-    let request = SubscribeRequest {
-        query: Some(subscribe_request::Query::EventCounts(
-            GetEventCountsRequest {
-                window: Some(rtap::v1::TimeWindow {
-                    window: Some(rtap::v1::time_window::Window::Trailing(
-                        prost_types::Duration {
-                            seconds: 600,
-                            nanos: 0,
-                        },
-                    )),
-                }),
-                ..Default::default()
-            },
-        )),
-        heartbeat_interval: Some(prost_types::Duration {
-            seconds: 1,
-            nanos: 0,
-        }),
-    };
+    let request = common::counts_subscription(600, 1);
     let codec = tonic_prost::ProstCodec::<SubscribeRequest, ()>::default();
     let path = http::uri::PathAndQuery::from_static("/rtap.v1.AnalyticsService/Subscribe");
     let mut stream = grpc

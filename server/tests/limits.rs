@@ -18,17 +18,7 @@ use tonic_types::StatusExt;
 
 /// `rtap-server keys create` of a `role` key named `name`.
 async fn create_key(database: &TestDatabase, name: &str, role: &str) -> anyhow::Result<String> {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"))
-        .args(["keys", "create", "--name", name, "--role", role])
-        .args(["--database-url", &database.url])
-        .output()
-        .await?;
-    ensure!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+    common::keys_command(database, &["create", "--name", name, "--role", role]).await
 }
 
 fn keyed<T>(key: &str, message: T) -> anyhow::Result<Request<T>> {
@@ -131,22 +121,7 @@ async fn a_caller_over_its_call_rate_waits_its_turn_while_another_is_served() ->
 }
 
 fn counts() -> SubscribeRequest {
-    SubscribeRequest {
-        query: Some(subscribe_request::Query::EventCounts(
-            GetEventCountsRequest {
-                window: Some(rtap::v1::TimeWindow {
-                    window: Some(rtap::v1::time_window::Window::Trailing(
-                        prost_types::Duration {
-                            seconds: 600,
-                            nanos: 0,
-                        },
-                    )),
-                }),
-                ..Default::default()
-            },
-        )),
-        ..Default::default()
-    }
+    common::counts_subscription(600, 0)
 }
 
 #[tokio::test]

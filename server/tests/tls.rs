@@ -184,25 +184,7 @@ async fn a_replaced_certificate_is_served_to_new_connections_while_open_streams_
     // A subscription with a heartbeat every second, over the old certificate.
     let mut analytics = AnalyticsServiceClient::new(connect(&server, &old_ca.pem(), None).await?);
     let mut stream = analytics
-        .subscribe(SubscribeRequest {
-            query: Some(subscribe_request::Query::EventCounts(
-                GetEventCountsRequest {
-                    window: Some(rtap::v1::TimeWindow {
-                        window: Some(rtap::v1::time_window::Window::Trailing(
-                            prost_types::Duration {
-                                seconds: 600,
-                                nanos: 0,
-                            },
-                        )),
-                    }),
-                    ..Default::default()
-                },
-            )),
-            heartbeat_interval: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-        })
+        .subscribe(common::counts_subscription(600, 1))
         .await?
         .into_inner();
     stream.message().await?.context("snapshot")?;

@@ -430,3 +430,45 @@ pub async fn delete_namespace_on(
     }
     Ok(())
 }
+
+/// `rtap-server keys ARGS` against `database`; its standard output (a
+/// created key, a listing).
+pub async fn keys_command(database: &TestDatabase, args: &[&str]) -> anyhow::Result<String> {
+    let binary = option_env!("CARGO_BIN_EXE_rtap-server")
+        .context("only the server's tests and benches can run rtap-server")?;
+    let output = tokio::process::Command::new(binary)
+        .arg("keys")
+        .args(args)
+        .args(["--database-url", &database.url])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "keys {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+/// A subscription to the event counts of the trailing `seconds`, with a
+/// heartbeat every `heartbeat_seconds` (0: the server's default).
+pub fn counts_subscription(seconds: i64, heartbeat_seconds: i64) -> rtap::v1::SubscribeRequest {
+    use rtap::v1::{GetEventCountsRequest, TimeWindow, subscribe_request, time_window::Window};
+    rtap::v1::SubscribeRequest {
+        query: Some(subscribe_request::Query::EventCounts(
+            GetEventCountsRequest {
+                window: Some(TimeWindow {
+                    window: Some(Window::Trailing(prost_types::Duration {
+                        seconds,
+                        nanos: 0,
+                    })),
+                }),
+                ..Default::default()
+            },
+        )),
+        heartbeat_interval: Some(prost_types::Duration {
+            seconds: heartbeat_seconds,
+            nanos: 0,
+        }),
+    }
+}
