@@ -13,6 +13,10 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.config.log_format);
+    // One TLS provider for every rustls client and server in the process
+    // (the gRPC port, rediss://, PostgreSQL), whatever features the
+    // dependencies enable.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
