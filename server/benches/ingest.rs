@@ -279,7 +279,7 @@ async fn ingest(config: &Config, nodes: &Nodes, raw: &RawFetch) -> anyhow::Resul
     let cpu_before = CpuTimes::now();
     let started = Instant::now();
     let pipeline = tokio::spawn(consumer::run(
-        PipelineSettings::from_config(config),
+        PipelineSettings::from_config(config, config.kafka().map_err(anyhow::Error::msg)?),
         nodes.clone(),
         stats.clone(),
         shutdown.clone(),

@@ -14,7 +14,7 @@ use crate::{
     database::{Database, SchemaGate},
     error::Error,
     health::{self, Dependency, DependencyProbe, Watched},
-    infra::{TCP_KEEPALIVE, tls::ReloadingTls},
+    infra::{TCP_KEEPALIVE, kafka::Brokers, tls::ReloadingTls},
     ingest::{
         IngestApi,
         consumer::{self, PipelineSettings, PipelineStats},
@@ -114,6 +114,7 @@ pub async fn serve(
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
     let (database, schema_gate) = Database::connect_lazy(&config).await?;
     let redis = config.redis_nodes().map_err(Error::Config)?;
+    let kafka = config.kafka().map_err(Error::Config)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::report_not_serving(&health_reporter, WATCHED).await;
@@ -127,7 +128,7 @@ pub async fn serve(
     let tasks = spawn_background(
         &config,
         (&database, schema_gate),
-        &redis,
+        (&redis, &kafka),
         keys.clone(),
         health_reporter,
         &shutdown,
@@ -155,7 +156,14 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let router = if config.role.serves_api() {
-        add_api(router, &config, database, &redis, (limits, keys), &shutdown)
+        add_api(
+            router,
+            &config,
+            database,
+            (&redis, &kafka),
+            (limits, keys),
+            &shutdown,
+        )
     } else {
         router
     };
@@ -208,7 +216,7 @@ pub async fn serve(
 fn spawn_background(
     config: &Config,
     (database, schema_gate): (&Database, SchemaGate),
-    redis: &Nodes,
+    (redis, kafka): (&Nodes, &Brokers),
     keys: Option<Arc<KeyCache>>,
     health_reporter: tonic_health::server::HealthReporter,
     shutdown: &CancellationToken,
@@ -230,7 +238,7 @@ fn spawn_background(
     let probe = DependencyProbe::new(
         database.clone(),
         redis.clone(),
-        config.kafka_brokers.clone(),
+        kafka.clone(),
         config.dependency_timeout,
     );
     tasks.spawn(health::monitor(
@@ -242,7 +250,7 @@ fn spawn_background(
     ));
     if config.role.consumes() {
         tasks.spawn(consumer::run(
-            PipelineSettings::from_config(config),
+            PipelineSettings::from_config(config, kafka.clone()),
             redis.clone(),
             Arc::new(PipelineStats::default()),
             shutdown.clone(),
@@ -260,7 +268,7 @@ fn add_api(
     router: tonic::transport::server::Router<Layered>,
     config: &Config,
     database: Database,
-    redis: &Nodes,
+    (redis, kafka): (&Nodes, &Brokers),
     (limits, keys): (Arc<Limits>, Option<Arc<KeyCache>>),
     shutdown: &CancellationToken,
 ) -> tonic::transport::server::Router<Layered> {
@@ -289,12 +297,17 @@ fn add_api(
                 .max_decoding_message_size(max_message),
         )
         .add_service(
-            AnalyticsApi::new(hub, config, limits.subscriptions.clone(), keys)
-                .into_server()
-                .max_decoding_message_size(max_message),
+            AnalyticsApi::new(
+                hub,
+                config,
+                kafka.clone(),
+                (limits.subscriptions.clone(), keys),
+            )
+            .into_server()
+            .max_decoding_message_size(max_message),
         )
         .add_service(
-            IngestApi::new(config, limits)
+            IngestApi::new(config, kafka.clone(), limits)
                 .into_server()
                 .max_decoding_message_size(max_message),
         )

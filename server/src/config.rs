@@ -114,6 +114,11 @@ pub struct Config {
     )]
     pub kafka_brokers: Vec<String>,
 
+    /// Connect to the Kafka brokers over TLS, trusting the broker
+    /// certificates that chain to this PEM CA.
+    #[arg(long, env = "RTAP_KAFKA_TLS_CA", global = true)]
+    pub kafka_tls_ca: Option<PathBuf>,
+
     /// Kafka topic of interaction events (`rtap.v1.InteractionEvent`).
     #[arg(
         long,
@@ -679,6 +684,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The Kafka brokers and how to reach them (`--kafka-tls-ca`).
+    pub fn kafka(&self) -> Result<crate::infra::kafka::Brokers, String> {
+        let addrs = self.kafka_brokers.clone();
+        match &self.kafka_tls_ca {
+            Some(ca) => crate::infra::kafka::Brokers::tls(addrs, ca)
+                .map_err(|e| format!("--kafka-tls-ca: {e}")),
+            None => Ok(crate::infra::kafka::Brokers::plaintext(addrs)),
+        }
     }
 
     /// The limits on callers.

@@ -18,7 +18,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     database::Database,
-    infra::{kafka, reconnect::Reconnecting},
+    infra::{
+        kafka::{self, Brokers},
+        reconnect::Reconnecting,
+    },
     store::nodes::Nodes,
 };
 
@@ -95,7 +98,7 @@ impl DependencyProbe {
     pub(crate) fn new(
         database: Database,
         redis: Nodes,
-        kafka_brokers: Vec<String>,
+        kafka_brokers: Brokers,
         timeout: Duration,
     ) -> Self {
         Self {

@@ -16,7 +16,7 @@ use rtap::v1::{
     GetEngagementRequest, GetEventCountsRequest, GetFunnelRequest, GetPipelineStatusRequest,
     GetProductRequest, GetTopProductsRequest, GetUniqueUsersRequest, GetUserRequest,
     ListProductsRequest, ListUsersRequest, Product, SubscribeRequest, TrackRequest,
-    TrackStreamRequest, UpdateProductRequest, UpdateUserRequest, User, subscribe_request,
+    TrackStreamRequest, UpdateProductRequest, UpdateUserRequest, User,
 };
 use rtap_server::config::Auth;
 use tonic::{Code, Status, transport::Channel};

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use common::{TestDatabase, TestServer, pipeline::event, test_config};
 use rtap::v1::{
-    GetEventCountsRequest, GetUserRequest, SubscribeRequest, TrackRequest, TrackStreamRequest,
+    GetUserRequest, SubscribeRequest, TrackRequest, TrackStreamRequest,
     analytics_service_client::AnalyticsServiceClient, ingest_service_client::IngestServiceClient,
-    subscribe_request, user_service_client::UserServiceClient,
+    user_service_client::UserServiceClient,
 };
 use rtap_server::{Config, config::Auth};
 use tonic::{Code, Request, Status};

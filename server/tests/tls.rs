@@ -331,3 +331,138 @@ async fn the_metric_store_over_rediss_is_verified_against_a_trusted_ca() -> anyh
     redis.kill().await?;
     database.drop().await
 }
+
+/// Terminates TLS on a port of its own and forwards each connection to
+/// `upstream` in plaintext: a Kafka broker behind a TLS listener, as the
+/// test broker serves no TLS itself.
+async fn tls_proxy(
+    cert: &(String, String),
+    upstream: std::net::SocketAddr,
+) -> anyhow::Result<(u16, tokio::task::JoinHandle<()>)> {
+    use tokio_rustls::rustls::{
+        ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let certs = CertificateDer::pem_slice_iter(cert.0.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(cert.1.as_bytes())?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let (Ok(mut client), Ok(mut broker)) = (
+                    acceptor.accept(client).await,
+                    tokio::net::TcpStream::connect(upstream).await,
+                ) else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+            });
+        }
+    });
+    Ok((port, task))
+}
+
+#[tokio::test]
+async fn kafka_over_tls_carries_tracked_events_into_the_metrics() -> anyhow::Result<()> {
+    use rtap::v1::{
+        GetPipelineStatusRequest, TrackRequest, ingest_service_client::IngestServiceClient,
+    };
+    let database = TestDatabase::create().await?;
+    let dir = tempfile::tempdir()?;
+    let ca = Authority::new("Kafka CA")?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
+    std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+    std::fs::write(
+        dir.path().join("other.pem"),
+        Authority::new("another CA")?.pem(),
+    )?;
+
+    // A broker of its own, advertising the TLS proxy's port as its address.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (tls_port, _proxy) = tls_proxy(&(cert.pem(), key.serialize_pem()), plain).await?;
+    let nisshi = std::env::var("HOME")
+        .map(|home| std::path::Path::new(&home).join(".cargo/bin/nisshi"))
+        .ok()
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| "nisshi".into());
+    let _broker = tokio::process::Command::new(nisshi)
+        .arg("broker")
+        .args(["--listener-url", &format!("tcp://{plain}")])
+        .args([
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{tls_port}"),
+        ])
+        .args([
+            "--storage-engine",
+            &format!("memory://tls-{}/", common::unique_suffix()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start nisshi (scripts/services.sh up installs it)")?;
+
+    let mut config = test_config(&database);
+    config.kafka_brokers = vec![format!("127.0.0.1:{tls_port}")];
+    config.events_partitions = 1;
+    config.kafka_tls_ca = Some(dir.path().join("ca.pem"));
+    let server = TestServer::start(config.clone()).await?;
+    let track = TrackRequest {
+        event: Some(common::pipeline::event(1, chrono::Utc::now())),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut ingest = IngestServiceClient::new(server.channel());
+    while let Err(status) = ingest.track(track.clone()).await {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "Track over TLS: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut analytics = AnalyticsServiceClient::new(server.channel());
+    loop {
+        let status = analytics
+            .get_pipeline_status(GetPipelineStatusRequest {})
+            .await?
+            .into_inner();
+        if status.total.as_ref().is_some_and(|t| t.events_applied == 1) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the event never reached the metrics: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await?;
+
+    // A server that trusts another CA cannot produce.
+    let mut doubting = config.clone();
+    doubting.kafka_tls_ca = Some(dir.path().join("other.pem"));
+    doubting.ingest_ack_timeout = Duration::from_secs(2);
+    doubting.role = rtap_server::config::Role::Api;
+    let server = TestServer::start(doubting).await?;
+    let refused = IngestServiceClient::new(server.channel())
+        .track(track)
+        .await;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::Unavailable),
+        "{refused:?}"
+    );
+    server.stop().await?;
+    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, 1).await?;
+    database.drop().await
+}

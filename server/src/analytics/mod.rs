@@ -37,7 +37,11 @@ use rskafka::client::{error::Error as KafkaError, partition::UnknownTopicHandlin
 use crate::{
     auth::{Caller, KeyCache, Principal, StreamSlots},
     error::{Error, FieldViolation},
-    infra::{kafka, reconnect::Reconnecting, time::timestamp_from_millis},
+    infra::{
+        kafka::{self, Brokers},
+        reconnect::Reconnecting,
+        time::timestamp_from_millis,
+    },
     store::status::{PartitionVitals, Totals},
 };
 use metric::{Metric, Query};
@@ -75,8 +79,8 @@ impl AnalyticsApi {
     pub(crate) fn new(
         hub: Arc<Hub>,
         config: &crate::config::Config,
-        subscriptions: Arc<StreamSlots>,
-        keys: Option<Arc<KeyCache>>,
+        brokers: Brokers,
+        (subscriptions, keys): (Arc<StreamSlots>, Option<Arc<KeyCache>>),
     ) -> Self {
         Self {
             hub,
@@ -85,7 +89,7 @@ impl AnalyticsApi {
             topic: config.events_topic.clone(),
             timeout: config.dependency_timeout,
             kafka: Arc::new(Reconnecting::new({
-                let (brokers, timeout) = (config.kafka_brokers.clone(), config.dependency_timeout);
+                let timeout = config.dependency_timeout;
                 move || {
                     let brokers = brokers.clone();
                     async move { kafka::client(&brokers, timeout).await.map(Arc::new) }

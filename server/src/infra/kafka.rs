@@ -1,16 +1,66 @@
 //! Kafka clients, built one way for every part of the server.
 
-use std::time::Duration;
+use std::{path::Path, sync::Arc, time::Duration};
 
 use rskafka::{
     BackoffConfig,
     client::{Client, ClientBuilder, error::Error as KafkaError, partition::PartitionClient},
 };
 
+use tokio_rustls::rustls::{
+    ClientConfig, RootCertStore, pki_types::CertificateDer, pki_types::pem::PemObject,
+};
+
+/// Where the brokers are and how to talk to them.
+#[derive(Debug, Clone)]
+pub struct Brokers {
+    /// Bootstrap `host:port`s.
+    pub addrs: Vec<String>,
+    /// TLS towards every broker; `None`: plaintext.
+    tls: Option<Arc<ClientConfig>>,
+}
+
+impl Brokers {
+    /// Plaintext connections to `addrs`.
+    pub fn plaintext(addrs: Vec<String>) -> Self {
+        Self { addrs, tls: None }
+    }
+
+    /// TLS connections to `addrs`, trusting the PEM CA certificates in
+    /// `ca`; fails naming the file if it is unusable.
+    pub fn tls(addrs: Vec<String>, ca: &Path) -> Result<Self, String> {
+        let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{}: invalid PEM: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("{}: no CA certificate in the file", ca.display()));
+        }
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS protocol versions: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            addrs,
+            tls: Some(Arc::new(config)),
+        })
+    }
+}
+
 /// An rskafka client whose retries give up after `deadline`: rskafka retries
 /// forever without one, which would turn a broker outage into a silent hang.
-pub(crate) async fn client(brokers: &[String], deadline: Duration) -> Result<Client, KafkaError> {
-    ClientBuilder::new(brokers.to_vec())
+pub(crate) async fn client(brokers: &Brokers, deadline: Duration) -> Result<Client, KafkaError> {
+    let mut builder = ClientBuilder::new(brokers.addrs.clone());
+    if let Some(tls) = &brokers.tls {
+        builder = builder.tls_config(tls.clone());
+    }
+    builder
         .client_id("rtap-server")
         .backoff_config(BackoffConfig {
             init_backoff: Duration::from_millis(50),

@@ -12,7 +12,7 @@
 //! type), so that every room can import it without a cycle.
 
 pub mod client;
-pub(crate) mod kafka;
+pub mod kafka;
 pub(crate) mod reconnect;
 pub(crate) mod time;
 pub mod tls;

@@ -47,7 +47,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    infra::kafka,
+    infra::kafka::{self, Brokers},
     retry::{Backoff, RECONNECT_MAX},
     store::{
         Retention, StoreError,
@@ -70,7 +70,7 @@ pub struct PipelineSettings {
     /// Redis key namespace.
     pub namespace: String,
     /// Kafka bootstrap brokers.
-    pub brokers: Vec<String>,
+    pub brokers: Brokers,
     /// The interactions topic.
     pub topic: String,
     /// The dead-letter topic.
@@ -105,13 +105,13 @@ pub struct PipelineSettings {
 }
 
 impl PipelineSettings {
-    /// The settings of `config`.
-    pub fn from_config(config: &Config) -> Self {
+    /// The settings of `config`, reaching Kafka at `brokers`.
+    pub fn from_config(config: &Config, brokers: Brokers) -> Self {
         let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let session_gap_ms = millis(config.session_gap);
         Self {
             namespace: config.redis_namespace.clone(),
-            brokers: config.kafka_brokers.clone(),
+            brokers,
             topic: config.events_topic.clone(),
             dead_letter_topic: config.dead_letter_topic.clone(),
             partitions_if_created: config.events_partitions,

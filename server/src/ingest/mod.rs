@@ -29,6 +29,7 @@ use crate::{
     auth::{Caller, Limits},
     config::Config,
     error::{Error, FieldViolation},
+    infra::kafka::Brokers,
 };
 use producer::EventProducer;
 use validate::TimeBounds;
@@ -52,9 +53,9 @@ pub(crate) struct IngestApi {
 
 impl IngestApi {
     /// The service for `config`; connects to Kafka on first use.
-    pub(crate) fn new(config: &Config, limits: Arc<Limits>) -> Self {
+    pub(crate) fn new(config: &Config, brokers: Brokers, limits: Arc<Limits>) -> Self {
         Self {
-            producer: Arc::new(EventProducer::new(config)),
+            producer: Arc::new(EventProducer::new(config, brokers)),
             limits,
             bounds: TimeBounds::from_config(config),
             max_stream_events: u64::from(config.max_stream_events),

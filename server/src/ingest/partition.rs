@@ -481,7 +481,7 @@ mod tests {
     use rtap::v1::{EventType, Source};
 
     use super::*;
-    use crate::config::Config;
+    use crate::{config::Config, infra::kafka::Brokers};
 
     /// What a fake store holds: the committed position, counts and ids.
     #[derive(Debug, Default)]
@@ -622,7 +622,7 @@ mod tests {
         let config = Config::from_env().expect("the default configuration parses");
         PipelineSettings {
             commit_max_events,
-            ..PipelineSettings::from_config(&config)
+            ..PipelineSettings::from_config(&config, Brokers::plaintext(Vec::new()))
         }
     }
 

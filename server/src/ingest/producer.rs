@@ -30,7 +30,11 @@ use rtap::{
 };
 use tokio::sync::Mutex;
 
-use crate::{config::Config, error::Error, infra::kafka};
+use crate::{
+    config::Config,
+    error::Error,
+    infra::kafka::{self, Brokers},
+};
 
 /// How long a batch waits for more records before it is sent.
 const LINGER: Duration = Duration::from_millis(2);
@@ -39,7 +43,7 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// A lazily connected, shared producer of interaction events.
 pub(crate) struct EventProducer {
-    brokers: Vec<String>,
+    brokers: Brokers,
     topic: String,
     partitions_if_created: i32,
     ack_timeout: Duration,
@@ -63,9 +67,9 @@ struct Connection {
 
 impl EventProducer {
     /// A producer for the configured topic; connects on first use.
-    pub(crate) fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config, brokers: Brokers) -> Self {
         Self {
-            brokers: config.kafka_brokers.clone(),
+            brokers,
             topic: config.events_topic.clone(),
             partitions_if_created: config.events_partitions,
             ack_timeout: config.ingest_ack_timeout,

@@ -36,13 +36,14 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Rebuilds the configured namespace; returns when every partition caught
 /// up with the high watermark it had when the rebuild started.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let mut settings = PipelineSettings::from_config(config);
+    let brokers = config.kafka().map_err(Error::Config)?;
+    let mut settings = PipelineSettings::from_config(config, brokers.clone());
     settings.owner = format!("rebuild/{}", consumer_id());
     let redis = config
         .redis_nodes()
         .map_err(Error::Config)?
         .with_timeout(config.dependency_timeout);
-    let kafka = kafka::client(&config.kafka_brokers, config.dependency_timeout)
+    let kafka = kafka::client(&brokers, config.dependency_timeout)
         .await
         .map_err(|e| unavailable("kafka", e))?;
     let partitions = partitions_to_rebuild(&kafka, config).await?;
