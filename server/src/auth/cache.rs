@@ -49,10 +49,13 @@ pub(crate) enum Refusal {
     NotLoaded,
 }
 
-/// The live keys by key id; `None` until the first load.
+/// The live keys by key id.
+type KeyMap = HashMap<String, Arc<KnownKey>>;
+
+/// The live keys; `None` until the first load.
 #[derive(Debug)]
 pub(crate) struct KeyCache {
-    keys: RwLock<Option<Arc<HashMap<String, Arc<KnownKey>>>>>,
+    keys: RwLock<Option<Arc<KeyMap>>>,
     /// Bumped by every reload that dropped a key, for open streams to look.
     dropped: watch::Sender<u64>,
 }
@@ -179,10 +182,7 @@ impl KeyCache {
 
 /// Writes the last uses not recorded yet; on failure they are kept for the
 /// next attempt.
-async fn record_uses(
-    db: &DatabaseConnection,
-    keys: &HashMap<String, Arc<KnownKey>>,
-) -> Result<(), sea_orm::DbErr> {
+async fn record_uses(db: &DatabaseConnection, keys: &KeyMap) -> Result<(), sea_orm::DbErr> {
     for (id, known) in keys {
         let used = known.last_use.swap(0, Ordering::Relaxed);
         if used == 0 {
