@@ -89,6 +89,8 @@ pub(crate) struct Refreshes {
     waiting: AtomicI64,
     failed: AtomicI64,
     applied: AtomicI64,
+    /// Times the hub told every feed to re-read.
+    pub(crate) resyncs: AtomicI64,
 }
 
 impl Refreshes {
@@ -103,6 +105,7 @@ impl Refreshes {
             waiting: AtomicI64::new(0),
             failed: AtomicI64::new(0),
             applied: AtomicI64::new(0),
+            resyncs: AtomicI64::new(0),
         }
     }
 
@@ -143,6 +146,7 @@ impl Refreshes {
             waiting_feeds: self.waiting.load(Ordering::Relaxed),
             failed_refreshes: self.failed.load(Ordering::Relaxed),
             applied_deltas: self.applied.load(Ordering::Relaxed),
+            resyncs: self.resyncs.load(Ordering::Relaxed),
         }
     }
 }

@@ -281,6 +281,7 @@ impl Hub {
         match &trigger {
             Trigger::Resync => {
                 // Deltas may have been missed, a new partition's first too.
+                self.refreshes.resyncs.fetch_add(1, Ordering::Relaxed);
                 self.store.forget_partitions();
                 for sender in by_product.values() {
                     let _ = sender.send(trigger.clone());
