@@ -12,7 +12,9 @@
 //! plaintext rate), and the health Check three ways (plaintext, TLS, TLS
 //! with a key it must check) to price the key check per call, with the
 //! PostgreSQL transactions the keyed phase made (the check must not touch
-//! it: only the key reloads every 2 s do).
+//! it: only the key reloads every 2 s do). Last, a caller far over its rate
+//! limit next to one within it: the second's GetUser p99 alone and beside
+//! the first.
 //!
 //! `cargo bench -p rtap-server --bench catalog_get` after
 //! `scripts/services.sh up`. `RTAP_BENCH_CONCURRENCY` (default 16),
@@ -116,6 +118,7 @@ async fn bench(
     let (health_calls, _) =
         run_clients(&plaintext, Call::HealthCheck, concurrency, duration).await?;
     secured(database, &config, &plaintext, concurrency, duration, rounds).await?;
+    neighbours(database, &config, duration).await?;
     server.stop().await?;
     // And the database alone: the same look-ups through SeaORM, one by one.
     let direct = run_direct(&database.url, concurrency, duration).await?;
@@ -351,16 +354,7 @@ async fn secured(
     };
     let keyed_server = TestServer::start(tls_config(Auth::Keys)).await?;
     let tls_server = TestServer::start(tls_config(Auth::None)).await?;
-    let created = Command::new(env!("CARGO_BIN_EXE_rtap-server"))
-        .args(["keys", "create", "--name", "bench", "--role", "reader"])
-        .args(["--database-url", &database.url])
-        .output()?;
-    anyhow::ensure!(
-        created.status.success(),
-        "keys create: {}",
-        String::from_utf8_lossy(&created.stderr)
-    );
-    let key = String::from_utf8(created.stdout)?.trim().to_owned();
+    let key = create_key(database, "bench", "reader")?;
     let keyed = Target::tls(&keyed_server, &ca.pem(), Some(&key)).await?;
     let tls = Target::tls(&tls_server, &ca.pem(), None).await?;
     // The key is loaded within the reload interval.
@@ -429,4 +423,150 @@ async fn secured(
     );
     keyed_server.stop().await?;
     tls_server.stop().await
+}
+
+/// Makes a `role` key named `name` with `rtap-server keys create`.
+fn create_key(database: &TestDatabase, name: &str, role: &str) -> anyhow::Result<String> {
+    let created = Command::new(env!("CARGO_BIN_EXE_rtap-server"))
+        .args(["keys", "create", "--name", name, "--role", role])
+        .args(["--database-url", &database.url])
+        .output()?;
+    anyhow::ensure!(
+        created.status.success(),
+        "keys create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    Ok(String::from_utf8(created.stdout)?.trim().to_owned())
+}
+
+/// Calls GetUser as `target` every `every` from each of `callers` callers
+/// until `deadline`; the latencies (any refusal fails the bench).
+async fn paced(
+    target: &Target,
+    callers: usize,
+    every: Duration,
+    deadline: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..callers {
+        let mut users =
+            UserServiceClient::new(target.channels[caller % target.channels.len()].clone());
+        let target = target.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut ticks = tokio::time::interval(every);
+            while Instant::now() < deadline {
+                ticks.tick().await;
+                let id = rand::rng().random_range(1..=USERS);
+                let started = Instant::now();
+                users
+                    .get_user(target.request(GetUserRequest { id }))
+                    .await?;
+                latencies.push(started.elapsed());
+            }
+            Ok::<_, tonic::Status>(latencies)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        all.extend(result??);
+    }
+    all.sort_unstable();
+    Ok(all)
+}
+
+/// GetUser as fast as `concurrency` callers go until `deadline`: calls
+/// served and calls refused for the rate limit.
+async fn flood(
+    target: &Target,
+    concurrency: usize,
+    deadline: Instant,
+) -> anyhow::Result<(u64, u64)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..concurrency {
+        let mut users =
+            UserServiceClient::new(target.channels[caller % target.channels.len()].clone());
+        let target = target.clone();
+        tasks.spawn(async move {
+            let (mut served, mut refused) = (0_u64, 0_u64);
+            while Instant::now() < deadline {
+                let id = rand::rng().random_range(1..=USERS);
+                match users.get_user(target.request(GetUserRequest { id })).await {
+                    Ok(_) => served += 1,
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => refused += 1,
+                    Err(status) => return Err(status),
+                }
+            }
+            Ok((served, refused))
+        });
+    }
+    let (mut served, mut refused) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        let (s, r) = result??;
+        served += s;
+        refused += r;
+    }
+    Ok((served, refused))
+}
+
+/// A caller far over its rate limit next to one within it.
+async fn neighbours(
+    database: &TestDatabase,
+    config: &rtap_server::Config,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    const LIMIT: u32 = 2_000;
+    let mut limited = config.clone();
+    limited.role = Role::Api;
+    limited.listen_addr = "127.0.0.1:0".parse()?;
+    limited.auth = Auth::Keys;
+    limited.max_calls_per_second = LIMIT;
+    let server = TestServer::start(limited).await?;
+    let with_key = |key: &str| -> anyhow::Result<Target> {
+        Ok(Target {
+            key: Some(format!("Bearer {key}").parse()?),
+            ..Target::plaintext(&server)
+        })
+    };
+    let quiet = with_key(&create_key(database, "quiet", "reader")?)?;
+    let noisy = with_key(&create_key(database, "noisy", "reader")?)?;
+    let started = Instant::now();
+    while run_clients(&quiet, Call::GetUser, 1, Duration::from_millis(10))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the keys never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The quiet caller: 4 callers, a call every 8 ms each (500 a second,
+    // a quarter of its limit).
+    let (callers, every) = (4, Duration::from_millis(8));
+    let p = |latencies: &[Duration], q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_micros()
+    };
+    let alone = paced(&quiet, callers, every, Instant::now() + duration).await?;
+    let deadline = Instant::now() + duration;
+    let (beside, flooded) = tokio::join!(
+        paced(&quiet, callers, every, deadline),
+        flood(&noisy, 16, deadline)
+    );
+    let (beside, (served, refused)) = (beside?, flooded?);
+    let seconds = duration.as_secs_f64();
+    println!(
+        "rate limit {LIMIT}/s per key: a flooding caller got {:.0} calls/s served and {:.0}/s refused (RESOURCE_EXHAUSTED)",
+        served as f64 / seconds,
+        refused as f64 / seconds
+    );
+    println!(
+        "its neighbour at 500 calls/s: GetUser p50 {} us / p99 {} us alone, p50 {} us / p99 {} us beside it (p99 ratio {:.2}; refusals cost CPU the 2 cores share)",
+        p(&alone, 0.5),
+        p(&alone, 0.99),
+        p(&beside, 0.5),
+        p(&beside, 0.99),
+        p(&beside, 0.99) as f64 / p(&alone, 0.99).max(1) as f64
+    );
+    server.stop().await
 }

@@ -12,7 +12,8 @@
 //! `scripts/services.sh up`; `RTAP_BENCH_PARTS=query` (or `freshness`,
 //! `fanout`, `distinct`, comma-separated) runs only those parts;
 //! `RTAP_BENCH_REDIS=single,cluster` runs them on one Redis and then on the
-//! local Redis Cluster (`scripts/services.sh cluster`). Targets:
+//! local Redis Cluster (`scripts/services.sh cluster`); `RTAP_BENCH_TLS=1`
+//! serves and calls the API over TLS (a CA made for the run). Targets:
 //! freshness p50 ≤ 20 ms and p99 ≤ 100 ms; ≤ 16 KiB per subscription; query
 //! p99 ≤ 5 ms; distinct feeds: freshness p99 ≤ 100 ms and GetUser p99 ≤ 2 ×
 //! its value without subscriptions.
@@ -44,8 +45,49 @@ use rtap::v1::{
 use rtap_server::Config;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The CA of the server's certificate, when the bench runs over TLS.
+static TLS_CA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The server at `addr`, over TLS when `RTAP_BENCH_TLS` asked for it.
+fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
+    Ok(match TLS_CA.get() {
+        Some(ca) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+    })
+}
+
+/// With `RTAP_BENCH_TLS=1`, a certificate for the server in `dir` (its
+/// flags returned), and its CA for the clients.
+fn tls_flags(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    if std::env::var("RTAP_BENCH_TLS").is_err() {
+        return Ok(Vec::new());
+    }
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?
+        .signed_by(&key, &ca, &ca_key)?;
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&key_path, key.serialize_pem())?;
+    let _ = TLS_CA.set(ca.pem());
+    println!("(over TLS)");
+    Ok(vec![
+        "--tls-cert".into(),
+        cert_path.display().to_string(),
+        "--tls-key".into(),
+        key_path.display().to_string(),
+    ])
+}
 
 fn trailing(seconds: i64) -> TimeWindow {
     TimeWindow {
@@ -150,6 +192,8 @@ async fn run_parts(config: &Config) -> anyhow::Result<()> {
     let addr = format!("127.0.0.1:{port}");
     let brokers = config.kafka_brokers.join(",");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"));
+    let tls_dir = tempfile::tempdir()?;
+    command.args(tls_flags(tls_dir.path())?);
     if let Ok(wait) = std::env::var("RTAP_FETCH_MAX_WAIT") {
         command.args(["--fetch-max-wait", &wait]);
     }
@@ -185,7 +229,7 @@ async fn run_parts(config: &Config) -> anyhow::Result<()> {
     let pid = server
         .id()
         .ok_or_else(|| anyhow::anyhow!("the server exited"))?;
-    let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
+    let channel = endpoint(&addr)?.connect_lazy();
     wait_for_health(
         channel.clone(),
         "",
@@ -308,11 +352,7 @@ async fn fan_out(addr: &str, writer: &Arc<EventWriter>, pid: u32) -> anyhow::Res
     let before = rss_kib(pid)?;
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
-        channels.push(
-            Channel::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?,
-        );
+        channels.push(endpoint(addr)?.connect().await?);
     }
     let first_change: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let mut readers = Vec::new();

@@ -23,9 +23,11 @@ use rtap::v1::{
 };
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use super::{common::pipeline::EventWriter, event, percentile, rss_kib, total_of, trailing};
+use super::{
+    common::pipeline::EventWriter, endpoint, event, percentile, rss_kib, total_of, trailing,
+};
 
 const RATE: usize = 5000;
 const TICK: Duration = Duration::from_millis(10);
@@ -177,7 +179,7 @@ async fn subscribe_all(
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
         channels.push(
-            Endpoint::from_shared(format!("http://{addr}"))?
+            endpoint(addr)?
                 .initial_connection_window_size(Some(16 << 20))
                 .initial_stream_window_size(Some(1 << 20))
                 .connect()
