@@ -37,8 +37,17 @@ impl Authority {
 
     /// A leaf certificate and its key, PEM, for `usage`.
     fn issue(&self, usage: ExtendedKeyUsagePurpose) -> anyhow::Result<(String, String)> {
+        self.issue_for("localhost", usage)
+    }
+
+    /// A leaf certificate for `name` (a host name or an IP address).
+    fn issue_for(
+        &self,
+        name: &str,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> anyhow::Result<(String, String)> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
         params.extended_key_usages = vec![usage];
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -231,13 +240,10 @@ async fn the_metric_store_over_rediss_is_verified_against_a_trusted_ca() -> anyh
     let database = TestDatabase::create().await?;
     let dir = tempfile::tempdir()?;
     let ca = Authority::new("Redis CA")?;
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
+    let (cert, key) = ca.issue_for("127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth)?;
     let path = |name: &str| dir.path().join(name);
-    std::fs::write(path("redis.pem"), cert.pem())?;
-    std::fs::write(path("redis.key"), key.serialize_pem())?;
+    std::fs::write(path("redis.pem"), cert)?;
+    std::fs::write(path("redis.key"), key)?;
     std::fs::write(path("ca.pem"), ca.pem())?;
     std::fs::write(path("other.pem"), Authority::new("another CA")?.pem())?;
     let redis_port = free_port()?;
@@ -378,10 +384,7 @@ async fn kafka_over_tls_carries_tracked_events_into_the_metrics() -> anyhow::Res
     let database = TestDatabase::create().await?;
     let dir = tempfile::tempdir()?;
     let ca = Authority::new("Kafka CA")?;
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
+    let broker_cert = ca.issue_for("127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth)?;
     std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
     std::fs::write(
         dir.path().join("other.pem"),
@@ -390,7 +393,7 @@ async fn kafka_over_tls_carries_tracked_events_into_the_metrics() -> anyhow::Res
 
     // A broker of its own, advertising the TLS proxy's port as its address.
     let plain = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let (tls_port, _proxy) = tls_proxy(&(cert.pem(), key.serialize_pem()), plain).await?;
+    let (tls_port, _proxy) = tls_proxy(&broker_cert, plain).await?;
     let nisshi = std::env::var("HOME")
         .map(|home| std::path::Path::new(&home).join(".cargo/bin/nisshi"))
         .ok()
