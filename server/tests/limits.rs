@@ -235,3 +235,45 @@ async fn tracked_events_are_limited_per_caller() -> anyhow::Result<()> {
     server.stop().await?;
     database.drop().await
 }
+
+#[tokio::test]
+async fn a_request_message_over_the_size_limit_is_resource_exhausted() -> anyhow::Result<()> {
+    use rtap::v1::{CreateUserRequest, User};
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database);
+    config.max_message_bytes = 1024;
+    config.role = rtap_server::config::Role::Api;
+    let server = TestServer::start_with_catalog(config).await?;
+    let huge = "x".repeat(4096);
+    let created = UserServiceClient::new(server.channel())
+        .create_user(CreateUserRequest {
+            user: Some(User {
+                first_name: huge.clone(),
+                last_name: "Big".into(),
+                ..Default::default()
+            }),
+        })
+        .await;
+    ensure!(code(&created) == Code::ResourceExhausted, "{created:?}");
+    let mut big = event(1, chrono::Utc::now());
+    big.session_id = huge;
+    let streamed = IngestServiceClient::new(server.channel())
+        .track_stream(tokio_stream::iter(vec![TrackStreamRequest {
+            event: Some(big),
+        }]))
+        .await;
+    ensure!(code(&streamed) == Code::ResourceExhausted, "{streamed:?}");
+    // A message within the limit still goes through.
+    let small = UserServiceClient::new(server.channel())
+        .create_user(CreateUserRequest {
+            user: Some(User {
+                first_name: "Small".into(),
+                last_name: "Enough".into(),
+                ..Default::default()
+            }),
+        })
+        .await;
+    ensure!(code(&small) == Code::Ok, "{small:?}");
+    server.stop().await?;
+    database.drop().await
+}

@@ -7,7 +7,10 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures_util::future::{Either, Ready, ready};
+use futures_util::{
+    TryFutureExt,
+    future::{Either, MapOk, Ready, ready},
+};
 use tonic::Status;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -193,7 +196,10 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<Ready<Result<S::Response, S::Error>>, Instrumented<S::Future>>;
+    type Future = Either<
+        Ready<Result<S::Response, S::Error>>,
+        MapOk<Instrumented<S::Future>, fn(S::Response) -> S::Response>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -212,9 +218,19 @@ where
                 if let Some(principal) = principal {
                     request.extensions_mut().insert(principal);
                 }
-                Either::Right(self.inner.call(request).instrument(span))
+                Either::Right(
+                    self.inner
+                        .call(request)
+                        .instrument(span)
+                        .map_ok(too_large_is_exhausted as fn(_) -> _),
+                )
             }
-            Ok(None) => Either::Right(self.inner.call(request).instrument(tracing::Span::none())),
+            Ok(None) => Either::Right(
+                self.inner
+                    .call(request)
+                    .instrument(tracing::Span::none())
+                    .map_ok(too_large_is_exhausted as fn(_) -> _),
+            ),
             Err(status) => {
                 tracing::debug!(
                     method = request.uri().path(),
@@ -226,4 +242,25 @@ where
             }
         }
     }
+}
+
+/// What tonic says of a request message over `--max-message-bytes`.
+const TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// A request message over the size limit is RESOURCE_EXHAUSTED, as gRPC
+/// says (tonic's decoder reports OUT_OF_RANGE): rewritten in the reply's
+/// trailers-only head.
+fn too_large_is_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|code| code == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.starts_with(&TOO_LARGE.replace(' ', "%20")) || m.starts_with(TOO_LARGE)
+            });
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }

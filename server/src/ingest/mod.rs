@@ -92,10 +92,18 @@ impl IngestApi {
         let mut rejected = Vec::new();
         let mut index: u64 = 0;
         while let Some(message) = stream.message().await.map_err(|status| {
-            Error::InvalidArgument(vec![FieldViolation::new(
-                "stream",
-                format!("cannot read the request stream: {}", status.message()),
-            )])
+            // tonic's decoder says OUT_OF_RANGE of a message over the limit.
+            if status.code() == tonic::Code::OutOfRange {
+                Error::ResourceExhausted(format!(
+                    "a message of the stream is over --max-message-bytes: {}",
+                    status.message()
+                ))
+            } else {
+                Error::InvalidArgument(vec![FieldViolation::new(
+                    "stream",
+                    format!("cannot read the request stream: {}", status.message()),
+                )])
+            }
         })? {
             if let Some(events) = &self.limits.events {
                 events.wait(&caller.id, 1).await;
