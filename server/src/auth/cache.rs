@@ -161,6 +161,7 @@ impl KeyCache {
                         name: row.name.as_str().into(),
                         role,
                         key_id: row.key_id.as_str().into(),
+                        caller_id: format!("key:{}", row.name).into(),
                     },
                     secret_hash,
                     last_use: AtomicI64::new(0),

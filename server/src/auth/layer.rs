@@ -69,7 +69,7 @@ impl Gate {
         };
         let caller = Caller {
             id: match &principal {
-                Some(principal) => format!("key:{}", principal.name).into(),
+                Some(principal) => principal.caller_id.clone(),
                 None => format!("ip:{}", peer_ip(request.extensions())).into(),
             },
         };
@@ -244,8 +244,12 @@ where
     }
 }
 
-/// What tonic says of a request message over `--max-message-bytes`.
-const TOO_LARGE: &str = "Error, decoded message length too large";
+/// What tonic says of a request message over `--max-message-bytes`, as
+/// `grpc-message` carries it: spaces raw or percent-encoded.
+const TOO_LARGE: [&str; 2] = [
+    "Error, decoded message length too large",
+    "Error,%20decoded%20message%20length%20too%20large",
+];
 
 /// A request message over the size limit is RESOURCE_EXHAUSTED, as gRPC
 /// says (tonic's decoder reports OUT_OF_RANGE): rewritten in the reply's
@@ -256,9 +260,7 @@ fn too_large_is_exhausted<B>(mut response: http::Response<B>) -> http::Response<
         && headers
             .get("grpc-message")
             .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| {
-                m.starts_with(&TOO_LARGE.replace(' ', "%20")) || m.starts_with(TOO_LARGE)
-            });
+            .is_some_and(|m| TOO_LARGE.iter().any(|prefix| m.starts_with(prefix)));
     if too_large {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }

@@ -59,4 +59,7 @@ pub struct Principal {
     pub role: AccessRole,
     /// The key's public id (never its secret).
     pub key_id: Arc<str>,
+    /// `key:<name>`: who the limits count, made once per key rather than
+    /// per call.
+    pub caller_id: Arc<str>,
 }
