@@ -7,9 +7,7 @@ use rskafka::{
     client::{Client, ClientBuilder, error::Error as KafkaError, partition::PartitionClient},
 };
 
-use tokio_rustls::rustls::{
-    ClientConfig, RootCertStore, pki_types::CertificateDer, pki_types::pem::PemObject,
-};
+use tokio_rustls::rustls::ClientConfig;
 
 /// Where the brokers are and how to talk to them.
 #[derive(Debug, Clone)]
@@ -29,17 +27,7 @@ impl Brokers {
     /// TLS connections to `addrs`, trusting the PEM CA certificates in
     /// `ca`; fails naming the file if it is unusable.
     pub fn tls(addrs: Vec<String>, ca: &Path) -> Result<Self, String> {
-        let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{}: invalid PEM: {e}", ca.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
-        }
-        if roots.is_empty() {
-            return Err(format!("{}: no CA certificate in the file", ca.display()));
-        }
+        let roots = super::tls::read_roots(ca)?;
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

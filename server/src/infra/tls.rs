@@ -60,12 +60,7 @@ impl TlsFiles {
             .map_err(|e| format!("TLS protocol versions: {e}"))?;
         let builder = match &self.client_ca {
             Some(path) => {
-                let mut roots = RootCertStore::empty();
-                for ca in read_pem::<CertificateDer<'static>>(path, "CA certificate")? {
-                    roots
-                        .add(ca)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                }
+                let roots = read_roots(path)?;
                 let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
                     .build()
                     .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -96,6 +91,17 @@ impl TlsFiles {
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// The CA certificates in the PEM file at `path`, as trust roots.
+pub(crate) fn read_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for ca in read_pem::<CertificateDer<'static>>(path, "CA certificate")? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(roots)
 }
 
 fn read_pem<T: PemObject>(path: &Path, what: &str) -> Result<Vec<T>, String> {
