@@ -51,13 +51,17 @@ pub type AuthChannel = InterceptedService<Channel, BearerKey>;
 pub struct BearerKey(Option<MetadataValue<Ascii>>);
 
 impl BearerKey {
-    /// The interceptor presenting `key`.
+    /// The interceptor presenting `key`; an empty key (`RTAP_API_KEY=`) is
+    /// no key.
     pub fn new(key: Option<&str>) -> Result<Self, ClientError> {
-        key.map(|key| {
-            MetadataValue::try_from(format!("Bearer {}", key.trim())).map_err(|_| ClientError::Key)
-        })
-        .transpose()
-        .map(Self)
+        key.map(str::trim)
+            .filter(|key| !key.is_empty())
+            .map(|key| {
+                MetadataValue::try_from(format!("Bearer {}", key.trim()))
+                    .map_err(|_| ClientError::Key)
+            })
+            .transpose()
+            .map(Self)
     }
 }
 
@@ -135,7 +139,8 @@ mod tests {
 
     #[test]
     fn a_key_that_cannot_be_metadata_is_refused() {
-        assert!(BearerKey::new(Some("rtap_abc")).is_ok());
+        assert!(BearerKey::new(Some("rtap_abc")).is_ok_and(|k| k.0.is_some()));
+        assert!(BearerKey::new(Some("  ")).is_ok_and(|k| k.0.is_none()));
         assert!(matches!(
             BearerKey::new(Some("bad\nkey")),
             Err(ClientError::Key)
