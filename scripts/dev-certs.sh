@@ -9,6 +9,10 @@ dir=${1:-.run/tls}
 mkdir -p "$dir"
 cd "$dir"
 [[ -s ca.pem && -s server.pem && -s server.key ]] && exit 0
+if ! command -v openssl >/dev/null; then
+  command -v apt-get >/dev/null || { echo "dev-certs: openssl is missing; install it" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
   -subj "/CN=RTAP development CA" -keyout ca.key -out ca.pem 2>/dev/null
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
