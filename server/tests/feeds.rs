@@ -21,6 +21,7 @@ use rtap::v1::{
     subscribe_response, time_window::Window,
 };
 use rtap_server::{
+    Config,
     config::Role,
     store::{Bucket, Counter, commit::load_state, keys::PartitionKeys},
 };
@@ -539,45 +540,101 @@ async fn a_rolling_series_takes_in_the_events_counted_ahead_of_it_without_a_read
     database.drop().await
 }
 
+/// A server that ingested 30 views of product 3 made `now`, and a settled
+/// subscription to that product's trailing hour of minute counts.
+struct ProductFeed {
+    database: TestDatabase,
+    config: Config,
+    server: TestServer,
+    client: Client,
+    subscribed: Subscribed,
+    now: chrono::DateTime<Utc>,
+}
+
+impl ProductFeed {
+    async fn start() -> anyhow::Result<Self> {
+        let database = TestDatabase::create().await?;
+        let mut config = ingest_config(&database);
+        config.role = Role::All;
+        let now = Utc::now();
+        let events: Vec<_> = (1..=30).map(|user| event(user, now)).collect();
+        produce(&config.kafka_brokers[0], &config.events_topic, &events).await?;
+        let server = TestServer::start(config.clone()).await?;
+        wait_caught_up(&config, Duration::from_secs(60)).await?;
+        let mut client = AnalyticsServiceClient::new(server.channel());
+        // `event` views product 3 from the mobile app.
+        let query = subscribe_request::Query::EventCounts(GetEventCountsRequest {
+            window: trailing(3600),
+            granularity: Granularity::Minute as i32,
+            product_id: 3,
+            ..Default::default()
+        });
+        let subscribed = Subscribed::open(&mut client, query).await?;
+        subscribed.settle(&mut client).await?;
+        Ok(Self {
+            database,
+            config,
+            server,
+            client,
+            subscribed,
+            now,
+        })
+    }
+
+    /// Partition 0's keys and stored offset, and the counter key and field
+    /// of the views of product 3 in the minute of `now`: where a commit the
+    /// feed never hears of adds counts.
+    async fn unheard_commit_target(
+        &self,
+        redis: &mut redis::aio::MultiplexedConnection,
+    ) -> anyhow::Result<(PartitionKeys, i64, String, String)> {
+        let keys = PartitionKeys::new(&self.config.redis_namespace, 0);
+        let stored = load_state(redis, &keys)
+            .await?
+            .offset
+            .context("partition 0 has a stored offset")?;
+        let minute = Bucket::containing(
+            rtap_server::store::Granularity::Minute,
+            self.now.timestamp(),
+        );
+        let field = Counter::ProductEvents {
+            event_type: EventType::ProductView as i32,
+            source: Source::MobileApp as i32,
+            product: 3,
+        }
+        .field();
+        let counters = keys.counters(minute);
+        Ok((keys, stored, counters, field))
+    }
+
+    /// Settles the subscription and checks that the unheard counts reached it.
+    async fn ends_exact_past(mut self, before: Model, what: &str) -> anyhow::Result<()> {
+        self.subscribed.settle(&mut self.client).await?;
+        ensure!(
+            self.subscribed.model().await != before,
+            "{what} reached the subscriber"
+        );
+        drop(self.subscribed);
+        self.server.stop().await?;
+        common::delete_redis_namespace(
+            &self.config.redis_url,
+            &self.config.redis_namespace,
+            PARTITIONS,
+        )
+        .await?;
+        self.database.drop().await
+    }
+}
+
 #[tokio::test]
 async fn a_feed_that_misses_a_commit_delta_rereads_and_ends_exact() -> anyhow::Result<()> {
-    let database = TestDatabase::create().await?;
-    let mut config = ingest_config(&database);
-    config.role = Role::All;
-    let brokers = config.kafka_brokers[0].clone();
-    let now = Utc::now();
-    let events: Vec<_> = (1..=30).map(|user| event(user, now)).collect();
-    produce(&brokers, &config.events_topic, &events).await?;
-    let server = TestServer::start(config.clone()).await?;
-    wait_caught_up(&config, Duration::from_secs(60)).await?;
-    let mut client = AnalyticsServiceClient::new(server.channel());
-    // `event` views product 3 from the mobile app.
-    let query = subscribe_request::Query::EventCounts(GetEventCountsRequest {
-        window: trailing(3600),
-        granularity: Granularity::Minute as i32,
-        product_id: 3,
-        ..Default::default()
-    });
-    let subscribed = Subscribed::open(&mut client, query).await?;
-    subscribed.settle(&mut client).await?;
-
+    let feed = ProductFeed::start().await?;
     // A commit whose delta never came: its counts land in Redis, and the
     // next delta the feed sees starts past the offset it knew.
-    let keys = PartitionKeys::new(&config.redis_namespace, 0);
     let mut redis = redis().await?;
-    let stored = load_state(&mut redis, &keys)
-        .await?
-        .offset
-        .context("partition 0 has a stored offset")?;
-    let minute = Bucket::containing(rtap_server::store::Granularity::Minute, now.timestamp());
-    let field = Counter::ProductEvents {
-        event_type: EventType::ProductView as i32,
-        source: Source::MobileApp as i32,
-        product: 3,
-    }
-    .field();
+    let (_, stored, counters, field) = feed.unheard_commit_target(&mut redis).await?;
     let _: i64 = redis::cmd("HINCRBY")
-        .arg(keys.counters(minute))
+        .arg(counters)
         .arg(&field)
         .arg(5)
         .query_async(&mut redis)
@@ -591,65 +648,27 @@ async fn a_feed_that_misses_a_commit_delta_rereads_and_ends_exact() -> anyhow::R
     };
     let _: i64 = redis::cmd("PUBLISH")
         .arg(rtap_server::store::keys::deltas_channel(
-            &config.redis_namespace,
+            &feed.config.redis_namespace,
         ))
         .arg(later.encode_to_vec())
         .query_async(&mut redis)
         .await?;
-    let before = subscribed.model().await;
-    subscribed.settle(&mut client).await?;
-    ensure!(
-        subscribed.model().await != before,
-        "the missed counts reached the subscriber"
-    );
-
-    drop(subscribed);
-    server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
-    database.drop().await
+    let before = feed.subscribed.model().await;
+    feed.ends_exact_past(before, "the missed counts").await
 }
 
 #[tokio::test]
 async fn a_lost_delta_of_a_partitions_last_commit_is_noticed_from_the_stored_offsets()
 -> anyhow::Result<()> {
-    let database = TestDatabase::create().await?;
-    let mut config = ingest_config(&database);
-    config.role = Role::All;
-    let brokers = config.kafka_brokers[0].clone();
-    let now = Utc::now();
-    let events: Vec<_> = (1..=30).map(|user| event(user, now)).collect();
-    produce(&brokers, &config.events_topic, &events).await?;
-    let server = TestServer::start(config.clone()).await?;
-    wait_caught_up(&config, Duration::from_secs(60)).await?;
-    let mut client = AnalyticsServiceClient::new(server.channel());
-    let query = subscribe_request::Query::EventCounts(GetEventCountsRequest {
-        window: trailing(3600),
-        granularity: Granularity::Minute as i32,
-        product_id: 3,
-        ..Default::default()
-    });
-    let subscribed = Subscribed::open(&mut client, query).await?;
-    subscribed.settle(&mut client).await?;
-
+    let feed = ProductFeed::start().await?;
     // A commit whose delta never came, and no commit after it: its counts
     // and offset land in Redis, nothing is published.
-    let keys = PartitionKeys::new(&config.redis_namespace, 0);
     let mut redis = redis().await?;
-    let stored = load_state(&mut redis, &keys)
-        .await?
-        .offset
-        .context("partition 0 has a stored offset")?;
-    let minute = Bucket::containing(rtap_server::store::Granularity::Minute, now.timestamp());
-    let field = Counter::ProductEvents {
-        event_type: EventType::ProductView as i32,
-        source: Source::MobileApp as i32,
-        product: 3,
-    }
-    .field();
+    let (keys, stored, counters, field) = feed.unheard_commit_target(&mut redis).await?;
     redis::pipe()
         .atomic()
         .cmd("HINCRBY")
-        .arg(keys.counters(minute))
+        .arg(counters)
         .arg(&field)
         .arg(5)
         .cmd("HSET")
@@ -658,15 +677,7 @@ async fn a_lost_delta_of_a_partitions_last_commit_is_noticed_from_the_stored_off
         .arg(stored + 1)
         .query_async::<()>(&mut redis)
         .await?;
-    let before = subscribed.model().await;
-    subscribed.settle(&mut client).await?;
-    ensure!(
-        subscribed.model().await != before,
-        "the counts of the commit whose delta was lost reached the subscriber"
-    );
-
-    drop(subscribed);
-    server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
-    database.drop().await
+    let before = feed.subscribed.model().await;
+    feed.ends_exact_past(before, "the counts of the commit whose delta was lost")
+        .await
 }
