@@ -100,14 +100,7 @@ async fn queries_and_subscriptions_read_every_primary() -> anyhow::Result<()> {
 
     let streamed = streamed_total(&mut stream, 0, 60).await?;
     ensure!(streamed == 60, "streamed {streamed} events, produced 60");
-    let counted: i64 = client
-        .get_event_counts(request)
-        .await?
-        .into_inner()
-        .buckets
-        .iter()
-        .map(|b| b.total)
-        .sum();
+    let counted = counted_total(&mut client, &request).await?;
     ensure!(
         counted == 60,
         "the query counted {counted} events, produced 60"
@@ -147,6 +140,21 @@ async fn subscribe(
         })
         .await?
         .into_inner())
+}
+
+/// The events the unary query `request` counts.
+async fn counted_total(
+    client: &mut AnalyticsServiceClient<tonic::transport::Channel>,
+    request: &GetEventCountsRequest,
+) -> anyhow::Result<i64> {
+    Ok(client
+        .get_event_counts(request.clone())
+        .await?
+        .into_inner()
+        .buckets
+        .iter()
+        .map(|b| b.total)
+        .sum())
 }
 
 /// Reads `stream` (whose client held `held` events) until its snapshot plus
@@ -339,14 +347,7 @@ async fn two_ingest_and_two_api_processes_share_a_cluster_and_a_killed_ingest_is
         );
     }
     for client in &mut clients {
-        let counted: i64 = client
-            .get_event_counts(request.clone())
-            .await?
-            .into_inner()
-            .buckets
-            .iter()
-            .map(|b| b.total)
-            .sum();
+        let counted = counted_total(client, &request).await?;
         ensure!(
             counted == 120,
             "an API process counted {counted} events, produced 120"
@@ -518,14 +519,7 @@ async fn a_subscription_held_across_a_failover_ends_equal_to_the_unary_query() -
         streamed == 120,
         "the subscriber counted {streamed} events, produced 120"
     );
-    let counted: i64 = client
-        .get_event_counts(request)
-        .await?
-        .into_inner()
-        .buckets
-        .iter()
-        .map(|b| b.total)
-        .sum();
+    let counted = counted_total(&mut client, &request).await?;
     ensure!(
         counted == 120,
         "the query counted {counted} events, produced 120"
