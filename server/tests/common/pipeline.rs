@@ -586,8 +586,22 @@ pub async fn killed_at_random_moments(binary: &str, config: &Config) -> anyhow::
         "1s",
     ];
     let mut kills = 0;
-    for _ in 0..8 {
+    for run in 0..8 {
         let mut child = server_command(binary, config, &extra).spawn()?;
+        if run == 0 {
+            // On a loaded machine a process can take longer than the random
+            // moments below to start and commit, and each later one waits out
+            // its predecessor's lease: the first is killed only once it has
+            // committed, so the kills land on a pipeline under way.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while applied().await? == 0 {
+                ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the first server never committed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let alive = Duration::from_millis(rand::rng().random_range(100..600));
         tokio::time::sleep(alive).await;
         child.start_kill()?; // SIGKILL
