@@ -455,7 +455,7 @@ async fn a_thousand_distinct_subscriptions_end_equal_to_their_unary_queries() ->
 
     drop(subscriptions);
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -536,7 +536,7 @@ async fn a_rolling_series_takes_in_the_events_counted_ahead_of_it_without_a_read
 
     drop(subscribed);
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -646,10 +646,8 @@ async fn a_feed_that_misses_a_commit_delta_rereads_and_ends_exact() -> anyhow::R
         previous_next_offset: Some(stored + 10),
         ..CommitDelta::default()
     };
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(rtap_server::store::keys::deltas_channel(
-            &feed.config.redis_namespace,
-        ))
+    let _: i64 = redis::cmd("SPUBLISH")
+        .arg(rtap_server::store::keys::PartitionKeys::new(&feed.config.redis_namespace, 0).deltas())
         .arg(later.encode_to_vec())
         .query_async(&mut redis)
         .await?;

@@ -69,7 +69,55 @@ pub(crate) struct Gauges {
     pub(crate) streams: AtomicI64,
     /// Running feeds.
     pub(crate) feeds: AtomicI64,
+    /// Deltas sent to subscribers.
+    deltas_sent: AtomicI64,
+    /// Resync snapshots sent to subscribers that fell behind.
+    slow_resyncs: AtomicI64,
 }
+
+impl Gauges {
+    /// Copies the subscription figures of `hub` into the Prometheus
+    /// metrics, every second until `shutdown`: the streams' path only
+    /// counts into the hub's atomics.
+    async fn export(hub: Weak<Hub>, shutdown: CancellationToken) {
+        use crate::telemetry::{
+            DELTAS_SENT, FEED_DELTAS_APPLIED, FEED_MAX_BEHIND, FEED_REFRESHES, FEED_RESYNCS,
+            FEED_WAITING, FEEDS, SUBSCRIBER_RESYNCS, SUBSCRIPTIONS_OPEN,
+        };
+        use metrics::{counter, gauge};
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let mut ticker = tokio::time::interval(EXPORT_EVERY);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let Some(hub) = hub.upgrade() else { return };
+            let gauges = &hub.gauges;
+            gauge!(SUBSCRIPTIONS_OPEN).set(gauges.streams.load(Ordering::Relaxed) as f64);
+            gauge!(FEEDS).set(gauges.feeds.load(Ordering::Relaxed) as f64);
+            counter!(DELTAS_SENT).absolute(count(gauges.deltas_sent.load(Ordering::Relaxed)));
+            counter!(SUBSCRIBER_RESYNCS, "reason" => "client_too_slow")
+                .absolute(count(gauges.slow_resyncs.load(Ordering::Relaxed)));
+            let activity = hub.feed_activity();
+            for (kind, refreshes) in [
+                ("partial", activity.partial_refreshes),
+                ("full", activity.full_refreshes),
+                ("failed", activity.failed_refreshes),
+            ] {
+                counter!(FEED_REFRESHES, "kind" => kind).absolute(count(refreshes));
+            }
+            counter!(FEED_DELTAS_APPLIED).absolute(count(activity.applied_deltas));
+            counter!(FEED_RESYNCS).absolute(count(activity.resyncs));
+            gauge!(FEED_WAITING).set(activity.waiting_feeds as f64);
+            let behind = activity.max_behind.unwrap_or_default();
+            gauge!(FEED_MAX_BEHIND).set(behind.seconds as f64 + f64::from(behind.nanos) / 1e9);
+        }
+    }
+}
+
+/// How often the hub's figures are copied into the Prometheus metrics.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// An open subscription: its messages, until the server shuts down.
 pub(crate) type Subscription = Pin<Box<dyn Stream<Item = SubscribeResponse> + Send>>;
@@ -109,6 +157,7 @@ impl Hub {
             shutdown,
         });
         tokio::spawn(listen(Arc::downgrade(&hub), hub.shutdown.clone()));
+        tokio::spawn(Gauges::export(Arc::downgrade(&hub), hub.shutdown.clone()));
         hub
     }
 
@@ -145,7 +194,7 @@ impl Hub {
             heartbeat,
             watermark: self.watermark.subscribe(),
             shutdown: self.shutdown.clone(),
-            _open: StreamGuard::new(self.gauges.clone()),
+            open: StreamGuard::new(self.gauges.clone()),
         };
         Ok(Box::pin(futures_util::stream::unfold(stream, next_message)))
     }
@@ -346,21 +395,33 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
         let mut checks = tokio::time::interval(STORED_OFFSETS_CHECK);
         let mut behind = BTreeMap::new();
         loop {
-            // Deltas first: a check must not run while deltas wait unread.
-            let heard = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                heard = listener.next() => heard,
-                _ = checks.tick() => {
-                    let Some(hub) = hub.upgrade() else { return };
-                    hub.check_stored_offsets(&mut behind).await;
-                    continue;
+            // The listener's step lives across checks: dropped mid-way, it
+            // would lose the subscriptions it was making to new partitions.
+            let mut next = std::pin::pin!(listener.next());
+            let heard = loop {
+                // Deltas first: a check must not run while deltas wait unread.
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return,
+                    heard = &mut next => break heard,
+                    _ = checks.tick() => {
+                        let Some(hub) = hub.upgrade() else { return };
+                        hub.check_stored_offsets(&mut behind).await;
+                    }
                 }
             };
             let Some(hub) = hub.upgrade() else { return };
             match heard {
                 Ok(Some(Heard::Delta(payload))) => hub.heard(&payload),
-                Ok(Some(Heard::Gap)) => hub.trigger(Trigger::Resync),
+                Ok(Some(Heard::Gap)) => {
+                    // What the missed deltas would have told: the stored
+                    // offsets and latest event time.
+                    if let Ok(stored) = hub.store.watermark().await {
+                        hub.watermark
+                            .send_modify(|watermark| merge(watermark, &stored));
+                    }
+                    hub.trigger(Trigger::Resync);
+                }
                 Ok(None) => break,
                 Err(error) => {
                     tracing::warn!(error = %error, "ingest delta channel failed");
@@ -409,6 +470,22 @@ fn advance(watermark: &mut Watermark, delta: &CommitDelta) -> bool {
     missed
 }
 
+/// Moves `watermark` up to `stored` (read from the store), partition by
+/// partition: never back, as deltas heard meanwhile may be newer.
+fn merge(watermark: &mut Watermark, stored: &Watermark) {
+    for offset in &stored.offsets {
+        advance(
+            watermark,
+            &CommitDelta {
+                partition: offset.partition,
+                next_offset: offset.next_offset,
+                watermark: stored.latest_event_time,
+                ..CommitDelta::default()
+            },
+        );
+    }
+}
+
 /// Ends the stream count when a stream is dropped, however it ends.
 struct StreamGuard(Arc<Gauges>);
 
@@ -435,7 +512,8 @@ struct SubscriptionState {
     heartbeat: Duration,
     watermark: watch::Receiver<Watermark>,
     shutdown: CancellationToken,
-    _open: StreamGuard,
+    /// Counts the stream open while it lives, and what it sends.
+    open: StreamGuard,
 }
 
 impl SubscriptionState {
@@ -476,6 +554,7 @@ async fn next_message(
             Ok(Ok(update)) if update.version <= state.version => continue,
             Ok(Ok(update)) => {
                 state.version = update.version;
+                state.open.0.deltas_sent.fetch_add(1, Ordering::Relaxed);
                 subscribe_response::Update::Delta(update.delta.clone())
             }
             Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
@@ -484,6 +563,7 @@ async fn next_message(
                     Ok((version, result, updates)) => {
                         state.version = version;
                         state.updates = updates;
+                        state.open.0.slow_resyncs.fetch_add(1, Ordering::Relaxed);
                         snapshot_of(result, true)
                     }
                     Err(_) => {
@@ -536,5 +616,39 @@ mod tests {
         // Deltas of ingest versions without the field are never gaps.
         assert!(!advance(&mut watermark, &commit(2, None, 3)));
         assert!(!advance(&mut watermark, &commit(2, None, 90)));
+    }
+
+    #[test]
+    fn a_stored_watermark_moves_the_known_one_forward_only() {
+        let time = |seconds| prost_types::Timestamp { seconds, nanos: 0 };
+        let mut watermark = Watermark::default();
+        advance(
+            &mut watermark,
+            &CommitDelta {
+                watermark: Some(time(50)),
+                ..commit(0, None, 30)
+            },
+        );
+        let stored = Watermark {
+            offsets: vec![
+                PartitionOffset {
+                    partition: 0,
+                    next_offset: 20,
+                },
+                PartitionOffset {
+                    partition: 1,
+                    next_offset: 7,
+                },
+            ],
+            latest_event_time: Some(time(40)),
+        };
+        merge(&mut watermark, &stored);
+        let offsets: Vec<_> = watermark
+            .offsets
+            .iter()
+            .map(|o| (o.partition, o.next_offset))
+            .collect();
+        assert_eq!(offsets, [(0, 30), (1, 7)]);
+        assert_eq!(watermark.latest_event_time, Some(time(50)));
     }
 }

@@ -89,11 +89,6 @@ impl redis::ToRedisArgs for SessionField<'_> {
     }
 }
 
-/// Name of the pub/sub channel that carries commit deltas on one Redis.
-pub fn deltas_channel(namespace: &str) -> String {
-    format!("{namespace}:deltas")
-}
-
 /// The keys of one partition.
 #[derive(Debug, Clone)]
 pub struct PartitionKeys {
@@ -120,7 +115,7 @@ impl PartitionKeys {
         format!("{}lease", self.prefix)
     }
 
-    /// The shard channel of the partition's commit deltas on a cluster (see
+    /// The shard channel of the partition's commit deltas (see
     /// `store::delta_channel`).
     pub fn deltas(&self) -> String {
         format!("{}deltas", self.prefix)
