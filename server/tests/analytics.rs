@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use common::{
     TestDatabase, TestServer,
     pipeline::{
-        PARTITIONS, event, hll_close, ingest_config, produce, redis, settled_versions, simulate,
+        PARTITIONS, event, hll_close, ingest_config, produce, settled_versions, simulate,
         source_number, wait_caught_up,
     },
 };
@@ -378,7 +378,7 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     // And subtraction is real: the hours of the run minus all their minutes
     // leave every ranking score and counter at zero.
     let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
-    let connection = redis().await?;
+    let connection = common::test_nodes()?;
     let mut nothing = Vec::new();
     for hour_start in (hour(first)..=hour(last)).step_by(3600) {
         nothing.push((Bucket::containing(store::Granularity::Hour, hour_start), 1));
@@ -431,7 +431,7 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
     );
 
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -484,7 +484,7 @@ async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow
     let cached =
         MetricReader::new(&config.redis_namespace, 0..PARTITIONS).with_settled(cache.clone());
     let plain = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
-    let connection = redis().await?;
+    let connection = common::test_nodes()?;
     let mut analytics = client(&server);
     let api_top = |analytics: &mut AnalyticsServiceClient<Channel>| {
         let mut analytics = analytics.clone();
@@ -566,7 +566,7 @@ async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow
     assert_eq!(api_top(&mut analytics).await?, nonzero(&truth));
 
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -638,6 +638,7 @@ async fn invalid_windows_and_fields_are_invalid_argument_and_a_down_redis_is_una
     let mut down = config.clone();
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     down.redis_url = format!("redis://{closed}/");
+    down.redis_cluster = false;
     let server = TestServer::start(down).await?;
     let status = client(&server)
         .get_unique_users(GetUniqueUsersRequest {
@@ -901,7 +902,7 @@ async fn snapshot_plus_deltas_equals_the_unary_query_across_replicas() -> anyhow
     drop(stream);
     serving.stop().await?;
     ingesting.stop().await?;
-    common::delete_redis_namespace(&ingest.redis_url, &ingest.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&ingest, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -1025,7 +1026,7 @@ async fn a_subscriber_that_stops_reading_gets_a_resync_snapshot_then_stays_exact
     assert_eq!(total, 200);
     drop(stream);
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -1095,6 +1096,6 @@ async fn a_rolling_window_rolls_forward_and_stays_equal_to_the_unary_query() -> 
     }
     drop(stream);
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }

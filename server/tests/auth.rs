@@ -562,7 +562,7 @@ async fn every_rpc_admits_exactly_the_roles_that_may_call_it() -> anyhow::Result
     );
 
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -620,6 +620,6 @@ async fn a_revoked_key_ends_its_open_subscription_and_is_refused_within_the_boun
     .await?;
 
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }

@@ -279,6 +279,7 @@ async fn sigterm_stops_the_server_with_exit_code_zero() -> anyhow::Result<()> {
     let addr = free_local_address();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"))
         .env("RTAP_LISTEN_ADDR", &addr)
+        .env("RTAP_METRICS_ADDR", "off")
         .env("DATABASE_URL", &database.url)
         .env(
             "RTAP_REDIS_NAMESPACE",

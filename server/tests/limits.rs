@@ -183,7 +183,7 @@ async fn subscriptions_are_bounded_per_caller_and_per_server() -> anyhow::Result
 
     drop(open);
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, 4).await?;
+    common::delete_namespace(&config, 4).await?;
     database.drop().await
 }
 

@@ -36,6 +36,7 @@ use rtap_server::{
         hll,
         keys::PartitionKeys,
         mirror::Mirror,
+        nodes::Route,
         read::MetricReader,
         session_epoch,
     },
@@ -126,7 +127,7 @@ async fn simulated_traffic_with_duplicates_and_poison_is_counted_exactly() -> an
     }
 
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -170,7 +171,7 @@ async fn duplicates_are_counted_once_across_restarts_and_old_events_are_dead_let
         total(|s| s.dead_lettered.get("too_old").copied().unwrap_or(0)),
         1
     );
-    let mut connection = redis().await?;
+    let connection = common::test_nodes()?;
     let reader = MetricReader::new(&config.redis_namespace, 0..PARTITIONS);
     let hours = buckets(Granularity::Hour, now - chrono::Duration::hours(1), now);
     let views = reader
@@ -191,16 +192,17 @@ async fn duplicates_are_counted_once_across_restarts_and_old_events_are_dead_let
         rtap::kafka::partition_for_key(&rtap::kafka::record_key(1), PARTITIONS),
     );
     let minute = Bucket::containing(Granularity::Minute, first_time(&first));
+    let mut node = connection.connection(&keys.state()).await?;
     let ttl: i64 = redis::cmd("TTL")
         .arg(keys.counters(minute))
-        .query_async(&mut connection)
+        .query_async(&mut node)
         .await?;
     let expected = minute.start + 60 + 48 * 3600 - Utc::now().timestamp();
     assert!(
         (ttl - expected).abs() <= 5,
         "ttl {ttl}, expected about {expected}"
     );
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -237,7 +239,7 @@ async fn a_retry_restamped_into_another_minute_in_a_later_commit_is_counted_once
     let states = states(&config.redis_namespace).await?;
     assert_eq!(states.iter().map(|s| s.applied).sum::<i64>(), 20);
     assert_eq!(states.iter().map(|s| s.duplicates).sum::<i64>(), 20);
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -250,7 +252,7 @@ async fn a_server_killed_at_random_moments_counts_every_event_exactly_once() -> 
     let database = TestDatabase::create().await?;
     let config = ingest_config(&database);
     killed_at_random_moments(env!("CARGO_BIN_EXE_rtap-server"), &config).await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -258,15 +260,9 @@ async fn a_server_killed_at_random_moments_counts_every_event_exactly_once() -> 
 async fn a_redis_outage_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let mut config = ingest_config(&database);
-    let url = redis_url();
-    let redis_addr = url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .replace("localhost", "127.0.0.1");
-    let proxy = TcpProxy::start(redis_addr.parse().context("REDIS_URL host:port")?).await?;
+    let proxy = TcpProxy::start(redis_addr()?).await?;
     config.redis_url = format!("redis://{}/", proxy.addr);
+    config.redis_cluster = false;
     config.commit_max_events = 200;
     config.fetch_max_bytes = 32 * 1024;
     let brokers = config.kafka_brokers[0].clone();
@@ -285,7 +281,7 @@ async fn a_redis_outage_mid_run_loses_and_doubles_nothing() -> anyhow::Result<()
     wait_caught_up(&config, Duration::from_secs(120)).await?;
     server.stop().await?;
     assert_matches_truth(&config, &truth).await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -307,6 +303,7 @@ async fn ingest_resumes_within_about_two_seconds_of_a_long_redis_outage() -> any
     let mut config = ingest_config(&database);
     let proxy = TcpProxy::start(redis_addr()?).await?;
     config.redis_url = format!("redis://{}/", proxy.addr);
+    config.redis_cluster = false;
     let brokers = config.kafka_brokers[0].clone();
     let server = TestServer::start(config.clone()).await?;
     produce(&brokers, &config.events_topic, &[event(1, Utc::now())]).await?;
@@ -326,17 +323,19 @@ async fn ingest_resumes_within_about_two_seconds_of_a_long_redis_outage() -> any
         resumed_after < Duration::from_secs(5),
         "ingest resumed {resumed_after:?} after Redis came back"
     );
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
 /// Which process holds each partition's lease (the pid in its owner id).
 async fn lease_holders(namespace: &str) -> anyhow::Result<Vec<Option<u32>>> {
-    let mut connection = redis().await?;
+    let nodes = common::test_nodes()?;
     let mut holders = Vec::new();
     for partition in 0..PARTITIONS {
+        let lease = PartitionKeys::new(namespace, partition).lease();
+        let mut connection = nodes.connection(&lease).await?;
         let owner: Option<String> = redis::cmd("GET")
-            .arg(PartitionKeys::new(namespace, partition).lease())
+            .arg(&lease)
             .query_async(&mut connection)
             .await?;
         holders.push(owner.and_then(|o| o.split('/').nth(1)?.parse().ok()));
@@ -399,7 +398,7 @@ async fn a_standby_takes_over_within_the_lease_after_a_sigkill() -> anyhow::Resu
         took <= lease + Duration::from_secs(2),
         "took over {took:?} after the kill, lease {lease:?}"
     );
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -418,6 +417,7 @@ async fn sigterm_with_redis_unreachable_stops_within_the_grace_period() -> anyho
     });
     let mut unreachable = config.clone();
     unreachable.redis_url = format!("redis://{hole}/");
+    unreachable.redis_cluster = false;
     let mut child = server_command(env!("CARGO_BIN_EXE_rtap-server"), &unreachable, &[])
         .args(["--shutdown-grace", "2s"])
         .args([
@@ -472,25 +472,17 @@ async fn a_broker_restart_mid_run_loses_and_doubles_nothing() -> anyhow::Result<
     server.stop().await?;
     assert_matches_truth(&config, &truth).await?;
     broker.kill().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
 #[tokio::test]
 async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<()> {
-    use tokio_stream::StreamExt;
-
     let database = TestDatabase::create().await?;
     let config = ingest_config(&database);
     let brokers = config.kafka_brokers[0].clone();
-    let mut deltas = redis::Client::open(config.redis_url.as_str())?
-        .get_async_pubsub()
-        .await?;
-    deltas
-        .subscribe(rtap_server::store::keys::deltas_channel(
-            &config.redis_namespace,
-        ))
-        .await?;
+    let mut deltas =
+        common::shard_subscription(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
     let now = Utc::now();
     let events: Vec<InteractionEvent> = (1..=30)
         .map(|user| event(user, now - chrono::Duration::minutes(user % 3)))
@@ -498,13 +490,12 @@ async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<(
     produce(&brokers, &config.events_topic, &events).await?;
     let server = TestServer::start(config.clone()).await?;
 
-    let mut messages = deltas.on_message();
     let (mut applied, mut views, mut dwell_products) = (0, 0, 0);
     while applied < 30 {
-        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+        let payload = tokio::time::timeout(Duration::from_secs(30), deltas.next())
             .await?
-            .context("the delta channel closed")?;
-        let delta = rtap::v1::CommitDelta::decode(message.get_payload_bytes())?;
+            .context("the delta subscription closed")?;
+        let delta = rtap::v1::CommitDelta::decode(payload.as_slice())?;
         assert!(delta.next_offset > delta.first_offset);
         applied += delta.events_applied;
         for minute in &delta.minutes {
@@ -523,9 +514,9 @@ async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<(
     }
     assert_eq!((applied, views), (30, 30));
     assert!(dwell_products >= 3);
-    drop(messages);
+    drop(deltas);
     server.stop().await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -536,10 +527,12 @@ async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<(
 /// their epochs' hashes (the latest epoch's state wins), as ingest reads
 /// them: which epoch holds a state depends on when it was written.
 async fn snapshot_namespace(config: &Config) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut connection = redis().await?;
+    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
     let mut all = BTreeMap::new();
     for partition in 0..PARTITIONS {
         let keys = PartitionKeys::new(&config.redis_namespace, partition);
+        // A partition's keys share one slot: one node holds them all.
+        let mut connection = nodes.connection(&keys.state()).await?;
         let found: Vec<String> = redis::cmd("KEYS")
             .arg(keys.pattern())
             .query_async(&mut connection)
@@ -631,11 +624,10 @@ async fn a_topic_that_gained_partitions_stops_ingest_until_a_rebuild() -> anyhow
     let config = ingest_config(&database);
     let brokers = config.kafka_brokers[0].clone();
     // The metrics were built when the topic had two partitions.
-    let mut connection = redis().await?;
+    let key = rtap_server::store::keys::topic_partitions(&config.redis_namespace);
+    let mut connection = common::test_nodes()?.connection(&key).await?;
     redis::cmd("SET")
-        .arg(rtap_server::store::keys::topic_partitions(
-            &config.redis_namespace,
-        ))
+        .arg(&key)
         .arg(PARTITIONS - 1)
         .query_async::<()>(&mut connection)
         .await?;
@@ -655,7 +647,7 @@ async fn a_topic_that_gained_partitions_stops_ingest_until_a_rebuild() -> anyhow
     let log = String::from_utf8_lossy(&rebuilt.stderr);
     ensure!(rebuilt.status.success(), "{log}");
     assert_matches_truth(&config, &truth).await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 
@@ -708,7 +700,7 @@ async fn rebuild_recomputes_the_live_aggregates_key_by_key_and_refuses_while_con
         assert_eq!(after.get(key), Some(value), "{key}");
     }
     assert_matches_truth(&config, &truth).await?;
-    common::delete_redis_namespace(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
     database.drop().await
 }
 

@@ -229,12 +229,6 @@ async fn a_replaced_certificate_is_served_to_new_connections_while_open_streams_
 }
 
 /// A port nobody listens on now.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[tokio::test]
 async fn the_metric_store_over_rediss_is_verified_against_a_trusted_ca() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
@@ -246,7 +240,7 @@ async fn the_metric_store_over_rediss_is_verified_against_a_trusted_ca() -> anyh
     std::fs::write(path("redis.key"), key)?;
     std::fs::write(path("ca.pem"), ca.pem())?;
     std::fs::write(path("other.pem"), Authority::new("another CA")?.pem())?;
-    let redis_port = free_port()?;
+    let redis_port = common::free_port()?;
     let mut redis = tokio::process::Command::new("redis-server")
         .args(["--port", "0", "--bind", "127.0.0.1", "--save", ""])
         .args([
@@ -266,10 +260,11 @@ async fn the_metric_store_over_rediss_is_verified_against_a_trusted_ca() -> anyh
         .spawn()?;
     let config = test_config(&database);
     let server = |trusted: bool| -> anyhow::Result<(tokio::process::Child, String)> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = format!("127.0.0.1:{}", common::free_port()?);
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rtap-server"));
         command
             .args(["--role", "api", "--listen-addr", &addr])
+            .args(["--metrics-addr", "off"])
             .args(["--database-url", &database.url])
             .args(["--redis-url", &format!("rediss://127.0.0.1:{redis_port}/")])
             .args(["--redis-namespace", &config.redis_namespace])

@@ -24,6 +24,14 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+/// A loopback port free when asked (another process may take it before
+/// it is bound: good enough for tests).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Postgres server URL, without a database name.
 pub fn postgres_url() -> String {
     std::env::var("RTAP_TEST_POSTGRES_URL")
@@ -103,6 +111,7 @@ pub fn test_config(database: &TestDatabase) -> Config {
     let mut config = Config::from_env().expect("the default configuration parses");
     let suffix = unique_suffix();
     config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.metrics_addr = rtap::telemetry::MetricsAddr(None);
     config.database_url = database.url.clone();
     config.redis_namespace = format!("rtap-test-{suffix}");
     config.events_topic = format!("rtap-test-{suffix}.interactions");
@@ -110,7 +119,27 @@ pub fn test_config(database: &TestDatabase) -> Config {
     config.health_check_interval = Duration::from_millis(200);
     config.dependency_timeout = Duration::from_secs(2);
     config.shutdown_grace = Duration::from_secs(5);
+    if on_cluster() {
+        use_cluster(&mut config);
+    }
     config
+}
+
+/// Whether the suites run against the local Redis Cluster instead of one
+/// Redis: `RTAP_TEST_REDIS=cluster`, as `scripts/test.sh` runs the pipeline
+/// and analytics suites a second time.
+pub fn on_cluster() -> bool {
+    std::env::var("RTAP_TEST_REDIS").is_ok_and(|redis| redis == "cluster")
+}
+
+/// The nodes of the Redis the tests run against (one Redis, or the cluster
+/// when [`on_cluster`]).
+pub fn test_nodes() -> anyhow::Result<rtap_server::store::nodes::Nodes> {
+    let mut config = Config::from_env().context("the default configuration parses")?;
+    if on_cluster() {
+        use_cluster(&mut config);
+    }
+    config.redis_nodes().map_err(anyhow::Error::msg)
 }
 
 /// Points `config` at the local Redis Cluster (`scripts/services.sh
@@ -394,8 +423,114 @@ pub async fn redis_connection(url: &str) -> anyhow::Result<redis::aio::Multiplex
         .await?)
 }
 
-/// Deletes the Redis keys of `partitions` of `namespace`, so test runs do not
-/// fill Redis.
+/// Every node of `config`'s Redis: the one Redis, or a cluster's primaries
+/// and replicas.
+pub async fn every_redis_node(config: &Config) -> anyhow::Result<Vec<redis::Client>> {
+    if !config.redis_cluster {
+        return Ok(vec![redis::Client::open(config.redis_url.as_str())?]);
+    }
+    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
+    let seed = nodes
+        .primaries()
+        .await?
+        .into_iter()
+        .next()
+        .context("a primary")?;
+    let mut connection = seed.get_multiplexed_async_connection().await?;
+    let listing: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut connection)
+        .await?;
+    // `<id> <host:port@bus> <flags> …` per node.
+    listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1)?.split('@').next())
+        .map(|address| Ok(redis::Client::open(format!("redis://{address}"))?))
+        .collect()
+}
+
+/// CPU time (user and system) the Redis behind `connection` has used since
+/// it started, in seconds.
+pub async fn redis_cpu_seconds(
+    connection: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(connection)
+        .await?;
+    let mut total = 0.0;
+    for line in info.lines() {
+        if let Some((field, value)) = line.trim().split_once(':')
+            && matches!(field, "used_cpu_sys" | "used_cpu_user")
+        {
+            total += value.parse::<f64>()?;
+        }
+    }
+    Ok(total)
+}
+
+/// [`redis_cpu_seconds`] summed over `nodes`.
+pub async fn redis_cpu_seconds_on(nodes: &[redis::Client]) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for node in nodes {
+        total += redis_cpu_seconds(&mut node.get_multiplexed_async_connection().await?).await?;
+    }
+    Ok(total)
+}
+
+/// A subscription to the commit deltas of `partitions` of `namespace` on
+/// the Redis at `url`, as API processes listen: sharded pub/sub over RESP3.
+pub struct ShardSubscription {
+    _connection: redis::aio::MultiplexedConnection,
+    pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+impl ShardSubscription {
+    /// The next delta's payload; `None` when the connection is gone.
+    pub async fn next(&mut self) -> Option<Vec<u8>> {
+        while let Some(push) = self.pushes.recv().await {
+            if push.kind == redis::PushKind::SMessage
+                && let Some(redis::Value::BulkString(payload)) = push.data.into_iter().nth(1)
+            {
+                return Some(payload);
+            }
+        }
+        None
+    }
+}
+
+pub async fn shard_subscription(
+    url: &str,
+    namespace: &str,
+    partitions: i32,
+) -> anyhow::Result<ShardSubscription> {
+    use redis::aio::ConnectionLike as _;
+    let (sender, pushes) = tokio::sync::mpsc::unbounded_channel();
+    let config = redis::AsyncConnectionConfig::new().set_push_sender(sender);
+    let mut connection = redis::Client::open(format!("{url}?protocol=resp3"))?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    for partition in 0..partitions {
+        let channel = rtap_server::store::keys::PartitionKeys::new(namespace, partition).deltas();
+        connection
+            .req_packed_command(redis::cmd("SSUBSCRIBE").arg(channel))
+            .await?;
+    }
+    Ok(ShardSubscription {
+        _connection: connection,
+        pushes,
+    })
+}
+
+/// Deletes the Redis keys of `partitions` of `config`'s namespace, on
+/// whichever Redis it points at, so test runs do not fill Redis.
+pub async fn delete_namespace(config: &Config, partitions: i32) -> anyhow::Result<()> {
+    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
+    delete_namespace_on(&nodes, &config.redis_namespace, partitions).await
+}
+
+/// Deletes the Redis keys of `partitions` of `namespace` on the one Redis at
+/// `url`.
 pub async fn delete_redis_namespace(
     url: &str,
     namespace: &str,

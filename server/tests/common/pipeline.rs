@@ -94,10 +94,11 @@ pub async fn simulate(
 
 /// Every partition's settled version (see `rtap_server::store::settled`).
 pub async fn settled_versions(namespace: &str) -> anyhow::Result<Vec<Option<String>>> {
-    let mut connection = redis().await?;
+    let nodes = super::test_nodes()?;
     let mut versions = Vec::new();
     for partition in 0..PARTITIONS {
         let key = PartitionKeys::new(namespace, partition).settled_version();
+        let mut connection = nodes.connection(&key).await?;
         versions.push(
             redis::cmd("GET")
                 .arg(key)
@@ -128,7 +129,7 @@ pub async fn high_watermarks(brokers: &str, topic: &str) -> anyhow::Result<BTree
 }
 
 pub async fn states(namespace: &str) -> anyhow::Result<Vec<PartitionState>> {
-    states_on(&redis().await?, namespace).await
+    states_on(&super::test_nodes()?, namespace).await
 }
 
 /// Every partition's stored state, each read from the node that holds it.
@@ -536,12 +537,23 @@ pub async fn assert_matches_truth(config: &Config, truth: &GroundTruth) -> anyho
 /// `rtap-server` (the `binary` cargo built for the test) with `config`'s
 /// services, namespace and topics.
 pub fn server_command(binary: &str, config: &Config, args: &[&str]) -> tokio::process::Command {
+    server_command_as("ingest", binary, config, args)
+}
+
+/// [`server_command`] in `role`.
+pub fn server_command_as(
+    role: &str,
+    binary: &str,
+    config: &Config,
+    args: &[&str],
+) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(binary);
     // `--role` (the process's) goes before a subcommand in `args`.
     command
-        .args(["--role", "ingest"])
+        .args(["--role", role])
         .args(args)
-        .args(["--listen-addr", "127.0.0.1:0"])
+        .args(["--listen-addr", &config.listen_addr.to_string()])
+        .args(["--metrics-addr", &config.metrics_addr.to_string()])
         .args(["--database-url", &config.database_url])
         .args(["--redis-url", &config.redis_url])
         .args(["--redis-namespace", &config.redis_namespace])
