@@ -9,10 +9,13 @@
 //! machine in each phase, and the consumer's work that needs no Redis timed
 //! alone: with them, the highest ratio the machine's cores allow.
 //!
-//! The catch-up runs against each Redis deployment of `RTAP_BENCH_REDIS`
-//! (default `single,cluster`: the one Redis, then the local Redis Cluster of
-//! `scripts/services.sh cluster`, seeds in `RTAP_TEST_REDIS_CLUSTER`), each
-//! into a namespace of its own, and prints cluster / single.
+//! The catch-up runs once per entry of `RTAP_BENCH_REDIS` (default
+//! `single,single+metrics,single,single+metrics,cluster`): `single` is the
+//! one Redis, `cluster` the local Redis Cluster of `scripts/services.sh
+//! cluster` (seeds in `RTAP_TEST_REDIS_CLUSTER`), and `+metrics` records the
+//! Prometheus metrics as a server does (without it, metrics go nowhere),
+//! each into a namespace of its own. It prints the median rate of each
+//! kind of run, metrics on / off, and cluster / single.
 //!
 //! `cargo bench -p rtap-server --bench ingest` after `scripts/services.sh
 //! cluster`. `RTAP_BENCH_EVENTS` (default 1,000,000) and
@@ -32,7 +35,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use clap::Parser;
 use common::{TestDatabase, test_config};
 use cpu_times::CpuTimes;
@@ -82,11 +84,20 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
             .await?,
     );
     let raw = raw_fetch(&client, &config).await?;
-    let mut rates = BTreeMap::new();
-    let deployments = std::env::var("RTAP_BENCH_REDIS").unwrap_or_else(|_| "single,cluster".into());
-    for deployment in deployments.split(',').map(str::trim) {
+    let mut rates: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let runs = std::env::var("RTAP_BENCH_REDIS")
+        .unwrap_or_else(|_| "single,single+metrics,single,single+metrics,cluster".into());
+    let metrics = MetricsSwitch::install()?;
+    let mut metrics_runs = 0;
+    for (index, run) in runs.split(',').map(str::trim).enumerate() {
+        let (deployment, recorded) = match run.strip_suffix("+metrics") {
+            Some(deployment) => (deployment, true),
+            None => (run, false),
+        };
+        metrics.set(recorded);
+        metrics_runs += usize::from(recorded);
         let mut config = config.clone();
-        config.redis_namespace = format!("{}-{deployment}", config.redis_namespace);
+        config.redis_namespace = format!("{}-{index}-{deployment}", config.redis_namespace);
         match deployment {
             "single" => {}
             "cluster" => {
@@ -96,13 +107,42 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
                 anyhow::bail!("RTAP_BENCH_REDIS: unknown deployment {other:?} (single, cluster)")
             }
         }
-        println!("--- Redis: {deployment}");
+        println!(
+            "--- Redis: {deployment}, metrics {}",
+            if recorded { "recorded" } else { "off" }
+        );
         let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
         let ingest = ingest(&config, &nodes, &raw).await?;
-        rates.insert(deployment.to_owned(), report(&config, &raw, ingest)?);
+        rates
+            .entry(run.to_owned())
+            .or_default()
+            .push(report(&config, &raw, ingest)?);
         common::delete_namespace_on(&nodes, &config.redis_namespace, partitions).await?;
     }
-    if let (Some(single), Some(cluster)) = (rates.get("single"), rates.get("cluster")) {
+    let median = |run: &str| {
+        let mut of = rates.get(run)?.clone();
+        of.sort_by(f64::total_cmp);
+        Some(of[of.len() / 2])
+    };
+    for (run, of) in &rates {
+        let listed: Vec<String> = of.iter().map(|rate| format!("{rate:.0}")).collect();
+        println!("{run}: events/s {}", listed.join(", "));
+    }
+    if let (Some(off), Some(on)) = (median("single"), median("single+metrics")) {
+        println!(
+            "metrics recorded / off (medians, one Redis): {:.3} (target: within noise)",
+            on / off
+        );
+    }
+    if metrics_runs > 0 {
+        // The recorded runs' counters must hold what they counted.
+        let applied = metrics.applied();
+        println!(
+            "metrics: rtap_ingest_events_applied_total sums to {applied:.0} over {metrics_runs} recorded runs"
+        );
+        anyhow::ensure!(applied > 0.0, "the recorded runs recorded nothing");
+    }
+    if let (Some(single), Some(cluster)) = (median("single"), median("cluster")) {
         println!(
             "cluster / single ingest: {:.2} (target >= 0.8; the cluster's six nodes share this machine's cores)",
             cluster / single
@@ -115,6 +155,107 @@ async fn bench(database: &TestDatabase, events: u64, partitions: i32) -> anyhow:
         .delete_topic(config.events_topic.as_str(), 10_000)
         .await?;
     Ok(())
+}
+
+/// The process's metrics recorder, switched on and off between runs: a
+/// partition's handles are taken when its consumer starts, so a run records
+/// into Prometheus's recorder or into nothing, as a server with or without
+/// `--metrics-addr` does.
+struct MetricsSwitch {
+    on: std::sync::atomic::AtomicBool,
+    recorder: metrics_exporter_prometheus::PrometheusRecorder,
+}
+
+impl MetricsSwitch {
+    fn install() -> anyhow::Result<&'static Self> {
+        let switch: &'static Self = Box::leak(Box::new(Self {
+            on: std::sync::atomic::AtomicBool::new(false),
+            recorder: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder(),
+        }));
+        metrics::set_global_recorder(switch)
+            .map_err(|_| anyhow::anyhow!("a metrics recorder is installed already"))?;
+        Ok(switch)
+    }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, Ordering::Relaxed);
+    }
+
+    /// The sum of `rtap_ingest_events_applied_total` over its partitions.
+    fn applied(&self) -> f64 {
+        self.recorder
+            .handle()
+            .render()
+            .lines()
+            .filter(|line| line.starts_with("rtap_ingest_events_applied_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl metrics::Recorder for MetricsSwitch {
+    fn describe_counter(
+        &self,
+        key: metrics::KeyName,
+        unit: Option<metrics::Unit>,
+        description: metrics::SharedString,
+    ) {
+        self.recorder.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(
+        &self,
+        key: metrics::KeyName,
+        unit: Option<metrics::Unit>,
+        description: metrics::SharedString,
+    ) {
+        self.recorder.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(
+        &self,
+        key: metrics::KeyName,
+        unit: Option<metrics::Unit>,
+        description: metrics::SharedString,
+    ) {
+        self.recorder.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Counter {
+        if self.on.load(Ordering::Relaxed) {
+            self.recorder.register_counter(key, metadata)
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+
+    fn register_gauge(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Gauge {
+        if self.on.load(Ordering::Relaxed) {
+            self.recorder.register_gauge(key, metadata)
+        } else {
+            metrics::Gauge::noop()
+        }
+    }
+
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        metadata: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if self.on.load(Ordering::Relaxed) {
+            self.recorder.register_histogram(key, metadata)
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
 }
 
 /// Fills the topic with `events` events of the simulator's model, over the
@@ -223,30 +364,6 @@ struct Ingest {
     pings: Vec<Duration>,
 }
 
-/// Every node of the deployment (primaries and replicas of a cluster).
-async fn every_node(config: &Config, nodes: &Nodes) -> anyhow::Result<Vec<redis::Client>> {
-    if !config.redis_cluster {
-        return Ok(vec![redis::Client::open(config.redis_url.as_str())?]);
-    }
-    let seed = nodes
-        .primaries()
-        .await?
-        .into_iter()
-        .next()
-        .context("a primary")?;
-    let mut connection = seed.get_multiplexed_async_connection().await?;
-    let listing: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut connection)
-        .await?;
-    // `<id> <host:port@bus> <flags> …` per node.
-    listing
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(1)?.split('@').next())
-        .map(|address| Ok(redis::Client::open(format!("redis://{address}"))?))
-        .collect()
-}
-
 /// Redis CPU seconds and command stats summed over `nodes`.
 async fn redis_totals(
     nodes: &[redis::Client],
@@ -254,7 +371,7 @@ async fn redis_totals(
     let (mut cpu, mut commands) = (0.0, BTreeMap::new());
     for node in nodes {
         let mut connection = node.get_multiplexed_async_connection().await?;
-        cpu += redis_cpu_seconds(&mut connection).await?;
+        cpu += common::redis_cpu_seconds(&mut connection).await?;
         for (command, (calls, usec)) in command_stats(&mut connection).await? {
             let total: &mut (u64, u64) = commands.entry(command).or_default();
             *total = (total.0 + calls, total.1 + usec);
@@ -268,7 +385,7 @@ async fn redis_totals(
 async fn ingest(config: &Config, nodes: &Nodes, raw: &RawFetch) -> anyhow::Result<Ingest> {
     let stats = Arc::new(PipelineStats::default());
     let shutdown = CancellationToken::new();
-    let every = every_node(config, nodes).await?;
+    let every = common::every_redis_node(config).await?;
     let probing = CancellationToken::new();
     let first = PartitionKeys::new(&config.redis_namespace, 0);
     let probe = tokio::spawn(probe_redis(
@@ -499,25 +616,6 @@ fn in_process_work(
         decode_us: per_event(best.0),
         fold_us: per_event(best.1),
     })
-}
-
-/// CPU time Redis has used since it started (user and system), seconds.
-async fn redis_cpu_seconds(
-    connection: &mut redis::aio::MultiplexedConnection,
-) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query_async(connection)
-        .await?;
-    let mut total = 0.0;
-    for line in info.lines() {
-        if let Some((field, value)) = line.trim().split_once(':')
-            && matches!(field, "used_cpu_sys" | "used_cpu_user")
-        {
-            total += value.parse::<f64>()?;
-        }
-    }
-    Ok(total)
 }
 
 /// Calls and microseconds spent per command since Redis started, from

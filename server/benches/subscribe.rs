@@ -202,6 +202,7 @@ async fn run_parts(config: &Config) -> anyhow::Result<()> {
     }
     let mut server = command
         .args(["--listen-addr", &addr])
+        .args(["--metrics-addr", "off"])
         .args(["--database-url", &config.database_url])
         .args(["--redis-url", &config.redis_url])
         .args(["--redis-namespace", &config.redis_namespace])
@@ -257,7 +258,8 @@ async fn run_parts(config: &Config) -> anyhow::Result<()> {
             query_latency(&channel, &writer, redis_url).await?;
         }
         if run("distinct") {
-            distinct_feeds::distinct_feeds(&addr, &channel, &writer, pid, redis_url).await?;
+            let every = common::every_redis_node(config).await?;
+            distinct_feeds::distinct_feeds(&addr, &channel, &writer, pid, &every).await?;
         }
         Ok::<_, anyhow::Error>(())
     }

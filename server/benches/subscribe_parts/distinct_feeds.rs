@@ -3,7 +3,7 @@
 //! own, so none share a feed, while events of those products arrive at
 //! 5,000 a second. Per level of subscriptions: freshness (produce to the
 //! delta counting the event, per product), GetUser p99 next to the same load
-//! with no subscriptions, Redis CPU per second above that baseline, and
+//! with no subscriptions, Redis CPU per second above that baseline (summed over every node), and
 //! server RSS per feed. Levels rise until a target fails.
 //!
 //! `RTAP_BENCH_DISTINCT` sets the levels (default `1000,3000,10000`).
@@ -49,7 +49,7 @@ pub(crate) async fn distinct_feeds(
     channel: &Channel,
     writer: &Arc<EventWriter>,
     pid: u32,
-    redis_url: &str,
+    redis_nodes: &[redis::Client],
 ) -> anyhow::Result<()> {
     let levels: Vec<usize> = std::env::var("RTAP_BENCH_DISTINCT")
         .unwrap_or_else(|_| "1000,3000,10000".into())
@@ -68,12 +68,9 @@ pub(crate) async fn distinct_feeds(
         .into_inner()
         .user
         .map_or(0, |u| u.id);
-    let mut redis = redis::Client::open(redis_url)?
-        .get_multiplexed_async_connection()
-        .await?;
     // Products of their own for every phase: a subscriber's total counts
     // only the phase it measures.
-    let base = load(channel, writer, &mut redis, user, (1_000_000, 1000)).await?;
+    let base = load(channel, writer, redis_nodes, user, (1_000_000, 1000)).await?;
     println!(
         "distinct feeds baseline, no subscriptions, {RATE} events/s: GetUser p99 {:.2} ms, Redis CPU {:.0} ms/s",
         base.get_user_p99_ms,
@@ -83,7 +80,14 @@ pub(crate) async fn distinct_feeds(
     for level in levels {
         let products = (first, i64::try_from(level)?);
         let holds = level_run(
-            addr, channel, writer, pid, &mut redis, user, products, &base,
+            addr,
+            channel,
+            writer,
+            pid,
+            redis_nodes,
+            user,
+            products,
+            &base,
         )
         .await?;
         if !holds {
@@ -102,7 +106,7 @@ async fn level_run(
     channel: &Channel,
     writer: &Arc<EventWriter>,
     pid: u32,
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis_nodes: &[redis::Client],
     user: i64,
     (first, level): (i64, i64),
     base: &Load,
@@ -113,7 +117,7 @@ async fn level_run(
     let opening = opened.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid)?;
-    let phase = load(channel, writer, redis, user, (first, level)).await?;
+    let phase = load(channel, writer, redis_nodes, user, (first, level)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut latencies = Vec::new();
     let mut missing = 0;
@@ -240,7 +244,7 @@ async fn subscribe_all(
 async fn load(
     channel: &Channel,
     writer: &Arc<EventWriter>,
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis_nodes: &[redis::Client],
     user: i64,
     (first, count): (i64, i64),
 ) -> anyhow::Result<Load> {
@@ -261,7 +265,7 @@ async fn load(
             latencies
         })
     };
-    let cpu_before = redis_cpu_seconds(redis).await?;
+    let cpu_before = super::common::redis_cpu_seconds_on(redis_nodes).await?;
     let per_tick = RATE * TICK.as_millis() as usize / 1000;
     let mut sent: HashMap<i64, Vec<(Instant, i64)>> = HashMap::new();
     let mut totals: HashMap<i64, i64> = HashMap::new();
@@ -293,7 +297,7 @@ async fn load(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = redis_cpu_seconds(redis).await? - cpu_before;
+    let cpu = super::common::redis_cpu_seconds_on(redis_nodes).await? - cpu_before;
     stop.cancel();
     let mut latencies = caller.await?;
     latencies.sort_by(f64::total_cmp);
@@ -302,18 +306,4 @@ async fn load(
         redis_cpu_per_second: cpu / elapsed,
         sent,
     })
-}
-
-/// Redis's CPU time so far (user and system), seconds.
-async fn redis_cpu_seconds(redis: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO").arg("cpu").query_async(redis).await?;
-    Ok(info
-        .lines()
-        .filter_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            matches!(name, "used_cpu_sys" | "used_cpu_user")
-                .then(|| value.trim().parse::<f64>().ok())
-                .flatten()
-        })
-        .sum())
 }
