@@ -3,16 +3,20 @@
 # with a Redis namespace and topics of its own, over TLS (a throwaway CA
 # from scripts/dev-certs.sh) with API keys required, waits until it is
 # SERVING, creates an admin and a reader key, and stops it (and any
-# traffic) on exit. Sets RTAP_ADDR, RTAP_TLS_CA, RTAP_API_KEY (admin) and
-# RTAP_READER_KEY. Needs the services up (scripts/services.sh up).
+# traffic) on exit. Sets RTAP_ADDR, RTAP_TLS_CA, RTAP_API_KEY (admin),
+# RTAP_READER_KEY, and RTAP_METRICS_ADDR and RTAP_SIM_METRICS_ADDR (free
+# ports: the server's /metrics, and the traffic simulator's). Needs the
+# services up (scripts/services.sh up).
 
 die() { printf '%s: FAILED: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 step() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 
 cargo build --locked --workspace --bins
 live_run_id="live-$$-$(date +%s)"
-live_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export RTAP_LISTEN_ADDR="127.0.0.1:$live_port"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+export RTAP_LISTEN_ADDR="127.0.0.1:$(free_port)"
+export RTAP_METRICS_ADDR="127.0.0.1:$(free_port)"
+export RTAP_SIM_METRICS_ADDR="127.0.0.1:$(free_port)"
 export RTAP_REDIS_NAMESPACE="rtap-$live_run_id"
 export RTAP_EVENTS_TOPIC="rtap-$live_run_id.interactions"
 export RTAP_DEAD_LETTER_TOPIC="rtap-$live_run_id.dead-letter"
@@ -57,13 +61,15 @@ sleep 3
 # Produces `count` simulated events of the last 20 minutes, then returns.
 produce_history() {
   target/debug/rtap-simulator --count "$1" --users 20000 --products 50 --session-gap 5m \
-    --start-time "$(date -u -d '-20 minutes' +%Y-%m-%dT%H:%M:%SZ)" --progress none >/dev/null 2>&1 \
+    --start-time "$(date -u -d '-20 minutes' +%Y-%m-%dT%H:%M:%SZ)" --progress none \
+    --metrics-addr off >/dev/null 2>&1 \
     || die "rtap-simulator failed"
 }
 
-# Keeps live traffic flowing (events/s) until the script exits.
+# Keeps live traffic flowing (events/s; more simulator flags may follow)
+# until the script exits; its /metrics on RTAP_SIM_METRICS_ADDR.
 start_traffic() {
-  target/debug/rtap-simulator --rate "$1" --users 20000 --products 50 --session-gap 5m \
+  target/debug/rtap-simulator --rate "$@" --users 20000 --products 50 --session-gap 5m \
     --progress none >/dev/null 2>&1 &
   live_traffic=$!
 }

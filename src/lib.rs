@@ -4,6 +4,8 @@
 #[cfg(feature = "client")]
 pub mod client;
 pub mod kafka;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 
 /// Version 1 of the RTAP API (`rtap.v1`).
 pub mod v1 {

@@ -20,6 +20,7 @@ use crate::{
         consumer::{self, PipelineSettings, PipelineStats},
     },
     store::{Retention, nodes::Nodes},
+    telemetry::{self, grpc::MetricsLayer},
 };
 
 /// Connections the kernel queues for `accept`. The standard library's 128
@@ -112,6 +113,7 @@ pub async fn serve(
         .transpose()
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
     let local_addr: Option<SocketAddr> = listener.local_addr().ok();
+    serve_metrics(&config, &shutdown).await?;
     let (database, schema_gate) = Database::connect_lazy(&config).await?;
     let redis = config.redis_nodes().map_err(Error::Config)?;
     let kafka = config.kafka().map_err(Error::Config)?;
@@ -137,6 +139,7 @@ pub async fn serve(
     let limits = Arc::new(Limits::new(config.limit_settings()));
     let gate = Gate::new(keys.clone(), config.auth_also.clone(), limits.clone());
     let mut server = tonic::transport::Server::builder()
+        .layer(MetricsLayer)
         .layer(AuthLayer::new(gate))
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
@@ -211,6 +214,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serves `/metrics` on `--metrics-addr` (unless `off`) until `shutdown`.
+async fn serve_metrics(config: &Config, shutdown: &CancellationToken) -> Result<(), Error> {
+    let Some(addr) = config.metrics_addr.0 else {
+        return Ok(());
+    };
+    let handle = telemetry::install(config.role.as_str())?;
+    let listener = rtap::telemetry::bind(addr)
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let bound = listener.local_addr().ok();
+    tracing::info!(addr = ?bound, "metrics served on /metrics");
+    let stopping = shutdown.clone().cancelled_owned();
+    tokio::spawn(async move {
+        if let Err(error) = rtap::telemetry::serve(listener, handle, stopping).await {
+            tracing::error!(error = %error, "the metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Starts what runs beside the RPCs: migrations, the API keys' reloads,
 /// the health monitor and, for roles that consume, the ingest pipeline.
 fn spawn_background(
@@ -260,8 +283,9 @@ fn spawn_background(
     tasks
 }
 
-/// The router's layers: the auth gate.
-type Layered = tower_layer::Stack<AuthLayer, tower_layer::Identity>;
+/// The router's layers: the call metrics, then the auth gate.
+type Layered =
+    tower_layer::Stack<AuthLayer, tower_layer::Stack<MetricsLayer, tower_layer::Identity>>;
 
 /// The API services, for roles that serve it.
 fn add_api(

@@ -66,6 +66,17 @@ pub struct Config {
     )]
     pub listen_addr: SocketAddr,
 
+    /// Address `/metrics` is served on, in the Prometheus text format over
+    /// plain HTTP; `off` serves none. Loopback by default: metrics hold no
+    /// user data but tell much about a deployment.
+    #[arg(
+        long,
+        env = "RTAP_METRICS_ADDR",
+        default_value = "127.0.0.1:9464",
+        global = true
+    )]
+    pub metrics_addr: rtap::telemetry::MetricsAddr,
+
     /// PostgreSQL URL of the catalog database.
     #[arg(
         long,
@@ -606,6 +617,15 @@ impl Role {
     pub(crate) fn consumes(self) -> bool {
         matches!(self, Self::All | Self::Ingest)
     }
+
+    /// The role's name, as given on the command line.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Api => "api",
+            Self::Ingest => "ingest",
+        }
+    }
 }
 
 /// How calls are authenticated.
@@ -761,6 +781,17 @@ mod tests {
         assert_eq!(cli.command, None);
         assert_eq!(cli.config.listen_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(cli.config.kafka_brokers, vec!["127.0.0.1:9092".to_owned()]);
+        assert_eq!(cli.config.metrics_addr.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn metrics_can_be_served_elsewhere_or_not_at_all() {
+        let off = parse(&["--metrics-addr", "off"]).expect("parses");
+        assert_eq!(off.config.metrics_addr, rtap::telemetry::MetricsAddr(None));
+        let any = parse(&["--metrics-addr", "0.0.0.0:9100"]).expect("parses");
+        assert_eq!(any.config.metrics_addr.to_string(), "0.0.0.0:9100");
+        let error = parse(&["--metrics-addr", "localhost"]).expect_err("no port");
+        assert!(error.to_string().contains("`off`"), "{error}");
     }
 
     #[test]

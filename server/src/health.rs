@@ -227,6 +227,9 @@ pub(crate) async fn monitor(
             }
         }
         let status = evidence.observe(checked);
+        crate::telemetry::dependency_up("postgresql", status.postgres);
+        crate::telemetry::dependency_up("redis", status.redis);
+        crate::telemetry::dependency_up("kafka", status.kafka);
         if previous != Some(status) {
             for (dependency, reason) in &failures {
                 tracing::warn!(dependency, reason = %reason, "dependency unreachable");

@@ -10,6 +10,9 @@
 //! - [`analytics`]: queries and subscriptions over those aggregates; a
 //!   metric kind is one module of [`analytics::metrics`];
 //! - [`auth`]: API keys and roles, checked before any call is routed;
+//! - [`telemetry`]: what Prometheus scrapes on `--metrics-addr`: every
+//!   metric's name and help in one list, the gRPC call counter, a
+//!   partition's handles;
 //! - [`health`], [`shutdown`], [`app`]: keeping the process honest and alive;
 //! - [`infra`]: plumbing every room uses and none owns (Kafka clients,
 //!   reconnecting connections, protobuf times, the client side of this API
@@ -33,6 +36,7 @@ pub mod ingest;
 mod retry;
 pub mod shutdown;
 pub mod store;
+mod telemetry;
 pub mod watch;
 
 pub use app::{bind, serve};

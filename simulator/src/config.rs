@@ -133,6 +133,11 @@ pub struct SimulatorConfig {
     #[arg(long, env = "RTAP_SIM_TRUTH_FILE")]
     pub truth_file: Option<PathBuf>,
 
+    /// Address `/metrics` is served on (Prometheus text format, plain
+    /// HTTP); `off` serves none.
+    #[arg(long, env = "RTAP_SIM_METRICS_ADDR", default_value = "127.0.0.1:9465")]
+    pub metrics_addr: rtap::telemetry::MetricsAddr,
+
     /// Progress display: a bar on a terminal, log lines otherwise.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,

@@ -6,11 +6,13 @@
 //! - [`catalog`]: the users and products to simulate, from the RTAP catalog
 //!   or a synthetic id range;
 //! - [`producer`]: batched, per-partition produce with retries;
-//! - [`run`]: pacing, progress and shutdown around them.
+//! - [`run`]: pacing, progress and shutdown around them;
+//! - [`telemetry`]: what Prometheus scrapes on `--metrics-addr`.
 
 pub mod catalog;
 pub mod config;
 pub mod model;
 pub mod producer;
 pub mod run;
+pub mod telemetry;
 pub mod truth;

@@ -41,6 +41,15 @@ fn main() -> ExitCode {
             tracing::error!(error = %error, "cannot install signal handlers");
             return ExitCode::FAILURE;
         }
+        if let Some(addr) = config.metrics_addr.0 {
+            match serve_metrics(addr, shutdown.clone()).await {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot serve metrics");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         match run::run(config, shutdown).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(error) => {
@@ -49,6 +58,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Serves `/metrics` on `addr` until `shutdown`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), rtap::telemetry::TelemetryError> {
+    let handle = rtap_simulator::telemetry::install()?;
+    let listener = rtap::telemetry::bind(addr).await?;
+    tracing::info!(addr = %addr, "metrics served on /metrics");
+    tokio::spawn(async move {
+        let stopping = shutdown.cancelled_owned();
+        if let Err(error) = rtap::telemetry::serve(listener, handle, stopping).await {
+            tracing::error!(error = %error, "the metrics endpoint stopped");
+        }
+    });
+    Ok(())
 }
 
 /// First SIGINT/SIGTERM: stop generating, flush, report. Second: exit now.

@@ -103,6 +103,21 @@ pub struct ProducerStats {
     pub undelivered: AtomicU64,
 }
 
+/// Counts the batches waiting for the partitions' workers, without keeping
+/// their channels open.
+pub struct QueueProbe(Vec<mpsc::WeakSender<Batch>>);
+
+impl QueueProbe {
+    /// Batches waiting now.
+    pub fn queued(&self) -> usize {
+        self.0
+            .iter()
+            .filter_map(mpsc::WeakSender::upgrade)
+            .map(|sender| sender.max_capacity() - sender.capacity())
+            .sum()
+    }
+}
+
 /// A running producer.
 pub struct Producer {
     /// The workers' channels, by partition; open until `close`.
@@ -191,6 +206,11 @@ impl Producer {
     /// Partitions of the topic.
     pub fn partitions(&self) -> i32 {
         i32::try_from(self.senders.len()).unwrap_or(i32::MAX)
+    }
+
+    /// A probe of the batches waiting for the partitions' workers.
+    pub fn queue_probe(&self) -> QueueProbe {
+        QueueProbe(self.senders.iter().map(mpsc::Sender::downgrade).collect())
     }
 
     /// Counters, live.
@@ -500,7 +520,11 @@ impl Delivery {
             }
             if let Some(client) = &self.client {
                 let records = first_attempt.take().unwrap_or_else(|| batch.records());
-                match client.produce(records, self.compression).await {
+                let started = std::time::Instant::now();
+                let produced = client.produce(records, self.compression).await;
+                metrics::histogram!(crate::telemetry::PRODUCE_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                match produced {
                     Ok(_) => {
                         self.stats
                             .acknowledged

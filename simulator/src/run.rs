@@ -22,6 +22,7 @@ use crate::{
     config::{ProgressArg, SimulatorConfig},
     model::{self, Generator, ModelError, Population},
     producer::{ProduceError, Producer, ProducerConfig, ProducerStats, RecordSender},
+    telemetry::{self, ShardExport},
     truth::GroundTruth,
 };
 
@@ -36,6 +37,9 @@ pub const UNPACED_MODEL_RATE: f64 = 500.0;
 const PACING_SLACK: Duration = Duration::from_millis(2);
 /// Records produced between two looks at the shutdown token.
 const SHUTDOWN_CHECK_EVERY: u64 = 64;
+/// Records between two copies of a shard's counts into the metrics (a
+/// multiple of [`SHUTDOWN_CHECK_EVERY`]).
+const METRICS_EXPORT_EVERY: u64 = 1024;
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +135,11 @@ pub async fn run(
         &sent,
         &stop,
     )?;
+    tokio::spawn(telemetry::export(
+        producer.stats(),
+        producer.queue_probe(),
+        stop.clone(),
+    ));
     let progress = Progress::start(
         config.progress,
         config.count,
@@ -203,6 +212,7 @@ fn shards(
             speedup: config.speedup,
             duration: config.duration,
             start_time,
+            export: ShardExport::default(),
             sent: sent.clone(),
             shutdown: stop.clone(),
         });
@@ -274,6 +284,8 @@ struct Shard {
     start_time: DateTime<Utc>,
     /// Records produced by all shards, for the progress display.
     sent: Arc<AtomicU64>,
+    /// What the metrics were told of this shard's counts.
+    export: ShardExport,
     shutdown: CancellationToken,
 }
 
@@ -298,6 +310,9 @@ impl Shard {
             if count.is_multiple_of(SHUTDOWN_CHECK_EVERY) {
                 self.sent
                     .fetch_add(SHUTDOWN_CHECK_EVERY.min(count), Ordering::Relaxed);
+                if count.is_multiple_of(METRICS_EXPORT_EVERY) {
+                    self.export.export(&self.truth);
+                }
                 tokio::task::yield_now().await;
                 if self.shutdown.is_cancelled() {
                     break;
@@ -339,6 +354,7 @@ impl Shard {
         }
         self.sent
             .fetch_add(count % SHUTDOWN_CHECK_EVERY, Ordering::Relaxed);
+        self.export.export(&self.truth);
         Ok(())
     }
 }

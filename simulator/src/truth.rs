@@ -257,27 +257,41 @@ impl GroundTruth {
         }
     }
 
-    /// Fills the summary fields from the counters.
-    pub fn finish(&mut self) {
+    /// Events counted so far, by source and type (their `SOURCE_*` and
+    /// `EVENT_TYPE_*` names), leaving out pairs with none.
+    pub fn events_by_slot(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
         let name = |slot: usize, of: fn(i32) -> Option<&'static str>| {
             of(i32::try_from(slot).unwrap_or(0)).unwrap_or("UNKNOWN")
         };
         let source_name = |v: i32| Source::try_from(v).ok().map(|s| s.as_str_name());
         let type_name = |v: i32| EventType::try_from(v).ok().map(|t| t.as_str_name());
+        self.by_source_and_type
+            .iter()
+            .enumerate()
+            .flat_map(move |(source, row)| {
+                row.iter().enumerate().filter(|(_, count)| **count > 0).map(
+                    move |(event_type, &count)| {
+                        (
+                            name(source, source_name),
+                            name(event_type, type_name),
+                            count,
+                        )
+                    },
+                )
+            })
+    }
+
+    /// Fills the summary fields from the counters.
+    pub fn finish(&mut self) {
         self.events_by_type.clear();
         self.events_by_source.clear();
         self.events_by_source_and_type.clear();
-        for (source, row) in self.by_source_and_type.iter().enumerate() {
-            for (event_type, &count) in row.iter().enumerate() {
-                if count == 0 {
-                    continue;
-                }
-                let (source, event_type) = (name(source, source_name), name(event_type, type_name));
-                *self.events_by_source.entry(source.into()).or_default() += count;
-                *self.events_by_type.entry(event_type.into()).or_default() += count;
-                self.events_by_source_and_type
-                    .insert(format!("{source}/{event_type}"), count);
-            }
+        let counted: Vec<_> = self.events_by_slot().collect();
+        for (source, event_type, count) in counted {
+            *self.events_by_source.entry(source.into()).or_default() += count;
+            *self.events_by_type.entry(event_type.into()).or_default() += count;
+            self.events_by_source_and_type
+                .insert(format!("{source}/{event_type}"), count);
         }
         self.malformed = self
             .malformed_by_kind

@@ -27,6 +27,8 @@ async fn seeded_catalog_ids_are_the_only_ids_simulated() -> anyhow::Result<()> {
             &topic,
             "--partitions",
             "1",
+            "--metrics-addr",
+            "off",
         ])
         .args(["--server-addr", &format!("http://{}", server.addr)])
         .args([

@@ -32,6 +32,8 @@ fn simulator(brokers: &str, topic: &str, args: &[&str]) -> Command {
             topic,
             "--progress",
             "none",
+            "--metrics-addr",
+            "off",
         ])
         .args(args)
         .env_remove("RTAP_SERVER_ADDR")

@@ -144,6 +144,45 @@ pub(crate) fn need(path: &str, closed: &[OpenService]) -> Need {
         .map_or(Need::AnyKey, |(_, role)| Need::Role(*role))
 }
 
+/// Methods of the open services, for [`method_labels`].
+const OPEN_METHODS: &[(&str, &[&str])] = &[
+    ("grpc.health.v1.Health", &["Check", "Watch"]),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+];
+
+/// The service and method of `path` as metric labels: names of the
+/// contract and of the open services, `other` for anything else (a client
+/// can send any path; a label must not take any value).
+pub(crate) fn method_labels(path: &str) -> (&'static str, &'static str) {
+    const OTHER: (&str, &str) = ("other", "other");
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return OTHER;
+    };
+    let rtap = METHODS
+        .iter()
+        .find(|(name, _)| *name == service)
+        .and_then(|(name, methods)| {
+            let (method, _) = methods.iter().find(|(name, _)| *name == method)?;
+            Some((*name, *method))
+        });
+    let open = || {
+        OPEN_METHODS
+            .iter()
+            .find(|(name, _)| *name == service)
+            .and_then(|(name, methods)| {
+                Some((*name, *methods.iter().find(|name| **name == method)?))
+            })
+    };
+    rtap.or_else(open).unwrap_or(OTHER)
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -189,6 +228,24 @@ mod tests {
         assert!(!AccessRole::Reader.allows(AccessRole::Writer));
         assert!(!AccessRole::Writer.allows(AccessRole::Reader));
         assert!(!AccessRole::Reader.allows(AccessRole::Admin));
+    }
+
+    #[test]
+    fn metric_labels_name_known_methods_only() {
+        assert_eq!(
+            method_labels("/rtap.v1.UserService/GetUser"),
+            ("rtap.v1.UserService", "GetUser")
+        );
+        assert_eq!(
+            method_labels("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            method_labels("/rtap.v1.UserService/Nope"),
+            ("other", "other")
+        );
+        assert_eq!(method_labels("/made.up/Thing"), ("other", "other"));
+        assert_eq!(method_labels("garbage"), ("other", "other"));
     }
 
     #[test]

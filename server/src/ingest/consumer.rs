@@ -43,7 +43,7 @@ use super::{
     dead_letter::DeadLetterSink,
     partition::{self, Applier, ConsumeError},
     publisher, status_log,
-    validate::TimeBounds,
+    validate::{Reason, TimeBounds},
 };
 use crate::{
     config::Config,
@@ -56,6 +56,7 @@ use crate::{
         nodes::{Nodes, is_moved_or_down},
         writer::PartitionWriter,
     },
+    telemetry::ingest::PartitionMetrics,
 };
 
 /// Deltas waiting to be published; past this, new ones are dropped.
@@ -243,6 +244,7 @@ pub async fn run(
     };
     tracing::info!(topic = %settings.topic, ?partitions, "ingest starting");
 
+    metrics::counter!(crate::telemetry::DELTAS_DROPPED).increment(0);
     let (deltas, queued) = mpsc::channel(DELTA_QUEUE);
     let mut tasks = JoinSet::new();
     tasks.spawn(publisher::publish_deltas(
@@ -264,6 +266,7 @@ pub async fn run(
             redis: redis.clone(),
             deltas: deltas.clone(),
             stats: stats.clone(),
+            metrics: PartitionMetrics::new(partition, &Reason::ALL.map(Reason::as_str)),
         };
         tasks.spawn(consumer.run(shutdown.clone()));
     }
@@ -345,6 +348,7 @@ struct PartitionConsumer {
     redis: Nodes,
     deltas: mpsc::Sender<publisher::Published>,
     stats: Arc<PipelineStats>,
+    metrics: PartitionMetrics,
 }
 
 impl PartitionConsumer {
@@ -365,6 +369,7 @@ impl PartitionConsumer {
                 consumed = self.consume(&mut redis, &mut writer, &mut backoff) => consumed,
             };
             let Err(error) = consumed;
+            self.metrics.owned(false);
             if let ConsumeError::Store(StoreError::Redis(redis_error)) = &error {
                 // A new connection next time, to the slot's owner as the
                 // cluster says then: nothing goes on on this one.
@@ -446,6 +451,7 @@ impl PartitionConsumer {
         let opened =
             PartitionWriter::open(connection, self.keys.clone(), lease, settings.commit).await?;
         let writer = writer.insert(opened.map_err(|holder| ConsumeError::Leased { holder })?);
+        self.metrics.owned(true);
         commit::register_partition(&self.redis, &settings.namespace, &self.keys).await?;
         let kafka = kafka::client(&settings.brokers, settings.dependency_timeout).await?;
         let source = kafka
@@ -488,6 +494,8 @@ impl PartitionConsumer {
             stats: &self.stats,
             deltas: &self.deltas,
             partition: self.keys.partition(),
+            metrics: &self.metrics,
+            high_watermark: &self.high_watermark,
         };
         let mut renewal = tokio::time::interval(settings.lease / 3);
         renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -14,7 +14,7 @@ use std::{
         Arc,
         atomic::{AtomicI64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
@@ -43,6 +43,7 @@ use crate::store::{
     commit::{Committed, Prefetched},
     writer::{BatchWrite, PartitionWriter, Position, Prefetch},
 };
+use crate::telemetry::ingest::{CommitFigures, PartitionMetrics};
 
 /// Why a partition's consumer starts over.
 #[derive(Debug, thiserror::Error)]
@@ -299,6 +300,10 @@ pub(crate) struct Applier<'a, D> {
     pub(crate) deltas: &'a mpsc::Sender<Published>,
     /// The partition.
     pub(crate) partition: i32,
+    /// The partition's Prometheus metrics.
+    pub(crate) metrics: &'a PartitionMetrics,
+    /// The latest high watermark the fetcher saw (negative: none yet).
+    pub(crate) high_watermark: &'a AtomicI64,
 }
 
 impl<D: DeadLetters> Applier<'_, D> {
@@ -357,7 +362,22 @@ impl<D: DeadLetters> Applier<'_, D> {
         let next_offset = last.offset + 1;
         let (batch, write) = self.aggregate(checked, prefetched, position, next_offset, now);
         let duplicates = write.duplicates;
+        let dead_by_reason = write.dead_lettered.clone();
+        let started = Instant::now();
         let committed = writer.commit(&batch, write).await?;
+        self.metrics.committed(
+            CommitFigures {
+                records: chunk.len(),
+                applied: batch.applied,
+                duplicates,
+                late: batch.late,
+                round_trips: round_trips + committed.round_trips,
+                took: started.elapsed(),
+                next_offset,
+                high_watermark: self.high_watermark.load(Ordering::Relaxed),
+            },
+            &dead_by_reason,
+        );
         self.stats.counted(
             (chunk.len(), batch.applied, duplicates, dead_lettered),
             committed,
@@ -470,6 +490,7 @@ impl<D: DeadLetters> Applier<'_, D> {
             .is_err()
         {
             self.stats.deltas_dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::telemetry::DELTAS_DROPPED).increment(1);
         }
     }
 }
@@ -666,6 +687,8 @@ mod tests {
         dead_letters: FakeDeadLetters,
         stats: PipelineStats,
         deltas: (mpsc::Sender<Published>, mpsc::Receiver<Published>),
+        metrics: PartitionMetrics,
+        high_watermark: AtomicI64,
     }
 
     impl Harness {
@@ -675,6 +698,8 @@ mod tests {
                 dead_letters: FakeDeadLetters::default(),
                 stats: PipelineStats::default(),
                 deltas: mpsc::channel(64),
+                metrics: PartitionMetrics::new(0, &[]),
+                high_watermark: AtomicI64::new(-1),
             }
         }
 
@@ -685,6 +710,8 @@ mod tests {
                 stats: &self.stats,
                 deltas: &self.deltas.0,
                 partition: 0,
+                metrics: &self.metrics,
+                high_watermark: &self.high_watermark,
             }
         }
 

@@ -36,6 +36,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub(crate) const ALL: [Self; 4] = [
+        Self::DecodeError,
+        Self::InvalidField,
+        Self::FutureTime,
+        Self::TooOld,
+    ];
+
     /// Stable name, for counters and dead-letter headers.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
