@@ -481,8 +481,7 @@ async fn every_commit_publishes_a_delta_of_what_it_counted() -> anyhow::Result<(
     let database = TestDatabase::create().await?;
     let config = ingest_config(&database);
     let brokers = config.kafka_brokers[0].clone();
-    let mut deltas =
-        common::shard_subscription(&config.redis_url, &config.redis_namespace, PARTITIONS).await?;
+    let mut deltas = common::shard_subscription(&config, PARTITIONS).await?;
     let now = Utc::now();
     let events: Vec<InteractionEvent> = (1..=30)
         .map(|user| event(user, now - chrono::Duration::minutes(user % 3)))

@@ -478,11 +478,17 @@ pub async fn redis_cpu_seconds_on(nodes: &[redis::Client]) -> anyhow::Result<f64
     Ok(total)
 }
 
-/// A subscription to the commit deltas of `partitions` of `namespace` on
-/// the Redis at `url`, as API processes listen: sharded pub/sub over RESP3.
+/// A subscription to the commit deltas of some partitions, as API
+/// processes listen: sharded pub/sub over RESP3.
 pub struct ShardSubscription {
-    _connection: redis::aio::MultiplexedConnection,
+    _connection: ShardConnection,
     pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+/// What a [`ShardSubscription`] holds open.
+enum ShardConnection {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 impl ShardSubscription {
@@ -499,23 +505,42 @@ impl ShardSubscription {
     }
 }
 
+/// Subscribes to the deltas of `partitions` of `config`'s namespace, on
+/// its Redis or cluster.
 pub async fn shard_subscription(
-    url: &str,
-    namespace: &str,
+    config: &Config,
     partitions: i32,
 ) -> anyhow::Result<ShardSubscription> {
     use redis::aio::ConnectionLike as _;
     let (sender, pushes) = tokio::sync::mpsc::unbounded_channel();
-    let config = redis::AsyncConnectionConfig::new().set_push_sender(sender);
-    let mut connection = redis::Client::open(format!("{url}?protocol=resp3"))?
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
-    for partition in 0..partitions {
-        let channel = rtap_server::store::keys::PartitionKeys::new(namespace, partition).deltas();
-        connection
-            .req_packed_command(redis::cmd("SSUBSCRIBE").arg(channel))
+    let channels = (0..partitions).map(|partition| {
+        rtap_server::store::keys::PartitionKeys::new(&config.redis_namespace, partition).deltas()
+    });
+    let connection = if config.redis_cluster {
+        let seeds: Vec<&str> = config.redis_url.split(',').collect();
+        let mut connection = redis::cluster::ClusterClientBuilder::new(seeds)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(sender)
+            .build()?
+            .get_async_connection()
             .await?;
-    }
+        for channel in channels {
+            connection.ssubscribe(channel).await?;
+        }
+        ShardConnection::Cluster(connection)
+    } else {
+        let settings = redis::AsyncConnectionConfig::new().set_push_sender(sender);
+        let mut connection = redis::Client::open(format!("{}?protocol=resp3", config.redis_url))?
+            .get_multiplexed_async_connection_with_config(&settings)
+            .await?;
+        // One channel per command: a RESP3 confirmation is the reply.
+        for channel in channels {
+            connection
+                .req_packed_command(redis::cmd("SSUBSCRIBE").arg(channel))
+                .await?;
+        }
+        ShardConnection::Single(connection)
+    };
     Ok(ShardSubscription {
         _connection: connection,
         pushes,
