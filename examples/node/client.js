@@ -5,9 +5,10 @@
 //
 // (with RTAP_API_KEY=<key> when the server requires keys, and
 // RTAP_TLS_CA=<CA file> when it serves TLS) creates a user and a product, runs each kind of analytics query over the
-// last hour and follows a subscription for a few messages. It shows the
-// health service, deadlines on every call, and how to read the
-// google.rpc.BadRequest details of an INVALID_ARGUMENT.
+// last hour and follows a subscription for a few messages, resuming it with
+// its last token if the connection drops. It shows the health service,
+// deadlines on every call, and how to read the google.rpc.BadRequest
+// details of an INVALID_ARGUMENT.
 'use strict';
 
 const fs = require('node:fs');
@@ -33,6 +34,8 @@ const healthPackage = grpc.loadPackageDefinition(
   protoLoader.loadSync(health.protoPath, { defaults: true, enums: String }),
 );
 const rtap = loaded.rtap.v1;
+/** Codes after which a subscription is worth resuming. */
+const RESUMABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.status.UNKNOWN]);
 
 // google.rpc.Status and its details, to decode `grpc-status-details-bin`.
 const rpcTypes = new protobuf.Root();
@@ -127,20 +130,55 @@ class Rtap {
     return call(this.analytics, 'getFunnel', { window: lastHour() });
   }
 
-  /** Collects a subscription's messages for `ms` milliseconds, then cancels it. */
-  followEventCounts(ms) {
-    return new Promise((resolve, reject) => {
-      const messages = [];
-      const stream = this.analytics.subscribe({
-        eventCounts: { window: lastHour() },
-        heartbeatInterval: { seconds: 1, nanos: 0 },
+  /**
+   * Collects a subscription's messages for `ms` milliseconds (or until
+   * `cutAfter` messages), then cancels it. When the connection drops it
+   * subscribes again with the last message's `resumeToken` (waiting 200 ms,
+   * doubling up to 5 s), so the stream goes on with the messages missed:
+   * none lost, none repeated (or a snapshot marked `resync`, with its
+   * reason, when the server cannot replay them).
+   */
+  followEventCounts(ms, { resumeToken = Buffer.alloc(0), cutAfter = Infinity } = {}) {
+    const deadline = Date.now() + ms;
+    const messages = [];
+    let token = resumeToken;
+    let delay = 200;
+    const attempt = () =>
+      new Promise((resolve, reject) => {
+        const stream = this.analytics.subscribe({
+          eventCounts: { window: lastHour() },
+          heartbeatInterval: { seconds: 1, nanos: 0 },
+          resumeToken: token,
+        });
+        const timer = setTimeout(() => stream.cancel(), Math.max(deadline - Date.now(), 0));
+        stream.on('data', (message) => {
+          messages.push(message);
+          token = message.resumeToken;
+          delay = 200;
+          if (messages.length >= cutAfter) stream.cancel();
+        });
+        stream.on('error', (error) => {
+          clearTimeout(timer);
+          // Our own cancel ends it; a refused token starts afresh; a drop resumes.
+          if (error.code === grpc.status.CANCELLED) resolve(true);
+          else if (error.code === grpc.status.INVALID_ARGUMENT && token.length > 0) {
+            token = Buffer.alloc(0);
+            resolve(false);
+          } else if (RESUMABLE.has(error.code)) resolve(false);
+          else reject(error);
+        });
+        stream.on('end', () => {
+          clearTimeout(timer);
+          resolve(true);
+        });
       });
-      stream.on('data', (message) => messages.push(message));
-      stream.on('error', (error) =>
-        error.code === grpc.status.CANCELLED ? resolve(messages) : reject(error),
-      );
-      setTimeout(() => stream.cancel(), ms);
-    });
+    return (async () => {
+      while (Date.now() < deadline && !(await attempt())) {
+        await new Promise((wake) => setTimeout(wake, Math.min(delay, deadline - Date.now())));
+        delay = Math.min(delay * 2, 5000);
+      }
+      return messages;
+    })();
   }
 
   close() {

@@ -6,11 +6,14 @@
 //! 3. query latency: a 24-hour minute series and a top 10, next to
 //!    `redis-benchmark` PING round trips on the same Redis;
 //! 4. distinct feeds: levels of subscriptions that share no feed, under
-//!    ingest (see `subscribe_parts/distinct_feeds.rs`).
+//!    ingest (see `subscribe_parts/distinct_feeds.rs`);
+//! 5. resume: a thousand subscribers resuming at once, time to the first
+//!    replayed message next to a fresh Subscribe's snapshot (see
+//!    `subscribe_parts/resume.rs`).
 //!
 //! `cargo bench -p rtap-server --bench subscribe` after
 //! `scripts/services.sh up`; `RTAP_BENCH_PARTS=query` (or `freshness`,
-//! `fanout`, `distinct`, comma-separated) runs only those parts;
+//! `fanout`, `distinct`, `resume`, comma-separated) runs only those parts;
 //! `RTAP_BENCH_REDIS=single,cluster` runs them on one Redis and then on the
 //! local Redis Cluster (`scripts/services.sh cluster`); `RTAP_BENCH_TLS=1`
 //! serves and calls the API over TLS (a CA made for the run). Targets:
@@ -22,6 +25,8 @@
 mod common;
 #[path = "subscribe_parts/distinct_feeds.rs"]
 mod distinct_feeds;
+#[path = "subscribe_parts/resume.rs"]
+mod resume;
 
 use std::{
     process::Stdio,
@@ -108,6 +113,7 @@ fn counts_query(minutes: i64) -> SubscribeRequest {
             },
         )),
         heartbeat_interval: None,
+        resume_token: Vec::new(),
     }
 }
 
@@ -260,6 +266,9 @@ async fn run_parts(config: &Config) -> anyhow::Result<()> {
         if run("distinct") {
             let every = common::every_redis_node(config).await?;
             distinct_feeds::distinct_feeds(&addr, &channel, &writer, pid, &every).await?;
+        }
+        if run("resume") {
+            resume::resume(&channel, &writer).await?;
         }
         Ok::<_, anyhow::Error>(())
     }

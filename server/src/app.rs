@@ -7,7 +7,13 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    analytics::{AnalyticsApi, feed::FeedSettings, store_client::StoreClient, subscribe::Hub},
+    analytics::{
+        AnalyticsApi,
+        feed::{FeedSettings, HistoryLimits},
+        resume::Tokens,
+        store_client::StoreClient,
+        subscribe::Hub,
+    },
     auth::{self, AuthLayer, Gate, KeyCache, Limits},
     catalog::{ProductApi, UserApi},
     config::{Auth, Config},
@@ -165,6 +171,7 @@ pub async fn serve(
             database,
             (&redis, &kafka),
             (limits, keys),
+            local_addr,
             &shutdown,
         )
     } else {
@@ -294,6 +301,7 @@ fn add_api(
     database: Database,
     (redis, kafka): (&Nodes, &Brokers),
     (limits, keys): (Arc<Limits>, Option<Arc<KeyCache>>),
+    local_addr: Option<SocketAddr>,
     shutdown: &CancellationToken,
 ) -> tonic::transport::server::Router<Layered> {
     let store = StoreClient::new(
@@ -302,12 +310,18 @@ fn add_api(
         Retention::from_config(config),
         config.dependency_timeout,
     );
+    let tokens = Tokens::new(&config.replica_id(local_addr));
     let feeds = FeedSettings {
         refresh_interval: config.feed_refresh_interval,
         refresh_slots: usize::try_from(config.feed_refresh_slots).unwrap_or(1),
         ahead: config.max_clock_skew + FEED_CLOCK_MARGIN,
+        history: HistoryLimits {
+            count: usize::try_from(config.subscription_history).unwrap_or(usize::MAX),
+            bytes: usize::try_from(config.subscription_history_bytes).unwrap_or(usize::MAX),
+            age: config.subscription_history_age,
+        },
     };
-    let hub = Hub::start(store, feeds, shutdown.clone());
+    let hub = Hub::start(store, feeds, tokens, shutdown.clone());
     let max_message = usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX);
     router
         .add_service(

@@ -367,6 +367,44 @@ pub struct Config {
     )]
     pub feed_refresh_slots: u32,
 
+    /// Deltas each feed keeps for subscribers that resume a cut stream
+    /// (with `--subscription-history-bytes` and `-age`, whichever binds
+    /// first); 0 keeps none, and every resume is a resync.
+    #[arg(
+        long,
+        env = "RTAP_SUBSCRIPTION_HISTORY",
+        default_value_t = 256,
+        global = true
+    )]
+    pub subscription_history: u32,
+
+    /// Bytes of encoded deltas each feed keeps for resuming subscribers.
+    #[arg(
+        long,
+        env = "RTAP_SUBSCRIPTION_HISTORY_BYTES",
+        default_value_t = 65_536,
+        global = true
+    )]
+    pub subscription_history_bytes: u32,
+
+    /// How long a feed keeps a delta for resuming subscribers, and keeps
+    /// running after its last subscriber went (so one that resumes finds it).
+    #[arg(
+        long,
+        env = "RTAP_SUBSCRIPTION_HISTORY_AGE",
+        default_value = "60s",
+        value_parser = humantime::parse_duration,
+        global = true
+    )]
+    pub subscription_history_age: Duration,
+
+    /// This replica's stable name, written into resume tokens: a token of
+    /// another replica resumes with a resync saying so, one of this
+    /// replica before a restart one saying that. Default: the host name and
+    /// the listen port.
+    #[arg(long, env = "RTAP_REPLICA_ID", global = true)]
+    pub replica_id: Option<String>,
+
     /// On SIGINT/SIGTERM, how long in-flight RPCs may take to finish before
     /// the server exits anyway.
     #[arg(
@@ -714,6 +752,22 @@ impl Config {
                 .map_err(|e| format!("--kafka-tls-ca: {e}")),
             None => Ok(crate::infra::kafka::Brokers::plaintext(addrs)),
         }
+    }
+
+    /// This replica's name in resume tokens (`--replica-id`, or the host
+    /// name and the port of `local_addr`).
+    pub fn replica_id(&self, local_addr: Option<SocketAddr>) -> String {
+        if let Some(id) = &self.replica_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "rtap".to_owned());
+        let port = local_addr.map_or(self.listen_addr.port(), |addr| addr.port());
+        format!("{host}:{port}")
     }
 
     /// The limits on callers.

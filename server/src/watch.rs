@@ -1,6 +1,7 @@
 //! `rtap-server watch`: a live one-line summary of the last five minutes,
 //! from the server at `--listen-addr`, refreshed whenever its subscription
-//! reports a change (or a heartbeat) and at most once a second. What
+//! reports a change (or a heartbeat) and at most once a second; a stream
+//! cut by the network is resumed with its last token. What
 //! `scripts/run.sh` shows a newcomer; a client of the public API like any
 //! other.
 
@@ -19,6 +20,7 @@ use crate::{
     config::Config,
     error::Error,
     infra::client::{ServerChannel, server_channel},
+    retry::{Backoff, RECONNECT_MAX},
 };
 
 /// The window summarised.
@@ -35,46 +37,78 @@ fn window() -> Option<TimeWindow> {
     })
 }
 
-/// Prints summary lines to standard output until `shutdown` or the server
-/// goes away.
+/// Prints summary lines to standard output until `shutdown`. A stream cut
+/// once it ran is resumed with its last token, after a backoff, for as long
+/// as it takes.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Error> {
     let (channel, addr) = server_channel(config, None).await?;
     let mut client = AnalyticsServiceClient::new(channel);
-    let mut updates = client
-        .subscribe(SubscribeRequest {
-            query: Some(subscribe_request::Query::EventCounts(
-                GetEventCountsRequest {
-                    window: window(),
-                    ..Default::default()
-                },
-            )),
-            heartbeat_interval: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-        })
+    let mut token = Vec::new();
+    let mut updates = subscribe(&mut client, &token)
         .await
-        .map_err(|status| unavailable(addr, &status))?
-        .into_inner();
+        .map_err(|status| unavailable(addr, &status))?;
+    let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
     let mut last_line = tokio::time::Instant::now() - REFRESH;
     loop {
         let update = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             update = updates.next() => update,
         };
-        match update {
-            None => return Ok(()),
-            Some(Err(status)) => return Err(unavailable(addr, &status)),
-            Some(Ok(_)) if last_line.elapsed() < REFRESH => continue,
-            Some(Ok(_)) => {
-                last_line = tokio::time::Instant::now();
-                match summary(&mut client).await {
-                    Ok(line) => println!("{line}"),
-                    Err(status) => eprintln!("watch: {}", status.message()),
+        let mut reason = match update {
+            Some(Ok(message)) => {
+                backoff.reset();
+                token = message.resume_token;
+                if last_line.elapsed() >= REFRESH {
+                    last_line = tokio::time::Instant::now();
+                    match summary(&mut client).await {
+                        Ok(line) => println!("{line}"),
+                        Err(status) => eprintln!("watch: {}", status.message()),
+                    }
                 }
+                continue;
             }
-        }
+            Some(Err(status)) => status.message().to_owned(),
+            None => "the stream ended".to_owned(),
+        };
+        updates = loop {
+            let delay = backoff.next_delay();
+            eprintln!("watch: {addr}: {reason}; resuming in {delay:?}");
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+            match subscribe(&mut client, &token).await {
+                Ok(updates) => break updates,
+                // A token the server refuses: start afresh.
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    token.clear();
+                    reason = status.message().to_owned();
+                }
+                Err(status) => reason = status.message().to_owned(),
+            }
+        };
     }
+}
+
+/// The summarised subscription, resumed from `token` (empty: a new one).
+async fn subscribe(
+    client: &mut AnalyticsServiceClient<ServerChannel>,
+    token: &[u8],
+) -> Result<tonic::Streaming<rtap::v1::SubscribeResponse>, tonic::Status> {
+    let request = SubscribeRequest {
+        query: Some(subscribe_request::Query::EventCounts(
+            GetEventCountsRequest {
+                window: window(),
+                ..Default::default()
+            },
+        )),
+        heartbeat_interval: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        resume_token: token.to_vec(),
+    };
+    Ok(client.subscribe(request).await?.into_inner())
 }
 
 fn unavailable(addr: std::net::SocketAddr, status: &tonic::Status) -> Error {

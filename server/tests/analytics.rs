@@ -14,6 +14,7 @@ use anyhow::{Context, ensure};
 use chrono::{DateTime, Utc};
 use common::{
     TestDatabase, TestServer,
+    counts::{Held, apply, held_of, next},
     pipeline::{
         PARTITIONS, event, hll_close, ingest_config, produce, settled_versions, simulate,
         source_number, wait_caught_up,
@@ -21,11 +22,10 @@ use common::{
 };
 use rtap::v1::{
     EventType, GetEngagementRequest, GetEngagementResponse, GetEventCountsRequest,
-    GetEventCountsResponse, GetFunnelRequest, GetFunnelResponse, GetPipelineStatusRequest,
-    GetTopProductsRequest, GetTopProductsResponse, GetUniqueUsersRequest, Granularity,
-    ProductRanking, Source, SubscribeRequest, SubscribeResponse, TimeRange, TimeWindow,
-    analytics_service_client::AnalyticsServiceClient, delta, snapshot, subscribe_request,
-    subscribe_response, time_window::Window,
+    GetFunnelRequest, GetFunnelResponse, GetPipelineStatusRequest, GetTopProductsRequest,
+    GetTopProductsResponse, GetUniqueUsersRequest, Granularity, ProductRanking, Source,
+    SubscribeRequest, TimeRange, TimeWindow, analytics_service_client::AnalyticsServiceClient,
+    delta, subscribe_request, subscribe_response, time_window::Window,
 };
 use rtap_server::{
     Config,
@@ -38,7 +38,7 @@ use rtap_server::{
     },
 };
 use tokio_stream::StreamExt;
-use tonic::{Code, Streaming, transport::Channel};
+use tonic::{Code, transport::Channel};
 
 fn client(server: &TestServer) -> AnalyticsServiceClient<Channel> {
     AnalyticsServiceClient::new(server.channel())
@@ -747,6 +747,7 @@ async fn out_of_range_times_are_invalid_argument_naming_the_field_never_a_panic(
                     },
                 )),
                 heartbeat_interval: Some(prost_types::Duration { seconds: 5, nanos }),
+                resume_token: Vec::new(),
             })
             .await
             .expect_err("invalid");
@@ -757,65 +758,6 @@ async fn out_of_range_times_are_invalid_argument_naming_the_field_never_a_panic(
 }
 
 /// Event counts a client holds: bucket start → (type, source) → count.
-type Held = BTreeMap<i64, HashMap<(i32, i32), i64>>;
-
-fn held_of(response: &GetEventCountsResponse) -> Held {
-    response
-        .buckets
-        .iter()
-        .map(|b| {
-            (
-                b.start_time.map_or(0, |t| t.seconds),
-                b.counts
-                    .iter()
-                    .map(|c| ((c.event_type, c.source), c.count))
-                    .collect(),
-            )
-        })
-        .collect()
-}
-
-/// Applies one stream message to what the client holds; returns whether it
-/// was a delta.
-fn apply(held: &mut Held, message: &SubscribeResponse) -> anyhow::Result<bool> {
-    match &message.update {
-        Some(subscribe_response::Update::Snapshot(snapshot)) => {
-            let Some(snapshot::Result::EventCounts(result)) = &snapshot.result else {
-                anyhow::bail!("an event-count snapshot");
-            };
-            *held = held_of(result);
-            Ok(false)
-        }
-        Some(subscribe_response::Update::Delta(delta)) => {
-            let Some(delta::Change::EventCounts(change)) = &delta.change else {
-                anyhow::bail!("an event-count delta");
-            };
-            for bucket in &change.buckets {
-                let counts = held
-                    .entry(bucket.start_time.map_or(0, |t| t.seconds))
-                    .or_default();
-                for count in &bucket.counts {
-                    *counts.entry((count.event_type, count.source)).or_default() += count.count;
-                }
-                counts.retain(|_, c| *c != 0);
-            }
-            for removed in &change.removed_bucket_start_times {
-                held.remove(&removed.seconds);
-            }
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
-}
-
-async fn next(stream: &mut Streaming<SubscribeResponse>) -> anyhow::Result<SubscribeResponse> {
-    tokio::time::timeout(Duration::from_secs(30), stream.next())
-        .await
-        .context("no message within 30 s")?
-        .context("the stream ended")?
-        .map_err(Into::into)
-}
-
 #[tokio::test]
 async fn snapshot_plus_deltas_equals_the_unary_query_across_replicas() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
@@ -838,6 +780,7 @@ async fn snapshot_plus_deltas_equals_the_unary_query_across_replicas() -> anyhow
                 seconds: 1,
                 nanos: 0,
             }),
+            resume_token: Vec::new(),
         })
         .await?
         .into_inner();
@@ -909,7 +852,9 @@ async fn snapshot_plus_deltas_equals_the_unary_query_across_replicas() -> anyhow
 #[tokio::test]
 async fn thousands_of_dropped_subscriptions_leave_no_streams_or_feeds() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
-    let config = api_config(&database);
+    let mut config = api_config(&database);
+    // Feeds run on that long after their last subscriber, for resumers.
+    config.subscription_history_age = Duration::from_secs(2);
     let server = TestServer::start(config.clone()).await?;
     let mut analytics = client(&server);
     let mut streams = Vec::new();
@@ -923,6 +868,7 @@ async fn thousands_of_dropped_subscriptions_leave_no_streams_or_feeds() -> anyho
             .subscribe(SubscribeRequest {
                 query: Some(subscribe_request::Query::Funnel(query)),
                 heartbeat_interval: None,
+                resume_token: Vec::new(),
             })
             .await?
             .into_inner();
@@ -979,6 +925,7 @@ async fn a_subscriber_that_stops_reading_gets_a_resync_snapshot_then_stays_exact
         .subscribe(SubscribeRequest {
             query: Some(subscribe_request::Query::EventCounts(query.clone())),
             heartbeat_interval: None,
+            resume_token: Vec::new(),
         })
         .await?
         .into_inner();
@@ -1047,6 +994,7 @@ async fn a_rolling_window_rolls_forward_and_stays_equal_to_the_unary_query() -> 
         .subscribe(SubscribeRequest {
             query: Some(subscribe_request::Query::EventCounts(query.clone())),
             heartbeat_interval: None,
+            resume_token: Vec::new(),
         })
         .await?
         .into_inner();

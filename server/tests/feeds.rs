@@ -222,6 +222,7 @@ impl Subscribed {
             .subscribe(SubscribeRequest {
                 query: Some(query.clone()),
                 heartbeat_interval: None,
+                resume_token: Vec::new(),
             })
             .await?
             .into_inner();

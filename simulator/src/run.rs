@@ -37,9 +37,6 @@ pub const UNPACED_MODEL_RATE: f64 = 500.0;
 const PACING_SLACK: Duration = Duration::from_millis(2);
 /// Records produced between two looks at the shutdown token.
 const SHUTDOWN_CHECK_EVERY: u64 = 64;
-/// Records between two copies of a shard's counts into the metrics (a
-/// multiple of [`SHUTDOWN_CHECK_EVERY`]).
-const METRICS_EXPORT_EVERY: u64 = 1024;
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -310,9 +307,7 @@ impl Shard {
             if count.is_multiple_of(SHUTDOWN_CHECK_EVERY) {
                 self.sent
                     .fetch_add(SHUTDOWN_CHECK_EVERY.min(count), Ordering::Relaxed);
-                if count.is_multiple_of(METRICS_EXPORT_EVERY) {
-                    self.export.export(&self.truth);
-                }
+                self.export.export_every_second(&self.truth);
                 tokio::task::yield_now().await;
                 if self.shutdown.is_cancelled() {
                     break;

@@ -74,15 +74,34 @@ pub(crate) async fn export(stats: Arc<ProducerStats>, queue: QueueProbe, stop: C
 
 /// What one shard's metrics were last told, so each export adds only what
 /// its ground truth counted since.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ShardExport {
     events: std::collections::HashMap<(&'static str, &'static str), u64>,
     records: [u64; 3],
+    last: std::time::Instant,
+}
+
+impl Default for ShardExport {
+    fn default() -> Self {
+        Self {
+            events: std::collections::HashMap::new(),
+            records: [0; 3],
+            last: std::time::Instant::now(),
+        }
+    }
 }
 
 impl ShardExport {
+    /// [`Self::export`], at most once a second.
+    pub(crate) fn export_every_second(&mut self, truth: &crate::truth::GroundTruth) {
+        if self.last.elapsed() >= EXPORT_EVERY {
+            self.export(truth);
+        }
+    }
+
     /// Adds what `truth` counted since the last call to the metrics.
     pub(crate) fn export(&mut self, truth: &crate::truth::GroundTruth) {
+        self.last = std::time::Instant::now();
         for (source, event_type, count) in truth.events_by_slot() {
             let exported = self.events.entry((source, event_type)).or_default();
             if count > *exported {

@@ -63,6 +63,23 @@ test('a subscription sends a snapshot, then deltas in sequence', async () => {
   );
 });
 
+test('a cut subscription resumes where it stopped', async () => {
+  const before = await client.followEventCounts(30000, { cutAfter: 3 });
+  assert.equal(before.length, 3);
+  const after = await client.followEventCounts(3000, { resumeToken: before[2].resumeToken });
+  assert.ok(after.length > 0, 'the resumed stream sends messages');
+  const sequences = [...before, ...after].map((m) => Number(m.sequence));
+  assert.deepEqual(
+    sequences,
+    sequences.map((_, i) => i + 1),
+    'none missed, none repeated',
+  );
+  assert.ok(
+    after.every((m) => m.update !== 'snapshot'),
+    `replayed, not resynced: ${after.map((m) => m.update)}`,
+  );
+});
+
 test('a call with an unknown key is UNAUTHENTICATED', { skip: !process.env.RTAP_API_KEY }, async () => {
   const stranger = new Rtap(process.env.RTAP_ADDR || '127.0.0.1:50051', {
     apiKey: `rtap_0123456789abcdef_${'A'.repeat(43)}`,

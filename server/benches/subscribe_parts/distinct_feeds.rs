@@ -209,6 +209,7 @@ async fn subscribe_all(
                     },
                 )),
                 heartbeat_interval: None,
+                resume_token: Vec::new(),
             };
             let mut stream = match client.subscribe(request).await {
                 Ok(stream) => stream.into_inner(),

@@ -23,9 +23,13 @@
 //!
 //! A missed delta (the hub lagged, or a commit's delta never came) makes the
 //! feed re-read everything.
+//!
+//! A feed keeps its latest deltas ([`History`], bounded by
+//! `--subscription-history`, `-bytes` and `-age`), so a subscriber whose
+//! stream was cut resumes with exactly the deltas it missed.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -35,6 +39,7 @@ use std::{
 
 use chrono::Utc;
 use futures_util::future::BoxFuture;
+use prost::Message;
 use rtap::v1::{CommitDelta, Delta, FeedActivity, delta, snapshot};
 use tokio::{
     sync::{Mutex, Semaphore, broadcast},
@@ -67,6 +72,73 @@ pub(crate) struct FeedSettings {
     /// skew, plus a margin for clocks that differ between processes):
     /// additive feeds read the buckets up to there with their window.
     pub(crate) ahead: Duration,
+    /// What each feed keeps of its past for resuming subscribers.
+    pub(crate) history: HistoryLimits,
+}
+
+/// How much of its past a feed keeps: whichever limit binds first.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HistoryLimits {
+    /// Deltas.
+    pub(crate) count: usize,
+    /// Bytes of encoded deltas.
+    pub(crate) bytes: usize,
+    /// Age of a delta; also how long a feed runs on after its last
+    /// subscriber left, so that one resuming finds it.
+    pub(crate) age: Duration,
+}
+
+/// A feed's latest deltas, oldest first, versions consecutive.
+#[derive(Default)]
+struct History {
+    kept: VecDeque<(Instant, usize, Arc<FeedUpdate>)>,
+    bytes: usize,
+}
+
+impl History {
+    fn push(&mut self, update: Arc<FeedUpdate>, limits: &HistoryLimits) {
+        let size = update.delta.encoded_len();
+        self.kept.push_back((Instant::now(), size, update));
+        self.bytes += size;
+        self.prune(limits);
+    }
+
+    fn prune(&mut self, limits: &HistoryLimits) {
+        while let Some((at, size, _)) = self.kept.front() {
+            let over = self.kept.len() > limits.count
+                || self.bytes > limits.bytes
+                || at.elapsed() > limits.age;
+            if !over {
+                break;
+            }
+            self.bytes -= size;
+            self.kept.pop_front();
+        }
+    }
+
+    /// The deltas after `version` up to `current`, if all are still kept.
+    fn after(
+        &mut self,
+        version: u64,
+        current: u64,
+        limits: &HistoryLimits,
+    ) -> Option<Vec<Arc<FeedUpdate>>> {
+        self.prune(limits);
+        if version > current {
+            return None;
+        }
+        if version == current {
+            return Some(Vec::new());
+        }
+        let (_, _, oldest) = self.kept.front()?;
+        (oldest.version <= version + 1).then(|| {
+            self.kept
+                .iter()
+                .filter(|(_, _, update)| update.version > version)
+                .map(|(_, _, update)| update.clone())
+                .collect()
+        })
+    }
 }
 
 /// What a feed is woken by.
@@ -162,23 +234,31 @@ pub(crate) struct Feed<M: Metric> {
     started: Instant,
     /// The process's refresh budget, which first reads share too.
     refreshes: Arc<Refreshes>,
+    /// This instance, in resume tokens.
+    id: u64,
 }
 
 struct FeedState<M: Metric> {
     version: u64,
     current: Option<Held<M>>,
+    history: History,
+    limits: HistoryLimits,
 }
 
 impl<M: Metric> FeedState<M> {
-    /// Numbers `change` and sends it to the feed's subscribers.
+    /// Numbers `change`, keeps it and sends it to the feed's subscribers.
     fn publish(&mut self, updates: &broadcast::Sender<Arc<FeedUpdate>>, change: delta::Change) {
         self.version += 1;
-        let _ = updates.send(Arc::new(FeedUpdate {
+        let update = Arc::new(FeedUpdate {
             version: self.version,
             delta: Delta {
                 change: Some(change),
             },
-        }));
+        });
+        if self.limits.count > 0 {
+            self.history.push(update.clone(), &self.limits);
+        }
+        let _ = updates.send(update);
     }
 }
 
@@ -244,6 +324,10 @@ pub(crate) struct FeedUpdate {
 /// delta.
 pub(crate) type FeedSnapshot = (u64, snapshot::Result, broadcast::Receiver<Arc<FeedUpdate>>);
 
+/// The deltas a resuming subscriber missed, with a receiver of every later
+/// one.
+pub(crate) type FeedReplay = (Vec<Arc<FeedUpdate>>, broadcast::Receiver<Arc<FeedUpdate>>);
+
 /// What the hub and streams need of a feed, whatever its metric.
 pub(crate) trait SharedFeed: Send + Sync {
     /// The current result, computing it if needed; the receiver is taken
@@ -253,6 +337,18 @@ pub(crate) trait SharedFeed: Send + Sync {
 
     /// How long its oldest unread change has waited; zero when current.
     fn behind(&self) -> Duration;
+
+    /// This feed instance (a feed started again numbers its deltas anew).
+    fn id(&self) -> u64;
+
+    /// The deltas after `version`, if the feed still keeps them all; the
+    /// receiver is taken under the same lock, so none is missed or
+    /// repeated.
+    fn resume(&self, version: u64) -> BoxFuture<'_, Option<FeedReplay>>;
+
+    /// How long a feed keeps its past, and runs on after its last
+    /// subscriber.
+    fn history_age(&self) -> Duration;
 }
 
 impl<M: Metric> SharedFeed for Feed<M> {
@@ -278,6 +374,28 @@ impl<M: Metric> SharedFeed for Feed<M> {
         })
     }
 
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn resume(&self, version: u64) -> BoxFuture<'_, Option<FeedReplay>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let FeedState {
+                version: current,
+                history,
+                limits,
+                ..
+            } = &mut *state;
+            let missed = history.after(version, *current, limits)?;
+            Some((missed, self.updates.subscribe()))
+        })
+    }
+
+    fn history_age(&self) -> Duration {
+        self.refreshes.settings.history.age
+    }
+
     fn behind(&self) -> Duration {
         let since = self.behind_since_ms.load(Ordering::Relaxed);
         let now = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -299,7 +417,10 @@ impl<M: Metric> Feed<M> {
             state: Mutex::new(FeedState {
                 version: 0,
                 current: None,
+                history: History::default(),
+                limits: refreshes.settings.history,
             }),
+            id: rand::random(),
             updates,
             behind_since_ms: AtomicI64::new(-1),
             started: Instant::now(),

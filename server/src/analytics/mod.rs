@@ -13,6 +13,7 @@
 pub(crate) mod feed;
 pub(crate) mod metric;
 pub(crate) mod metrics;
+pub(crate) mod resume;
 pub(crate) mod store_client;
 pub(crate) mod subscribe;
 pub mod window;
@@ -217,11 +218,11 @@ impl AnalyticsService for AnalyticsApi {
                 })?
             }
         };
-        let stream = metrics::open(&self.hub, requested, heartbeat).await?;
+        let stream = metrics::open(&self.hub, requested, heartbeat, &request.resume_token).await?;
         // The slot is the stream's: released when the subscriber goes.
         let stream = stream.map(move |message| {
             let _open = &slot;
-            Ok(message)
+            message
         });
         Ok(Response::new(match (&self.keys, principal) {
             (Some(keys), Some(principal)) => Box::pin(keys.end_on_revocation(&principal, stream)),

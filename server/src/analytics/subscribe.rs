@@ -16,7 +16,7 @@
 //!   in the channel and never delays others or ingest.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     pin::Pin,
     sync::{
         Arc, Mutex as StdMutex, Weak,
@@ -29,8 +29,8 @@ use chrono::Utc;
 use futures_util::Stream;
 use prost::Message;
 use rtap::v1::{
-    CommitDelta, FeedActivity, Heartbeat, PartitionOffset, Snapshot, SubscribeResponse, Watermark,
-    snapshot, subscribe_response,
+    CommitDelta, FeedActivity, Heartbeat, PartitionOffset, ResyncReason, Snapshot,
+    SubscribeResponse, Watermark, snapshot, subscribe_response,
 };
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     feed::{Feed, FeedSettings, FeedUpdate, Refreshes, SharedFeed, Trigger, run_feed},
     metric::{Metric, Query},
+    resume::{self, Position, QueryId, Tokens, Verdict},
     store_client::StoreClient,
 };
 use crate::{
@@ -120,7 +121,8 @@ impl Gauges {
 const EXPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// An open subscription: its messages, until the server shuts down.
-pub(crate) type Subscription = Pin<Box<dyn Stream<Item = SubscribeResponse> + Send>>;
+pub(crate) type Subscription =
+    Pin<Box<dyn Stream<Item = Result<SubscribeResponse, tonic::Status>> + Send>>;
 
 /// The process's fan-out point.
 pub(crate) struct Hub {
@@ -135,6 +137,8 @@ pub(crate) struct Hub {
     feeds: StdMutex<HashMap<String, Weak<dyn SharedFeed>>>,
     refreshes: Arc<Refreshes>,
     gauges: Arc<Gauges>,
+    /// Issues and reads resume tokens.
+    tokens: Arc<Tokens>,
     shutdown: CancellationToken,
 }
 
@@ -143,6 +147,7 @@ impl Hub {
     pub(crate) fn start(
         store: StoreClient,
         settings: FeedSettings,
+        tokens: Tokens,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (triggers, _) = broadcast::channel(HUB_QUEUE);
@@ -154,6 +159,7 @@ impl Hub {
             feeds: StdMutex::new(HashMap::new()),
             refreshes: Arc::new(Refreshes::new(settings)),
             gauges: Arc::new(Gauges::default()),
+            tokens: Arc::new(tokens),
             shutdown,
         });
         tokio::spawn(listen(Arc::downgrade(&hub), hub.shutdown.clone()));
@@ -173,27 +179,55 @@ impl Hub {
 
     /// Opens a subscription to `request` of metric `M`: checks it (field
     /// names under `M::NAME`), then the first message is a snapshot.
+    ///
+    /// With a `resume_token` (empty: none), the stream continues where the
+    /// token's stream stopped: the deltas missed, sequence numbers going on,
+    /// or a snapshot marked `resync` with the reason it could not.
     pub(crate) async fn open<M: Metric>(
         self: &Arc<Self>,
         request: M::Request,
         heartbeat: Duration,
+        resume_token: &[u8],
     ) -> Result<Subscription, Error> {
         let prefix = format!("{}.", M::NAME);
         let query = Query::<M>::new(request, &prefix)?;
         // Reject an invalid window now rather than in the stream.
         query.window(Utc::now(), &self.store.retention, &prefix)?;
+        let query_id = resume::query_id(&query.canonical_key());
+        let verdict = if resume_token.is_empty() {
+            None
+        } else {
+            Some(self.tokens.read(resume_token, &query_id)?)
+        };
         let feed = self.feed(query);
-        let (version, first, updates) = feed.snapshot(&self.store).await?;
+        let (start, sequence) = match verdict {
+            None => (Start::Snapshot(ResyncReason::Unspecified), 0),
+            Some(Verdict::Resume(position)) if position.feed == feed.id() => {
+                (Start::Replay(position.version), position.sequence)
+            }
+            // The feed was started again since: its past is gone.
+            Some(Verdict::Resume(position)) => (
+                Start::Snapshot(ResyncReason::HistoryExpired),
+                position.sequence,
+            ),
+            Some(Verdict::Resync { reason, sequence }) => (Start::Snapshot(reason), sequence),
+        };
+        // Replaced when the stream starts.
+        let (_, updates) = broadcast::channel(1);
         let stream = SubscriptionState {
             feed,
             store: self.store.clone(),
-            version,
+            version: 0,
             updates,
-            first: Some(first),
-            sequence: 0,
+            start: Some(start),
+            replay: VecDeque::new(),
+            sequence,
             heartbeat,
             watermark: self.watermark.subscribe(),
+            tokens: self.tokens.clone(),
+            query_id,
             shutdown: self.shutdown.clone(),
+            ended: false,
             open: StreamGuard::new(self.gauges.clone()),
         };
         Ok(Box::pin(futures_util::stream::unfold(stream, next_message)))
@@ -505,13 +539,21 @@ impl Drop for StreamGuard {
 struct SubscriptionState {
     feed: Arc<dyn SharedFeed>,
     store: StoreClient,
+    /// The feed version the subscriber's result includes.
     version: u64,
     updates: broadcast::Receiver<Arc<FeedUpdate>>,
-    first: Option<snapshot::Result>,
+    /// How the stream begins, at its first poll.
+    start: Option<Start>,
+    /// Deltas a resumed stream missed, to send before the live ones.
+    replay: VecDeque<Arc<FeedUpdate>>,
     sequence: u64,
     heartbeat: Duration,
     watermark: watch::Receiver<Watermark>,
+    tokens: Arc<Tokens>,
+    query_id: QueryId,
     shutdown: CancellationToken,
+    /// After an error: the stream ends.
+    ended: bool,
     /// Counts the stream open while it lives, and what it sends.
     open: StreamGuard,
 }
@@ -519,28 +561,114 @@ struct SubscriptionState {
 impl SubscriptionState {
     fn message(&mut self, update: subscribe_response::Update) -> SubscribeResponse {
         self.sequence += 1;
+        let position = Position {
+            feed: self.feed.id(),
+            version: self.version,
+            sequence: self.sequence,
+        };
         SubscribeResponse {
             sequence: self.sequence,
             update: Some(update),
             watermark: Some(self.watermark.borrow().clone()),
+            resume_token: self.tokens.issue(&self.query_id, position),
         }
     }
 }
 
-fn snapshot_of(result: snapshot::Result, resync: bool) -> subscribe_response::Update {
+impl Drop for SubscriptionState {
+    /// The feed runs on, its past kept, for as long as that past lasts: a
+    /// subscriber whose stream was cut finds it when it resumes.
+    fn drop(&mut self) {
+        let linger = self.feed.history_age();
+        if linger.is_zero() || self.shutdown.is_cancelled() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (feed, shutdown) = (self.feed.clone(), self.shutdown.clone());
+            runtime.spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(linger) => {}
+                }
+                drop(feed);
+            });
+        }
+    }
+}
+
+fn snapshot_of(result: snapshot::Result, reason: ResyncReason) -> subscribe_response::Update {
     subscribe_response::Update::Snapshot(Snapshot {
-        resync,
+        resync: reason != ResyncReason::Unspecified,
         result: Some(result),
+        resync_reason: reason as i32,
     })
+}
+
+/// How a stream begins. Decided when it is opened, carried out at its
+/// first poll: a stream waiting for its snapshot (a burst of new feeds
+/// queues for the refresh slots) is a stream already, which the server's
+/// `--request-timeout` does not cut.
+enum Start {
+    /// A snapshot, marked `resync` for this reason unless `Unspecified`.
+    Snapshot(ResyncReason),
+    /// The deltas after this version, from the feed's history, or a
+    /// snapshot (`HistoryExpired`) when it no longer has them all.
+    Replay(u64),
+}
+
+/// Carries `start` out: the first message, or `None` when deltas are
+/// replayed.
+async fn begin(
+    state: &mut SubscriptionState,
+    start: Start,
+) -> Result<Option<SubscribeResponse>, Error> {
+    let reason = match start {
+        Start::Replay(version) => match state.feed.resume(version).await {
+            Some((missed, updates)) => {
+                state.version = version;
+                state.updates = updates;
+                state.replay = missed.into();
+                return Ok(None);
+            }
+            None => ResyncReason::HistoryExpired,
+        },
+        Start::Snapshot(reason) => reason,
+    };
+    let (version, result, updates) = state.feed.snapshot(&state.store).await?;
+    state.version = version;
+    state.updates = updates;
+    Ok(Some(state.message(snapshot_of(result, reason))))
 }
 
 /// The next message of a stream, or `None` when it ends.
 async fn next_message(
     mut state: SubscriptionState,
-) -> Option<(SubscribeResponse, SubscriptionState)> {
-    if let Some(result) = state.first.take() {
-        let message = state.message(snapshot_of(result, false));
-        return Some((message, state));
+) -> Option<(Result<SubscribeResponse, tonic::Status>, SubscriptionState)> {
+    if state.ended {
+        return None;
+    }
+    if let Some(start) = state.start.take() {
+        let shutdown = state.shutdown.clone();
+        let begun = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            begun = begin(&mut state, start) => begun,
+        };
+        match begun {
+            Ok(Some(message)) => return Some((Ok(message), state)),
+            Ok(None) => {}
+            Err(error) => {
+                state.ended = true;
+                return Some((Err(error.into()), state));
+            }
+        }
+    }
+    while let Some(update) = state.replay.pop_front() {
+        if update.version > state.version {
+            state.version = update.version;
+            state.open.0.deltas_sent.fetch_add(1, Ordering::Relaxed);
+            let message = state.message(subscribe_response::Update::Delta(update.delta.clone()));
+            return Some((Ok(message), state));
+        }
     }
     loop {
         let received = tokio::select! {
@@ -564,7 +692,7 @@ async fn next_message(
                         state.version = version;
                         state.updates = updates;
                         state.open.0.slow_resyncs.fetch_add(1, Ordering::Relaxed);
-                        snapshot_of(result, true)
+                        snapshot_of(result, ResyncReason::ClientTooSlow)
                     }
                     Err(_) => {
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -575,7 +703,7 @@ async fn next_message(
             Ok(Err(broadcast::error::RecvError::Closed)) => return None,
         };
         let message = state.message(update);
-        return Some((message, state));
+        return Some((Ok(message), state));
     }
 }
 

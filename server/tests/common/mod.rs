@@ -10,6 +10,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod counts;
 pub mod pipeline;
 
 use std::{net::SocketAddr, time::Duration};
@@ -630,5 +631,6 @@ pub fn counts_subscription(seconds: i64, heartbeat_seconds: i64) -> rtap::v1::Su
             seconds: heartbeat_seconds,
             nanos: 0,
         }),
+        resume_token: Vec::new(),
     }
 }

@@ -30,13 +30,15 @@ pub(super) async fn open(
     hub: &std::sync::Arc<Hub>,
     requested: Requested,
     heartbeat: Duration,
+    resume_token: &[u8],
 ) -> Result<Subscription, Error> {
+    let token = resume_token;
     match requested {
-        Requested::EventCounts(request) => hub.open::<EventCounts>(request, heartbeat).await,
-        Requested::UniqueUsers(request) => hub.open::<UniqueUsers>(request, heartbeat).await,
-        Requested::Engagement(request) => hub.open::<Engagement>(request, heartbeat).await,
-        Requested::TopProducts(request) => hub.open::<TopProducts>(request, heartbeat).await,
-        Requested::Funnel(request) => hub.open::<Funnel>(request, heartbeat).await,
+        Requested::EventCounts(request) => hub.open::<EventCounts>(request, heartbeat, token).await,
+        Requested::UniqueUsers(request) => hub.open::<UniqueUsers>(request, heartbeat, token).await,
+        Requested::Engagement(request) => hub.open::<Engagement>(request, heartbeat, token).await,
+        Requested::TopProducts(request) => hub.open::<TopProducts>(request, heartbeat, token).await,
+        Requested::Funnel(request) => hub.open::<Funnel>(request, heartbeat, token).await,
     }
 }
 
