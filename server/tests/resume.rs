@@ -364,6 +364,19 @@ async fn a_thousand_clients_resume_at_once_after_a_network_blip() -> anyhow::Res
             "client {index} resumed without a resync"
         );
     }
+    // The documented bound: at most --subscription-history-bytes per feed.
+    let activity = analytics
+        .get_pipeline_status(rtap::v1::GetPipelineStatusRequest {})
+        .await?
+        .into_inner()
+        .feed_activity
+        .context("feed activity")?;
+    let bound = 10 * i64::from(config.subscription_history_bytes);
+    assert!(
+        (1..=bound).contains(&activity.history_bytes),
+        "history of {} bytes, bound {bound}",
+        activity.history_bytes
+    );
 
     drop(streams);
     server.stop().await?;

@@ -10,7 +10,8 @@ use std::{sync::Arc, time::Instant};
 use chrono::Utc;
 use futures_util::{StreamExt as _, stream};
 use rtap::v1::{
-    SubscribeRequest, analytics_service_client::AnalyticsServiceClient, subscribe_response,
+    SubscribeRequest, SubscribeResponse, analytics_service_client::AnalyticsServiceClient,
+    subscribe_response,
 };
 use tonic::transport::Channel;
 
@@ -25,7 +26,7 @@ const AT_ONCE: usize = 50;
 pub(crate) async fn resume(channel: &Channel, writer: &Arc<EventWriter>) -> anyhow::Result<()> {
     let request = counts_query(60);
     // Fresh subscriptions: time to the snapshot, and each one's token.
-    let opened: Vec<(f64, Vec<u8>)> = stream::iter(0..CLIENTS)
+    let opened: Vec<(f64, SubscribeResponse)> = stream::iter(0..CLIENTS)
         .map(|_| first_message(channel, request.clone()))
         .buffer_unordered(AT_ONCE)
         .collect::<Vec<_>>()
@@ -40,10 +41,17 @@ pub(crate) async fn resume(channel: &Channel, writer: &Arc<EventWriter>) -> anyh
     }
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let resumed: Vec<(f64, bool)> = stream::iter(opened)
-        .map(|(_, token)| {
+        .map(|(_, first)| {
             let mut request = request.clone();
-            request.resume_token = token;
-            first_replayed(channel, request)
+            request.resume_token = first.resume_token;
+            async move {
+                let (ms, message) = first_message(channel, request).await?;
+                let resync = matches!(
+                    message.update,
+                    Some(subscribe_response::Update::Snapshot(_))
+                );
+                Ok::<_, anyhow::Error>((ms, resync))
+            }
         })
         .buffer_unordered(AT_ONCE)
         .collect::<Vec<_>>()
@@ -67,29 +75,11 @@ pub(crate) async fn resume(channel: &Channel, writer: &Arc<EventWriter>) -> anyh
     Ok(())
 }
 
-/// Milliseconds from the call to the first message, and its resume token.
+/// Milliseconds from the call to the first message, and that message.
 async fn first_message(
     channel: &Channel,
     request: SubscribeRequest,
-) -> anyhow::Result<(f64, Vec<u8>)> {
-    let started = Instant::now();
-    let mut stream = AnalyticsServiceClient::new(channel.clone())
-        .subscribe(request)
-        .await?
-        .into_inner();
-    let first = stream
-        .next()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("no snapshot"))??;
-    Ok((started.elapsed().as_secs_f64() * 1000.0, first.resume_token))
-}
-
-/// Milliseconds from the resuming call to its first message, and whether
-/// that message was a resync instead of a replayed delta.
-async fn first_replayed(
-    channel: &Channel,
-    request: SubscribeRequest,
-) -> anyhow::Result<(f64, bool)> {
+) -> anyhow::Result<(f64, SubscribeResponse)> {
     let started = Instant::now();
     let mut stream = AnalyticsServiceClient::new(channel.clone())
         .subscribe(request)
@@ -99,6 +89,5 @@ async fn first_replayed(
         .next()
         .await
         .ok_or_else(|| anyhow::anyhow!("no message"))??;
-    let resync = matches!(first.update, Some(subscribe_response::Update::Snapshot(_)));
-    Ok((started.elapsed().as_secs_f64() * 1000.0, resync))
+    Ok((started.elapsed().as_secs_f64() * 1000.0, first))
 }

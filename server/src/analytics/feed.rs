@@ -76,6 +76,13 @@ pub(crate) struct FeedSettings {
     pub(crate) history: HistoryLimits,
 }
 
+impl Drop for History {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(i64::try_from(self.bytes).unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
 /// How much of its past a feed keeps: whichever limit binds first.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HistoryLimits {
@@ -89,17 +96,28 @@ pub(crate) struct HistoryLimits {
 }
 
 /// A feed's latest deltas, oldest first, versions consecutive.
-#[derive(Default)]
 struct History {
     kept: VecDeque<(Instant, usize, Arc<FeedUpdate>)>,
     bytes: usize,
+    /// What every feed of the process keeps, in bytes.
+    total: Arc<AtomicI64>,
 }
 
 impl History {
+    fn new(total: Arc<AtomicI64>) -> Self {
+        Self {
+            kept: VecDeque::new(),
+            bytes: 0,
+            total,
+        }
+    }
+
     fn push(&mut self, update: Arc<FeedUpdate>, limits: &HistoryLimits) {
         let size = update.delta.encoded_len();
         self.kept.push_back((Instant::now(), size, update));
         self.bytes += size;
+        self.total
+            .fetch_add(i64::try_from(size).unwrap_or(0), Ordering::Relaxed);
         self.prune(limits);
     }
 
@@ -112,6 +130,8 @@ impl History {
                 break;
             }
             self.bytes -= size;
+            self.total
+                .fetch_sub(i64::try_from(*size).unwrap_or(0), Ordering::Relaxed);
             self.kept.pop_front();
         }
     }
@@ -163,6 +183,8 @@ pub(crate) struct Refreshes {
     applied: AtomicI64,
     /// Times the hub told every feed to re-read.
     pub(crate) resyncs: AtomicI64,
+    /// Bytes the feeds' histories keep.
+    history_bytes: Arc<AtomicI64>,
 }
 
 impl Refreshes {
@@ -178,6 +200,7 @@ impl Refreshes {
             failed: AtomicI64::new(0),
             applied: AtomicI64::new(0),
             resyncs: AtomicI64::new(0),
+            history_bytes: Arc::new(AtomicI64::new(0)),
         }
     }
 
@@ -219,6 +242,7 @@ impl Refreshes {
             failed_refreshes: self.failed.load(Ordering::Relaxed),
             applied_deltas: self.applied.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
+            history_bytes: self.history_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -417,7 +441,7 @@ impl<M: Metric> Feed<M> {
             state: Mutex::new(FeedState {
                 version: 0,
                 current: None,
-                history: History::default(),
+                history: History::new(refreshes.history_bytes.clone()),
                 limits: refreshes.settings.history,
             }),
             id: rand::random(),

@@ -82,8 +82,8 @@ impl Gauges {
     /// counts into the hub's atomics.
     async fn export(hub: Weak<Hub>, shutdown: CancellationToken) {
         use crate::telemetry::{
-            DELTAS_SENT, FEED_DELTAS_APPLIED, FEED_MAX_BEHIND, FEED_REFRESHES, FEED_RESYNCS,
-            FEED_WAITING, FEEDS, SUBSCRIBER_RESYNCS, SUBSCRIPTIONS_OPEN,
+            DELTAS_SENT, FEED_DELTAS_APPLIED, FEED_HISTORY_BYTES, FEED_MAX_BEHIND, FEED_REFRESHES,
+            FEED_RESYNCS, FEED_WAITING, FEEDS, SUBSCRIBER_RESYNCS, SUBSCRIPTIONS_OPEN,
         };
         use metrics::{counter, gauge};
         let count = |n: i64| u64::try_from(n).unwrap_or(0);
@@ -111,6 +111,7 @@ impl Gauges {
             counter!(FEED_DELTAS_APPLIED).absolute(count(activity.applied_deltas));
             counter!(FEED_RESYNCS).absolute(count(activity.resyncs));
             gauge!(FEED_WAITING).set(activity.waiting_feeds as f64);
+            gauge!(FEED_HISTORY_BYTES).set(activity.history_bytes as f64);
             let behind = activity.max_behind.unwrap_or_default();
             gauge!(FEED_MAX_BEHIND).set(behind.seconds as f64 + f64::from(behind.nanos) / 1e9);
         }
@@ -291,6 +292,14 @@ impl Hub {
             .retain(|_, sender| sender.receiver_count() > 0);
     }
 
+    /// After deltas were missed: the watermark moves up to what the store
+    /// holds (what they would have told), and every feed re-reads.
+    fn resync_to(&self, stored: &Watermark) {
+        self.watermark
+            .send_modify(|watermark| merge(watermark, stored));
+        self.trigger(Trigger::Resync);
+    }
+
     /// Compares the stored offsets with the deltas seen: a partition whose
     /// stored offset has stayed unseen for `LOST_DELTA_GRACE` missed a
     /// delta that no later commit revealed (the last before a pause, or
@@ -316,19 +325,7 @@ impl Hub {
         });
         if missed {
             tracing::debug!("a commit's delta never came; feeds re-read");
-            self.watermark.send_modify(|watermark| {
-                for offset in &stored.offsets {
-                    advance(
-                        watermark,
-                        &CommitDelta {
-                            partition: offset.partition,
-                            next_offset: offset.next_offset,
-                            ..CommitDelta::default()
-                        },
-                    );
-                }
-            });
-            self.trigger(Trigger::Resync);
+            self.resync_to(&stored);
         }
         behind.retain(|partition, (stored_then, _)| seen(*partition) < *stored_then);
         for offset in &stored.offsets {
@@ -447,15 +444,10 @@ async fn listen(hub: Weak<Hub>, shutdown: CancellationToken) {
             let Some(hub) = hub.upgrade() else { return };
             match heard {
                 Ok(Some(Heard::Delta(payload))) => hub.heard(&payload),
-                Ok(Some(Heard::Gap)) => {
-                    // What the missed deltas would have told: the stored
-                    // offsets and latest event time.
-                    if let Ok(stored) = hub.store.watermark().await {
-                        hub.watermark
-                            .send_modify(|watermark| merge(watermark, &stored));
-                    }
-                    hub.trigger(Trigger::Resync);
-                }
+                Ok(Some(Heard::Gap)) => match hub.store.watermark().await {
+                    Ok(stored) => hub.resync_to(&stored),
+                    Err(_) => hub.trigger(Trigger::Resync),
+                },
                 Ok(None) => break,
                 Err(error) => {
                     tracing::warn!(error = %error, "ingest delta channel failed");

@@ -37,6 +37,8 @@ pub(crate) const FEED_RESYNCS: &str = "rtap_feed_resyncs_total";
 pub(crate) const FEED_MAX_BEHIND: &str = "rtap_feed_max_behind_seconds";
 /// Feeds waiting for a refresh slot.
 pub(crate) const FEED_WAITING: &str = "rtap_feed_waiting";
+/// Bytes of deltas the feeds keep for resuming subscribers.
+pub(crate) const FEED_HISTORY_BYTES: &str = "rtap_feed_history_bytes";
 /// Commit deltas the ingest publisher dropped because it was behind.
 pub(crate) const DELTAS_DROPPED: &str = "rtap_ingest_deltas_dropped_total";
 /// Records fetched and committed, by `partition`.
@@ -134,6 +136,11 @@ fn describe() {
         "How long the feed furthest behind has had a change unread"
     );
     describe_gauge!(FEED_WAITING, "Feeds waiting for a refresh slot");
+    describe_gauge!(
+        FEED_HISTORY_BYTES,
+        Unit::Bytes,
+        "Bytes of encoded deltas the feeds keep for resuming subscribers"
+    );
     describe_counter!(
         DELTAS_DROPPED,
         "Commit deltas dropped because the publisher was behind"
