@@ -369,7 +369,7 @@ pub struct Config {
 
     /// Deltas each feed keeps for subscribers that resume a cut stream
     /// (with `--subscription-history-bytes` and `-age`, whichever binds
-    /// first); 0 keeps none, and every resume is a resync.
+    /// first); 0 keeps none: a resume after any change is a resync.
     #[arg(
         long,
         env = "RTAP_SUBSCRIPTION_HISTORY",

@@ -4,7 +4,6 @@
 mod common;
 
 use std::{
-    net::TcpListener as StdTcpListener,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -305,10 +304,10 @@ fn closed_port_address() -> String {
     free_local_address()
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback address that was free a moment ago.
 fn free_local_address() -> String {
-    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("bound").to_string()
+    let port = common::free_port().expect("bind an ephemeral port");
+    format!("127.0.0.1:{port}")
 }
 
 #[tokio::test]
