@@ -791,4 +791,61 @@ mod tests {
         assert_eq!(standing(&mut as_of, &commit(2, None, 3)), Standing::After);
         assert_eq!(as_of, Offsets::from([(0, Some(7)), (2, Some(3))]));
     }
+
+    fn update(version: u64) -> Arc<FeedUpdate> {
+        Arc::new(FeedUpdate {
+            version,
+            delta: Delta {
+                change: Some(delta::Change::EventCounts(rtap::v1::EventCountsDelta {
+                    removed_bucket_start_times: vec![prost_types::Timestamp {
+                        seconds: 60,
+                        nanos: 0,
+                    }],
+                    ..Default::default()
+                })),
+            },
+        })
+    }
+
+    #[test]
+    fn a_history_replays_only_what_it_still_holds_and_accounts_its_bytes() {
+        let total = Arc::new(AtomicI64::new(0));
+        let limits = HistoryLimits {
+            count: 3,
+            bytes: usize::MAX,
+            age: Duration::from_secs(60),
+        };
+        let mut history = History::new(total.clone());
+        for version in 1..=5 {
+            history.push(update(version), &limits);
+        }
+        let versions = |kept: Option<Vec<Arc<FeedUpdate>>>| {
+            kept.map(|kept| kept.iter().map(|u| u.version).collect::<Vec<_>>())
+        };
+        assert_eq!(versions(history.after(2, 5, &limits)), Some(vec![3, 4, 5]));
+        assert_eq!(versions(history.after(4, 5, &limits)), Some(vec![5]));
+        assert_eq!(versions(history.after(5, 5, &limits)), Some(vec![]));
+        assert_eq!(versions(history.after(1, 5, &limits)), None, "2 is gone");
+        assert_eq!(
+            versions(history.after(6, 5, &limits)),
+            None,
+            "not issued yet"
+        );
+        let size = i64::try_from(update(1).delta.encoded_len()).unwrap_or(0);
+        assert!(size > 0);
+        assert_eq!(total.load(Ordering::Relaxed), 3 * size);
+        // A byte bound of two deltas keeps two.
+        let tight = HistoryLimits {
+            bytes: usize::try_from(2 * size).unwrap_or(0),
+            ..limits
+        };
+        assert_eq!(versions(history.after(2, 5, &tight)), None);
+        assert_eq!(versions(history.after(3, 5, &tight)), Some(vec![4, 5]));
+        drop(history);
+        assert_eq!(
+            total.load(Ordering::Relaxed),
+            0,
+            "a dropped feed's history is no longer counted"
+        );
+    }
 }
