@@ -452,6 +452,7 @@ async fn query_latency(
         window: Some(trailing(24 * 3600)),
         ranking: ProductRanking::Views as i32,
         limit: 10,
+        include_product_names: false,
     };
     let mut series_ms = Vec::new();
     let mut top_ms = Vec::new();

@@ -151,6 +151,7 @@ async fn summary(
             window: window(),
             ranking: ProductRanking::Views as i32,
             limit: 3,
+            include_product_names: true,
         })
         .await?
         .into_inner();
@@ -162,7 +163,13 @@ async fn summary(
     let top: Vec<String> = top
         .products
         .iter()
-        .map(|p| format!("#{} ({})", p.product_id, p.value))
+        .map(|p| {
+            if p.product_name.is_empty() {
+                format!("#{} ({})", p.product_id, p.value)
+            } else {
+                format!("{} ({})", p.product_name, p.value)
+            }
+        })
         .collect();
     let now = Utc::now().format("%H:%M:%S");
     let watermark = status

@@ -87,6 +87,7 @@ async fn totals_over(
                 window: Some(window),
                 ranking: ranking as i32,
                 limit: 100,
+                include_product_names: false,
             })
             .await?
             .into_inner();
@@ -297,6 +298,7 @@ async fn every_query_matches_the_ground_truth() -> anyhow::Result<()> {
                 window: Some(window),
                 ranking: ranking as i32,
                 limit: 10,
+                include_product_names: false,
             })
             .await?
             .into_inner();
@@ -494,6 +496,7 @@ async fn settled_rankings_are_cached_until_a_late_event_changes_them() -> anyhow
                     window: Some(range(window.start, window.end)),
                     ranking: ProductRanking::Views as i32,
                     limit: 100,
+                    include_product_names: false,
                 })
                 .await?
                 .into_inner();
@@ -623,6 +626,7 @@ async fn invalid_windows_and_fields_are_invalid_argument_and_a_down_redis_is_una
             window: Some(trailing(60)),
             ranking: 0,
             limit: 500,
+            include_product_names: false,
         })
         .await
         .expect_err("invalid");
@@ -690,6 +694,7 @@ async fn out_of_range_times_are_invalid_argument_naming_the_field_never_a_panic(
             window: extreme(),
             ranking: ProductRanking::Views as i32,
             limit: 10,
+            include_product_names: false,
         })
         .await
         .expect_err("invalid");
@@ -1042,6 +1047,141 @@ async fn a_rolling_window_rolls_forward_and_stays_equal_to_the_unary_query() -> 
             held.keys().collect::<Vec<_>>()
         );
     }
+    drop(stream);
+    server.stop().await?;
+    common::delete_namespace(&config, PARTITIONS).await?;
+    database.drop().await
+}
+
+/// What a top-products subscriber holds: product id → (value, name).
+type HeldRanking = BTreeMap<i64, (i64, String)>;
+
+/// Applies one message of a top-products stream to `held`.
+fn apply_ranking(held: &mut HeldRanking, message: &rtap::v1::SubscribeResponse) {
+    use rtap::v1::snapshot;
+    match &message.update {
+        Some(subscribe_response::Update::Snapshot(rtap::v1::Snapshot {
+            result: Some(snapshot::Result::TopProducts(top)),
+            ..
+        })) => {
+            *held = top
+                .products
+                .iter()
+                .map(|p| (p.product_id, (p.value, p.product_name.clone())))
+                .collect();
+        }
+        Some(subscribe_response::Update::Delta(rtap::v1::Delta {
+            change: Some(delta::Change::TopProducts(change)),
+        })) => {
+            for id in &change.removed_product_ids {
+                held.remove(id);
+            }
+            for p in &change.upserted {
+                held.insert(p.product_id, (p.value, p.product_name.clone()));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn rankings_carry_catalog_names_when_asked_and_a_deleted_product_keeps_its_id()
+-> anyhow::Result<()> {
+    use rtap::v1::{
+        CreateProductRequest, DeleteProductRequest, Product,
+        product_service_client::ProductServiceClient,
+    };
+    let database = TestDatabase::create().await?;
+    let config = api_config(&database);
+    let server = TestServer::start_with_catalog(config.clone()).await?;
+    let mut products = ProductServiceClient::new(server.channel());
+    let mut ids = Vec::new();
+    for name in ["Espresso machine", "Burr grinder", "Discontinued kettle"] {
+        let created = products
+            .create_product(CreateProductRequest {
+                product: Some(Product {
+                    name: name.to_owned(),
+                    category: "kitchen".to_owned(),
+                    price: 10.0,
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .product
+            .context("created product")?;
+        ids.push(created.id);
+    }
+    let (espresso, grinder, kettle) = (ids[0], ids[1], ids[2]);
+    products
+        .delete_product(DeleteProductRequest { id: kettle })
+        .await?;
+
+    let mut analytics = client(&server);
+    let named = GetTopProductsRequest {
+        window: Some(trailing(3600)),
+        ranking: ProductRanking::Views as i32,
+        limit: 10,
+        include_product_names: true,
+    };
+    let mut stream = analytics
+        .subscribe(SubscribeRequest {
+            query: Some(subscribe_request::Query::TopProducts(named)),
+            heartbeat_interval: None,
+            resume_token: Vec::new(),
+        })
+        .await?
+        .into_inner();
+    let mut held = HeldRanking::new();
+    apply_ranking(&mut held, &next(&mut stream).await?);
+
+    let now = Utc::now();
+    let mut events = Vec::new();
+    for (product, views) in [(espresso, 3), (grinder, 2), (kettle, 1)] {
+        for user in 0..views {
+            let mut view = event(100 + user, now);
+            view.product_id = product;
+            events.push(view);
+        }
+    }
+    produce(&config.kafka_brokers[0], &config.events_topic, &events).await?;
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+
+    let expected: HeldRanking = [
+        (espresso, (3, "Espresso machine".to_owned())),
+        (grinder, (2, "Burr grinder".to_owned())),
+        (kettle, (1, String::new())),
+    ]
+    .into();
+    let unary = analytics.get_top_products(named).await?.into_inner();
+    let answered: HeldRanking = unary
+        .products
+        .iter()
+        .map(|p| (p.product_id, (p.value, p.product_name.clone())))
+        .collect();
+    assert_eq!(answered, expected, "the unary answer names the products");
+    let unnamed = analytics
+        .get_top_products(GetTopProductsRequest {
+            include_product_names: false,
+            ..named
+        })
+        .await?
+        .into_inner();
+    assert!(
+        unnamed.products.iter().all(|p| p.product_name.is_empty()),
+        "names only when asked: {unnamed:?}"
+    );
+    assert_eq!(unnamed.products.len(), 3);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while held != expected {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the subscriber holds {held:?}, not {expected:?}"
+        );
+        apply_ranking(&mut held, &next(&mut stream).await?);
+    }
+
     drop(stream);
     server.stop().await?;
     common::delete_namespace(&config, PARTITIONS).await?;

@@ -346,6 +346,7 @@ fn distinct_queries() -> Vec<subscribe_request::Query> {
                     window: trailing(hours * 3600),
                     ranking: ranking as i32,
                     limit,
+                    include_product_names: false,
                 }));
             }
         }

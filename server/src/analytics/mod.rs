@@ -23,12 +23,13 @@ use std::{collections::BTreeMap, pin::Pin, sync::Arc, sync::atomic::Ordering, ti
 use chrono::Utc;
 use futures_util::StreamExt as _;
 use rtap::v1::{
-    DeadLetterCount, GetEngagementRequest, GetEngagementResponse, GetEventCountsRequest,
+    DeadLetterCount, Delta, GetEngagementRequest, GetEngagementResponse, GetEventCountsRequest,
     GetEventCountsResponse, GetFunnelRequest, GetFunnelResponse, GetPipelineStatusRequest,
     GetPipelineStatusResponse, GetTopProductsRequest, GetTopProductsResponse,
-    GetUniqueUsersRequest, GetUniqueUsersResponse, PartitionStatus, SubscribeRequest,
+    GetUniqueUsersRequest, GetUniqueUsersResponse, PartitionStatus, Snapshot, SubscribeRequest,
     SubscribeResponse,
     analytics_service_server::{AnalyticsService, AnalyticsServiceServer},
+    delta, snapshot, subscribe_request, subscribe_response,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -37,6 +38,7 @@ use rskafka::client::{error::Error as KafkaError, partition::UnknownTopicHandlin
 
 use crate::{
     auth::{Caller, KeyCache, Principal, StreamSlots},
+    catalog::ProductNames,
     error::{Error, FieldViolation},
     infra::{
         kafka::{self, Brokers},
@@ -73,6 +75,8 @@ pub(crate) struct AnalyticsApi {
     /// The API keys, to end a subscription whose key is revoked; `None`
     /// without authentication.
     keys: Option<Arc<KeyCache>>,
+    /// For rankings asked with `include_product_names`.
+    names: Arc<ProductNames>,
 }
 
 impl AnalyticsApi {
@@ -82,11 +86,13 @@ impl AnalyticsApi {
         config: &crate::config::Config,
         brokers: Brokers,
         (subscriptions, keys): (Arc<StreamSlots>, Option<Arc<KeyCache>>),
+        names: Arc<ProductNames>,
     ) -> Self {
         Self {
             hub,
             subscriptions,
             keys,
+            names,
             topic: config.events_topic.clone(),
             timeout: config.dependency_timeout,
             kafka: Arc::new(Reconnecting::new({
@@ -172,7 +178,12 @@ impl AnalyticsService for AnalyticsApi {
         &self,
         request: Request<GetTopProductsRequest>,
     ) -> Result<Response<GetTopProductsResponse>, Status> {
-        self.unary::<TopProducts>(request).await
+        let named = request.get_ref().include_product_names;
+        let mut response = self.unary::<TopProducts>(request).await?;
+        if named {
+            self.names.fill(&mut response.get_mut().products).await;
+        }
+        Ok(response)
     }
 
     async fn get_funnel(
@@ -218,7 +229,17 @@ impl AnalyticsService for AnalyticsApi {
                 })?
             }
         };
+        let named = matches!(&requested, subscribe_request::Query::TopProducts(top) if top.include_product_names);
         let stream = metrics::open(&self.hub, requested, heartbeat, &request.resume_token).await?;
+        let stream: SubscribeStream = if named {
+            let names = self.names.clone();
+            Box::pin(stream.then(move |message| {
+                let names = names.clone();
+                async move { name_products(&names, message?).await }
+            }))
+        } else {
+            Box::pin(stream)
+        };
         // The slot is the stream's: released when the subscriber goes.
         let stream = stream.map(move |message| {
             let _open = &slot;
@@ -269,6 +290,26 @@ impl AnalyticsService for AnalyticsApi {
             feed_activity: Some(self.hub.feed_activity()),
         }))
     }
+}
+
+/// `message` with its products' names filled, for a top-products stream
+/// that asked for them. The feed is shared with subscribers that did not,
+/// so names are added here, per stream, from the cache.
+async fn name_products(
+    names: &ProductNames,
+    mut message: SubscribeResponse,
+) -> Result<SubscribeResponse, Status> {
+    match &mut message.update {
+        Some(subscribe_response::Update::Snapshot(Snapshot {
+            result: Some(snapshot::Result::TopProducts(top)),
+            ..
+        })) => names.fill(&mut top.products).await,
+        Some(subscribe_response::Update::Delta(Delta {
+            change: Some(delta::Change::TopProducts(change)),
+        })) => names.fill(&mut change.upserted).await,
+        _ => {}
+    }
+    Ok(message)
 }
 
 /// A partition's vital signs as the API reports them (-1 for an unknown

@@ -38,7 +38,7 @@ use crate::{
     error::{Error, is_connection_error},
 };
 
-/// Most ids in one query.
+/// A batch takes no more look-ups once it holds this many ids.
 const MAX_BATCH: usize = 256;
 /// Callers that may wait for a query before `get` waits to enqueue.
 const QUEUE: usize = 4096;
@@ -48,11 +48,11 @@ const QUERY_TIMEOUTS: u32 = 3;
 /// How long closing the connection at shutdown may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What a caller gets back: the row, or `None` if there is no such id.
-type Reply<M> = Result<Option<M>, Error>;
+/// What a caller gets back: the rows of its ids that exist.
+type Reply<M> = Result<Vec<M>, Error>;
 
 struct Waiting<M> {
-    id: i64,
+    ids: Vec<i64>,
     reply: oneshot::Sender<Reply<M>>,
 }
 
@@ -106,9 +106,15 @@ where
 
     /// The row with this id, if any.
     pub(crate) async fn get(&self, id: i64) -> Result<Option<E::Model>, Error> {
+        Ok(self.get_many(vec![id]).await?.into_iter().next())
+    }
+
+    /// The rows with these ids that exist, in one query (with whatever
+    /// other look-ups it coalesces).
+    pub(crate) async fn get_many(&self, ids: Vec<i64>) -> Result<Vec<E::Model>, Error> {
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(Waiting { id, reply })
+            .send(Waiting { ids, reply })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -141,10 +147,14 @@ where
 {
     async fn run(mut self) {
         while let Some(first) = self.receiver.recv().await {
+            let mut ids = first.ids.len();
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while ids < MAX_BATCH {
                 match self.receiver.try_recv() {
-                    Ok(waiting) => batch.push(waiting),
+                    Ok(waiting) => {
+                        ids += waiting.ids.len();
+                        batch.push(waiting);
+                    }
                     Err(_) => break,
                 }
             }
@@ -162,7 +172,10 @@ where
 
     /// Looks up the batch's ids in one query and answers each caller.
     async fn query(&mut self, batch: Vec<Waiting<E::Model>>) {
-        let mut ids: Vec<i64> = batch.iter().map(|waiting| waiting.id).collect();
+        let mut ids: Vec<i64> = batch
+            .iter()
+            .flat_map(|waiting| waiting.ids.iter().copied())
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         // A caller that gave up no longer listens: its reply is dropped.
@@ -173,7 +186,12 @@ where
                     .map(|row| ((self.id_of)(&row), row))
                     .collect();
                 for waiting in batch {
-                    let _ = waiting.reply.send(Ok(by_id.get(&waiting.id).cloned()));
+                    let rows = waiting
+                        .ids
+                        .iter()
+                        .filter_map(|id| by_id.get(id).cloned())
+                        .collect();
+                    let _ = waiting.reply.send(Ok(rows));
                 }
             }
             Err(error) => {

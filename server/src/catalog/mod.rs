@@ -2,10 +2,12 @@
 //! SeaORM. The standard methods are written once, in `resource.rs`, for
 //! every table that declares itself a resource (`users.rs`, `products.rs`);
 //! validation rules live in `rules.rs`, keyset pagination in `pagination.rs`,
-//! coalesced look-ups by id in `lookup.rs`, and the tonic services in
+//! coalesced look-ups by id in `lookup.rs` (and the product names analytics
+//! answers carry, cached, in `names.rs`), and the tonic services in
 //! `service.rs`.
 
 mod lookup;
+mod names;
 mod pagination;
 mod products;
 mod resource;
@@ -18,6 +20,7 @@ use rtap::v1::{
     product_service_server::ProductServiceServer, user_service_server::UserServiceServer,
 };
 
+pub(crate) use self::names::ProductNames;
 use self::resource::ResourceApi;
 use crate::error::{Error, FieldViolation};
 

@@ -52,8 +52,11 @@ impl Metric for TopProducts {
     }
 
     fn canonical(request: &Self::Request) -> Self::Request {
+        // Names are filled per subscriber, after the feed: one feed serves
+        // those who asked for them and those who did not.
         GetTopProductsRequest {
             limit: limit(request),
+            include_product_names: false,
             ..*request
         }
     }
@@ -68,7 +71,11 @@ impl Metric for TopProducts {
         let mut products: Vec<ProductScore> = scores
             .into_iter()
             .filter(|(_, value)| *value != 0)
-            .map(|(product_id, value)| ProductScore { product_id, value })
+            .map(|(product_id, value)| ProductScore {
+                product_id,
+                value,
+                product_name: String::new(),
+            })
             .collect();
         products
             .sort_unstable_by(|a, b| b.value.cmp(&a.value).then(a.product_id.cmp(&b.product_id)));

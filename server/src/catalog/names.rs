@@ -1,0 +1,101 @@
+//! Product names for analytics answers (`include_product_names`): a cache in
+//! front of the coalesced look-up, so a ranking of 100 products costs at
+//! most one query, and a live ranking's repeated answers cost none.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use rtap::v1::ProductScore;
+
+use super::lookup::Lookup;
+use crate::database::Database;
+
+/// How long a name (or a product's absence) is believed: a rename or a
+/// deletion shows in analytics answers within this.
+pub(crate) const NAME_TTL: Duration = Duration::from_secs(30);
+/// Names kept at most; the cache starts afresh when it would hold more
+/// (rankings name few products, so this is never reached in practice).
+const MAX_CACHED: usize = 100_000;
+
+/// The catalog's product names, cached. Cheap to share behind an `Arc`.
+pub(crate) struct ProductNames {
+    lookup: Lookup<entity::product::Entity>,
+    /// Product id → its name (`None`: not in the catalog) and when read.
+    cache: Mutex<HashMap<i64, (Option<String>, Instant)>>,
+}
+
+impl std::fmt::Debug for ProductNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProductNames").finish_non_exhaustive()
+    }
+}
+
+impl ProductNames {
+    /// Names read from `database`. Starts a look-up task (and its own
+    /// connection), so needs a Tokio runtime.
+    pub(crate) fn start(database: Database) -> Self {
+        Self {
+            lookup: Lookup::start(
+                database,
+                entity::product::Column::Id,
+                |row: &entity::product::Model| row.id,
+            ),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Fills each score's `product_name`. A product not in the catalog keeps
+    /// an empty name; so does every product when the catalog cannot be read
+    /// (logged): names are a convenience, the metrics do not depend on them.
+    pub(crate) async fn fill(&self, scores: &mut [ProductScore]) {
+        if scores.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut missing = Vec::new();
+        {
+            let cache = self.lock();
+            for score in scores.iter_mut() {
+                match cache.get(&score.product_id) {
+                    Some((name, read)) if now.duration_since(*read) < NAME_TTL => {
+                        score.product_name = name.clone().unwrap_or_default();
+                    }
+                    _ => missing.push(score.product_id),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        let rows = match self.lookup.get_many(missing.clone()).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::debug!(error = %error, "product names not read; ids only");
+                return;
+            }
+        };
+        let found: HashMap<i64, String> = rows.into_iter().map(|row| (row.id, row.name)).collect();
+        let mut cache = self.lock();
+        if cache.len() + missing.len() > MAX_CACHED {
+            cache.clear();
+        }
+        for id in missing {
+            cache.insert(id, (found.get(&id).cloned(), now));
+        }
+        for score in scores.iter_mut() {
+            if let Some(name) = found.get(&score.product_id) {
+                score.product_name.clone_from(name);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (Option<String>, Instant)>> {
+        // A panic while holding the lock leaves a valid map.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
