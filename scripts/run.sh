@@ -12,7 +12,8 @@
 #      per event/s with the 5-minute gap below; simulator/tests/produce.rs
 #      checks that these defaults run without a capacity warning);
 #   5. `rtap-server watch`: a live summary of the last 5 minutes, one line a
-#      second, until Ctrl-C.
+#      second, until Ctrl-C; meanwhile the live dashboard is in the browser
+#      at http://RTAP_LISTEN_ADDR/dashboard/ (it asks for the key).
 # Ctrl-C stops the simulator (after a flush; its totals are printed) and then
 # the server.
 set -euo pipefail
@@ -81,5 +82,8 @@ stop_all() {
 }
 trap stop_all EXIT
 echo "run: rtap-simulator is producing $RATE events/s (log: $LOG_DIR/rtap-simulator.log)" >&2
+key_hint=""
+[[ $RTAP_AUTH == keys ]] && key_hint=" (give it the key in $LOG_DIR/api-key)"
+echo "run: the live dashboard: http://$RTAP_LISTEN_ADDR/dashboard/$key_hint" >&2
 echo "run: live metrics of the last 5 minutes follow (rtap-server watch); Ctrl-C stops everything" >&2
 target/release/rtap-server watch || true

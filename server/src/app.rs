@@ -5,6 +5,7 @@ use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic_web::GrpcWebLayer;
 
 use crate::{
     analytics::{
@@ -15,8 +16,9 @@ use crate::{
         subscribe::Hub,
     },
     auth::{self, AuthLayer, Gate, KeyCache, Limits},
-    catalog::{ProductApi, UserApi},
+    catalog::{ProductApi, ProductNames, UserApi},
     config::{Auth, Config},
+    dashboard::DashboardLayer,
     database::{Database, SchemaGate},
     error::Error,
     health::{self, Dependency, DependencyProbe, Watched},
@@ -144,7 +146,14 @@ pub async fn serve(
 
     let limits = Arc::new(Limits::new(config.limit_settings()));
     let gate = Gate::new(keys.clone(), config.auth_also.clone(), limits.clone());
+    // Outermost first: the dashboard's files, grpc-web turned into gRPC (so
+    // what follows sees gRPC only), the call metrics, the auth gate.
     let mut server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(DashboardLayer {
+            enabled: config.dashboard && config.role.serves_api(),
+        })
+        .layer(GrpcWebLayer::new())
         .layer(MetricsLayer)
         .layer(AuthLayer::new(gate))
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
@@ -290,9 +299,14 @@ fn spawn_background(
     tasks
 }
 
-/// The router's layers: the call metrics, then the auth gate.
-type Layered =
-    tower_layer::Stack<AuthLayer, tower_layer::Stack<MetricsLayer, tower_layer::Identity>>;
+/// The router's layers, outermost last.
+type Layered = tower_layer::Stack<
+    AuthLayer,
+    tower_layer::Stack<
+        MetricsLayer,
+        tower_layer::Stack<GrpcWebLayer, tower_layer::Stack<DashboardLayer, tower_layer::Identity>>,
+    >,
+>;
 
 /// The API services, for roles that serve it.
 fn add_api(
@@ -330,7 +344,7 @@ fn add_api(
                 .max_decoding_message_size(max_message),
         )
         .add_service(
-            ProductApi::new(database)
+            ProductApi::new(database.clone())
                 .into_server()
                 .max_decoding_message_size(max_message),
         )
@@ -340,6 +354,7 @@ fn add_api(
                 config,
                 kafka.clone(),
                 (limits.subscriptions.clone(), keys),
+                Arc::new(ProductNames::start(database)),
             )
             .into_server()
             .max_decoding_message_size(max_message),

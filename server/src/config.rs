@@ -77,6 +77,18 @@ pub struct Config {
     )]
     pub metrics_addr: rtap::telemetry::MetricsAddr,
 
+    /// Serve the live dashboard on the gRPC port, at `/dashboard/` (by a
+    /// process that serves the API); `false` serves none. The API answers
+    /// grpc-web on that port either way.
+    #[arg(
+        long,
+        env = "RTAP_DASHBOARD",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        global = true
+    )]
+    pub dashboard: bool,
+
     /// PostgreSQL URL of the catalog database.
     #[arg(
         long,

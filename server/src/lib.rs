@@ -10,6 +10,8 @@
 //! - [`analytics`]: queries and subscriptions over those aggregates; a
 //!   metric kind is one module of [`analytics::metrics`];
 //! - [`auth`]: API keys and roles, checked before any call is routed;
+//! - [`dashboard`]: the live dashboard's page, served on the gRPC port
+//!   (its source is `dashboard/`, a grpc-web client of [`analytics`]);
 //! - [`telemetry`]: what Prometheus scrapes on `--metrics-addr`: every
 //!   metric's name and help in one list, the gRPC call counter, a
 //!   partition's handles;
@@ -28,6 +30,7 @@ pub mod app;
 pub mod auth;
 mod catalog;
 pub mod config;
+pub mod dashboard;
 pub mod database;
 pub mod error;
 mod health;

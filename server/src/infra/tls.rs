@@ -71,7 +71,9 @@ impl TlsFiles {
         let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|e| format!("{} and {}: {e}", self.cert.display(), self.key.display()))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // HTTP/1.1 too: the dashboard's page, and grpc-web from browsers that
+        // do not negotiate HTTP/2.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 
