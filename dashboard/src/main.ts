@@ -115,7 +115,8 @@ function paintEvents(held: EventCounts): void {
       {
         width: Math.max(box.clientWidth, 300),
         height: 260,
-        series: [{}, ...TYPES.map(([, label, stroke]) => ({ label, stroke, width: 1.5 }))],
+        series: [{}, ...TYPES.map(([, label, stroke]) => ({ label, stroke, width: 1.5, points: { show: false } }))],
+        legend: { live: false },
         axes: [{}, { size: 50 }],
         scales: { x: { time: true } },
       },
@@ -312,6 +313,9 @@ function paintStatus(detail: string): void {
   const form = element<HTMLFormElement>("#key-form");
   form.hidden = state !== "needs-key";
   if (state === "needs-key") {
+    if (performance.getEntriesByName("rtap-key-asked").length === 0) {
+      performance.mark("rtap-key-asked");
+    }
     element("#key-error").textContent = apiKey ? detail : "";
     element<HTMLInputElement>("#key").focus();
   }
@@ -378,6 +382,7 @@ for (const button of document.querySelectorAll<HTMLButtonElement>("#windows butt
 element<HTMLFormElement>("#key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   apiKey = element<HTMLInputElement>("#key").value.trim();
+  performance.mark("rtap-key-given");
   start();
 });
 

@@ -22,12 +22,22 @@ await server.start();
 const chrome = await browser();
 try {
   const renders = [];
+  const prompts = [];
+  const keyed = [];
   for (let i = 0; i < LOADS; i++) {
-    const { context, render } = await openDashboard(chrome, server.origin, env("RTAP_READER_KEY"));
+    const { context, render, asked, keyToRender } = await openDashboard(
+      chrome,
+      server.origin,
+      env("RTAP_READER_KEY"),
+    );
     renders.push(render);
+    prompts.push(asked);
+    keyed.push(keyToRender);
     await context.close();
   }
   console.log(`dashboard bench: navigation to first complete render: ${summary(renders)}`);
+  console.log(`dashboard bench:   of which navigation to the key prompt: ${summary(prompts)}`);
+  console.log(`dashboard bench:   and the key given to the render: ${summary(keyed)}`);
 
   const { page } = await openDashboard(chrome, server.origin, env("RTAP_READER_KEY"));
   const { ingest } = clients(server.origin, env("RTAP_API_KEY"));

@@ -138,7 +138,8 @@ export async function browser() {
 /**
  * Opens the dashboard in a fresh context, gives the key when the page asks
  * for it, and waits until every panel shows its first result. Returns the
- * page and the milliseconds from navigation to that first complete render.
+ * page, the milliseconds from navigation to that first complete render, to
+ * the key prompt, and from the key's submission to the render.
  */
 export async function openDashboard(chrome, origin, key, problems = []) {
   const context = await chrome.newContext({
@@ -157,8 +158,12 @@ export async function openDashboard(chrome, origin, key, problems = []) {
   await page.fill("#key", key);
   await page.click("#key-form button");
   await page.waitForSelector("html[data-ready=true]", { timeout: 30_000 });
-  const render = await page.evaluate(() => performance.getEntriesByName("rtap-ready")[0].startTime);
-  return { context, page, render };
+  const [render, asked, given] = await page.evaluate(() =>
+    ["rtap-ready", "rtap-key-asked", "rtap-key-given"].map(
+      (name) => performance.getEntriesByName(name)[0]?.startTime ?? NaN,
+    ),
+  );
+  return { context, page, render, asked, keyToRender: render - given };
 }
 
 /** Waits until the pipeline has applied every record the broker holds. */
