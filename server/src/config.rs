@@ -851,6 +851,14 @@ mod tests {
     }
 
     #[test]
+    fn the_dashboard_is_served_unless_turned_off() {
+        assert!(parse(&[]).expect("defaults parse").config.dashboard);
+        let off = parse(&["--dashboard", "false"]).expect("parses");
+        assert!(!off.config.dashboard);
+        assert!(parse(&["--dashboard", "maybe"]).is_err());
+    }
+
+    #[test]
     fn metrics_can_be_served_elsewhere_or_not_at_all() {
         let off = parse(&["--metrics-addr", "off"]).expect("parses");
         assert_eq!(off.config.metrics_addr, rtap::telemetry::MetricsAddr(None));
