@@ -143,6 +143,55 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// Microseconds each node has spent executing commands (`INFO
+/// commandstats`, summed over commands), in `nodes`' order.
+async fn command_usec(nodes: &[redis::Client]) -> anyhow::Result<Vec<f64>> {
+    let mut totals = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let mut connection = node.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await?;
+        let usec: f64 = info
+            .lines()
+            .filter_map(|line| line.split(',').find_map(|f| f.strip_prefix("usec=")))
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum();
+        totals.push(usec);
+    }
+    Ok(totals)
+}
+
+/// What any read of every partition waits for, without RTAP: one PING per
+/// partition, all sent at once, each on the shared connection that serves
+/// the partition's slot (on one Redis, all on one connection), as the
+/// query's per-partition pipelines are. Milliseconds per round.
+async fn fan_out_ping_ms(config: &Config, rounds: usize) -> anyhow::Result<Vec<f64>> {
+    use rtap_server::store::{keys::PartitionKeys, nodes::Route};
+    let nodes = config.redis_nodes().map_err(anyhow::Error::msg)?;
+    let mut connections = Vec::new();
+    for partition in 0..PARTITIONS {
+        let key = PartitionKeys::new(&config.redis_namespace, partition).state();
+        connections.push(nodes.connection(&key).await?);
+    }
+    let mut ms = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        futures_util::future::try_join_all(connections.iter().map(|connection| {
+            let mut connection = connection.clone();
+            async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+            }
+        }))
+        .await?;
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(ms)
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -261,7 +310,8 @@ async fn run_parts(config: &Config) -> anyhow::Result<()> {
             fan_out(&addr, &writer, pid).await?;
         }
         if run("query") {
-            query_latency(&channel, &writer, redis_url).await?;
+            let every = common::every_redis_node(config).await?;
+            query_latency(&channel, &writer, redis_url, (config, &every)).await?;
         }
         if run("distinct") {
             let every = common::every_redis_node(config).await?;
@@ -421,6 +471,7 @@ async fn query_latency(
     channel: &Channel,
     writer: &Arc<EventWriter>,
     redis_url: &str,
+    (config, every): (&Config, &[redis::Client]),
 ) -> anyhow::Result<()> {
     const CALLS: usize = 1000;
     // A day of traffic: events in every minute of the last 24 hours.
@@ -454,18 +505,27 @@ async fn query_latency(
         limit: 10,
         include_product_names: false,
     };
+    // Each query kind in a loop of its own, so the Redis time each costs
+    // (summed `INFO commandstats`, per node) is its own.
+    let before = command_usec(every).await?;
     let mut series_ms = Vec::new();
-    let mut top_ms = Vec::new();
     for _ in 0..CALLS {
         let started = Instant::now();
         client.get_event_counts(series.clone()).await?;
         series_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let between = command_usec(every).await?;
+    let mut top_ms = Vec::new();
+    for _ in 0..CALLS {
         let started = Instant::now();
         client.get_top_products(top).await?;
         top_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
+    let after = command_usec(every).await?;
     series_ms.sort_by(f64::total_cmp);
     top_ms.sort_by(f64::total_cmp);
+    let mut floor_ms = fan_out_ping_ms(config, CALLS).await?;
+    floor_ms.sort_by(f64::total_cmp);
     let host = redis_url
         .trim_start_matches("redis://")
         .split('/')
@@ -485,6 +545,27 @@ async fn query_latency(
         percentile(&series_ms, 0.99),
         percentile(&top_ms, 0.5),
         percentile(&top_ms, 0.99),
+    );
+    for (what, from, to) in [
+        ("24 h series", &before, &between),
+        ("top 10", &between, &after),
+    ] {
+        let per_call: Vec<f64> = from
+            .iter()
+            .zip(to)
+            .map(|(a, b)| (b - a) / CALLS as f64)
+            .collect();
+        println!(
+            "query Redis time per {what} call (INFO commandstats): {:.0} us summed over {} node(s), {:.0} us on the busiest",
+            per_call.iter().sum::<f64>(),
+            per_call.len(),
+            per_call.iter().copied().fold(0.0, f64::max),
+        );
+    }
+    println!(
+        "fan-out floor, one PING per partition at once on the connection that serves its slot (no RTAP code): p50 {:.3} ms, p99 {:.3} ms",
+        percentile(&floor_ms, 0.5),
+        percentile(&floor_ms, 0.99),
     );
     match baseline {
         Ok(output) if output.status.success() => {
