@@ -30,7 +30,7 @@ pub mod app;
 pub mod auth;
 mod catalog;
 pub mod config;
-pub mod dashboard;
+mod dashboard;
 pub mod database;
 pub mod error;
 mod health;

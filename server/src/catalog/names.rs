@@ -16,6 +16,9 @@ use crate::database::Database;
 /// How long a name (or a product's absence) is believed: a rename or a
 /// deletion shows in analytics answers within this.
 pub(crate) const NAME_TTL: Duration = Duration::from_secs(30);
+/// How long an answer waits for the catalog before it goes without names:
+/// a slow or unreachable PostgreSQL must not slow the metrics down.
+const LOOKUP_WAIT: Duration = Duration::from_millis(500);
 /// Names kept at most; the cache starts afresh when it would hold more
 /// (rankings name few products, so this is never reached in practice).
 const MAX_CACHED: usize = 100_000;
@@ -49,7 +52,8 @@ impl ProductNames {
 
     /// Fills each score's `product_name`. A product not in the catalog keeps
     /// an empty name; so does every product when the catalog cannot be read
-    /// (logged): names are a convenience, the metrics do not depend on them.
+    /// within [`LOOKUP_WAIT`] (logged): names are a convenience, the metrics
+    /// do not depend on them.
     pub(crate) async fn fill(&self, scores: &mut [ProductScore]) {
         if scores.is_empty() {
             return;
@@ -70,10 +74,16 @@ impl ProductNames {
         if missing.is_empty() {
             return;
         }
-        let rows = match self.lookup.get_many(missing.clone()).await {
-            Ok(rows) => rows,
-            Err(error) => {
+        let rows = match tokio::time::timeout(LOOKUP_WAIT, self.lookup.get_many(missing.clone()))
+            .await
+        {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(error)) => {
                 tracing::debug!(error = %error, "product names not read; ids only");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(wait = ?LOOKUP_WAIT, "product names not read in time; ids only");
                 return;
             }
         };
