@@ -82,12 +82,14 @@ const element = <T extends HTMLElement>(selector: string): T => {
   return found;
 };
 
-// Repaints at most once per animation frame, whatever the message rate.
-const dirty = new Set<() => void>();
-function schedule(paint: () => void): void {
+// Repaints at most once per animation frame, whatever the message rate:
+// the latest paint of each panel waits for the next frame (a hidden tab has
+// none, and keeps one paint per panel meanwhile).
+const dirty = new Map<string, () => void>();
+function schedule(panel: string, paint: () => void): void {
   if (dirty.size === 0) {
     requestAnimationFrame(() => {
-      const paints = [...dirty];
+      const paints = [...dirty.values()];
       dirty.clear();
       for (const p of paints) {
         p();
@@ -95,7 +97,7 @@ function schedule(paint: () => void): void {
       markReadyOnce();
     });
   }
-  dirty.add(paint);
+  dirty.set(panel, paint);
 }
 
 // --- Panels --------------------------------------------------------------
@@ -335,7 +337,7 @@ function start(): void {
       panel.query(window),
       {
         onResult: (held) =>
-          schedule(() => {
+          schedule(panel.name, () => {
             if (!controller.signal.aborted) {
               panel.paint(held);
               painted.add(panel.name);
@@ -343,7 +345,7 @@ function start(): void {
           }),
         onMessage: (message) => {
           if (advance(progress, message.watermark, Date.now())) {
-            schedule(paintPipeline);
+            schedule("pipeline", paintPipeline);
           }
         },
         onState: (state, detail) => {
