@@ -5,7 +5,8 @@
 # 2. headless Chromium (Debian's, installed if missing) against a live
 #    platform fed by rtap-simulator: dashboard/test/e2e.test.mjs.
 # `scripts/dashboard-check.sh bench` prints the page's figures instead of
-# running the test. Needs the services (scripts/services.sh up). Used by CI.
+# running the test (RTAP_DASHBOARD_SERVER=target/release/rtap-server: the
+# page's server from a release build). Needs the services (scripts/services.sh up). Used by CI.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode=${1:-test}

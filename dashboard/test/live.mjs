@@ -46,7 +46,9 @@ export class ApiServer {
   }
 
   async start() {
-    this.process = spawn(`${root}target/debug/rtap-server`, [], {
+    // RTAP_DASHBOARD_SERVER: another build (the bench runs a release one).
+    const binary = process.env.RTAP_DASHBOARD_SERVER ?? `${root}target/debug/rtap-server`;
+    this.process = spawn(binary, [], {
       env: {
         ...process.env,
         RTAP_ROLE: "api",
@@ -59,15 +61,19 @@ export class ApiServer {
     this.process.stderr.on("data", (chunk) => {
       this.log = (this.log + chunk).slice(-20000);
     });
+    // Ready when a call with a key is answered: the page is served at once,
+    // but calls are UNAVAILABLE until the server has loaded the API keys.
+    const { analytics } = clients(this.origin, env("RTAP_READER_KEY"));
     const deadline = Date.now() + 60_000;
     for (;;) {
       try {
         const page = await fetch(`${this.origin}/dashboard/`);
         if (page.ok) {
+          await analytics.getUniqueUsers({ window: { window: { case: "trailing", value: { seconds: 60n, nanos: 0 } } } });
           return;
         }
       } catch {
-        // Not listening yet.
+        // Not listening yet, or not ready.
       }
       if (this.process.exitCode !== null || Date.now() > deadline) {
         throw new Error(`rtap-server did not start:\n${this.log}`);
