@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use common::{TcpProxy, TestDatabase, TestServer, health_status, test_config, wait_for_health};
+use common::{
+    TcpProxy, TestDatabase, TestServer, health_status, http1, test_config, wait_for_health,
+};
 use rtap::v1::{GetUserRequest, user_service_client::UserServiceClient};
 use sea_orm::{ConnectionTrait, Database, Statement};
 use tokio_stream::StreamExt;
@@ -352,42 +354,27 @@ fn compose_runs_redis_durably() {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection; the whole response, head
-/// and body, as bytes.
-async fn http1(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!(
-        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    stream.write_all(body).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(SETTLE, stream.read_to_end(&mut response)).await??;
-    Ok(response)
-}
-
 #[tokio::test]
 async fn the_dashboard_and_grpc_web_are_served_on_the_grpc_port_over_http1() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let config = test_config(&database);
     let server = TestServer::start(config.clone()).await?;
 
-    let moved = String::from_utf8(http1(server.addr, "GET / HTTP/1.1", b"").await?)?;
+    let moved = String::from_utf8(http1(&server.addr.to_string(), "GET / HTTP/1.1", b"").await?)?;
     assert!(moved.starts_with("HTTP/1.1 308"), "{moved}");
     assert!(
         moved.to_ascii_lowercase().contains("location: /dashboard/"),
         "{moved}"
     );
-    let page = String::from_utf8(http1(server.addr, "GET /dashboard/ HTTP/1.1", b"").await?)?;
+    let page =
+        String::from_utf8(http1(&server.addr.to_string(), "GET /dashboard/ HTTP/1.1", b"").await?)?;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     let lower = page.to_ascii_lowercase();
     assert!(lower.contains("content-type: text/html"), "{page}");
     assert!(lower.contains("content-security-policy: default-src 'none'"));
     assert!(page.contains("/dashboard/assets/dashboard.js"));
     let script = http1(
-        server.addr,
+        &server.addr.to_string(),
         "GET /dashboard/assets/dashboard.js HTTP/1.1",
         b"",
     )
@@ -397,7 +384,7 @@ async fn the_dashboard_and_grpc_web_are_served_on_the_grpc_port_over_http1() -> 
     // A grpc-web unary call: one framed, empty HealthCheckRequest; the
     // reply's trailers travel in the body, after the message.
     let call = http1(
-        server.addr,
+        &server.addr.to_string(),
         "POST /grpc.health.v1.Health/Check HTTP/1.1\r\ncontent-type: application/grpc-web+proto\r\nx-grpc-web: 1",
         &[0, 0, 0, 0, 0],
     )
@@ -415,8 +402,10 @@ async fn the_dashboard_and_grpc_web_are_served_on_the_grpc_port_over_http1() -> 
     let mut off = config;
     off.dashboard = false;
     let server = TestServer::start(off).await?;
-    let page = String::from_utf8_lossy(&http1(server.addr, "GET /dashboard/ HTTP/1.1", b"").await?)
-        .into_owned();
+    let page = String::from_utf8_lossy(
+        &http1(&server.addr.to_string(), "GET /dashboard/ HTTP/1.1", b"").await?,
+    )
+    .into_owned();
     assert!(!page.contains("<html"), "{page}");
     server.stop().await?;
     database.drop().await

@@ -44,13 +44,7 @@ fn sum(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
 }
 
 async fn scrape(addr: &str) -> anyhow::Result<BTreeMap<String, f64>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await?;
+    let reply = String::from_utf8(common::http1(addr, "GET /metrics HTTP/1.1", b"").await?)?;
     let (head, body) = reply.split_once("\r\n\r\n").context("an HTTP reply")?;
     ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
     ensure!(

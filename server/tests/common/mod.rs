@@ -634,3 +634,21 @@ pub fn counts_subscription(seconds: i64, heartbeat_seconds: i64) -> rtap::v1::Su
         resume_token: Vec::new(),
     }
 }
+
+/// One HTTP/1.1 request on a fresh connection (`head`: the request line
+/// and any headers), within 30 s; the whole response, head and body.
+pub async fn http1(addr: &str, head: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!(
+        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
+        .await
+        .context("no complete HTTP response within 30 s")??;
+    Ok(response)
+}
