@@ -1092,7 +1092,13 @@ async fn rankings_carry_catalog_names_when_asked_and_a_deleted_product_keeps_its
         product_service_client::ProductServiceClient,
     };
     let database = TestDatabase::create().await?;
-    let config = api_config(&database);
+    let mut config = api_config(&database);
+    // PostgreSQL behind a proxy, to take it away at the end.
+    let proxy = common::TcpProxy::start("127.0.0.1:5432".parse()?).await?;
+    config.database_url = database
+        .url
+        .replace("127.0.0.1:5432", &proxy.addr.to_string());
+    config.dependency_timeout = Duration::from_millis(500);
     let server = TestServer::start_with_catalog(config.clone()).await?;
     let mut products = ProductServiceClient::new(server.channel());
     let mut ids = Vec::new();
@@ -1180,6 +1186,31 @@ async fn rankings_carry_catalog_names_when_asked_and_a_deleted_product_keeps_its
             "the subscriber holds {held:?}, not {expected:?}"
         );
         apply_ranking(&mut held, &next(&mut stream).await?);
+    }
+
+    // The catalog unreachable: rankings are still answered, with the names
+    // already read and none for a product never looked up.
+    proxy.cut();
+    let newcomer = kettle + 1000;
+    let views: Vec<_> = (0..4)
+        .map(|user| {
+            let mut view = event(200 + user, now);
+            view.product_id = newcomer;
+            view
+        })
+        .collect();
+    produce(&config.kafka_brokers[0], &config.events_topic, &views).await?;
+    wait_caught_up(&config, Duration::from_secs(30)).await?;
+    let mut expected = expected;
+    expected.insert(newcomer, (4, String::new()));
+    for attempt in ["the look-up fails", "look-ups paused"] {
+        let answer = analytics.get_top_products(named).await?.into_inner();
+        let answered: HeldRanking = answer
+            .products
+            .iter()
+            .map(|p| (p.product_id, (p.value, p.product_name.clone())))
+            .collect();
+        assert_eq!(answered, expected, "{attempt}");
     }
 
     drop(stream);

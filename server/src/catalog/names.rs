@@ -19,6 +19,9 @@ pub(crate) const NAME_TTL: Duration = Duration::from_secs(30);
 /// How long an answer waits for the catalog before it goes without names:
 /// a slow or unreachable PostgreSQL must not slow the metrics down.
 const LOOKUP_WAIT: Duration = Duration::from_millis(500);
+/// After a failed look-up, how long answers use only what is cached: during
+/// a PostgreSQL outage every message would otherwise wait [`LOOKUP_WAIT`].
+const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Names kept at most; the cache starts afresh when it would hold more
 /// (rankings name few products, so this is never reached in practice).
 const MAX_CACHED: usize = 100_000;
@@ -26,8 +29,15 @@ const MAX_CACHED: usize = 100_000;
 /// The catalog's product names, cached. Cheap to share behind an `Arc`.
 pub(crate) struct ProductNames {
     lookup: Lookup<entity::product::Entity>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
     /// Product id → its name (`None`: not in the catalog) and when read.
-    cache: Mutex<HashMap<i64, (Option<String>, Instant)>>,
+    names: HashMap<i64, (Option<String>, Instant)>,
+    /// No look-up before this: the last one failed.
+    paused_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for ProductNames {
@@ -46,54 +56,70 @@ impl ProductNames {
                 entity::product::Column::Id,
                 |row: &entity::product::Model| row.id,
             ),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
     /// Fills each score's `product_name`. A product not in the catalog keeps
-    /// an empty name; so does every product when the catalog cannot be read
-    /// within [`LOOKUP_WAIT`] (logged): names are a convenience, the metrics
-    /// do not depend on them.
+    /// an empty name. When the catalog cannot be read within
+    /// [`LOOKUP_WAIT`] (logged), names last read are used however old, the
+    /// others stay empty, and for [`RETRY_AFTER`] no answer waits for the
+    /// catalog: names are a convenience, the metrics do not depend on them.
     pub(crate) async fn fill(&self, scores: &mut [ProductScore]) {
         if scores.is_empty() {
             return;
         }
         let now = Instant::now();
         let mut missing = Vec::new();
-        {
+        let paused = {
             let cache = self.lock();
             for score in scores.iter_mut() {
-                match cache.get(&score.product_id) {
+                match cache.names.get(&score.product_id) {
                     Some((name, read)) if now.duration_since(*read) < NAME_TTL => {
                         score.product_name = name.clone().unwrap_or_default();
                     }
                     _ => missing.push(score.product_id),
                 }
             }
-        }
+            cache.paused_until.is_some_and(|until| now < until)
+        };
         if missing.is_empty() {
             return;
         }
-        let rows = match tokio::time::timeout(LOOKUP_WAIT, self.lookup.get_many(missing.clone()))
-            .await
-        {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(error)) => {
-                tracing::debug!(error = %error, "product names not read; ids only");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(wait = ?LOOKUP_WAIT, "product names not read in time; ids only");
-                return;
+        let read = if paused {
+            None
+        } else {
+            match tokio::time::timeout(LOOKUP_WAIT, self.lookup.get_many(missing.clone())).await {
+                Ok(Ok(rows)) => Some(rows),
+                Ok(Err(error)) => {
+                    tracing::debug!(error = %error, "product names not read; cached names only");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(wait = ?LOOKUP_WAIT, "product names not read in time; cached names only");
+                    None
+                }
             }
         };
-        let found: HashMap<i64, String> = rows.into_iter().map(|row| (row.id, row.name)).collect();
         let mut cache = self.lock();
-        if cache.len() + missing.len() > MAX_CACHED {
-            cache.clear();
+        let Some(rows) = read else {
+            if !paused {
+                cache.paused_until = Some(now + RETRY_AFTER);
+            }
+            for score in scores.iter_mut() {
+                if let Some((Some(name), _)) = cache.names.get(&score.product_id) {
+                    score.product_name.clone_from(name);
+                }
+            }
+            return;
+        };
+        cache.paused_until = None;
+        let found: HashMap<i64, String> = rows.into_iter().map(|row| (row.id, row.name)).collect();
+        if cache.names.len() + missing.len() > MAX_CACHED {
+            cache.names.clear();
         }
         for id in missing {
-            cache.insert(id, (found.get(&id).cloned(), now));
+            cache.names.insert(id, (found.get(&id).cloned(), now));
         }
         for score in scores.iter_mut() {
             if let Some(name) = found.get(&score.product_id) {
@@ -102,8 +128,8 @@ impl ProductNames {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (Option<String>, Instant)>> {
-        // A panic while holding the lock leaves a valid map.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A panic while holding the lock leaves a valid cache.
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
