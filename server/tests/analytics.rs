@@ -1056,6 +1056,14 @@ async fn a_rolling_window_rolls_forward_and_stays_equal_to_the_unary_query() -> 
 /// What a top-products subscriber holds: product id → (value, name).
 type HeldRanking = BTreeMap<i64, (i64, String)>;
 
+/// A ranking as a top-products subscriber holds it.
+fn ranking_of(products: &[rtap::v1::ProductScore]) -> HeldRanking {
+    products
+        .iter()
+        .map(|p| (p.product_id, (p.value, p.product_name.clone())))
+        .collect()
+}
+
 /// Applies one message of a top-products stream to `held`.
 fn apply_ranking(held: &mut HeldRanking, message: &rtap::v1::SubscribeResponse) {
     use rtap::v1::snapshot;
@@ -1063,13 +1071,7 @@ fn apply_ranking(held: &mut HeldRanking, message: &rtap::v1::SubscribeResponse) 
         Some(subscribe_response::Update::Snapshot(rtap::v1::Snapshot {
             result: Some(snapshot::Result::TopProducts(top)),
             ..
-        })) => {
-            *held = top
-                .products
-                .iter()
-                .map(|p| (p.product_id, (p.value, p.product_name.clone())))
-                .collect();
-        }
+        })) => *held = ranking_of(&top.products),
         Some(subscribe_response::Update::Delta(rtap::v1::Delta {
             change: Some(delta::Change::TopProducts(change)),
         })) => {
@@ -1160,12 +1162,11 @@ async fn rankings_carry_catalog_names_when_asked_and_a_deleted_product_keeps_its
     ]
     .into();
     let unary = analytics.get_top_products(named).await?.into_inner();
-    let answered: HeldRanking = unary
-        .products
-        .iter()
-        .map(|p| (p.product_id, (p.value, p.product_name.clone())))
-        .collect();
-    assert_eq!(answered, expected, "the unary answer names the products");
+    assert_eq!(
+        ranking_of(&unary.products),
+        expected,
+        "the unary answer names the products"
+    );
     let unnamed = analytics
         .get_top_products(GetTopProductsRequest {
             include_product_names: false,
@@ -1205,12 +1206,7 @@ async fn rankings_carry_catalog_names_when_asked_and_a_deleted_product_keeps_its
     expected.insert(newcomer, (4, String::new()));
     for attempt in ["the look-up fails", "look-ups paused"] {
         let answer = analytics.get_top_products(named).await?.into_inner();
-        let answered: HeldRanking = answer
-            .products
-            .iter()
-            .map(|p| (p.product_id, (p.value, p.product_name.clone())))
-            .collect();
-        assert_eq!(answered, expected, "{attempt}");
+        assert_eq!(ranking_of(&answer.products), expected, "{attempt}");
     }
 
     drop(stream);
